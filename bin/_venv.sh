@@ -4,14 +4,14 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="$root/.venv"
 stamp="$venv/.mlxring-installed"
 if [ ! -f "$stamp" ] || [ "$root/pyproject.toml" -nt "$stamp" ]; then
-    echo "mlxring: setting up $venv (first run only)..." >&2
+    echo "mlxring: installing into $venv (first run only, about a minute)..." >&2
+    log="$root/.venv-install.log"
     if command -v uv >/dev/null 2>&1; then
-        [ -x "$venv/bin/python" ] || uv venv -q "$venv" >&2
-        uv pip install -q --python "$venv/bin/python" -e "$root[test]" >&2
+        { [ -x "$venv/bin/python" ] || uv venv -q "$venv"; } >"$log" 2>&1 &&
+            uv pip install --python "$venv/bin/python" -e "$root[test]" >>"$log" 2>&1
     else
-        [ -x "$venv/bin/python" ] || python3 -m venv "$venv" >&2
-        "$venv/bin/python" -m pip install -q --upgrade pip >&2 2>/dev/null || true
-        "$venv/bin/python" -m pip install -q -e "$root[test]" >&2
-    fi
+        { [ -x "$venv/bin/python" ] || python3 -m venv "$venv"; } >"$log" 2>&1 &&
+            "$venv/bin/python" -m pip install --disable-pip-version-check -e "$root[test]" >>"$log" 2>&1
+    fi || { tail -n 30 "$log" >&2; echo "mlxring: install failed (full log: $log)" >&2; exit 1; }
     touch "$stamp"
 fi

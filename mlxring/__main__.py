@@ -1,0 +1,3 @@
+from mlxring.cli import main
+
+main()
