@@ -1,0 +1,425 @@
+"""Parse and validate ``nodes.toml`` into frozen dataclasses.
+
+Every mistake raises :class:`ConfigError` with a one-line message naming the file and the key
+(``nodes.toml: nodes[1].name: duplicate node name 'mini1'``), because the same file is copied to
+every Mac and a typo must stop the node at start-up, not surface later as a hung ring.
+"""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import json
+import math
+import re
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+STRATEGIES = ("uniform", "memory", "compute", "manual")
+GIB = 1 << 30
+MIB = 1 << 20
+
+_NAME_RE = re.compile(r"[A-Za-z0-9_.-]+")
+_BARE_KEY_RE = re.compile(r"[A-Za-z0-9_-]+")
+_TOML_POS_RE = re.compile(r"\s*\(at (?:line (\d+), column (\d+)|end of document)\)$")
+# Sentinel for "no default: the key is required". Typed Any so it can stand in for any default.
+_REQUIRED: Any = object()
+
+
+class ConfigError(ValueError):
+    """A mistake in nodes.toml. ``str(err)`` is one line: ``<file>: <key>: <what is wrong>``."""
+
+    def __init__(self, message: str) -> None:
+        # Values are quoted when shown, so this only guards against a future careless message.
+        super().__init__(" ".join(message.splitlines()))
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    model: str
+    name: str = "mlxring"
+    secret: str = ""
+    strategy: str = "memory"
+    prefill_chunk: int = 512
+    heartbeat_s: float = 1.0
+    down_after_s: float = 5.0
+    request_timeout_s: float = 600.0
+    max_frame_mb: float = 256.0
+    interfaces: tuple[str, ...] = ()
+
+    @property
+    def max_frame_bytes(self) -> int:
+        return int(self.max_frame_mb * MIB)
+
+
+@dataclass(frozen=True)
+class ApiConfig:
+    host: str = "0.0.0.0"
+    port: int = 8100
+    api_key: str = ""
+    max_body_bytes: int = MIB
+    max_concurrent: int = 64
+    max_queue: int = 256
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    name: str
+    port: int
+    host: str | None = None  # None: resolved by zeroconf at run time
+    api_port: int | None = None
+    layers: tuple[int, int] | None = None  # [start, end), manual strategy only
+    memory_gb: float | None = None
+    compute: float | None = None
+
+    @property
+    def memory_bytes(self) -> int | None:
+        # GB here means GiB: a "16 GB" Mac has 16 GiB, which is what people will write.
+        return None if self.memory_gb is None else int(self.memory_gb * GIB)
+
+    def api_port_or(self, default: int) -> int:
+        return self.api_port if self.api_port is not None else default
+
+
+@dataclass(frozen=True)
+class Config:
+    cluster: ClusterConfig
+    api: ApiConfig
+    nodes: tuple[NodeConfig, ...]
+    source: str = "nodes.toml"
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(n.name for n in self.nodes)
+
+    def position(self, name: str) -> int:
+        """Ring position of a node: its index in the file."""
+        for i, node in enumerate(self.nodes):
+            if node.name == name:
+                return i
+        known = ", ".join(self.names)
+        raise ConfigError(f"{self.source}: nodes: no node named {name!r} (known: {known})")
+
+    def node(self, name: str) -> NodeConfig:
+        return self.nodes[self.position(name)]
+
+    def api_port(self, name: str) -> int:
+        """The port node ``name`` serves the HTTP API on (its api_port, else api.port)."""
+        return self.node(name).api_port_or(self.api.port)
+
+
+def load_config(path: str | Path) -> Config:
+    source = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{source}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except OSError as e:
+        raise ConfigError(f"{source}: cannot read: {e.strerror or e}") from None
+    return parse_config(text, source)
+
+
+def parse_config(text: str, source: str = "nodes.toml") -> Config:
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{source}: {_toml_error(str(e), text)}") from None
+
+    top = _Table(source, "", data, ("cluster", "api", "nodes"))
+    cluster = _parse_cluster(_Table.sub(top, "cluster", _CLUSTER_KEYS))
+    api = _parse_api(_Table.sub(top, "api", _API_KEYS))
+    nodes = _parse_nodes(top, cluster.strategy)
+    _check_unique(source, nodes, api)
+    if cluster.strategy == "manual":
+        _check_manual_layers(source, nodes)
+    return Config(cluster=cluster, api=api, nodes=nodes, source=source)
+
+
+_CLUSTER_KEYS = (
+    "name", "model", "secret", "strategy", "prefill_chunk", "heartbeat_s", "down_after_s",
+    "request_timeout_s", "max_frame_mb", "interfaces",
+)  # fmt: skip
+_API_KEYS = ("host", "port", "api_key", "max_body_bytes", "max_concurrent", "max_queue")
+_NODE_KEYS = ("name", "host", "port", "api_port", "layers", "memory_gb", "compute")
+
+
+def _parse_cluster(t: _Table) -> ClusterConfig:
+    strategy = t.string("strategy", "memory")
+    if strategy not in STRATEGIES:
+        raise t.error(
+            "strategy", f"unknown strategy {strategy!r} (expected {', '.join(STRATEGIES)})"
+        )
+    heartbeat_s = t.number("heartbeat_s", 1.0, gt=0)
+    down_after_s = t.number("down_after_s", 5.0, gt=0)
+    if down_after_s <= heartbeat_s:
+        raise t.error(
+            "down_after_s",
+            f"must be greater than {t.key('heartbeat_s')} ({heartbeat_s:g}), got {down_after_s:g}",
+        )
+    return ClusterConfig(
+        name=t.name("name", "mlxring"),
+        model=t.string("model", nonempty=True),
+        secret=t.string("secret", ""),
+        strategy=strategy,
+        prefill_chunk=t.integer("prefill_chunk", 512, lo=1),
+        heartbeat_s=heartbeat_s,
+        down_after_s=down_after_s,
+        request_timeout_s=t.number("request_timeout_s", 600.0, gt=0),
+        max_frame_mb=t.number("max_frame_mb", 256.0, gt=0),
+        interfaces=_parse_interfaces(t),
+    )
+
+
+def _parse_interfaces(t: _Table) -> tuple[str, ...]:
+    value = t.get("interfaces", [])
+    if not isinstance(value, list):
+        raise t.error("interfaces", f"expected a list of strings, got {_show(value)}")
+    out = []
+    for i, item in enumerate(value):
+        key = f"interfaces[{i}]"
+        if not isinstance(item, str) or not item or any(c.isspace() for c in item):
+            raise t.error(key, f"expected an IPv4 address or interface name, got {_show(item)}")
+        # Something that looks like an address must be one; a typo'd IP is not an interface.
+        if re.fullmatch(r"[0-9.]+", item):
+            _ipv4(t, key, item)
+        out.append(item)
+    return tuple(out)
+
+
+def _parse_api(t: _Table) -> ApiConfig:
+    return ApiConfig(
+        host=t.string("host", "0.0.0.0", nonempty=True),
+        port=t.integer("port", 8100, lo=1, hi=65535),
+        api_key=t.string("api_key", ""),
+        max_body_bytes=t.integer("max_body_bytes", MIB, lo=1),
+        max_concurrent=t.integer("max_concurrent", 64, lo=1),
+        max_queue=t.integer("max_queue", 256, lo=0),
+    )
+
+
+def _parse_nodes(top: _Table, strategy: str) -> tuple[NodeConfig, ...]:
+    raw = top.get("nodes", [])
+    if not isinstance(raw, list) or not all(isinstance(x, dict) for x in raw):
+        raise top.error("nodes", f"expected an array of tables ([[nodes]]), got {_show(raw)}")
+    if not raw:
+        raise top.error("nodes", "at least one [[nodes]] table is required")
+    nodes = []
+    for i, table in enumerate(raw):
+        t = _Table(top.source, f"nodes[{i}]", table, _NODE_KEYS)
+        name = t.name("name")
+        host = t.opt_string("host")
+        if host is not None:
+            host = _ipv4(t, "host", host)
+        port = t.integer("port", lo=1, hi=65535)
+        api_port = t.opt_integer("api_port", lo=1, hi=65535)
+        layers: tuple[int, int] | None = None
+        if strategy == "manual":
+            layers = _parse_layers(t)
+        elif "layers" in table:
+            raise t.error("layers", f'only allowed with strategy = "manual" (not {strategy!r})')
+        nodes.append(
+            NodeConfig(
+                name=name,
+                host=host,
+                port=port,
+                api_port=api_port,
+                layers=layers,
+                memory_gb=t.opt_number("memory_gb", gt=0),
+                compute=t.opt_number("compute", gt=0),
+            )
+        )
+    return tuple(nodes)
+
+
+def _parse_layers(t: _Table) -> tuple[int, int]:
+    if "layers" not in t.data:
+        raise t.error(
+            "layers", 'missing required key (every node needs one with strategy "manual")'
+        )
+    value = t.data["layers"]
+    if not (
+        isinstance(value, list)
+        and len(value) == 2
+        and all(isinstance(x, int) and not isinstance(x, bool) for x in value)
+    ):
+        raise t.error("layers", f"expected [start, end] with two integers, got {_show(value)}")
+    start, end = value
+    if not 0 <= start < end:
+        raise t.error("layers", f"expected 0 <= start < end, got {_show(value)}")
+    return start, end
+
+
+def _check_unique(source: str, nodes: tuple[NodeConfig, ...], api: ApiConfig) -> None:
+    seen_names: set[str] = set()
+    # (host, port) -> description of its first user; ring and API ports share one space per host
+    # because both are bound on that host.
+    used: dict[tuple[str, int], str] = {}
+    for i, node in enumerate(nodes):
+        if node.name in seen_names:
+            raise ConfigError(f"{source}: nodes[{i}].name: duplicate node name {node.name!r}")
+        seen_names.add(node.name)
+        if node.host is None:
+            continue  # a zeroconf-resolved node is assumed to be its own machine
+        ring = (node.host, node.port)
+        if ring in used:
+            raise ConfigError(
+                f"{source}: nodes[{i}].port: duplicate host:port {node.host}:{node.port} "
+                f"(already {used[ring]})"
+            )
+        used[ring] = f"the ring port of node {node.name!r}"
+        http = (node.host, node.api_port_or(api.port))
+        if http in used:
+            raise ConfigError(
+                f"{source}: nodes[{i}].api_port: API port {http[1]} on {node.host} is already "
+                f"{used[http]} (give each node on one host its own api_port)"
+            )
+        used[http] = f"the API port of node {node.name!r}"
+
+
+def _check_manual_layers(source: str, nodes: tuple[NodeConfig, ...]) -> None:
+    # Ranges must tile [0, end) in ring order; the model's layer count is checked by the plan.
+    prev_start, prev_end, prev_name = 0, 0, ""
+    for i, node in enumerate(nodes):
+        assert node.layers is not None  # _parse_layers made it required for manual
+        start, end = node.layers
+        where = f"{source}: nodes[{i}].layers"
+        if i == 0 and start != 0:
+            raise ConfigError(
+                f"{where}: gap: the first node must start at layer 0, got [{start}, {end})"
+            )
+        if i > 0 and start < prev_end:
+            raise ConfigError(
+                f"{where}: [{start}, {end}) overlaps node {prev_name!r} [{prev_start}, {prev_end})"
+            )
+        if i > 0 and start > prev_end:
+            raise ConfigError(
+                f"{where}: gap: layers [{prev_end}, {start}) belong to no node "
+                f"(node {prev_name!r} ends at {prev_end}, this one starts at {start})"
+            )
+        prev_start, prev_end, prev_name = start, end, node.name
+
+
+def _ipv4(t: _Table, key: str, value: str) -> str:
+    try:
+        addr = ipaddress.IPv4Address(value)
+    except ValueError:
+        raise t.error(key, f"expected an IPv4 address, got {_show(value)}") from None
+    if addr.is_unspecified or addr.is_multicast:
+        raise t.error(key, f"{value} cannot address a peer")
+    return str(addr)
+
+
+class _Table:
+    """One TOML table being read: knows its key path for error messages, rejects unknown keys."""
+
+    def __init__(self, source: str, path: str, data: dict[str, Any], allowed: tuple[str, ...]):
+        self.source, self.path, self.data = source, path, data
+        for key in data:
+            if key not in allowed:
+                close = difflib.get_close_matches(key, allowed, n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                raise self.error(key, f"unknown key (expected one of: {', '.join(allowed)}){hint}")
+
+    @staticmethod
+    def sub(parent: _Table, key: str, allowed: tuple[str, ...]) -> _Table:
+        value = parent.get(key, {})
+        if not isinstance(value, dict):
+            raise parent.error(key, f"expected a table ([{key}]), got {_show(value)}")
+        return _Table(parent.source, parent.key(key), value, allowed)
+
+    def key(self, key: str) -> str:
+        shown = key if _BARE_KEY_RE.fullmatch(key) or "[" in key else json.dumps(key)
+        return f"{self.path}.{shown}" if self.path else shown
+
+    def error(self, key: str, message: str) -> ConfigError:
+        return ConfigError(f"{self.source}: {self.key(key)}: {message}")
+
+    def get(self, key: str, default: Any = _REQUIRED) -> Any:
+        if key in self.data:
+            return self.data[key]
+        if default is _REQUIRED:
+            raise self.error(key, "missing required key")
+        return default
+
+    def opt_string(self, key: str, *, nonempty: bool = False) -> str | None:
+        if key not in self.data:
+            return None
+        value = self.data[key]
+        if not isinstance(value, str):
+            raise self.error(key, f"expected a string, got {_show(value)}")
+        if nonempty and not value:
+            raise self.error(key, "must not be empty")
+        return value
+
+    def string(self, key: str, default: str = _REQUIRED, *, nonempty: bool = False) -> str:
+        value = self.opt_string(key, nonempty=nonempty)
+        return self.get(key, default) if value is None else value
+
+    def name(self, key: str, default: str = _REQUIRED) -> str:
+        value = self.string(key, default, nonempty=True)
+        if not _NAME_RE.fullmatch(value):
+            raise self.error(key, f"expected letters, digits, '_', '.' or '-', got {_show(value)}")
+        return value
+
+    def opt_integer(self, key: str, *, lo: int | None = None, hi: int | None = None) -> int | None:
+        if key not in self.data:
+            return None
+        value = self.data[key]
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self.error(key, f"expected an integer, got {_show(value)}")
+        if lo is not None and hi is not None and not lo <= value <= hi:
+            raise self.error(key, f"must be between {lo} and {hi}, got {value}")
+        if lo is not None and value < lo:
+            raise self.error(key, f"must be >= {lo}, got {value}")
+        if hi is not None and value > hi:
+            raise self.error(key, f"must be <= {hi}, got {value}")
+        return value
+
+    def integer(
+        self, key: str, default: int = _REQUIRED, *, lo: int | None = None, hi: int | None = None
+    ) -> int:
+        value = self.opt_integer(key, lo=lo, hi=hi)
+        return self.get(key, default) if value is None else value
+
+    def opt_number(self, key: str, *, gt: float) -> float | None:
+        if key not in self.data:
+            return None
+        value = self.data[key]
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise self.error(key, f"expected a number, got {_show(value)}")
+        if not math.isfinite(value):
+            raise self.error(key, f"expected a finite number, got {_show(value)}")
+        if value <= gt:
+            raise self.error(key, f"must be > {gt:g}, got {value:g}")
+        return float(value)
+
+    def number(self, key: str, default: float = _REQUIRED, *, gt: float) -> float:
+        value = self.opt_number(key, gt=gt)
+        return float(self.get(key, default)) if value is None else value
+
+
+def _show(value: Any) -> str:
+    """A value as TOML would spell it, short and on one line."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, dict):
+        return "a table"
+    if isinstance(value, str):
+        text = json.dumps(value)  # escapes newlines and non-ASCII: stays one line
+    elif isinstance(value, list):
+        text = "[" + ", ".join(_show(v) for v in value) + "]"
+    else:
+        text = str(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _toml_error(message: str, text: str) -> str:
+    m = _TOML_POS_RE.search(message)
+    if m is None:
+        return f"invalid TOML: {message}"
+    reason = message[: m.start()]
+    if m.group(1) is None:  # "at end of document": the last line is the best we can name
+        return f"line {text.count(chr(10)) + 1}: invalid TOML: {reason} (at end of file)"
+    return f"line {m.group(1)}, column {m.group(2)}: invalid TOML: {reason}"

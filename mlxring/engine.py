@@ -1,0 +1,137 @@
+"""The head's request lifecycle: prefill a prompt around the ring in chunks, then decode one
+token per trip until EOS, a stop token or max_tokens; tokens come out as an async iterator.
+
+The step schedule is mlx-lm's own (`generate_step`): the prompt but its last token in chunks,
+then the last token alone, then one token at a time, so greedy output is bit-identical to
+mlx-lm on one machine (with `prefill_step_size` equal to our chunk size).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+import structlog
+
+from mlxring.messages import End, Failure, Forward, Message, SamplingParams, Token
+
+log = structlog.get_logger()
+
+
+class RingUnavailable(Exception):
+    """The ring cannot serve this request (a node is down, a step failed or timed out)."""
+
+
+@dataclass(frozen=True)
+class GeneratedToken:
+    token: int
+    logprob: float
+    top_logprobs: tuple[tuple[int, float], ...]
+    finish_reason: str | None  # "stop" | "length" | None while generating
+
+
+class Engine:
+    def __init__(
+        self,
+        send_first: Callable[[Message], Awaitable[None]],
+        eos_token_ids: Iterable[int],
+        prefill_chunk: int = 512,
+        step_timeout_s: float = 30.0,
+    ) -> None:
+        self._send = send_first
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.prefill_chunk = prefill_chunk
+        self.step_timeout_s = step_timeout_s
+        self._streams: dict[str, asyncio.Queue[Token | Failure]] = {}
+        self.tokens_generated = 0
+        self.trip_s: list[float] = []  # recent head-to-head times of decode steps
+
+    @property
+    def active(self) -> int:
+        return len(self._streams)
+
+    def deliver(self, msg: Token | Failure) -> None:
+        """A token or failure for one of our requests came back around the ring."""
+        q = self._streams.get(msg.rid)
+        if q is not None:
+            q.put_nowait(msg)
+
+    def fail_all(self, reason: str) -> None:
+        """The ring broke: every request in flight ends now with this reason."""
+        for rid, q in self._streams.items():
+            q.put_nowait(Failure(rid, reason, "ring"))
+
+    async def generate(
+        self,
+        prompt: Sequence[int],
+        params: SamplingParams = SamplingParams(),
+        max_tokens: int = 256,
+        stop_token_ids: Iterable[int] = (),
+        rid: str | None = None,
+    ) -> AsyncIterator[GeneratedToken]:
+        if not prompt:
+            raise ValueError("the prompt has no tokens")
+        if max_tokens < 1:
+            return
+        rid = rid or uuid.uuid4().hex[:16]
+        stops = self.eos_token_ids | frozenset(stop_token_ids)
+        q: asyncio.Queue[Token | Failure] = asyncio.Queue()
+        self._streams[rid] = q
+        bound = log.bind(rid=rid)
+        try:
+            seq = 0
+            head = list(prompt[:-1])
+            for i in range(0, len(head), self.prefill_chunk):
+                chunk = tuple(head[i : i + self.prefill_chunk])
+                await self._step(Forward(rid, seq, chunk, False, params=params if seq == 0 else None))
+                seq += 1
+            step = Forward(rid, seq, (prompt[-1],), True, params=params if seq == 0 else None)
+            n = 0
+            while True:
+                sent = time.perf_counter()
+                await self._step(step)
+                msg = await self._next(q, rid)
+                self._record_trip(time.perf_counter() - sent)
+                n += 1
+                self.tokens_generated += 1
+                finish = (
+                    "stop" if msg.token in stops else "length" if n >= max_tokens else None
+                )
+                if finish is None:
+                    seq += 1
+                    step = Forward(rid, seq, (msg.token,), True)
+                yield GeneratedToken(msg.token, msg.logprob, msg.top_logprobs, finish)
+                if finish is not None:
+                    return
+        finally:
+            del self._streams[rid]
+            try:
+                await self._send(End(rid))
+            except Exception as e:  # noqa: BLE001 - the ring may be down; caches expire anyway
+                bound.warning("end_not_sent", error=str(e))
+
+    async def _step(self, f: Forward) -> None:
+        try:
+            await self._send(f)
+        except Exception as e:  # noqa: BLE001 - any send failure means the ring is down
+            raise RingUnavailable(f"cannot reach the first shard: {e}") from None
+
+    async def _next(self, q: asyncio.Queue[Token | Failure], rid: str) -> Token:
+        try:
+            msg = await asyncio.wait_for(q.get(), self.step_timeout_s)
+        except TimeoutError:
+            raise RingUnavailable(
+                f"no token came back within {self.step_timeout_s:g} s (request {rid})"
+            ) from None
+        if isinstance(msg, Failure):
+            where = f" on {msg.origin}" if msg.origin else ""
+            raise RingUnavailable(f"request {rid} failed{where}: {msg.message}")
+        return msg
+
+    def _record_trip(self, dt: float) -> None:
+        self.trip_s.append(dt)
+        if len(self.trip_s) > 1024:
+            del self.trip_s[:512]

@@ -1,0 +1,117 @@
+"""The messages that travel around the ring, as small frozen dataclasses.
+
+`wire` turns them into frames and back; inside a process they are passed as they are, so a
+`Forward` between two shard actors of one process carries the mx.array itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import mlx.core as mx
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """What the last shard needs to turn logits into a token (mlx-lm samplers and processors)."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: float | None = None
+    repetition_context_size: int = 20
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    seed: int | None = None
+    # Number of top log-probabilities to return with each token; None: no logprobs at all.
+    logprobs: int | None = None
+
+
+@dataclass(frozen=True)
+class Hello:
+    """First frame each way on a new link; `proof` is the HMAC of the peer's nonce."""
+
+    version: int
+    cluster: str
+    node: str
+    nonce: bytes
+    proof: bytes = b""
+
+
+@dataclass(frozen=True)
+class Proof:
+    """The connecting side's answer to the acceptor's nonce (third handshake frame)."""
+
+    proof: bytes
+
+
+@dataclass(frozen=True)
+class Ping:
+    sent: float
+
+
+@dataclass(frozen=True)
+class Pong:
+    sent: float
+
+
+@dataclass(frozen=True)
+class Forward:
+    """One step of one request through one shard.
+
+    `tokens` are the token ids of the positions this step covers: the first shard embeds them,
+    the last shard appends them to the history its logits processors see. `h` is the hidden
+    state entering the receiving shard (None when it goes to the first shard). The last shard
+    samples only when `sample` is set (not for prompt chunks before the final token).
+    """
+
+    rid: str
+    seq: int
+    tokens: tuple[int, ...]
+    sample: bool
+    h: mx.array | None = None
+    params: SamplingParams | None = None  # sent once, with a request's first step
+    sent: float = 0.0  # head's clock when the step left, for per-hop timing
+
+
+@dataclass(frozen=True)
+class Token:
+    """The last shard's sampled token, sent back to the head."""
+
+    rid: str
+    seq: int
+    token: int
+    logprob: float = 0.0
+    top_logprobs: tuple[tuple[int, float], ...] = ()
+
+
+@dataclass(frozen=True)
+class End:
+    """A request is finished, cancelled or failed: every shard frees its caches for it."""
+
+    rid: str
+    reason: str = "done"
+
+
+@dataclass(frozen=True)
+class Failure:
+    """A shard could not run a step; travels on to the head, freeing caches on the way."""
+
+    rid: str
+    message: str
+    origin: str = ""
+
+
+@dataclass(frozen=True)
+class Probe:
+    """Sent by the head around the ring: each shard adds (node, start, end); its return proves
+    the whole ring is up and shows the live layout."""
+
+    origin: str
+    sent: float
+    hops: tuple[tuple[str, int, int], ...] = ()
+
+
+Message = Hello | Proof | Ping | Pong | Forward | Token | End | Failure | Probe

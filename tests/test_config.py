@@ -1,0 +1,364 @@
+"""nodes.toml parsing: the shipped default loads, and every mistake is a one-line error naming
+the file and the key."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from mlxring.config import Config, ConfigError, load_config, parse_config
+
+ROOT = Path(__file__).resolve().parent.parent
+
+MINIMAL = """
+[cluster]
+model = "demo"
+
+[[nodes]]
+name = "a"
+port = 5100
+"""
+
+# A valid three-node file; cases below break one thing in it.
+BASE = """
+[cluster]
+name = "home"
+model = "demo"
+strategy = "memory"
+
+[api]
+port = 8100
+
+[[nodes]]
+name = "mini1"
+host = "192.168.5.1"
+port = 5100
+memory_gb = 16
+
+[[nodes]]
+name = "mini2"
+host = "192.168.5.2"
+port = 5100
+memory_gb = 16
+
+[[nodes]]
+name = "studio"
+host = "192.168.5.3"
+port = 5100
+memory_gb = 48
+"""
+
+MANUAL = """
+[cluster]
+model = "demo"
+strategy = "manual"
+
+[[nodes]]
+name = "a"
+port = 5101
+layers = [0, 10]
+
+[[nodes]]
+name = "b"
+port = 5102
+layers = [{b_start}, 20]
+
+[[nodes]]
+name = "c"
+port = 5103
+layers = [20, 28]
+"""
+
+
+def error_of(text: str, source: str = "nodes.toml") -> str:
+    with pytest.raises(ConfigError) as info:
+        parse_config(text, source)
+    message = str(info.value)
+    assert "\n" not in message and "\r" not in message
+    assert message.startswith(f"{source}: ")
+    return message
+
+
+def test_default_nodes_toml_loads() -> None:
+    config = load_config(ROOT / "nodes.toml")
+    assert config.cluster.name == "local"
+    assert config.cluster.model == "demo"
+    assert config.cluster.strategy == "uniform"
+    assert config.names == ("n1", "n2", "n3")
+    assert [n.host for n in config.nodes] == ["127.0.0.1"] * 3
+    assert [n.port for n in config.nodes] == [5101, 5102, 5103]
+    assert [config.api_port(n) for n in config.names] == [8101, 8102, 8103]
+    assert [config.position(n) for n in config.names] == [0, 1, 2]
+    assert config.source == str(ROOT / "nodes.toml")
+
+
+def test_defaults() -> None:
+    config = parse_config(MINIMAL)
+    c, a, (node,) = config.cluster, config.api, config.nodes
+    assert (c.name, c.secret, c.strategy, c.prefill_chunk) == ("mlxring", "", "memory", 512)
+    assert (c.heartbeat_s, c.down_after_s, c.request_timeout_s) == (1.0, 5.0, 600.0)
+    assert (c.max_frame_mb, c.max_frame_bytes, c.interfaces) == (256.0, 256 << 20, ())
+    assert (a.host, a.port, a.api_key) == ("0.0.0.0", 8100, "")
+    assert (a.max_body_bytes, a.max_concurrent, a.max_queue) == (1 << 20, 64, 256)
+    assert node == dataclasses.replace(node, host=None, api_port=None, layers=None)
+    assert node.memory_gb is None and node.memory_bytes is None and node.compute is None
+    assert node.api_port_or(8100) == 8100 and config.api_port("a") == 8100
+
+
+def test_full_config_values() -> None:
+    config = parse_config(BASE.replace('strategy = "memory"', 'strategy = "memory"\nsecret = "s"'))
+    assert config.cluster.secret == "s"
+    assert config.node("studio").memory_gb == 48.0
+    assert config.node("studio").memory_bytes == 48 << 30
+    assert config.position("mini2") == 1
+    assert isinstance(config, Config)
+
+
+def test_manual_layers_parse() -> None:
+    config = parse_config(MANUAL.format(b_start=10))
+    assert [n.layers for n in config.nodes] == [(0, 10), (10, 20), (20, 28)]
+
+
+def test_unknown_node_name_is_config_error() -> None:
+    config = parse_config(BASE)
+    with pytest.raises(ConfigError, match="no node named 'nope'"):
+        config.node("nope")
+
+
+def test_config_is_frozen() -> None:
+    config = parse_config(BASE)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.nodes[0].port = 1  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "words"),
+    [
+        pytest.param(
+            BASE.replace('model = "demo"\n', ""), "cluster.model", "missing", id="no-model"
+        ),
+        pytest.param(
+            BASE.replace("port = 5100\nmemory_gb = 48", "memory_gb = 48"),
+            "nodes[2].port",
+            "missing",
+            id="no-node-port",
+        ),
+        pytest.param(
+            BASE.replace('name = "mini1"', 'host_ = "x"'),
+            "nodes[0].host_",
+            "unknown key",
+            id="unknown-node-key",
+        ),
+        pytest.param(
+            BASE.replace('name = "mini2"', 'name = "mini1"'),
+            "nodes[1].name",
+            "duplicate node name 'mini1'",
+            id="duplicate-name",
+        ),
+        pytest.param(
+            BASE.replace('host = "192.168.5.2"', 'host = "192.168.5.1"'),
+            "nodes[1].port",
+            "duplicate host:port 192.168.5.1:5100",
+            id="duplicate-host-port",
+        ),
+        pytest.param(
+            MANUAL.format(b_start=8), "nodes[1].layers", "overlaps node 'a'", id="manual-overlap"
+        ),
+        pytest.param(MANUAL.format(b_start=12), "nodes[1].layers", "gap", id="manual-gap"),
+        pytest.param(
+            MANUAL.format(b_start=10).replace("[0, 10]", "[2, 10]"),
+            "nodes[0].layers",
+            "gap",
+            id="manual-first-not-zero",
+        ),
+        pytest.param(
+            MANUAL.format(b_start=10).replace("layers = [20, 28]\n", ""),
+            "nodes[2].layers",
+            "missing",
+            id="manual-missing-layers",
+        ),
+        pytest.param(
+            MANUAL.format(b_start=10).replace("[0, 10]", "[0, 10, 12]"),
+            "nodes[0].layers",
+            "expected [start, end]",
+            id="manual-three-ints",
+        ),
+        pytest.param(
+            MANUAL.format(b_start=10).replace("[20, 28]", "[20, 20]"),
+            "nodes[2].layers",
+            "start < end",
+            id="manual-empty-range",
+        ),
+        pytest.param(
+            BASE.replace("memory_gb = 48", "memory_gb = 48\nlayers = [0, 1]"),
+            "nodes[2].layers",
+            "only allowed",
+            id="layers-without-manual",
+        ),
+        pytest.param(
+            BASE.replace('strategy = "memory"', 'strategy = "fast"'),
+            "cluster.strategy",
+            "unknown strategy 'fast' (expected uniform, memory, compute, manual)",
+            id="unknown-strategy",
+        ),
+        pytest.param(
+            BASE.replace("port = 5100\nmemory_gb = 16", 'port = "abc"\nmemory_gb = 16', 1),
+            "nodes[0].port",
+            'expected an integer, got "abc"',
+            id="wrong-type-str",
+        ),
+        pytest.param(
+            BASE.replace("port = 8100", "port = true"),
+            "api.port",
+            "expected an integer, got true",
+            id="bool-is-not-int",
+        ),
+        pytest.param(
+            BASE.replace("port = 8100", "port = 70000"),
+            "api.port",
+            "between 1 and 65535",
+            id="port",
+        ),
+        pytest.param(
+            BASE.replace('strategy = "memory"', "strategy = 3"),
+            "cluster.strategy",
+            "expected a string, got 3",
+            id="wrong-type-int",
+        ),
+        pytest.param(
+            BASE.replace('strategy = "memory"', 'strategy = "memory"\nstrategyy = "uniform"'),
+            "cluster.strategyy",
+            "unknown key",
+            id="unknown-cluster-key",
+        ),
+        pytest.param(BASE + "\n[extra]\n", "extra", "unknown key", id="unknown-top-key"),
+        pytest.param(
+            BASE.replace("memory_gb = 16", "memory_gb = 0", 1),
+            "nodes[0].memory_gb",
+            "must be > 0",
+            id="zero-memory",
+        ),
+        pytest.param(
+            BASE.replace("memory_gb = 48", "memory_gb = 48\ncompute = -1.5"),
+            "nodes[2].compute",
+            "must be > 0",
+            id="negative-compute",
+        ),
+        pytest.param(
+            BASE.replace('host = "192.168.5.3"', 'host = "studio.local"'),
+            "nodes[2].host",
+            "IPv4",
+            id="hostname-not-ip",
+        ),
+        pytest.param(
+            BASE.replace('name = "mini1"', 'name = "mini 1"'),
+            "nodes[0].name",
+            "letters, digits",
+            id="bad-name-chars",
+        ),
+        pytest.param(
+            BASE.replace('name = "mini1"', 'name = ""'), "nodes[0].name", "empty", id="empty-name"
+        ),
+        pytest.param(
+            BASE.replace('strategy = "memory"', "heartbeat_s = 2.0\ndown_after_s = 1.5"),
+            "cluster.down_after_s",
+            "greater than cluster.heartbeat_s",
+            id="down-after-below-heartbeat",
+        ),
+        pytest.param(
+            BASE.replace('strategy = "memory"', "prefill_chunk = 0"),
+            "cluster.prefill_chunk",
+            ">= 1",
+            id="prefill-chunk-zero",
+        ),
+        pytest.param(
+            BASE.replace("port = 8100", "max_queue = -1"),
+            "api.max_queue",
+            ">= 0",
+            id="negative-queue",
+        ),
+        pytest.param(
+            BASE.replace('strategy = "memory"', 'interfaces = "en0"'),
+            "cluster.interfaces",
+            "expected a list",
+            id="interfaces-not-list",
+        ),
+        pytest.param(
+            BASE.replace('strategy = "memory"', 'interfaces = ["en0", "192.168.5.300"]'),
+            "cluster.interfaces[1]",
+            "IPv4",
+            id="interfaces-bad-ip",
+        ),
+        pytest.param(
+            MINIMAL.replace('[[nodes]]\nname = "a"\nport = 5100', ""),
+            "nodes",
+            "at least one",
+            id="no-nodes",
+        ),
+        pytest.param(
+            MINIMAL + '\n[[nodes]]\nname = "b"\nhost = "127.0.0.1"\nport = 5101\n'
+            '\n[[nodes]]\nname = "c"\nhost = "127.0.0.1"\nport = 5102\n',
+            "nodes[2].api_port",
+            "API port 8100 on 127.0.0.1",
+            id="shared-api-port-on-one-host",
+        ),
+        pytest.param(
+            MINIMAL + '\n[[nodes]]\nname = "b"\nhost = "127.0.0.1"\nport = 5101\napi_port = 5101\n',
+            "nodes[1].api_port",
+            "ring port of node 'b'",
+            id="api-port-equals-ring-port",
+        ),
+        pytest.param('cluster = "x"\n', "cluster", "expected a table", id="cluster-not-table"),
+    ],
+)
+def test_invalid_config_names_key(text: str, key: str, words: str) -> None:
+    message = error_of(text)
+    assert f"nodes.toml: {key}: " in message
+    assert words in message
+
+
+def test_bad_toml_names_line() -> None:
+    message = error_of('[cluster]\nmodel = "demo"\nstrategy = = "x"\n')
+    assert message.startswith("nodes.toml: line 3")
+    assert "invalid TOML" in message
+
+
+def test_bad_toml_at_end_of_file() -> None:
+    message = error_of('[cluster]\nmodel = "demo\n')
+    assert "line " in message and "invalid TOML" in message
+
+
+def test_values_with_newlines_stay_on_one_line() -> None:
+    message = error_of(BASE.replace('host = "192.168.5.1"', 'host = "a\\nb\\u2028c"'))
+    assert "nodes[0].host" in message
+
+
+def test_file_path_in_message(tmp_path: Path) -> None:
+    path = tmp_path / "cluster.toml"
+    path.write_text(BASE.replace('name = "mini2"', 'name = "mini1"'))
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value).startswith(f"{path}: nodes[1].name: duplicate node name 'mini1'")
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    path = tmp_path / "absent.toml"
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(path) in str(info.value) and "\n" not in str(info.value)
+
+
+def test_not_utf8(tmp_path: Path) -> None:
+    path = tmp_path / "bin.toml"
+    path.write_bytes(b"\xff\xfe[cluster]\n")
+    with pytest.raises(ConfigError, match="not UTF-8"):
+        load_config(path)
+
+
+def test_nodes_without_host_may_share_ports() -> None:
+    # zeroconf-resolved nodes are separate machines; only nodes with a host are compared
+    text = MINIMAL + '\n[[nodes]]\nname = "b"\nport = 5100\n'
+    config = parse_config(text)
+    assert [n.host for n in config.nodes] == [None, None]
