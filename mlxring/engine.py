@@ -67,7 +67,7 @@ class Engine:
     async def generate(
         self,
         prompt: Sequence[int],
-        params: SamplingParams = SamplingParams(),
+        params: SamplingParams | None = None,
         max_tokens: int = 256,
         stop_token_ids: Iterable[int] = (),
         rid: str | None = None,
@@ -77,6 +77,7 @@ class Engine:
         if max_tokens < 1:
             return
         rid = rid or uuid.uuid4().hex[:16]
+        params = params or SamplingParams()
         stops = self.eos_token_ids | frozenset(stop_token_ids)
         q: asyncio.Queue[Token | Failure] = asyncio.Queue()
         self._streams[rid] = q
@@ -86,7 +87,9 @@ class Engine:
             head = list(prompt[:-1])
             for i in range(0, len(head), self.prefill_chunk):
                 chunk = tuple(head[i : i + self.prefill_chunk])
-                await self._step(Forward(rid, seq, chunk, False, params=params if seq == 0 else None))
+                await self._step(
+                    Forward(rid, seq, chunk, False, params=params if seq == 0 else None)
+                )
                 seq += 1
             step = Forward(rid, seq, (prompt[-1],), True, params=params if seq == 0 else None)
             n = 0
@@ -97,9 +100,7 @@ class Engine:
                 self._record_trip(time.perf_counter() - sent)
                 n += 1
                 self.tokens_generated += 1
-                finish = (
-                    "stop" if msg.token in stops else "length" if n >= max_tokens else None
-                )
+                finish = "stop" if msg.token in stops else "length" if n >= max_tokens else None
                 if finish is None:
                     seq += 1
                     step = Forward(rid, seq, (msg.token,), True)

@@ -59,7 +59,9 @@ def _check_hello(msg: Message, s: LinkSettings) -> Hello:
     if not isinstance(msg, Hello):
         raise LinkError(f"expected hello, got {type(msg).__name__}")
     if msg.version != wire.PROTOCOL_VERSION:
-        raise LinkError(f"peer {msg.node!r} speaks protocol {msg.version}, not {wire.PROTOCOL_VERSION}")
+        raise LinkError(
+            f"peer {msg.node!r} speaks protocol {msg.version}, not {wire.PROTOCOL_VERSION}"
+        )
     if msg.cluster != s.cluster:
         raise LinkError(f"peer {msg.node!r} is in cluster {msg.cluster!r}, not {s.cluster!r}")
     return msg
@@ -84,7 +86,16 @@ async def handshake_accept(
     """The accepting side's handshake; returns the peer's node name."""
     hello = _check_hello(await _read(reader, s, s.connect_timeout_s), s)
     nonce = os.urandom(16)
-    _write(writer, Hello(wire.PROTOCOL_VERSION, s.cluster, s.node, nonce, _proof(s.secret, hello.nonce, b"acceptor")))
+    _write(
+        writer,
+        Hello(
+            wire.PROTOCOL_VERSION,
+            s.cluster,
+            s.node,
+            nonce,
+            _proof(s.secret, hello.nonce, b"acceptor"),
+        ),
+    )
     answer = await _read(reader, s, s.connect_timeout_s)
     if not isinstance(answer, Proof) or not hmac.compare_digest(
         answer.proof, _proof(s.secret, nonce, b"connector")
@@ -133,7 +144,9 @@ class Peer:
         return self._writer is not None
 
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._maintain(), name=f"peer:{self.name}")
+        self._task = asyncio.get_running_loop().create_task(
+            self._maintain(), name=f"peer:{self.name}"
+        )
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -194,8 +207,16 @@ class Peer:
                 peer = await handshake_connect(reader, writer, self.s)
                 if peer != self.name:
                     raise LinkError(f"{addr[0]}:{addr[1]} is node {peer!r}, expected {self.name!r}")
-            except (LinkError, wire.FrameError, OSError, TimeoutError, asyncio.IncompleteReadError) as e:
-                log.warning("handshake_failed", peer=self.name, address=f"{addr[0]}:{addr[1]}", error=str(e))
+            except (
+                LinkError,
+                wire.FrameError,
+                OSError,
+                TimeoutError,
+                asyncio.IncompleteReadError,
+            ) as e:
+                log.warning(
+                    "handshake_failed", peer=self.name, address=f"{addr[0]}:{addr[1]}", error=str(e)
+                )
                 await _close(writer)
                 await asyncio.sleep(max(backoff, 0.5))
                 backoff = min(backoff * 2, self.s.max_backoff_s)
@@ -257,7 +278,9 @@ class Listener:
         self.rejected = 0
 
     async def start(self) -> None:
-        self._server = await asyncio.start_server(self._serve, self.host, self.port, reuse_address=True)
+        self._server = await asyncio.start_server(
+            self._serve, self.host, self.port, reuse_address=True
+        )
 
     async def stop(self) -> None:
         if self._server is not None:

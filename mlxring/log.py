@@ -9,7 +9,9 @@ import sys
 import structlog
 
 
-def setup_logging(json_logs: bool | None = None, level: str = "info", node: str | None = None) -> None:
+def setup_logging(
+    json_logs: bool | None = None, level: str = "info", node: str | None = None
+) -> None:
     if json_logs is None:
         json_logs = not sys.stderr.isatty()
     renderer: structlog.typing.Processor = (

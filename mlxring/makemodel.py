@@ -282,6 +282,7 @@ def _init_tensor(
         return _normal(rng, shape, 0.1 * scale)
     if name.endswith("embed_tokens.weight"):
         import os
+
         w = _normal(rng, shape, float(os.environ.get("EMB", "1.0")))
     elif name.endswith("lm_head.weight"):
         w = _normal(rng, shape, 1.0)

@@ -58,6 +58,16 @@ class Pong:
 
 
 @dataclass(frozen=True)
+class Tensor:
+    """Tensor bytes as they came off the wire; made into an mx.array on the compute thread
+    (mx arrays belong to the stream of the thread that creates them)."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    data: bytes
+
+
+@dataclass(frozen=True)
 class Forward:
     """One step of one request through one shard.
 
@@ -71,7 +81,7 @@ class Forward:
     seq: int
     tokens: tuple[int, ...]
     sample: bool
-    h: mx.array | None = None
+    h: mx.array | Tensor | None = None
     params: SamplingParams | None = None  # sent once, with a request's first step
     sent: float = 0.0  # head's clock when the step left, for per-hop timing
 

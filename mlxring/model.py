@@ -13,14 +13,14 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 from mlx_lm.models.base import create_attention_mask
 from mlx_lm.models.cache import make_prompt_cache
-from mlx_lm.utils import load_config, load_model
+from mlx_lm.utils import load_model
 
 _LAYER_KEY = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
@@ -80,9 +80,7 @@ class ShardModel:
 
     def __init__(self, model: nn.Module, config: dict[str, Any], start: int, end: int) -> None:
         inner = getattr(model, "model", None)
-        if inner is None or not all(
-            hasattr(inner, a) for a in ("embed_tokens", "layers", "norm")
-        ):
+        if inner is None or not all(hasattr(inner, a) for a in ("embed_tokens", "layers", "norm")):
             raise ModelError(
                 f"model type {config.get('model_type')!r} has no model.embed_tokens / "
                 "model.layers / model.norm; it cannot be split into a ring"
@@ -118,7 +116,11 @@ class ShardModel:
         return mods
 
     def parameters(self) -> list[mx.array]:
-        return [a for m in self.modules() for _, a in tree_flatten(m.parameters())]
+        # tree_flatten's stubs allow str leaves; parameters are always (name, array) pairs.
+        flat = [
+            cast(list[tuple[str, mx.array]], tree_flatten(m.parameters())) for m in self.modules()
+        ]
+        return [a for leaves in flat for _, a in leaves]
 
     def parameter_bytes(self) -> int:
         return sum(a.nbytes for a in self.parameters())

@@ -75,7 +75,9 @@ class RingView:
 class RingMonitor:
     """Sends a probe around the ring every heartbeat; the ring is up while probes come back."""
 
-    def __init__(self, config: Config, origin: str, send_first: Send, on_down: Callable[[str], None]):
+    def __init__(
+        self, config: Config, origin: str, send_first: Send, on_down: Callable[[str], None]
+    ):
         self.config = config
         self.origin = origin
         self._send = send_first
@@ -90,7 +92,9 @@ class RingMonitor:
         names = tuple(h[0] for h in probe.hops)
         self._last_return = now
         if names != self.expected:
-            self.view = RingView(False, f"ring order {names} is not {self.expected}", probe.hops, 0.0, now)
+            self.view = RingView(
+                False, f"ring order {names} is not {self.expected}", probe.hops, 0.0, now
+            )
             return
         hop_s = (now - probe.sent) / max(1, len(probe.hops))
         if not self.view.ok:
@@ -194,21 +198,32 @@ class Runtime:
         for name in self.names:
             cfg = self.config.node(name)
             start, end = self.plan[self.config.position(name)]
-            path = await loop.run_in_executor(None, source.fetch_shard, spec, meta, start, end, info.n_layers)
+            path = await loop.run_in_executor(
+                None, source.fetch_shard, spec, meta, start, end, info.n_layers
+            )
             t0 = time.perf_counter()
             shard = await loop.run_in_executor(self.executor, load_shard, path, start, end)
             log.info(
-                "shard_loaded", node=name, layers=f"[{start}, {end})",
-                gb=round(shard.parameter_bytes() / 1e9, 3), seconds=round(time.perf_counter() - t0, 2),
+                "shard_loaded",
+                node=name,
+                layers=f"[{start}, {end})",
+                gb=round(shard.parameter_bytes() / 1e9, 3),
+                seconds=round(time.perf_counter() - t0, 2),
             )
             actor = ShardActor(
-                name, shard, self._sender(name), self.executor, self.config.cluster.request_timeout_s
+                name,
+                shard,
+                self._sender(name),
+                self.executor,
+                self.config.cluster.request_timeout_s,
             )
             self.nodes[name] = node = LocalNode(self, cfg, actor)
             actor.start()
             await node.listener.start()
         if self.head_name in self.nodes:
-            self.tokenizer = load_tokenizer(meta, eos_token_ids=self.model_config.get("eos_token_id"))
+            self.tokenizer = load_tokenizer(
+                meta, eos_token_ids=self.model_config.get("eos_token_id")
+            )
             head = self.nodes[self.head_name]
 
             async def send_first(msg: Message) -> None:
@@ -220,7 +235,9 @@ class Runtime:
                 prefill_chunk=self.config.cluster.prefill_chunk,
                 step_timeout_s=self.config.cluster.request_timeout_s,
             )
-            self.monitor = RingMonitor(self.config, self.head_name, send_first, self.engine.fail_all)
+            self.monitor = RingMonitor(
+                self.config, self.head_name, send_first, self.engine.fail_all
+            )
             self._tasks.append(loop.create_task(self.monitor.run(), name="ring-monitor"))
         self._tasks.append(loop.create_task(self._sweep(), name="sweep"))
 

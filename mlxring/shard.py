@@ -12,11 +12,12 @@ import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import mlx.core as mx
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
+from mlxring import wire
 from mlxring.actor import Actor
 from mlxring.messages import End, Failure, Forward, Message, Probe, SamplingParams, Token
 from mlxring.model import ShardModel
@@ -46,7 +47,9 @@ class RequestState:
     key: mx.array | None = None  # per-request PRNG state when a seed was given
 
 
-def make_request_state(model: ShardModel, params: SamplingParams | None, now: float) -> RequestState:
+def make_request_state(
+    model: ShardModel, params: SamplingParams | None, now: float
+) -> RequestState:
     st = RequestState(caches=model.make_cache(), last_used=now)
     if model.is_last:
         p = params or SamplingParams()
@@ -138,7 +141,7 @@ class ShardActor(Actor[Message | Sweep]):
         else:
             if f.h is None:
                 raise StepError(f"step {f.seq} of {f.rid} reached {self.node} without activations")
-            x = f.h
+            x = f.h if isinstance(f.h, mx.array) else wire.to_array(f.h)
         h = model(x, st.caches)
         if not model.is_last:
             mx.eval(h)
@@ -154,24 +157,26 @@ class ShardActor(Actor[Message | Sweep]):
     def _sample(self, f: Forward, st: RequestState, h: mx.array) -> Token:
         logits = self.model.logits(h)
         for processor in st.processors:
+            assert st.history is not None
             logits = processor(st.history, logits)
         logprobs = logits - mx.logsumexp(logits, keepdims=True)
         assert st.sampler is not None
         if st.key is not None:
             # mlx-lm's samplers draw from the global PRNG state: swap in this request's own.
-            saved = mx.random.state[0]
-            mx.random.state[0] = st.key
+            state = cast(list[mx.array], mx.random.state)
+            saved = state[0]
+            state[0] = st.key
             y = st.sampler(logprobs)
             mx.eval(y)
-            st.key = mx.random.state[0]
-            mx.random.state[0] = saved
+            st.key = state[0]
+            state[0] = saved
         else:
             y = st.sampler(logprobs)
-        token = int(y.item())
+        token = cast(int, y.item())
         top: tuple[tuple[int, float], ...] = ()
         if st.logprobs is not None:
             row = logprobs[0]
-            chosen = float(row[token].item())
+            chosen = cast(float, row[token].item())
             if st.logprobs > 0:
                 k = min(st.logprobs, row.shape[0])
                 idx = mx.argpartition(-row, k - 1)[:k]

@@ -16,7 +16,7 @@ log = structlog.get_logger()
 
 DEMO = "demo"
 # The demo model: made by make-model on first use, so the default nodes.toml needs no download.
-DEMO_SPEC = {"family": "qwen3", "preset": "tiny", "layers": 9, "seed": 0}
+DEMO_FAMILY, DEMO_PRESET, DEMO_LAYERS, DEMO_SEED = "qwen3", "tiny", 9, 0
 _META_PATTERNS = [
     "*.json",
     "*.jinja",
@@ -39,7 +39,7 @@ def cache_dir() -> Path:
 
 def demo_dir() -> Path:
     """The demo model's directory, made on first use (safe when several processes race)."""
-    tag = "-".join(str(v) for v in DEMO_SPEC.values())
+    tag = f"{DEMO_FAMILY}-{DEMO_PRESET}-{DEMO_LAYERS}-{DEMO_SEED}"
     target = cache_dir() / f"demo-{tag}"
     if (target / "config.json").exists():
         return target
@@ -49,10 +49,10 @@ def demo_dir() -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=".demo-", dir=target.parent))
     make_model(
         tmp,
-        family=str(DEMO_SPEC["family"]),
-        preset=str(DEMO_SPEC["preset"]),
-        layers=int(DEMO_SPEC["layers"]),
-        seed=int(DEMO_SPEC["seed"]),
+        family=DEMO_FAMILY,
+        preset=DEMO_PRESET,
+        layers=DEMO_LAYERS,
+        seed=DEMO_SEED,
     )
     try:
         tmp.rename(target)
@@ -80,8 +80,9 @@ def resolve_metadata(spec: str) -> Path:
     return _download(spec, _META_PATTERNS)
 
 
-def shard_files(weight_map: dict[str, str], start: int, end: int, first: bool, last: bool,
-                tied: bool) -> set[str]:
+def shard_files(
+    weight_map: dict[str, str], start: int, end: int, first: bool, last: bool, tied: bool
+) -> set[str]:
     """The safetensors files holding the tensors of layers [start, end) and the ends we hold."""
     files = set()
     for key, f in weight_map.items():
@@ -106,7 +107,11 @@ def fetch_shard(spec: str, meta_dir: Path, start: int, end: int, n_layers: int) 
         weight_map = json.loads(index_file.read_text())["weight_map"]
         config = json.loads((meta_dir / "config.json").read_text())
         files = shard_files(
-            weight_map, start, end, start == 0, end == n_layers,
+            weight_map,
+            start,
+            end,
+            start == 0,
+            end == n_layers,
             bool(config.get("tie_word_embeddings", False)),
         )
     else:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import struct
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import mlx.core as mx
 import msgpack
@@ -27,6 +27,7 @@ from mlxring.messages import (
     Probe,
     Proof,
     SamplingParams,
+    Tensor,
     Token,
 )
 
@@ -43,7 +44,7 @@ DTYPES: dict[str, tuple[mx.Dtype, type[np.generic]]] = {
     "uint32": (mx.uint32, np.uint32),
 }
 _DTYPE_NAMES = {mx_dtype: name for name, (mx_dtype, _) in DTYPES.items()}
-_BUFFER_DTYPES = {np.uint16: mx.uint16}
+_BUFFER_DTYPES: dict[type[np.generic], mx.Dtype] = {np.uint16: mx.uint16}
 
 
 class FrameError(Exception):
@@ -51,6 +52,11 @@ class FrameError(Exception):
 
 
 # --- encoding -----------------------------------------------------------------------------------
+
+
+def _buffer(a: mx.array) -> memoryview:
+    # mx.array implements the buffer protocol; its stubs do not say so.
+    return memoryview(cast(Any, a))
 
 
 def tensor_view(h: mx.array) -> tuple[str, tuple[int, ...], memoryview]:
@@ -61,11 +67,11 @@ def tensor_view(h: mx.array) -> tuple[str, tuple[int, ...], memoryview]:
     buffer_dtype = _BUFFER_DTYPES.get(DTYPES[name][1])
     viewed = h.view(buffer_dtype) if buffer_dtype is not None else h
     mx.eval(viewed)
-    view = memoryview(viewed)
+    view = _buffer(viewed)
     if not view.c_contiguous:
         viewed = mx.contiguous(viewed)
         mx.eval(viewed)
-        view = memoryview(viewed)
+        view = _buffer(viewed)
     return name, tuple(h.shape), view.cast("B")
 
 
@@ -143,7 +149,10 @@ def encode(msg: Message) -> list[bytes | memoryview]:
     packer = msgpack.Packer()
     payload: memoryview | None = None
     if isinstance(msg, Forward) and msg.h is not None:
-        dtype, shape, payload = tensor_view(msg.h)
+        if isinstance(msg.h, Tensor):  # relayed as received, never made into an array
+            dtype, shape, payload = msg.h.dtype, msg.h.shape, memoryview(msg.h.data)
+        else:
+            dtype, shape, payload = tensor_view(msg.h)
         m["dtype"] = dtype
         m["shape"] = list(shape)
     parts = [packer.pack_map_header(len(m) + (payload is not None))]
@@ -236,7 +245,7 @@ def _opt_float(v: Any) -> float | None:
     return None if v is None else float(v)
 
 
-def _tensor(m: dict[str, Any]) -> mx.array | None:
+def _tensor(m: dict[str, Any]) -> Tensor | None:
     if "data" not in m:
         return None
     name = _get(m, "dtype", str)
@@ -250,7 +259,13 @@ def _tensor(m: dict[str, Any]) -> mx.array | None:
     count = int(np.prod(shape)) if shape else 1
     if count * np.dtype(np_dtype).itemsize != len(data):
         raise FrameError(f"fwd frame: {len(data)} bytes do not fill shape {shape} of {name}")
-    arr = mx.array(np.frombuffer(data, dtype=np_dtype)).reshape(shape)
+    return Tensor(name, tuple(shape), data)
+
+
+def to_array(t: Tensor) -> mx.array:
+    """The mx.array of received tensor bytes (one copy, no dtype conversion)."""
+    mx_dtype, np_dtype = DTYPES[t.dtype]
+    arr = mx.array(np.frombuffer(t.data, dtype=np_dtype)).reshape(t.shape)
     return arr.view(mx_dtype) if arr.dtype != mx_dtype else arr
 
 

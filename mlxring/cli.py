@@ -1,0 +1,171 @@
+"""`mlxring node | status | bench | make-model | top`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import ipaddress
+import signal
+import sys
+from collections.abc import Sequence
+
+from mlxring import makemodel
+from mlxring.config import Config, ConfigError, load_config
+from mlxring.log import setup_logging
+
+
+def local_addresses() -> set[str]:
+    """This machine's IPv4 addresses (loopback range always counts as local)."""
+    import ifaddr
+
+    out = set()
+    for adapter in ifaddr.get_adapters():
+        for ip in adapter.ips:
+            if isinstance(ip.ip, str):
+                out.add(ip.ip)
+    return out
+
+
+def local_node_names(config: Config, wanted: Sequence[str] | None) -> list[str]:
+    if wanted:
+        for name in wanted:
+            config.node(name)  # raises a one-line ConfigError for unknown names
+        return [n for n in config.names if n in wanted]
+    mine = local_addresses()
+    return [
+        n.name
+        for n in config.nodes
+        if n.host is not None and (ipaddress.ip_address(n.host).is_loopback or n.host in mine)
+    ]
+
+
+def _load(path: str) -> Config:
+    try:
+        return load_config(path)
+    except ConfigError as e:
+        print(f"mlxring: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def cmd_node(args: argparse.Namespace) -> int:
+    config = _load(args.config)
+    try:
+        names = local_node_names(config, args.name)
+    except ConfigError as e:
+        print(f"mlxring: {e}", file=sys.stderr)
+        return 2
+    if not names:
+        print(
+            f"mlxring: no node of {args.config} has a host address of this machine; "
+            "pick one with --name NAME",
+            file=sys.stderr,
+        )
+        return 2
+    setup_logging(args.log_json, args.log_level, node=names[0] if len(names) == 1 else None)
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:  # uvloop has no Windows build; asyncio's loop works the same, slower
+        pass
+    return asyncio.run(_serve(config, names))
+
+
+async def _serve(config: Config, names: list[str]) -> int:
+    import structlog
+
+    from mlxring.api import start_api
+    from mlxring.node import Runtime
+
+    log = structlog.get_logger()
+    runtime = Runtime(config, names)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+    try:
+        await runtime.start()
+        servers = await start_api(runtime)
+    except Exception as e:  # noqa: BLE001 - start-up failures end the process with one line
+        log.error("start_failed", error=f"{type(e).__name__}: {e}")
+        await runtime.stop()
+        return 1
+    log.info("node_started", nodes=names, plan=[list(r) for r in runtime.plan])
+    await stop.wait()
+    log.info("node_stopping")
+    for s in servers:
+        await s.cleanup()
+    await runtime.stop()
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="mlxring",
+        description="Run one LLM across several Macs as one OpenAI-compatible endpoint.",
+    )
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    node = sub.add_parser("node", help="start this machine's node(s) of the ring")
+    node.add_argument("--config", default="nodes.toml", help="cluster file (default nodes.toml)")
+    node.add_argument(
+        "--name",
+        action="append",
+        help="run this node (repeatable; default: every node whose "
+        "host is an address of this machine)",
+    )
+    node.add_argument(
+        "--log-json",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="JSON log lines (default: JSON unless stderr is a terminal)",
+    )
+    node.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    node.set_defaults(func=cmd_node)
+
+    status = sub.add_parser("status", help="show the ring: nodes, layers, up/down, memory, tok/s")
+    status.add_argument("--config", default="nodes.toml")
+    status.add_argument("--json", action="store_true", help="print JSON for scripts")
+    status.set_defaults(func=_lazy("mlxring.status", "run"))
+
+    bench = sub.add_parser("bench", help="tokens/sec of the ring against single-process mlx-lm")
+    add_bench_arguments(bench)
+    bench.set_defaults(func=_lazy("mlxring.bench", "run"))
+
+    mm = sub.add_parser("make-model", help="write a random-weight model in mlx-lm's format")
+    makemodel.add_arguments(mm)
+    mm.set_defaults(func=makemodel.run)
+    return p
+
+
+def _lazy(module: str, attr: str) -> object:
+    """Import a subcommand's module only when it runs (keeps `--help` fast)."""
+
+    def call(args: argparse.Namespace) -> int:
+        import importlib
+
+        result: int = getattr(importlib.import_module(module), attr)(args)
+        return result
+
+    return call
+
+
+def add_bench_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="attach to the ring of this nodes.toml (its head's API)")
+    p.add_argument("--model", help="model directory or HF repo id (default: made from --preset)")
+    p.add_argument("--preset", default="small", help="make-model preset when no --model is given")
+    p.add_argument("--family", default="qwen3", help="make-model family when no --model is given")
+    p.add_argument("--quantize", type=int, choices=[4, 8], help="make-model quantization")
+    p.add_argument("--nodes", type=int, default=3, help="spawn this many local node processes")
+    p.add_argument("--prompt-tokens", type=int, default=512)
+    p.add_argument("--gen-tokens", type=int, default=128)
+    p.add_argument("--concurrency", default="1,4,16", help="comma-separated levels")
+    p.add_argument("--prefill-chunk", type=int, default=512)
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    raise SystemExit(args.func(args))

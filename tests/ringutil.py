@@ -1,0 +1,232 @@
+"""Shared test helpers: tiny models, configs on free loopback ports, the mlx-lm oracle, and rings
+run in this process or as separate `mlxring node` processes."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+
+import mlx.core as mx
+import mlx_lm
+from mlx_lm.generate import generate_step
+
+from mlxring.config import Config, load_config
+from mlxring.makemodel import make_model
+from mlxring.node import Runtime
+
+ROOT = Path(__file__).resolve().parent.parent
+_MODELS = Path(tempfile.gettempdir()) / f"mlxring-test-models-{os.getuid()}"
+
+
+def tiny_model(
+    family: str = "qwen3",
+    *,
+    tie: bool | None = None,
+    quantize: int | None = None,
+    layers: int | None = None,
+    seed: int = 0,
+) -> Path:
+    """A tiny random model, made once per machine and reused (same args -> same bytes)."""
+    name = f"{family}-tie{tie}-q{quantize}-l{layers}-s{seed}"
+    out = _MODELS / name
+    if not (out / "config.json").exists():
+        tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=_mkdir(_MODELS)))
+        make_model(
+            tmp, family=family, preset="tiny", layers=layers, tie=tie, quantize=quantize, seed=seed
+        )
+        with contextlib.suppress(OSError):
+            tmp.rename(out)
+    return out
+
+
+def _mkdir(p: Path) -> Path:
+    p.mkdir(parents=True, exist_ok=True)
+    return p
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def write_config(
+    directory: Path,
+    model: Path | str,
+    n_nodes: int,
+    *,
+    hosts: Sequence[str | None] | None = None,
+    strategy: str = "uniform",
+    cluster: str = "test",
+    extra_cluster: str = "",
+    api: str = "",
+    node_extra: Sequence[str] | None = None,
+) -> Path:
+    """A nodes.toml with n nodes on free loopback ports (each with its own API port)."""
+    hosts = hosts or ["127.0.0.1"] * n_nodes
+    lines = [
+        "[cluster]",
+        f'name = "{cluster}"',
+        f'model = "{model}"',
+        f'strategy = "{strategy}"',
+        extra_cluster,
+        "[api]",
+        'host = "127.0.0.1"',
+        api,
+    ]
+    for i in range(n_nodes):
+        host = hosts[i]
+        lines += ["[[nodes]]", f'name = "n{i}"']
+        if host is not None:
+            lines.append(f'host = "{host}"')
+        lines += [f"port = {free_port()}", f"api_port = {free_port()}"]
+        if node_extra:
+            lines.append(node_extra[i])
+    path = directory / "nodes.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@functools.lru_cache(maxsize=64)
+def _loaded(model: Path) -> tuple[object, object]:
+    return mlx_lm.load(str(model))
+
+
+def reference(
+    model: Path, prompt: Sequence[int], max_tokens: int = 64, prefill_step: int = 512
+) -> list[int]:
+    """The oracle: mlx-lm's own greedy generation with the whole model in this process, up to
+    (not including) EOS, as mlx_lm.generate does."""
+    m, tok = _loaded(model)
+    eos = tok.eos_token_ids  # type: ignore[attr-defined]
+    out = []
+    for token, _ in generate_step(
+        mx.array(list(prompt)),
+        m,
+        max_tokens=max_tokens,
+        prefill_step_size=prefill_step,  # type: ignore[arg-type]
+    ):
+        if token in eos:
+            break
+        out.append(int(token))
+    return out
+
+
+def encode(model: Path, text: str) -> list[int]:
+    _, tok = _loaded(model)
+    return list(tok.encode(text))  # type: ignore[attr-defined]
+
+
+async def ring_tokens(rt: Runtime, prompt: Sequence[int], max_tokens: int = 64) -> list[int]:
+    """Greedy tokens through the ring (EOS excluded, like the oracle)."""
+    assert rt.engine is not None
+    out = []
+    async for g in rt.engine.generate(prompt, max_tokens=max_tokens):
+        if g.finish_reason == "stop":
+            break
+        out.append(g.token)
+    return out
+
+
+@contextlib.asynccontextmanager
+async def local_ring(
+    config: Config | Path, names: Sequence[str] | None = None
+) -> AsyncIterator[Runtime]:
+    """A ring whose nodes (all, or `names`) run in this process; the head is ready on entry."""
+    cfg = config if isinstance(config, Config) else load_config(config)
+    rt = Runtime(cfg, names or cfg.names)
+    try:
+        await rt.start()
+        if rt.engine is not None:
+            assert await rt.wait_ready(30), rt.monitor.view if rt.monitor else None
+        yield rt
+    finally:
+        await rt.stop()
+
+
+class NodeProcess:
+    """One `mlxring node --name NAME` process, its log in a file."""
+
+    def __init__(self, config: Path, name: str, log_dir: Path, *args: str) -> None:
+        self.name = name
+        self.log_path = log_dir / f"{name}.log"
+        self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "mlxring",
+                "node",
+                "--config",
+                str(config),
+                "--name",
+                name,
+                "--log-json",
+                *args,
+            ],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            cwd=ROOT,
+        )
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_log(self, needle: str, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if needle in self.log():
+                return
+            if self.proc.poll() is not None:
+                raise AssertionError(
+                    f"{self.name} exited {self.proc.returncode}:\n{self.log()[-3000:]}"
+                )
+            time.sleep(0.05)
+        raise AssertionError(f"{self.name}: no {needle!r} in {timeout} s:\n{self.log()[-3000:]}")
+
+    def kill(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        self._log.close()
+
+
+@contextlib.contextmanager
+def process_ring(config: Path, names: Sequence[str], log_dir: Path, *args: str):  # type: ignore[no-untyped-def]
+    """Start one process per name; yields {name: NodeProcess}. Stops them all on exit."""
+    procs = {n: NodeProcess(config, n, log_dir, *args) for n in names}
+    try:
+        yield procs
+    finally:
+        for p in procs.values():
+            p.stop()
+
+
+async def wait_for(predicate, timeout: float = 30.0, interval: float = 0.05) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        await asyncio.sleep(interval)
+    raise AssertionError("condition not met in time")

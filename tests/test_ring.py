@@ -1,0 +1,127 @@
+"""The ring generates exactly what mlx-lm generates on one machine, token for token."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlx.core as mx
+import pytest
+
+from mlxring.config import load_config
+from mlxring.model import load_shard, model_info
+from mlxring.source import tensor_sizes
+
+from .ringutil import (
+    encode,
+    local_ring,
+    process_ring,
+    reference,
+    ring_tokens,
+    tiny_model,
+    write_config,
+)
+
+PROMPT = "The ring carries activations from one Mac to the next."
+
+MODELS = [
+    pytest.param("qwen3", None, None, id="qwen3-tied-bf16"),
+    pytest.param("qwen3", False, None, id="qwen3-untied-bf16"),
+    pytest.param("qwen3", None, 4, id="qwen3-tied-4bit"),
+    pytest.param("qwen2", None, None, id="qwen2-bf16"),
+    pytest.param("qwen2", True, 4, id="qwen2-tied-4bit"),
+    pytest.param("llama", None, None, id="llama-bf16"),
+    pytest.param("llama", True, 8, id="llama-tied-8bit"),
+    pytest.param("llama", False, 4, id="llama-untied-4bit"),
+]
+
+
+@pytest.mark.parametrize(("family", "tie", "quantize"), MODELS)
+@pytest.mark.parametrize("n_nodes", [1, 2, 3, 4])
+async def test_in_process_ring_is_exact(
+    tmp_path: Path, family: str, tie: bool | None, quantize: int | None, n_nodes: int
+) -> None:
+    model = tiny_model(family, tie=tie, quantize=quantize)  # 7 layers: not divisible by 2, 3, 4
+    prompt = encode(model, PROMPT)
+    want = reference(model, prompt, 64)
+    assert len(set(want)) >= 10, "the oracle output is degenerate; the test would prove little"
+    async with local_ring(write_config(tmp_path, model, n_nodes)) as rt:
+        assert len(rt.plan) == n_nodes and rt.plan[0][0] == 0 and rt.plan[-1][1] == 7
+        assert await ring_tokens(rt, prompt, 64) == want
+
+
+async def test_long_prompt_prefills_in_chunks_exactly(tmp_path: Path) -> None:
+    model = tiny_model("qwen3")
+    prompt = encode(model, PROMPT * 12)
+    assert len(prompt) > 3 * 32
+    want = reference(model, prompt, 32, prefill_step=32)
+    cfg = write_config(tmp_path, model, 3, extra_cluster="prefill_chunk = 32")
+    async with local_ring(cfg) as rt:
+        assert rt.engine is not None and rt.engine.prefill_chunk == 32
+        assert await ring_tokens(rt, prompt, 32) == want
+
+
+@pytest.mark.parametrize("family", ["qwen3", "llama"])
+def test_separate_processes_over_tcp_are_exact(tmp_path: Path, family: str) -> None:
+    """The head (with the engine) runs here; the other three nodes are `mlxring node` processes."""
+    import asyncio
+
+    model = tiny_model(family, quantize=4 if family == "llama" else None)
+    cfg_path = write_config(tmp_path, model, 4)
+    prompt = encode(model, PROMPT)
+    want = reference(model, prompt, 64)
+
+    async def run() -> list[int]:
+        async with local_ring(cfg_path, ["n0"]) as rt:
+            return await ring_tokens(rt, prompt, 64)
+
+    with process_ring(cfg_path, ["n1", "n2", "n3"], tmp_path):
+        got = asyncio.run(run())
+    assert got == want
+
+
+async def test_concurrent_requests_do_not_mix_caches(tmp_path: Path) -> None:
+    import asyncio
+
+    model = tiny_model("qwen3")
+    prompts = [
+        encode(model, f"Request number {i} asks about {w}.")
+        for i, w in enumerate(
+            ["tea", "ring", "bytes", "Macs", "cables", "layers", "caches", "tokens"]
+        )
+    ]
+    want = [reference(model, p, 24) for p in prompts]
+    async with local_ring(write_config(tmp_path, model, 3)) as rt:
+        got = await asyncio.gather(*(ring_tokens(rt, p, 24) for p in prompts))
+        assert list(got) == want
+        await asyncio.sleep(0.05)  # End messages travel the ring after the last token
+        for node in rt.nodes.values():
+            assert node.actor.requests == {}, f"{node.name} still holds caches"
+
+
+@pytest.mark.parametrize("quantize", [None, 4])
+def test_shard_holds_only_its_own_weights(quantize: int | None) -> None:
+    model = tiny_model("qwen3", tie=False, quantize=quantize)
+    sizes = tensor_sizes(str(model), model)
+    info = model_info(load_config_json(model), sizes)
+    for start, end in [(0, 3), (3, 5), (5, 7)]:
+        before = mx.get_active_memory()
+        shard = load_shard(model, start, end)
+        expected = (
+            sum(n for k, n in sizes.items() if any(f"layers.{i}." in k for i in range(start, end)))
+            + (info.embed_bytes if start == 0 else 0)
+            + (info.head_bytes if end == 7 else 0)
+        )
+        held = shard.parameter_bytes()
+        assert abs(held - expected) <= 0.05 * expected, (start, end, held, expected)
+        grew = mx.get_active_memory() - before
+        # 64 KiB of slack for small non-weight buffers (rope tables and the like).
+        assert grew <= 1.05 * expected + 65536, (
+            f"loading [{start}, {end}) took {grew} bytes, not ~{expected}"
+        )
+        del shard
+
+
+def load_config_json(model: Path) -> dict[str, object]:
+    import json
+
+    return dict(json.loads((model / "config.json").read_text()))
