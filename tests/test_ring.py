@@ -7,7 +7,6 @@ from pathlib import Path
 import mlx.core as mx
 import pytest
 
-from mlxring.config import load_config
 from mlxring.model import load_shard, model_info
 from mlxring.source import tensor_sizes
 

@@ -1,0 +1,155 @@
+"""Links: the handshake refuses strangers, junk on a ring port closes only that connection."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import struct
+from pathlib import Path
+
+import msgpack
+import pytest
+
+from mlxring import wire
+from mlxring.link import LinkError, LinkSettings, Listener, Peer, handshake_connect
+from mlxring.messages import End, Forward, Message, Token
+
+from .ringutil import (
+    encode,
+    free_port,
+    local_ring,
+    process_ring,
+    reference,
+    ring_tokens,
+    tiny_model,
+    write_config,
+)
+
+
+def settings(node: str, secret: str = "", cluster: str = "c") -> LinkSettings:
+    return LinkSettings(
+        cluster=cluster, node=node, secret=secret, heartbeat_s=0.2, down_after_s=1.0
+    )
+
+
+async def test_peer_with_the_secret_links_and_delivers() -> None:
+    port = free_port()
+    got: list[Message] = []
+    listener = Listener(settings("b", "s3cret"), "127.0.0.1", port, lambda m, peer: got.append(m))
+    await listener.start()
+    peer = Peer(settings("a", "s3cret"), "b", lambda: ("127.0.0.1", port))
+    peer.start()
+    try:
+        assert await peer.wait_up(5)
+        await peer.send(End("r1"))
+        await peer.send(Token("r1", 0, 42))
+        for _ in range(100):
+            if len(got) == 2:
+                break
+            await asyncio.sleep(0.01)
+        assert got == [End("r1"), Token("r1", 0, 42)]
+        await asyncio.sleep(0.5)  # heartbeats keep a quiet link up
+        assert peer.up and peer.rtt_s > 0
+    finally:
+        await peer.stop()
+        await listener.stop()
+
+
+@pytest.mark.parametrize(
+    ("theirs", "cluster"), [("wrong", "c"), ("", "c"), ("s3cret", "other-cluster")]
+)
+async def test_peer_without_the_secret_is_refused(theirs: str, cluster: str) -> None:
+    port = free_port()
+    got: list[Message] = []
+    listener = Listener(settings("b", "s3cret"), "127.0.0.1", port, lambda m, peer: got.append(m))
+    await listener.start()
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        with pytest.raises((LinkError, asyncio.IncompleteReadError, ConnectionError)):
+            await handshake_connect(reader, writer, settings("a", theirs, cluster))
+            # The acceptor only learns we lack the secret from our proof: it then hangs up.
+            writer.writelines(wire.encode(End("injected")))
+            await reader.readexactly(1)
+        writer.close()
+        await asyncio.sleep(0.1)
+        assert got == [], "a refused peer must not inject frames"
+        assert listener.rejected >= 1
+    finally:
+        await listener.stop()
+
+
+async def test_peer_refuses_an_impostor_acceptor() -> None:
+    """The connecting side checks the acceptor's proof too: a listener without the secret
+    cannot pose as the next node."""
+    port = free_port()
+    listener = Listener(settings("b", "other"), "127.0.0.1", port, lambda m, peer: None)
+    await listener.start()
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        with pytest.raises(LinkError, match="secret"):
+            await handshake_connect(reader, writer, settings("a", "s3cret"))
+        writer.close()
+    finally:
+        await listener.stop()
+
+
+def junk_frames() -> list[bytes]:
+    """One of each kind of bad input a ring port can get."""
+    unknown = msgpack.packb({"type": "launch-missiles"})
+    unknown_rid = wire.encode_bytes(Forward("no-such-request", 5, (1,), True))
+    return [
+        os.urandom(64),  # random bytes
+        struct.pack(">I", 20) + os.urandom(20),  # valid length, junk body
+        struct.pack(">I", 0xFFFFFFF0),  # oversize length
+        struct.pack(">I", len(unknown)) + unknown,  # valid map, unknown type
+        unknown_rid,  # a valid frame before any handshake
+        struct.pack(">I", 1000) + b"half",  # half a frame, then silence
+    ]
+
+
+async def _junk_client(host: str, port: int, rounds: int) -> int:
+    sent = 0
+    frames = junk_frames()
+    for i in range(rounds):
+        try:
+            reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 2)
+            if i % 2:  # half the time, pass the handshake first: junk from a "member"
+                await handshake_connect(reader, writer, settings("n0", cluster="test"))
+            for f in frames:
+                writer.write(f)
+                sent += 1
+            await asyncio.sleep(0)
+            writer.close()
+        except (OSError, LinkError, TimeoutError, asyncio.IncompleteReadError, wire.FrameError):
+            pass
+    return sent
+
+
+def test_junk_on_a_ring_port_does_not_disturb_generation(tmp_path: Path) -> None:
+    model = tiny_model("qwen3")
+    cfg = write_config(tmp_path, model, 2)
+    prompt = encode(model, "Junk arrives while we generate.")
+    want = reference(model, prompt, 48)
+    from mlxring.config import load_config
+
+    n1 = load_config(cfg).node("n1")
+
+    async def run() -> tuple[list[int], int, list[int]]:
+        async with local_ring(cfg, ["n0"]) as rt:
+            junk = asyncio.create_task(_junk_client("127.0.0.1", n1.port, 150))
+            junk_here = asyncio.create_task(
+                _junk_client("127.0.0.1", rt.config.node("n0").port, 150)
+            )
+            got = await ring_tokens(rt, prompt, 48)
+            sent = await junk + await junk_here
+            again = await ring_tokens(rt, prompt, 48)  # and still serving afterwards
+            return got, sent, again
+
+    with process_ring(cfg, ["n1"], tmp_path) as procs:
+        got, sent, again = asyncio.run(run())
+        alive = procs["n1"].proc.poll() is None
+        log = procs["n1"].log()
+    assert sent >= 1000
+    assert got == want and again == want
+    assert alive, "the node must survive junk"
+    assert '"bad_frame"' in log and '"peer_refused"' in log

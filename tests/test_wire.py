@@ -1,0 +1,171 @@
+"""Frame codec: bit-exact round trips of every dtype mlx models use, and clear rejection of junk."""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+
+import mlx.core as mx
+import msgpack
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mlxring import wire
+from mlxring.messages import (
+    End,
+    Failure,
+    Forward,
+    Hello,
+    Ping,
+    Probe,
+    SamplingParams,
+    Tensor,
+    Token,
+)
+
+NP_RAW = {
+    "bfloat16": np.uint16,
+    "float16": np.uint16,
+    "float32": np.uint32,
+    "int32": np.uint32,
+    "uint32": np.uint32,
+}
+
+
+def roundtrip(msg: object) -> object:
+    data = wire.encode_bytes(msg)  # type: ignore[arg-type]
+    (n,) = struct.unpack(">I", data[:4])
+    assert n == len(data) - 4
+    return wire.decode(data[4:])
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    dtype=st.sampled_from(sorted(wire.DTYPES)),
+    shape=st.lists(st.integers(1, 9), min_size=1, max_size=3),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_tensor_round_trip_is_bit_exact(dtype: str, shape: list[int], seed: int) -> None:
+    # Random raw bit patterns (NaNs, infinities, subnormals included): every bit must survive.
+    raw = np.random.default_rng(seed).integers(
+        0, 2**16 if "16" in dtype else 2**32, size=shape, dtype=np.uint64
+    )
+    bits = raw.astype(NP_RAW[dtype])
+    mx_dtype = wire.DTYPES[dtype][0]
+    h = mx.array(bits).view(mx_dtype)
+    got = roundtrip(Forward("r", 3, (1, 2), True, h=h))
+    assert isinstance(got, Forward) and isinstance(got.h, Tensor)
+    arr = wire.to_array(got.h)
+    assert arr.dtype == mx_dtype and tuple(arr.shape) == tuple(shape)
+    assert np.array_equal(np.array(arr.view(mx.uint16 if "16" in dtype else mx.uint32)), bits)
+
+
+def test_bf16_payload_is_the_raw_bytes() -> None:
+    h = mx.array([[1.0, -2.5, 3.140625]], dtype=mx.bfloat16)
+    parts = wire.encode(Forward("r", 0, (5,), False, h=h))
+    assert len(parts) == 2, "the tensor payload must be a separate buffer, not copied in"
+    assert bytes(parts[1]) == np.array(h.view(mx.uint16)).tobytes()
+    assert len(bytes(parts[1])) == 3 * 2  # 2 bytes per value: no float32 round trip
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    rid=st.text(max_size=20),
+    seq=st.integers(0, 2**31),
+    tokens=st.lists(st.integers(0, 2**31), max_size=20),
+    temp=st.floats(0, 2),
+    bias=st.lists(st.tuples(st.integers(0, 1000), st.floats(-100, 100)), max_size=3),
+    seed=st.none() | st.integers(0, 2**31),
+    logprobs=st.none() | st.integers(0, 20),
+)
+def test_message_round_trips(
+    rid: str,
+    seq: int,
+    tokens: list[int],
+    temp: float,
+    bias: list[tuple[int, float]],
+    seed: int | None,
+    logprobs: int | None,
+) -> None:
+    params = SamplingParams(temperature=temp, logit_bias=tuple(bias), seed=seed, logprobs=logprobs)
+    for msg in [
+        Forward(rid, seq, tuple(tokens), True, params=params, sent=1.5),
+        Token(rid, seq, 7, -0.25, ((7, -0.25), (3, -2.0))),
+        End(rid, "cancelled"),
+        Failure(rid, "boom", "n2"),
+        Ping(2.0),
+        Probe("n0", 1.0, (("n0", 0, 3), ("n1", 3, 7))),
+        Hello(1, "home", rid, b"\x00" * 16, b"proof"),
+    ]:
+        assert roundtrip(msg) == msg
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=200))
+def test_junk_bodies_raise_frame_error_only(body: bytes) -> None:
+    try:
+        wire.decode(body)
+    except wire.FrameError:
+        pass
+
+
+@pytest.mark.parametrize(
+    "obj",
+    [
+        [1, 2, 3],
+        {"type": "nope"},
+        {"type": "fwd", "rid": "r"},
+        {"type": "fwd", "rid": 5, "seq": 0, "tokens": [], "sample": True, "sent": 0.0},
+        {"type": "fwd", "rid": "r", "seq": 0, "tokens": [-1], "sample": True, "sent": 0.0},
+        {"type": "fwd", "rid": "r", "seq": 0, "tokens": [], "sample": 1, "sent": 0.0},
+        {
+            "type": "fwd",
+            "rid": "r",
+            "seq": 0,
+            "tokens": [],
+            "sample": True,
+            "sent": 0.0,
+            "dtype": "bfloat16",
+            "shape": [1, 4],
+            "data": b"\x00" * 6,
+        },
+        {
+            "type": "fwd",
+            "rid": "r",
+            "seq": 0,
+            "tokens": [],
+            "sample": True,
+            "sent": 0.0,
+            "dtype": "complex64",
+            "shape": [1],
+            "data": b"\x00" * 8,
+        },
+        {"type": "tok", "rid": "r", "seq": 0, "token": 1, "logprob": 0.0, "top": [[1]]},
+        {"type": "probe", "origin": "a", "sent": 0.0, "hops": [["a", 0]]},
+    ],
+)
+def test_malformed_maps_are_rejected(obj: object) -> None:
+    with pytest.raises(wire.FrameError):
+        wire.decode(msgpack.packb(obj))
+
+
+async def _reader(data: bytes) -> asyncio.StreamReader:
+    r = asyncio.StreamReader()
+    r.feed_data(data)
+    r.feed_eof()
+    return r
+
+
+async def test_read_frame_limits() -> None:
+    frame = wire.encode_bytes(End("r"))
+    assert await wire.read_frame(await _reader(frame)) == End("r")
+    with pytest.raises(wire.FrameError, match="over the maximum"):
+        await wire.read_frame(await _reader(struct.pack(">I", 10_000) + b"x"), max_size=1000)
+    with pytest.raises(wire.FrameError, match="truncated"):
+        await wire.read_frame(await _reader(frame[:-2]))
+    with pytest.raises(wire.FrameError, match="empty"):
+        await wire.read_frame(await _reader(struct.pack(">I", 0)))
+    with pytest.raises(asyncio.IncompleteReadError):
+        await wire.read_frame(await _reader(b""))
