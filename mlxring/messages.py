@@ -82,6 +82,9 @@ class Forward:
     tokens: tuple[int, ...]
     sample: bool
     h: mx.array | Tensor | None = None
+    # The first layer the receiver must run: a step that reaches a shard holding other layers
+    # (the ring re-planned under it) fails instead of computing garbage.
+    layer: int = 0
     params: SamplingParams | None = None  # sent once, with a request's first step
     sent: float = 0.0  # head's clock when the step left, for per-hop timing
 

@@ -1,8 +1,12 @@
-"""A process of the ring: the ring positions (nodes) it hosts, their shard actors, listeners and
-links to the next node; on the head, the engine and the ring monitor.
+"""A process of the ring: the ring positions (nodes) it hosts, their shard actors and listeners,
+links to every other node, membership and re-planning; on the head, the engine and the ring
+monitor.
 
-Messages between two nodes of one process skip the socket: the next node's `deliver` is called
-directly with the message object.
+Membership: every process keeps a link (with heartbeats) to every remote node. The ring is the
+live nodes in config order; the head is the first of them. When the live set changes and stays
+changed for a moment, every survivor computes the same plan over the live nodes (plans are
+deterministic), reloads what its new layer range needs, and the head serves again once a probe
+comes back around the new ring. Messages between two nodes of one process skip the socket.
 """
 
 from __future__ import annotations
@@ -22,15 +26,16 @@ from mlx_lm.utils import load_config, load_tokenizer
 from mlxring import source
 from mlxring.config import Config, NodeConfig
 from mlxring.engine import Engine
-from mlxring.link import LinkSettings, Listener, Peer
+from mlxring.link import LinkError, LinkSettings, Listener, Peer
 from mlxring.messages import End, Failure, Forward, Message, Probe, Token
 from mlxring.model import ModelInfo, load_shard, model_info
-from mlxring.plan import ModelFootprint, Plan, PlanNode, plan_layers
-from mlxring.shard import ShardActor, Sweep
+from mlxring.plan import ModelFootprint, Plan, PlanError, PlanNode, plan_layers
+from mlxring.shard import Reconfigure, ShardActor, Sweep
 
 log = structlog.get_logger()
 
 Send = Callable[[Message], Awaitable[None]]
+Hops = tuple[tuple[str, int, int], ...]
 
 
 def link_settings(config: Config, name: str) -> LinkSettings:
@@ -45,8 +50,15 @@ def link_settings(config: Config, name: str) -> LinkSettings:
     )
 
 
-def make_plan(config: Config, info: ModelInfo, memory: dict[str, int] | None = None) -> Plan:
-    """The layer plan every node computes alike from the config and the model's sizes."""
+def make_plan(
+    config: Config,
+    info: ModelInfo,
+    members: Sequence[str] | None = None,
+    memory: dict[str, int] | None = None,
+) -> Plan:
+    """The layer plan every node computes alike: over all configured nodes, or over the live
+    `members` after a failure (a manual plan cannot cover a missing node: then memory, or
+    uniform where memory is unknown)."""
     memory = memory or {}
     nodes = [
         PlanNode(
@@ -56,9 +68,13 @@ def make_plan(config: Config, info: ModelInfo, memory: dict[str, int] | None = N
             layers=n.layers,
         )
         for n in config.nodes
+        if members is None or n.name in members
     ]
+    strategy = config.cluster.strategy
+    if strategy == "manual" and len(nodes) < len(config.nodes):
+        strategy = "memory" if all(n.memory_bytes is not None for n in nodes) else "uniform"
     footprint = ModelFootprint(info.n_layers, info.layer_bytes, info.embed_bytes, info.head_bytes)
-    return plan_layers(config.cluster.strategy, footprint, nodes)
+    return plan_layers(strategy, footprint, nodes)
 
 
 @dataclass(frozen=True)
@@ -67,38 +83,60 @@ class RingView:
 
     ok: bool
     reason: str
-    hops: tuple[tuple[str, int, int], ...]
+    hops: Hops
     hop_s: float
     checked: float
 
 
 class RingMonitor:
-    """Sends a probe around the ring every heartbeat; the ring is up while probes come back."""
+    """Sends a probe around the ring every heartbeat; the ring is up while probes come back
+    through exactly the expected nodes and layer ranges."""
 
     def __init__(
-        self, config: Config, origin: str, send_first: Send, on_down: Callable[[str], None]
-    ):
+        self,
+        config: Config,
+        origin: str,
+        expected: Hops,
+        send_first: Send,
+        on_down: Callable[[str], None],
+    ) -> None:
         self.config = config
         self.origin = origin
+        self.expected = expected
         self._send = send_first
         self._on_down = on_down
-        self.expected = config.names
         self.view = RingView(False, "the ring has not formed yet", (), 0.0, 0.0)
+        self.hop_samples: list[float] = []
         self._last_return = 0.0
         self._formed = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="ring-monitor")
+
+    def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
 
     def returned(self, probe: Probe) -> None:
         now = time.monotonic()
-        names = tuple(h[0] for h in probe.hops)
-        self._last_return = now
-        if names != self.expected:
+        if probe.hops != self.expected:
             self.view = RingView(
-                False, f"ring order {names} is not {self.expected}", probe.hops, 0.0, now
+                False,
+                f"the ring answered {list(probe.hops)}, expected {list(self.expected)}",
+                probe.hops,
+                0.0,
+                now,
             )
             return
+        self._last_return = now
         hop_s = (now - probe.sent) / max(1, len(probe.hops))
+        self.hop_samples.append(hop_s)
+        del self.hop_samples[:-512]
         if not self.view.ok:
-            log.info("ring_up", nodes=list(names))
+            log.info(
+                "ring_up", nodes=[h[0] for h in probe.hops], layers=[h[1:] for h in probe.hops]
+            )
         self.view = RingView(True, "", probe.hops, hop_s, now)
         self._formed.set()
 
@@ -109,13 +147,10 @@ class RingMonitor:
         except TimeoutError:
             return False
 
-    async def run(self) -> None:
+    async def _run(self) -> None:
         c = self.config.cluster
         while True:
-            try:
-                await self._send(Probe(self.origin, time.monotonic()))
-            except Exception as e:  # noqa: BLE001 - a down link is what we are watching for
-                self._down(f"cannot send to the next node: {e}")
+            await self._send(Probe(self.origin, time.monotonic()))
             await asyncio.sleep(c.heartbeat_s)
             if self.view.ok and time.monotonic() - self._last_return > c.down_after_s:
                 self._down(f"no probe came back around the ring within {c.down_after_s:g} s")
@@ -160,7 +195,7 @@ class LocalNode:
             case Forward() | End() | Failure() | Probe():
                 self.actor.send(msg)
             case _:
-                log.warning("dropped_message", node=self.name, message=type(msg).__name__)
+                log.debug("dropped_message", node=self.name, message=type(msg).__name__)
 
 
 class Runtime:
@@ -168,123 +203,250 @@ class Runtime:
 
     def __init__(self, config: Config, names: Sequence[str]) -> None:
         self.config = config
-        self.names = list(names)
+        self.names = [n for n in config.names if n in names]
         self.nodes: dict[str, LocalNode] = {}
-        self.peers: list[Peer] = []
+        self.peers: dict[str, Peer] = {}
         self.engine: Engine | None = None
         self.monitor: RingMonitor | None = None
         self.tokenizer: TokenizerWrapper | None = None
         self.model_config: dict[str, Any] = {}
         self.model_dir: Path | None = None
-        self.plan: Plan = []
-        self.head_name = config.nodes[0].name
+        self.info: ModelInfo | None = None
+        self.members: tuple[str, ...] = ()  # the live ring, in config order
+        self.plan: Plan = []  # one range per member
+        self.unavailable = "the ring has not formed yet"  # why the ring cannot serve, or ""
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="mlx")
         self._tasks: list[asyncio.Task[None]] = []
+        self._changed = asyncio.Event()
+        self._replanning = asyncio.Lock()
+
+    # --- views ----------------------------------------------------------------------------
 
     @property
     def model_name(self) -> str:
         spec = self.config.cluster.model
         return Path(spec).name if source.is_local(spec) and spec != source.DEMO else spec
 
-    async def start(self) -> None:
+    @property
+    def head_name(self) -> str:
+        return self.members[0] if self.members else self.config.names[0]
+
+    @property
+    def layout(self) -> dict[str, tuple[int, int]]:
+        """Each live member's layer range."""
+        return dict(zip(self.members, self.plan, strict=True))
+
+    def is_up(self, name: str) -> bool:
+        return name in self.nodes or (name in self.peers and self.peers[name].up)
+
+    def live(self) -> tuple[str, ...]:
+        return tuple(n for n in self.config.names if self.is_up(n))
+
+    # --- start / stop ---------------------------------------------------------------------
+
+    async def start(self, settle_s: float | None = None) -> None:
+        """Load the model's metadata, start listeners and links, wait a moment for the other
+        nodes, then plan and load this process's shards."""
         loop = asyncio.get_running_loop()
         spec = self.config.cluster.model
         meta = await loop.run_in_executor(None, source.resolve_metadata, spec)
+        self.model_dir = meta
         self.model_config = load_config(meta)
         sizes = await loop.run_in_executor(None, source.tensor_sizes, spec, meta)
-        info = model_info(self.model_config, sizes)
-        self.plan = make_plan(self.config, info)
-        self.model_dir = meta
+        self.info = model_info(self.model_config, sizes)
+        self.tokenizer = load_tokenizer(meta, eos_token_ids=self.model_config.get("eos_token_id"))
         for name in self.names:
-            cfg = self.config.node(name)
-            start, end = self.plan[self.config.position(name)]
-            path = await loop.run_in_executor(
-                None, source.fetch_shard, spec, meta, start, end, info.n_layers
-            )
-            t0 = time.perf_counter()
-            shard = await loop.run_in_executor(self.executor, load_shard, path, start, end)
-            log.info(
-                "shard_loaded",
-                node=name,
-                layers=f"[{start}, {end})",
-                gb=round(shard.parameter_bytes() / 1e9, 3),
-                seconds=round(time.perf_counter() - t0, 2),
-            )
             actor = ShardActor(
                 name,
-                shard,
+                None,
                 self._sender(name),
                 self.executor,
                 self.config.cluster.request_timeout_s,
             )
-            self.nodes[name] = node = LocalNode(self, cfg, actor)
+            self.nodes[name] = node = LocalNode(self, self.config.node(name), actor)
             actor.start()
             await node.listener.start()
-        if self.head_name in self.nodes:
-            self.tokenizer = load_tokenizer(
-                meta, eos_token_ids=self.model_config.get("eos_token_id")
-            )
-            head = self.nodes[self.head_name]
-
-            async def send_first(msg: Message) -> None:
-                head.deliver(msg)
-
-            self.engine = Engine(
-                send_first,
-                self.tokenizer.eos_token_ids,
-                prefill_chunk=self.config.cluster.prefill_chunk,
-                step_timeout_s=self.config.cluster.request_timeout_s,
-            )
-            self.monitor = RingMonitor(
-                self.config, self.head_name, send_first, self.engine.fail_all
-            )
-            self._tasks.append(loop.create_task(self.monitor.run(), name="ring-monitor"))
+        me = self.names[0]
+        for n in self.config.nodes:
+            if n.name not in self.nodes:
+                self.peers[n.name] = peer = Peer(
+                    link_settings(self.config, me),
+                    n.name,
+                    self._address(n),
+                    on_state=lambda up: self._changed.set(),
+                )
+                peer.start()
+        # Give the other nodes a moment to come up, so a cold start forms the full ring at
+        # once instead of a degraded one followed by a re-plan.
+        wait = self.config.cluster.down_after_s * 2 if settle_s is None else settle_s
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline and len(self.live()) < len(self.config.nodes):
+            await asyncio.sleep(0.05)
+        await self._apply(self.live())
+        self._tasks.append(loop.create_task(self._watch_membership(), name="membership"))
         self._tasks.append(loop.create_task(self._sweep(), name="sweep"))
 
-    def _sender(self, name: str) -> Send:
-        """How node `name` sends to the next node of the ring: directly or over TCP."""
-        names = self.config.names
-        nxt = names[(names.index(name) + 1) % len(names)]
-        if nxt in self.names:
+    def _address(self, n: NodeConfig) -> Callable[[], tuple[str, int] | None]:
+        return lambda: (n.host, n.port) if n.host else None
 
-            async def local(msg: Message) -> None:
-                self.nodes[nxt].deliver(msg)
-
-            return local
-        target = self.config.node(nxt)
-        peer = Peer(
-            link_settings(self.config, name),
-            nxt,
-            lambda: (target.host, target.port) if target.host else None,
-            on_state=lambda up: self._link_state(name, nxt, up),
-        )
-        self.peers.append(peer)
-        peer.start()
-        return peer.send
-
-    def _link_state(self, name: str, nxt: str, up: bool) -> None:
-        if not up and self.engine is not None and self.monitor is not None:
-            # The head's own outbound link broke: fail what is in flight now, not at the probe.
-            self.engine.fail_all(f"link from {name} to {nxt} is down")
+    async def stop(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        if self.monitor is not None:
+            self.monitor.stop()
+        for p in self.peers.values():
+            await p.stop()
+        for node in self.nodes.values():
+            await node.listener.stop()
+            await node.actor.stop()
+        self.executor.shutdown(wait=False, cancel_futures=True)
 
     async def wait_ready(self, timeout: float) -> bool:
-        """True once the head has seen a probe come back around the whole ring."""
-        if self.monitor is None:
-            return True
-        return await self.monitor.wait_formed(timeout)
+        """True once the head has seen a probe come back around the whole ring (a process
+        without the head is ready once it has planned)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.monitor is not None:
+                if await self.monitor.wait_formed(max(0.0, deadline - time.monotonic())):
+                    return True
+            elif self.members and not self.unavailable and self.head_name not in self.nodes:
+                return True
+            await asyncio.sleep(0.05)
+        return False
+
+    # --- sending --------------------------------------------------------------------------
+
+    def _sender(self, name: str) -> Send:
+        async def send(msg: Message) -> None:
+            await self.send_from(name, msg)
+
+        return send
+
+    async def send_from(self, name: str, msg: Message) -> None:
+        """Send from node `name` to the next live node of the ring (directly when local)."""
+        members = self.members
+        if name not in members:
+            return
+        nxt = members[(members.index(name) + 1) % len(members)]
+        if nxt in self.nodes:
+            self.nodes[nxt].deliver(msg)
+            return
+        try:
+            await self.peers[nxt].send(msg)
+        except LinkError as e:
+            # The membership watch notices the dead link and fails what is in flight.
+            log.warning("next_unreachable", node=name, next=nxt, error=str(e))
+
+    # --- membership -----------------------------------------------------------------------
+
+    async def _watch_membership(self) -> None:
+        """Re-plan when the live set changes and stays changed for a heartbeat (so that the
+        survivors, which notice at slightly different moments, settle on the same view)."""
+        settle = self.config.cluster.heartbeat_s
+        while True:
+            try:
+                await asyncio.wait_for(self._changed.wait(), settle / 2)
+            except TimeoutError:
+                pass
+            self._changed.clear()
+            live = self.live()
+            if live == self.members:
+                continue
+            if self.engine is not None:
+                self.engine.fail_all(f"ring membership changed: live nodes are {list(live)}")
+            self.unavailable = "the ring is re-planning"
+            await asyncio.sleep(settle)
+            live = self.live()
+            if live != self.members:
+                await self._apply(live)
+            else:  # it flapped back: nothing to re-plan
+                self.unavailable = ""
+
+    async def _apply(self, live: tuple[str, ...]) -> None:
+        """Take the ring `live`: plan over it, reload what changed, (re)start the head."""
+        async with self._replanning:
+            assert self.info is not None and self.model_dir is not None
+            old = self.layout
+            self.members = live
+            try:
+                self.plan = make_plan(self.config, self.info, live)
+            except PlanError as e:
+                self.plan = []
+                self.members = ()
+                self.unavailable = f"the live nodes {list(live)} cannot hold the model: {e}"
+                log.error("replan_failed", live=list(live), error=str(e))
+                self._stop_head()
+                return
+            log.info("ring_plan", members=list(live), plan=[list(r) for r in self.plan])
+            loop = asyncio.get_running_loop()
+            for name, node in self.nodes.items():
+                rng = self.layout[name]
+                if old.get(name) == rng and node.actor.model is not None:
+                    node.actor.send(Reconfigure())
+                    continue
+                path = await loop.run_in_executor(
+                    None,
+                    source.fetch_shard,
+                    self.config.cluster.model,
+                    self.model_dir,
+                    rng[0],
+                    rng[1],
+                    self.info.n_layers,
+                )
+                t0 = time.perf_counter()
+                shard = await loop.run_in_executor(self.executor, load_shard, path, *rng)
+                log.info(
+                    "shard_loaded",
+                    node=name,
+                    layers=f"[{rng[0]}, {rng[1]})",
+                    gb=round(shard.parameter_bytes() / 1e9, 3),
+                    seconds=round(time.perf_counter() - t0, 2),
+                )
+                node.actor.send(Reconfigure(shard))
+            self.unavailable = ""
+            if self.head_name in self.nodes:
+                self._start_head()
+            else:
+                self._stop_head()
+
+    def _start_head(self) -> None:
+        self._stop_head()
+        head = self.nodes[self.head_name]
+        assert self.tokenizer is not None
+
+        async def send_first(msg: Message) -> None:
+            head.deliver(msg)
+
+        self.engine = Engine(
+            send_first,
+            self.tokenizer.eos_token_ids,
+            prefill_chunk=self.config.cluster.prefill_chunk,
+            step_timeout_s=self.config.cluster.request_timeout_s,
+        )
+        expected = tuple((n, s, e) for n, (s, e) in self.layout.items())
+        self.monitor = RingMonitor(
+            self.config, head.name, expected, send_first, self.engine.fail_all
+        )
+        self.monitor.start()
+
+    def _stop_head(self) -> None:
+        if self.engine is not None:
+            self.engine.fail_all("this node is no longer the head")
+        if self.monitor is not None:
+            self.monitor.stop()
+        self.engine = None
+        self.monitor = None
+
+    def serving_reason(self) -> str:
+        """Why this process cannot serve requests now ("" when it can)."""
+        if self.unavailable:
+            return self.unavailable
+        if self.monitor is not None and not self.monitor.view.ok:
+            return self.monitor.view.reason
+        return ""
 
     async def _sweep(self) -> None:
         while True:
             await asyncio.sleep(min(30.0, self.config.cluster.request_timeout_s / 4))
             for node in self.nodes.values():
                 node.actor.send(Sweep(time.monotonic()))
-
-    async def stop(self) -> None:
-        for t in self._tasks:
-            t.cancel()
-        for p in self.peers:
-            await p.stop()
-        for node in self.nodes.values():
-            await node.listener.stop()
-            await node.actor.stop()
-        self.executor.shutdown(wait=False, cancel_futures=True)

@@ -30,6 +30,14 @@ class StepError(Exception):
 
 
 @dataclass(frozen=True)
+class Reconfigure:
+    """Local: the ring re-planned. Take the new layer range (or keep the model when None) and
+    drop every request's caches: requests in flight have been failed at the head."""
+
+    model: ShardModel | None = None
+
+
+@dataclass(frozen=True)
 class Sweep:
     """Local tick: drop the caches of requests idle for longer than the request timeout."""
 
@@ -66,11 +74,11 @@ def make_request_state(
     return st
 
 
-class ShardActor(Actor[Message | Sweep]):
+class ShardActor(Actor[Message | Sweep | Reconfigure]):
     def __init__(
         self,
         name: str,
-        model: ShardModel,
+        model: ShardModel | None,
         send_next: Send,
         executor: Executor,
         request_timeout_s: float = 600.0,
@@ -85,8 +93,12 @@ class ShardActor(Actor[Message | Sweep]):
         self.busy_s = 0.0
         self.steps = 0
 
-    async def handle(self, msg: Message | Sweep) -> None:
+    async def handle(self, msg: Message | Sweep | Reconfigure) -> None:
         match msg:
+            case Reconfigure():
+                if msg.model is not None:
+                    self.model = msg.model
+                self.requests.clear()
             case Forward():
                 loop = asyncio.get_running_loop()
                 out = await loop.run_in_executor(self.executor, self._timed_step, msg)
@@ -94,13 +106,14 @@ class ShardActor(Actor[Message | Sweep]):
                     await self.send_next(out)
             case End():
                 self.requests.pop(msg.rid, None)
-                if not self.model.is_last:
+                if self.model is not None and not self.model.is_last:
                     await self.send_next(msg)
             case Failure():
                 self.requests.pop(msg.rid, None)
                 await self.send_next(msg)
             case Probe():
-                here = (self.node, self.model.start, self.model.end)
+                m = self.model
+                here = (self.node, m.start, m.end) if m is not None else (self.node, -1, -1)
                 await self.send_next(Probe(msg.origin, msg.sent, (*msg.hops, here)))
             case Sweep():
                 stale = [
@@ -114,7 +127,7 @@ class ShardActor(Actor[Message | Sweep]):
             case _:
                 self.log.warning("unexpected_message", message=type(msg).__name__)
 
-    async def on_error(self, msg: Message | Sweep, error: Exception) -> None:
+    async def on_error(self, msg: Message | Sweep | Reconfigure, error: Exception) -> None:
         if isinstance(msg, Forward):
             self.requests.pop(msg.rid, None)
             await self.send_next(Failure(msg.rid, f"{type(error).__name__}: {error}", self.node))
@@ -130,6 +143,13 @@ class ShardActor(Actor[Message | Sweep]):
     def step(self, f: Forward) -> Message | None:
         """One request step through this shard's layers (runs on the compute thread)."""
         model = self.model
+        if model is None:
+            raise StepError(f"{self.node} has not loaded its layers yet")
+        if f.layer != model.start:
+            raise StepError(
+                f"step {f.seq} of {f.rid} is for layer {f.layer} but {self.node} holds "
+                f"[{model.start}, {model.end}) (the ring re-planned)"
+            )
         st = self.requests.get(f.rid)
         if st is None:
             if f.seq != 0:
@@ -145,17 +165,18 @@ class ShardActor(Actor[Message | Sweep]):
         h = model(x, st.caches)
         if not model.is_last:
             mx.eval(h)
-            return Forward(f.rid, f.seq, f.tokens, f.sample, h=h, params=f.params, sent=f.sent)
+            return Forward(
+                f.rid, f.seq, f.tokens, f.sample, h=h, layer=model.end, params=f.params, sent=f.sent
+            )
         if st.processors:
             toks = mx.array(list(f.tokens), dtype=mx.uint32)
             st.history = toks if st.history is None else mx.concatenate([st.history, toks])
         if not f.sample:
             mx.eval([c.state for c in st.caches])
             return None
-        return self._sample(f, st, h)
+        return self._sample(f, st, model.logits(h))
 
-    def _sample(self, f: Forward, st: RequestState, h: mx.array) -> Token:
-        logits = self.model.logits(h)
+    def _sample(self, f: Forward, st: RequestState, logits: mx.array) -> Token:
         for processor in st.processors:
             assert st.history is not None
             logits = processor(st.history, logits)

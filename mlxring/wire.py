@@ -102,6 +102,7 @@ def _to_map(msg: Message) -> dict[str, Any]:
                 "seq": msg.seq,
                 "tokens": list(msg.tokens),
                 "sample": msg.sample,
+                "layer": msg.layer,
                 "sent": msg.sent,
             }
             if msg.params is not None:
@@ -283,6 +284,7 @@ def _forward(m: dict[str, Any]) -> Forward:
         tokens=_tokens(_get(m, "tokens", list)),
         sample=_get(m, "sample", bool),
         h=_tensor(m),
+        layer=_get(m, "layer", int),
         params=None if params is None else _params(params),
         sent=float(_get(m, "sent", _NUM)),
     )
