@@ -35,6 +35,7 @@ from mlxring.shard import Reconfigure, ShardActor, Sweep
 log = structlog.get_logger()
 
 Send = Callable[[Message], Awaitable[None]]
+COLD_START_WAIT_S = 30.0  # how long a starting node waits for the rest of the ring
 Hops = tuple[tuple[str, int, int], ...]
 
 
@@ -108,7 +109,6 @@ class RingMonitor:
         self.view = RingView(False, "the ring has not formed yet", (), 0.0, 0.0)
         self.hop_samples: list[float] = []
         self._last_return = 0.0
-        self._formed = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -138,14 +138,6 @@ class RingMonitor:
                 "ring_up", nodes=[h[0] for h in probe.hops], layers=[h[1:] for h in probe.hops]
             )
         self.view = RingView(True, "", probe.hops, hop_s, now)
-        self._formed.set()
-
-    async def wait_formed(self, timeout: float) -> bool:
-        try:
-            await asyncio.wait_for(self._formed.wait(), timeout)
-            return True
-        except TimeoutError:
-            return False
 
     async def _run(self) -> None:
         c = self.config.cluster
@@ -158,7 +150,6 @@ class RingMonitor:
     def _down(self, reason: str) -> None:
         if self.view.ok:
             log.warning("ring_down", reason=reason)
-            self._formed.clear()
             self._on_down(reason)
         self.view = RingView(False, reason, self.view.hops, 0.0, time.monotonic())
 
@@ -276,10 +267,14 @@ class Runtime:
                     on_state=lambda up: self._changed.set(),
                 )
                 peer.start()
-        # Give the other nodes a moment to come up, so a cold start forms the full ring at
-        # once instead of a degraded one followed by a re-plan.
-        wait = self.config.cluster.down_after_s * 2 if settle_s is None else settle_s
+        # Wait for the other nodes, so that a cold start forms the full ring at once instead of
+        # a degraded one followed by a re-plan; after that, form whatever is live.
+        wait = COLD_START_WAIT_S if settle_s is None else settle_s
         deadline = time.monotonic() + wait
+        if len(self.live()) < len(self.config.nodes):
+            log.info(
+                "waiting_for_nodes", missing=[n for n in self.config.names if not self.is_up(n)]
+            )
         while time.monotonic() < deadline and len(self.live()) < len(self.config.nodes):
             await asyncio.sleep(0.05)
         await self._apply(self.live())
@@ -306,12 +301,12 @@ class Runtime:
         without the head is ready once it has planned)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if self.monitor is not None:
-                if await self.monitor.wait_formed(max(0.0, deadline - time.monotonic())):
+            if not self.unavailable:
+                if self.monitor is not None and self.monitor.view.ok:
                     return True
-            elif self.members and not self.unavailable and self.head_name not in self.nodes:
-                return True
-            await asyncio.sleep(0.05)
+                if self.members and self.head_name not in self.nodes:
+                    return True
+            await asyncio.sleep(0.02)
         return False
 
     # --- sending --------------------------------------------------------------------------
@@ -366,6 +361,8 @@ class Runtime:
         """Take the ring `live`: plan over it, reload what changed, (re)start the head."""
         async with self._replanning:
             assert self.info is not None and self.model_dir is not None
+            self._stop_head()
+            self.unavailable = "the ring is re-planning"
             old = self.layout
             self.members = live
             try:

@@ -1,0 +1,65 @@
+"""Faults: a node killed with SIGKILL ends what is in flight quickly, the survivors re-plan and
+serve exact output, and the node is taken back in when it returns."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+from mlxring.engine import RingUnavailable
+from mlxring.node import Runtime
+
+from .ringutil import NodeProcess, encode, local_ring, process_ring, reference, tiny_model
+from .ringutil import wait_for, write_config
+
+FAST = "heartbeat_s = 0.25\ndown_after_s = 1.5"
+
+
+async def stream(rt: Runtime, prompt: list[int], n: int) -> tuple[str, list[int], float]:
+    """Generate; returns (outcome, tokens, seconds from start to the end of the request)."""
+    assert rt.engine is not None
+    t0 = time.monotonic()
+    toks: list[int] = []
+    try:
+        async for g in rt.engine.generate(prompt, max_tokens=n):
+            toks.append(g.token)
+            await asyncio.sleep(0.01)  # a slow client keeps the stream open across the kill
+        return "complete", toks, time.monotonic() - t0
+    except RingUnavailable:
+        return "unavailable", toks, time.monotonic() - t0
+
+
+def test_kill_the_middle_node_then_bring_it_back(tmp_path: Path) -> None:
+    model = tiny_model("qwen3")
+    cfg = write_config(tmp_path, model, 3, extra_cluster=FAST)
+    prompt = encode(model, "Nodes come and go, the answer stays the same.")
+    want = reference(model, prompt, 40)
+
+    async def run(procs: dict[str, NodeProcess]) -> None:
+        async with local_ring(cfg, ["n0"]) as rt:
+            assert rt.plan == [(0, 3), (3, 5), (5, 7)]
+            streams = [asyncio.create_task(stream(rt, prompt, 2000)) for _ in range(8)]
+            await asyncio.sleep(1.0)
+            procs["n1"].kill()
+            killed = time.monotonic()
+            results = await asyncio.wait_for(asyncio.gather(*streams), 10)
+            assert all(outcome == "unavailable" for outcome, _, _ in results)
+            assert time.monotonic() - killed < 10
+            # Survivors re-plan over two nodes and serve the exact output again.
+            await wait_for(lambda: rt.members == ("n0", "n2"), 15)
+            assert await rt.wait_ready(15)
+            assert rt.plan == [(0, 4), (4, 7)]
+            got = [t for _, t, _ in [await stream(rt, prompt, 40)]][0]
+            assert got[: len(want)] == want
+            # The node comes back: the original 3-node plan and exact output.
+            procs["n1"] = NodeProcess(cfg, "n1", tmp_path)
+            await wait_for(lambda: rt.members == ("n0", "n1", "n2"), 30)
+            assert await rt.wait_ready(15)
+            assert rt.plan == [(0, 3), (3, 5), (5, 7)]
+            _, got, _ = await stream(rt, prompt, 40)
+            assert got[: len(want)] == want
+            procs["n1"].stop()
+
+    with process_ring(cfg, ["n1", "n2"], tmp_path) as procs:
+        asyncio.run(run(procs))
