@@ -10,8 +10,16 @@ from pathlib import Path
 from mlxring.engine import RingUnavailable
 from mlxring.node import Runtime
 
-from .ringutil import NodeProcess, encode, local_ring, process_ring, reference, tiny_model
-from .ringutil import wait_for, write_config
+from .ringutil import (
+    NodeProcess,
+    encode,
+    local_ring,
+    process_ring,
+    reference,
+    tiny_model,
+    wait_for,
+    write_config,
+)
 
 FAST = "heartbeat_s = 0.25\ndown_after_s = 1.5"
 
