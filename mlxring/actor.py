@@ -7,6 +7,8 @@ request must not take a shard down.
 from __future__ import annotations
 
 import asyncio
+from collections import deque
+from collections.abc import Callable
 from typing import Generic, TypeVar
 
 import structlog
@@ -19,7 +21,10 @@ class Actor(Generic[M]):
     def __init__(self, name: str) -> None:
         self.name = name
         self.log = structlog.get_logger(actor=name)
-        self._mailbox: asyncio.Queue[object] = asyncio.Queue()
+        # A deque, not an asyncio.Queue: a shard looks at what waits behind a message to run
+        # several requests' decode steps as one batch.
+        self._mailbox: deque[object] = deque()
+        self._ready = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -27,16 +32,25 @@ class Actor(Generic[M]):
 
     def send(self, msg: M) -> None:
         """Deliver a message; never blocks (the mailbox is unbounded, bounded upstream)."""
-        self._mailbox.put_nowait(msg)
+        self._mailbox.append(msg)
+        self._ready.set()
 
     @property
     def backlog(self) -> int:
-        return self._mailbox.qsize()
+        return len(self._mailbox)
+
+    def take_while(self, wanted: Callable[[object], bool], limit: int) -> list[M]:
+        """Take up to `limit` messages from the front of the mailbox while `wanted` holds."""
+        out: list[M] = []
+        while self._mailbox and len(out) < limit and wanted(self._mailbox[0]):
+            out.append(self._mailbox.popleft())  # type: ignore[arg-type]
+        return out
 
     async def stop(self, timeout: float = 5.0) -> None:
         if self._task is None:
             return
-        self._mailbox.put_nowait(_STOP)
+        self._mailbox.append(_STOP)
+        self._ready.set()
         try:
             await asyncio.wait_for(asyncio.shield(self._task), timeout)
         except TimeoutError:
@@ -51,7 +65,11 @@ class Actor(Generic[M]):
 
     async def _run(self) -> None:
         while True:
-            msg = await self._mailbox.get()
+            if not self._mailbox:
+                self._ready.clear()
+                await self._ready.wait()
+                continue
+            msg = self._mailbox.popleft()
             if msg is _STOP:
                 return
             try:

@@ -48,6 +48,7 @@ class ClusterConfig:
     request_timeout_s: float = 600.0
     max_frame_mb: float = 256.0
     interfaces: tuple[str, ...] = ()
+    max_batch: int = 32  # decode steps of concurrent requests run as one forward pass; 1 = off
 
     @property
     def max_frame_bytes(self) -> int:
@@ -139,7 +140,7 @@ def parse_config(text: str, source: str = "nodes.toml") -> Config:
 
 _CLUSTER_KEYS = (
     "name", "model", "secret", "strategy", "prefill_chunk", "heartbeat_s", "down_after_s",
-    "request_timeout_s", "max_frame_mb", "interfaces",
+    "request_timeout_s", "max_frame_mb", "interfaces", "max_batch",
 )  # fmt: skip
 _API_KEYS = ("host", "port", "api_key", "max_body_bytes", "max_concurrent", "max_queue")
 _NODE_KEYS = ("name", "host", "port", "api_port", "layers", "memory_gb", "compute")
@@ -169,6 +170,7 @@ def _parse_cluster(t: _Table) -> ClusterConfig:
         request_timeout_s=t.number("request_timeout_s", 600.0, gt=0),
         max_frame_mb=t.number("max_frame_mb", 256.0, gt=0),
         interfaces=_parse_interfaces(t),
+        max_batch=t.integer("max_batch", 32, lo=1),
     )
 
 

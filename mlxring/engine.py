@@ -91,19 +91,22 @@ class Engine:
                     Forward(rid, seq, chunk, False, params=params if seq == 0 else None)
                 )
                 seq += 1
-            step = Forward(rid, seq, (prompt[-1],), True, params=params if seq == 0 else None)
+            await self._step(
+                Forward(rid, seq, (prompt[-1],), True, params=params if seq == 0 else None)
+            )
             n = 0
             while True:
                 sent = time.perf_counter()
-                await self._step(step)
                 msg = await self._next(q, rid)
                 self._record_trip(time.perf_counter() - sent)
                 n += 1
                 self.tokens_generated += 1
                 finish = "stop" if msg.token in stops else "length" if n >= max_tokens else None
                 if finish is None:
+                    # The next step leaves before this token is handed out, so the ring
+                    # computes while the client writes.
                     seq += 1
-                    step = Forward(rid, seq, (msg.token,), True)
+                    await self._step(Forward(rid, seq, (msg.token,), True))
                 yield GeneratedToken(msg.token, msg.logprob, msg.top_logprobs, finish)
                 if finish is not None:
                     return

@@ -90,6 +90,15 @@ class Forward:
 
 
 @dataclass(frozen=True)
+class ForwardBatch:
+    """Decode steps of several requests run as one forward pass: each row carries its
+    request's fields (with `h` None) and `h` is their hidden states, [B, 1, D] in row order."""
+
+    rows: tuple[Forward, ...]
+    h: mx.array | Tensor | None = None
+
+
+@dataclass(frozen=True)
 class Token:
     """The last shard's sampled token, sent back to the head."""
 
@@ -127,4 +136,4 @@ class Probe:
     hops: tuple[tuple[str, int, int], ...] = ()
 
 
-Message = Hello | Proof | Ping | Pong | Forward | Token | End | Failure | Probe
+Message = Hello | Proof | Ping | Pong | Forward | ForwardBatch | Token | End | Failure | Probe

@@ -27,7 +27,7 @@ from mlxring import source
 from mlxring.config import Config, NodeConfig
 from mlxring.engine import Engine
 from mlxring.link import LinkError, LinkSettings, Listener, Peer
-from mlxring.messages import End, Failure, Forward, Message, Probe, Token
+from mlxring.messages import End, Failure, Forward, ForwardBatch, Message, Probe, Token
 from mlxring.model import ModelInfo, load_shard, model_info
 from mlxring.plan import ModelFootprint, Plan, PlanError, PlanNode, plan_layers
 from mlxring.shard import Reconfigure, ShardActor, Sweep
@@ -183,7 +183,7 @@ class LocalNode:
             case Probe() if msg.origin == self.name and msg.hops:
                 if rt.monitor is not None:
                     rt.monitor.returned(msg)
-            case Forward() | End() | Failure() | Probe():
+            case Forward() | ForwardBatch() | End() | Failure() | Probe():
                 self.actor.send(msg)
             case _:
                 log.debug("dropped_message", node=self.name, message=type(msg).__name__)
@@ -253,6 +253,7 @@ class Runtime:
                 self._sender(name),
                 self.executor,
                 self.config.cluster.request_timeout_s,
+                self.config.cluster.max_batch,
             )
             self.nodes[name] = node = LocalNode(self, self.config.node(name), actor)
             actor.start()

@@ -12,21 +12,50 @@ import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import mlx.core as mx
-from mlx_lm.sample_utils import make_logits_processors, make_sampler
+from mlx_lm.sample_utils import greedy_sampler, make_logits_processors, make_sampler
 
 from mlxring import wire
 from mlxring.actor import Actor
-from mlxring.messages import End, Failure, Forward, Message, Probe, SamplingParams, Token
+from mlxring.messages import (
+    End,
+    Failure,
+    Forward,
+    ForwardBatch,
+    Message,
+    Probe,
+    SamplingParams,
+    Tensor,
+    Token,
+)
 from mlxring.model import ShardModel
 
 Send = Callable[[Message], Awaitable[None]]
+T = TypeVar("T")
+
+
+def _rows(msg: Forward | ForwardBatch) -> int:
+    return len(msg.rows) if isinstance(msg, ForwardBatch) else 1
+
+
+def _array(h: mx.array | Tensor | None) -> mx.array:
+    if h is None:
+        raise StepError("a step reached a shard without activations")
+    return h if isinstance(h, mx.array) else wire.to_array(h)
 
 
 class StepError(Exception):
     """A step that cannot run (unknown request, bad input); fails only that request."""
+
+
+class BatchError(Exception):
+    """A batched step failed: every request in it fails."""
+
+    def __init__(self, rids: tuple[str, ...], message: str) -> None:
+        super().__init__(message)
+        self.rids = rids
 
 
 @dataclass(frozen=True)
@@ -82,6 +111,7 @@ class ShardActor(Actor[Message | Sweep | Reconfigure]):
         send_next: Send,
         executor: Executor,
         request_timeout_s: float = 600.0,
+        max_batch: int = 32,
     ) -> None:
         super().__init__(f"shard:{name}")
         self.node = name
@@ -89,9 +119,16 @@ class ShardActor(Actor[Message | Sweep | Reconfigure]):
         self.send_next = send_next
         self.executor = executor
         self.request_timeout_s = request_timeout_s
+        self.max_batch = max_batch
         self.requests: dict[str, RequestState] = {}
+        # The batch KV caches of the requests that last ran together (a "convoy": they keep
+        # arriving together, so the merged caches are reused step after step).
+        self._group_rids: tuple[str, ...] = ()
+        self._group: list[Any] = []
         self.busy_s = 0.0
         self.steps = 0
+        self.batches = 0  # forward passes that ran more than one request
+        self.batched_rows = 0
 
     async def handle(self, msg: Message | Sweep | Reconfigure) -> None:
         match msg:
@@ -99,11 +136,23 @@ class ShardActor(Actor[Message | Sweep | Reconfigure]):
                 if msg.model is not None:
                     self.model = msg.model
                 self.requests.clear()
-            case Forward():
+                self._group_rids, self._group = (), []
+            case Forward() | ForwardBatch():
+                parts: list[Forward | ForwardBatch] = [msg]
+                if self.max_batch > 1 and self._is_decode(msg):
+                    await asyncio.sleep(0)  # let the rest of a convoy reach the mailbox
+                    parts += self._take_decodes(_rows(msg))
                 loop = asyncio.get_running_loop()
-                out = await loop.run_in_executor(self.executor, self._timed_step, msg)
-                if out is not None:
-                    await self.send_next(out)
+                if len(parts) == 1 and isinstance(msg, Forward):
+                    out = await loop.run_in_executor(self.executor, self._timed, self.step, msg)
+                    if out is not None:
+                        await self.send_next(out)
+                else:
+                    outs = await loop.run_in_executor(
+                        self.executor, self._timed, self.step_batch, parts
+                    )
+                    for o in outs:
+                        await self.send_next(o)
             case End():
                 self.requests.pop(msg.rid, None)
                 if self.model is not None and not self.model.is_last:
@@ -128,17 +177,124 @@ class ShardActor(Actor[Message | Sweep | Reconfigure]):
                 self.log.warning("unexpected_message", message=type(msg).__name__)
 
     async def on_error(self, msg: Message | Sweep | Reconfigure, error: Exception) -> None:
-        if isinstance(msg, Forward):
-            self.requests.pop(msg.rid, None)
-            await self.send_next(Failure(msg.rid, f"{type(error).__name__}: {error}", self.node))
+        if isinstance(msg, Forward | ForwardBatch):
+            # A failed batch may have taken other requests' steps with it: fail them all.
+            self._group_rids, self._group = (), []
+            rids = [r.rid for r in msg.rows] if isinstance(msg, ForwardBatch) else [msg.rid]
+            if isinstance(error, BatchError):
+                rids = list(error.rids)
+            for rid in rids:
+                self.requests.pop(rid, None)
+                await self.send_next(Failure(rid, f"{type(error).__name__}: {error}", self.node))
 
-    def _timed_step(self, f: Forward) -> Message | None:
+    def _timed(self, fn: Callable[[Any], T], arg: Any) -> T:
         t0 = time.perf_counter()
         try:
-            return self.step(f)
+            return fn(arg)
         finally:
             self.busy_s += time.perf_counter() - t0
             self.steps += 1
+
+    # --- batching -------------------------------------------------------------------------
+
+    def _batchable(self, f: Forward) -> bool:
+        m = self.model
+        return (
+            m is not None
+            and f.sample
+            and len(f.tokens) == 1
+            and f.layer == m.start
+            and f.rid in self.requests
+        )
+
+    def _is_decode(self, msg: object) -> bool:
+        if isinstance(msg, Forward):
+            return self._batchable(msg)
+        if isinstance(msg, ForwardBatch):
+            return all(self._batchable(r) for r in msg.rows)
+        return False
+
+    def _take_decodes(self, rows: int) -> list[Forward | ForwardBatch]:
+        """The decode steps waiting right behind this one, up to max_batch rows in all."""
+        room = [self.max_batch - rows]
+
+        def wanted(m: object) -> bool:
+            if room[0] <= 0 or not self._is_decode(m):
+                return False
+            room[0] -= _rows(m)  # type: ignore[arg-type]
+            return room[0] >= 0
+
+        return cast(list[Forward | ForwardBatch], self.take_while(wanted, self.max_batch))
+
+    def _batch_caches(self, rids: tuple[str, ...]) -> list[Any]:
+        if rids != self._group_rids:
+            self._dissolve()
+            per_request = [self.requests[r].caches for r in rids]
+            self._group = [
+                per_request[0][i].merge([c[i] for c in per_request])
+                for i in range(len(per_request[0]))
+            ]
+            self._group_rids = rids
+        return self._group
+
+    def _dissolve(self) -> None:
+        """Give each request of the last batch its own caches back."""
+        for j, rid in enumerate(self._group_rids):
+            st = self.requests.get(rid)
+            if st is not None:
+                st.caches = [c.extract(j) for c in self._group]
+        self._group_rids, self._group = (), []
+
+    def step_batch(self, parts: list[Forward | ForwardBatch]) -> list[Message]:
+        """Decode steps of several requests as one forward pass (runs on the compute thread)."""
+        model = self.model
+        assert model is not None
+        rows = [r for p in parts for r in (p.rows if isinstance(p, ForwardBatch) else (p,))]
+        rids = tuple(r.rid for r in rows)
+        self.batches += 1
+        self.batched_rows += len(rows)
+        if len(set(rids)) != len(rids):
+            raise BatchError(rids, "a batch holds two steps of one request")
+        try:
+            if model.is_first:
+                x = mx.array([[r.tokens[0]] for r in rows], dtype=mx.uint32)
+            else:
+                hs = [_array(p.h) for p in parts]
+                x = hs[0] if len(hs) == 1 else mx.concatenate(hs, axis=0)
+            now = time.monotonic()
+            for rid in rids:
+                self.requests[rid].last_used = now
+            h = model(x, self._batch_caches(rids))
+            if not model.is_last:
+                mx.eval(h)
+                out = tuple(
+                    Forward(r.rid, r.seq, r.tokens, r.sample, layer=model.end, sent=r.sent)
+                    for r in rows
+                )
+                return [ForwardBatch(out, h)]
+            return self._sample_batch(rows, model.logits(h))
+        except BatchError:
+            raise
+        except Exception as e:
+            raise BatchError(rids, f"{type(e).__name__}: {e}") from e
+
+    def _sample_batch(self, rows: list[Forward], logits: mx.array) -> list[Message]:
+        states = [self.requests[r.rid] for r in rows]
+        for r, st in zip(rows, states, strict=True):
+            if st.processors:
+                toks = mx.array(list(r.tokens), dtype=mx.uint32)
+                st.history = toks if st.history is None else mx.concatenate([st.history, toks])
+        if all(
+            st.sampler is greedy_sampler and not st.processors and st.logprobs is None
+            for st in states
+        ):
+            logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+            tokens = cast(list[int], mx.argmax(logprobs, axis=-1).tolist())
+            return [Token(r.rid, r.seq, t) for r, t in zip(rows, tokens, strict=True)]
+        return [
+            self._sample(r, st, logits[i : i + 1])
+            for i, (r, st) in enumerate(zip(rows, states, strict=True))
+        ]
 
     def step(self, f: Forward) -> Message | None:
         """One request step through this shard's layers (runs on the compute thread)."""
@@ -150,6 +306,8 @@ class ShardActor(Actor[Message | Sweep | Reconfigure]):
                 f"step {f.seq} of {f.rid} is for layer {f.layer} but {self.node} holds "
                 f"[{model.start}, {model.end}) (the ring re-planned)"
             )
+        if f.rid in self._group_rids:
+            self._dissolve()
         st = self.requests.get(f.rid)
         if st is None:
             if f.seq != 0:
@@ -161,7 +319,7 @@ class ShardActor(Actor[Message | Sweep | Reconfigure]):
         else:
             if f.h is None:
                 raise StepError(f"step {f.seq} of {f.rid} reached {self.node} without activations")
-            x = f.h if isinstance(f.h, mx.array) else wire.to_array(f.h)
+            x = _array(f.h)
         h = model(x, st.caches)
         if not model.is_last:
             mx.eval(h)

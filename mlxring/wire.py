@@ -21,6 +21,7 @@ from mlxring.messages import (
     End,
     Failure,
     Forward,
+    ForwardBatch,
     Hello,
     Message,
     Ping,
@@ -108,6 +109,8 @@ def _to_map(msg: Message) -> dict[str, Any]:
             if msg.params is not None:
                 m["params"] = _params_map(msg.params)
             return m
+        case ForwardBatch():
+            return {"type": "fwdb", "rows": [_to_map(r) for r in msg.rows]}
         case Token():
             return {
                 "type": "tok",
@@ -151,7 +154,7 @@ def encode(msg: Message) -> list[bytes | memoryview]:
     m = _to_map(msg)
     packer = msgpack.Packer()
     payload: memoryview | None = None
-    if isinstance(msg, Forward) and msg.h is not None:
+    if isinstance(msg, Forward | ForwardBatch) and msg.h is not None:
         if isinstance(msg.h, Tensor):  # relayed as received, never made into an array
             dtype, shape, payload = msg.h.dtype, msg.h.shape, memoryview(msg.h.data)
         else:
@@ -290,6 +293,16 @@ def _forward(m: dict[str, Any]) -> Forward:
     )
 
 
+def _forward_batch(m: dict[str, Any]) -> ForwardBatch:
+    rows = _get(m, "rows", list)
+    if not rows or not all(isinstance(r, dict) and r.get("type") == "fwd" for r in rows):
+        raise FrameError("fwdb frame: rows must be a non-empty list of fwd maps")
+    h = _tensor(m)
+    if h is not None and (len(h.shape) != 3 or h.shape[0] != len(rows)):
+        raise FrameError(f"fwdb frame: {len(rows)} rows but a tensor of shape {list(h.shape)}")
+    return ForwardBatch(tuple(_forward(r) for r in rows), h)
+
+
 def _token(m: dict[str, Any]) -> Token:
     return Token(
         rid=_get(m, "rid", str),
@@ -302,6 +315,7 @@ def _token(m: dict[str, Any]) -> Token:
 
 _DECODERS: dict[str, Callable[[dict[str, Any]], Message]] = {
     "fwd": _forward,
+    "fwdb": _forward_batch,
     "tok": _token,
     "end": lambda m: End(rid=_get(m, "rid", str), reason=_get(m, "reason", str)),
     "fail": lambda m: Failure(

@@ -1,0 +1,303 @@
+"""`mlxring bench`: the ring against single-process mlx-lm, on the same weights in the same run.
+
+Measures mlx-lm (`stream_generate`, whole model in this process) first, frees it, then starts
+(`--nodes N` local node processes) or attaches to (`--config`) a ring and drives it through its
+OpenAI API with streaming requests: prefill tok/s, decode tok/s, time to first token, per-hop
+latency (the head's ring probes), and aggregate decode tok/s at several concurrencies.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from mlxring.config import Config, load_config
+from mlxring.source import cache_dir
+
+
+@dataclass(frozen=True)
+class StreamResult:
+    ttft_s: float
+    tokens: int
+    decode_s: float  # first token to last token
+
+
+def progress(msg: str) -> None:
+    if sys.stderr.isatty():
+        sys.stderr.write(f"\r\x1b[2K{msg}")
+        sys.stderr.flush()
+
+
+def bench_model(args: argparse.Namespace) -> Path:
+    if args.model:
+        return Path(args.model)
+    from mlxring.makemodel import make_model
+
+    q = f"-q{args.quantize}" if args.quantize else ""
+    path = cache_dir() / f"bench-{args.family}-{args.preset}{q}"
+    if not (path / "config.json").exists():
+        progress(f"making a {args.preset} {args.family} model in {path} ...")
+        make_model(path, family=args.family, preset=args.preset, quantize=args.quantize)
+    return path
+
+
+def make_prompt(model: Path, n: int) -> list[int]:
+    """`n` token ids of ordinary text (no special tokens), the same every run."""
+    from mlx_lm.utils import load_tokenizer
+
+    tok = load_tokenizer(model)
+    text = (Path(__file__).parent / "data" / "corpus.txt").read_text()
+    ids = list(tok.encode(text))
+    while len(ids) < n:
+        ids += ids
+    return ids[:n]
+
+
+def baseline(model: Path, prompt: list[int], gen_tokens: int) -> dict[str, float]:
+    """mlx-lm alone: prefill tok/s of the prompt and decode tok/s of `gen_tokens`."""
+    import mlx.core as mx
+    import mlx_lm
+
+    m, tok = mlx_lm.load(str(model))[:2]
+    for _ in mlx_lm.stream_generate(m, tok, prompt[:16], max_tokens=4):  # warm-up
+        pass
+    prefill, decode = [], []
+    for _ in range(2):
+        last = None
+        for r in mlx_lm.stream_generate(m, tok, prompt, max_tokens=gen_tokens):
+            last = r
+        assert last is not None
+        prefill.append(last.prompt_tps)
+        decode.append(last.generation_tps)
+    del m
+    gc.collect()
+    mx.clear_cache()
+    return {"baseline_prefill_tok_s": max(prefill), "baseline_decode_tok_s": max(decode)}
+
+
+async def stream_completion(
+    session: aiohttp.ClientSession,
+    url: str,
+    prompt: list[int],
+    max_tokens: int,
+    api_key: str = "",
+) -> StreamResult:
+    body = {
+        "prompt": prompt,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": True,
+        "ignore_eos": True,
+    }
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    t0 = time.perf_counter()
+    first = last = 0.0
+    n = 0
+    async with session.post(f"{url}/v1/completions", json=body, headers=headers) as resp:
+        if resp.status != 200:
+            raise RuntimeError(f"completion failed: {resp.status} {await resp.text()}")
+        async for raw in resp.content:
+            line = raw.strip()
+            if not line.startswith(b"data: ") or line == b"data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if "error" in chunk:
+                raise RuntimeError(f"stream failed: {chunk['error']}")
+            if not chunk.get("choices"):
+                continue
+            now = time.perf_counter()
+            if n == 0:
+                first = now
+            last = now
+            n += 1
+    return StreamResult(first - t0, n, last - first)
+
+
+def pct(xs: Sequence[float], p: float) -> float:
+    s = sorted(xs)
+    return s[min(len(s) - 1, int(p / 100 * len(s)))] if s else 0.0
+
+
+async def ring_bench(
+    url: str, prompt: list[int], gen_tokens: int, levels: list[int], api_key: str
+) -> dict[str, Any]:
+    timeout = aiohttp.ClientTimeout(total=3600, sock_read=600)
+    async with aiohttp.ClientSession(timeout=timeout) as s:
+        await stream_completion(s, url, prompt[:16], 4, api_key)  # warm-up
+        progress("ring: prefill and time to first token ...")
+        prefill = [await stream_completion(s, url, prompt, 1, api_key) for _ in range(2)]
+        ttft = min(r.ttft_s for r in prefill)
+        progress("ring: single-stream decode ...")
+        single = [await stream_completion(s, url, prompt, gen_tokens, api_key) for _ in range(2)]
+        decode = max((r.tokens - 1) / r.decode_s for r in single if r.decode_s > 0)
+        aggregate = {}
+        for c in levels:
+            progress(f"ring: {c} concurrent streams ...")
+            t0 = time.perf_counter()
+            rs = await asyncio.gather(
+                *(
+                    stream_completion(
+                        s, url, prompt[: max(16, len(prompt) // 4)], gen_tokens, api_key
+                    )
+                    for _ in range(c)
+                )
+            )
+            aggregate[str(c)] = sum(r.tokens for r in rs) / (time.perf_counter() - t0)
+        await asyncio.sleep(2.0)  # let idle probes measure the hops
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        async with s.get(f"{url}/cluster/status", headers=headers) as resp:
+            status = await resp.json()
+    hops = [h * 1e6 for h in status.get("hop_samples_s", [])]
+    return {
+        "ring_prefill_tok_s": len(prompt) / ttft,
+        "ring_decode_tok_s": decode,
+        "ttft_s": ttft,
+        "hop_us_p50": pct(hops, 50),
+        "hop_us_p99": pct(hops, 99),
+        "aggregate_tok_s": aggregate,
+    }
+
+
+def spawn_ring(
+    model: Path, n: int, prefill_chunk: int, work: Path
+) -> tuple[Config, list[subprocess.Popen[bytes]]]:
+    lines = [
+        "[cluster]",
+        'name = "bench"',
+        f'model = "{model}"',
+        'strategy = "uniform"',
+        f"prefill_chunk = {prefill_chunk}",
+        "heartbeat_s = 0.2",
+        "down_after_s = 10.0",
+        "[api]",
+        'host = "127.0.0.1"',
+        "max_concurrent = 256",
+    ]
+    for i in range(n):
+        lines += [
+            "[[nodes]]",
+            f'name = "b{i}"',
+            'host = "127.0.0.1"',
+            f"port = {47400 + i}",
+            f"api_port = {47500 + i}",
+        ]
+    path = work / "nodes.toml"
+    path.write_text("\n".join(lines) + "\n")
+    config = load_config(path)
+    procs = []
+    for i in range(n):
+        log = open(work / f"b{i}.log", "wb")  # noqa: SIM115 - lives as long as the process
+        procs.append(
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "mlxring",
+                    "node",
+                    "--config",
+                    str(path),
+                    "--name",
+                    f"b{i}",
+                    "--log-json",
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
+        )
+    return config, procs
+
+
+async def wait_healthy(url: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    async with aiohttp.ClientSession() as s:
+        while time.monotonic() < deadline:
+            try:
+                async with s.get(f"{url}/health") as r:
+                    if r.status == 200:
+                        return
+            except aiohttp.ClientError:
+                pass
+            await asyncio.sleep(0.2)
+    raise TimeoutError(f"the ring at {url} did not become healthy in {timeout:g} s")
+
+
+def head_url(config: Config) -> str:
+    head = config.nodes[0]
+    host = head.host or "127.0.0.1"
+    return f"http://{host}:{config.api_port(head.name)}"
+
+
+def run(args: argparse.Namespace) -> int:
+    levels = [int(c) for c in str(args.concurrency).split(",") if c.strip()]
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        if args.config:
+            config = load_config(args.config)
+            model = Path(args.model) if args.model else None
+            api_key = config.api.api_key
+        else:
+            model = bench_model(args)
+            api_key = ""
+        out: dict[str, Any] = {
+            "nodes": args.nodes if not args.config else len(config.nodes),
+            "prompt_tokens": args.prompt_tokens,
+            "gen_tokens": args.gen_tokens,
+        }
+        if model is not None:
+            out["model"] = str(model)
+            prompt = make_prompt(model, args.prompt_tokens)
+            progress("baseline: single-process mlx-lm ...")
+            out.update(baseline(model, prompt, args.gen_tokens))
+        else:
+            prompt = list(range(100, 100 + args.prompt_tokens))
+        if not args.config:
+            assert model is not None
+            work = Path(tempfile.mkdtemp(prefix="mlxring-bench-"))
+            config, procs = spawn_ring(model, args.nodes, args.prefill_chunk, work)
+            out["logs"] = str(work)
+        url = head_url(config)
+        progress(f"waiting for the ring at {url} ...")
+        asyncio.run(wait_healthy(url, 600))
+        out.update(asyncio.run(ring_bench(url, prompt, args.gen_tokens, levels, api_key)))
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+    if "baseline_decode_tok_s" in out:
+        out["decode_ratio"] = out["ring_decode_tok_s"] / out["baseline_decode_tok_s"]
+        out["prefill_ratio"] = out["ring_prefill_tok_s"] / out["baseline_prefill_tok_s"]
+    progress("")
+    if args.json:
+        print(json.dumps(out))
+    else:
+        print_table(out)
+    return 0
+
+
+def print_table(out: dict[str, Any]) -> None:
+    def row(k: str, v: Any) -> None:
+        print(f"{k:>24}  {v:.2f}" if isinstance(v, float) else f"{k:>24}  {v}")
+
+    for k, v in out.items():
+        if k == "aggregate_tok_s":
+            for c, t in v.items():
+                row(f"aggregate_tok_s@{c}", t)
+        else:
+            row(k, v)
