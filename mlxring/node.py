@@ -12,6 +12,7 @@ comes back around the new ring. Messages between two nodes of one process skip t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -23,8 +24,9 @@ import structlog
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_lm.utils import load_config, load_tokenizer
 
-from mlxring import source
+from mlxring import device, source
 from mlxring.config import Config, NodeConfig
+from mlxring.discovery import Discovery, PeerInfo
 from mlxring.engine import Engine
 from mlxring.link import LinkError, LinkSettings, Listener, Peer
 from mlxring.messages import End, Failure, Forward, ForwardBatch, Message, Probe, Token
@@ -210,6 +212,8 @@ class Runtime:
         self._tasks: list[asyncio.Task[None]] = []
         self._changed = asyncio.Event()
         self._replanning = asyncio.Lock()
+        self.facts = device.detect()
+        self.discovery: Discovery | None = None
 
     # --- views ----------------------------------------------------------------------------
 
@@ -246,6 +250,8 @@ class Runtime:
         sizes = await loop.run_in_executor(None, source.tensor_sizes, spec, meta)
         self.info = model_info(self.model_config, sizes)
         self.tokenizer = load_tokenizer(meta, eos_token_ids=self.model_config.get("eos_token_id"))
+        if self._needs_discovery():
+            await self._start_discovery()
         for name in self.names:
             actor = ShardActor(
                 name,
@@ -278,12 +284,69 @@ class Runtime:
             )
         while time.monotonic() < deadline and len(self.live()) < len(self.config.nodes):
             await asyncio.sleep(0.05)
+        if self.discovery is not None:  # the plan may need what the others advertise
+            remote = [n for n in self.live() if n not in self.nodes]
+            with contextlib.suppress(TimeoutError):
+                await self.discovery.wait_for(remote, self.config.cluster.down_after_s)
         await self._apply(self.live())
         self._tasks.append(loop.create_task(self._watch_membership(), name="membership"))
         self._tasks.append(loop.create_task(self._sweep(), name="sweep"))
 
     def _address(self, n: NodeConfig) -> Callable[[], tuple[str, int] | None]:
-        return lambda: (n.host, n.port) if n.host else None
+        def address() -> tuple[str, int] | None:
+            if n.host:
+                return n.host, n.port
+            found = self.discovery.lookup(n.name) if self.discovery is not None else None
+            return (found.address, found.ring_port) if found is not None else None
+
+        return address
+
+    def address_of(self, name: str) -> str | None:
+        """A node's IPv4: from nodes.toml, or as zeroconf found it."""
+        host = self.config.node(name).host
+        if host is None and self.discovery is not None:
+            found = self.discovery.lookup(name)
+            host = found.address if found is not None else None
+        return host
+
+    def memory_of(self, name: str) -> int | None:
+        """A node's memory for planning: nodes.toml's memory_gb, else what it reports."""
+        configured = self.config.node(name).memory_bytes
+        if configured is not None:
+            return configured
+        if name in self.nodes:
+            return self.facts.total_memory_bytes
+        found = self.discovery.lookup(name) if self.discovery is not None else None
+        return found.memory_bytes if found is not None else None
+
+    def _needs_discovery(self) -> bool:
+        """Zeroconf runs when a node has no host, or when planning needs remote memory."""
+        remote = [n for n in self.config.nodes if n.name not in self.names]
+        return any(n.host is None for n in self.config.nodes) or (
+            self.config.cluster.strategy == "memory" and any(n.memory_bytes is None for n in remote)
+        )
+
+    async def _start_discovery(self) -> None:
+        self.discovery = Discovery(self.config.cluster.name, self.config.cluster.interfaces)
+        await self.discovery.start()
+        facts = self.facts
+        await asyncio.gather(
+            *(
+                self.discovery.advertise(
+                    PeerInfo(
+                        name=n,
+                        cluster=self.config.cluster.name,
+                        address=self.config.node(n).host or self.discovery.addresses[0],
+                        ring_port=self.config.node(n).port,
+                        api_port=self.config.api_port(n),
+                        memory_bytes=self.memory_of(n),
+                        chip=facts.chip,
+                        gpu_cores=facts.gpu_cores,
+                    )
+                )
+                for n in self.names
+            )
+        )
 
     async def stop(self) -> None:
         for t in self._tasks:
@@ -292,6 +355,8 @@ class Runtime:
             self.monitor.stop()
         for p in self.peers.values():
             await p.stop()
+        if self.discovery is not None:
+            await self.discovery.stop()
         for node in self.nodes.values():
             await node.listener.stop()
             await node.actor.stop()
@@ -367,7 +432,8 @@ class Runtime:
             old = self.layout
             self.members = live
             try:
-                self.plan = make_plan(self.config, self.info, live)
+                memory = {n: m for n in live if (m := self.memory_of(n)) is not None}
+                self.plan = make_plan(self.config, self.info, live, memory)
             except PlanError as e:
                 self.plan = []
                 self.members = ()

@@ -95,6 +95,8 @@ async def test_concurrent_requests_do_not_mix_caches(tmp_path: Path) -> None:
         await asyncio.sleep(0.05)  # End messages travel the ring after the last token
         for node in rt.nodes.values():
             assert node.actor.requests == {}, f"{node.name} still holds caches"
+        # The decode steps of concurrent requests really ran as batched forward passes.
+        assert all(node.actor.batches > 0 for node in rt.nodes.values())
 
 
 @pytest.mark.parametrize("quantize", [None, 4])

@@ -1,0 +1,84 @@
+"""Three "hosts" in network namespaces on one bridge, a nodes.toml with no addresses: the ring
+forms through zeroconf multicast and generates mlx-lm's exact greedy output."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from .netns import Netns, skip_reason
+from .ringutil import ROOT, encode, reference, tiny_model
+
+HEAD = """
+import asyncio, json, sys
+from mlxring.log import setup_logging
+from tests.ringutil import local_ring, ring_tokens
+
+setup_logging(json_logs=True)
+
+async def main():
+    async with local_ring(sys.argv[1], ["n0"]) as rt:
+        tokens = await ring_tokens(rt, json.loads(sys.argv[2]), 32)
+        hosts = {n: rt.address_of(n) for n in rt.config.names}
+        print(json.dumps({"tokens": tokens, "hosts": hosts, "plan": rt.plan}))
+
+asyncio.run(main())
+"""
+
+
+def test_ring_forms_through_zeroconf_in_namespaces(tmp_path: Path) -> None:
+    reason = skip_reason()
+    if reason:
+        pytest.skip(reason)
+    model = tiny_model("qwen3")
+    prompt = encode(model, "Found by multicast, linked by IP.")
+    want = reference(model, prompt, 32)
+    cfg = tmp_path / "nodes.toml"
+    cfg.write_text(
+        "\n".join(
+            [
+                "[cluster]",
+                'name = "nsring"',
+                f'model = "{model}"',
+                'strategy = "uniform"',
+                "[api]",
+                'host = "0.0.0.0"',
+                *(f'[[nodes]]\nname = "n{i}"\nport = 5300\napi_port = 8300' for i in range(3)),
+            ]
+        )
+        + "\n"
+    )
+    with Netns(3) as net:
+        for i in (1, 2):
+            log = open(tmp_path / f"n{i}.log", "wb")  # noqa: SIM115 - closed with the harness
+            net.popen(
+                i,
+                [
+                    sys.executable,
+                    "-m",
+                    "mlxring",
+                    "node",
+                    "--config",
+                    str(cfg),
+                    "--name",
+                    f"n{i}",
+                    "--log-json",
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                cwd=ROOT,
+            )
+        head = net.run(
+            0, [sys.executable, "-c", HEAD, str(cfg), json.dumps(prompt)], timeout=120, cwd=ROOT
+        )
+        assert head.returncode == 0, head.stderr[-3000:]
+        out = json.loads(head.stdout.strip().splitlines()[-1])
+        addresses = [h.address for h in net.hosts]
+    assert out["hosts"] == {f"n{i}": addresses[i] for i in range(3)}
+    assert out["plan"] == [[0, 3], [3, 5], [5, 7]]
+    assert out["tokens"] == want
