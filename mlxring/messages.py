@@ -127,13 +127,27 @@ class Failure:
 
 
 @dataclass(frozen=True)
+class NodeStats:
+    """What a node reports of itself as a probe passes: memory and how busy its shard is."""
+
+    name: str
+    active_bytes: int  # MLX memory in use (weights + KV caches + buffers)
+    peak_bytes: int
+    total_bytes: int  # the machine's memory
+    busy_s: float  # compute time of its shard since start
+    steps: int
+    requests: int  # requests holding KV caches there
+
+
+@dataclass(frozen=True)
 class Probe:
-    """Sent by the head around the ring: each shard adds (node, start, end); its return proves
-    the whole ring is up and shows the live layout."""
+    """Sent by the head around the ring: each shard adds (node, start, end) and its stats; its
+    return proves the whole ring is up and shows the live layout."""
 
     origin: str
     sent: float
     hops: tuple[tuple[str, int, int], ...] = ()
+    stats: tuple[NodeStats, ...] = ()
 
 
 Message = Hello | Proof | Ping | Pong | Forward | ForwardBatch | Token | End | Failure | Probe

@@ -29,7 +29,16 @@ from mlxring.config import Config, NodeConfig
 from mlxring.discovery import Discovery, PeerInfo
 from mlxring.engine import Engine
 from mlxring.link import LinkError, LinkSettings, Listener, Peer
-from mlxring.messages import End, Failure, Forward, ForwardBatch, Message, Probe, Token
+from mlxring.messages import (
+    End,
+    Failure,
+    Forward,
+    ForwardBatch,
+    Message,
+    NodeStats,
+    Probe,
+    Token,
+)
 from mlxring.model import ModelInfo, load_shard, model_info
 from mlxring.plan import ModelFootprint, Plan, PlanError, PlanNode, plan_layers
 from mlxring.shard import Reconfigure, ShardActor, Sweep
@@ -110,6 +119,7 @@ class RingMonitor:
         self._on_down = on_down
         self.view = RingView(False, "the ring has not formed yet", (), 0.0, 0.0)
         self.hop_samples: list[float] = []
+        self.stats: dict[str, NodeStats] = {}  # each node's report from the last probe
         self._last_return = 0.0
         self._task: asyncio.Task[None] | None = None
 
@@ -132,6 +142,7 @@ class RingMonitor:
             )
             return
         self._last_return = now
+        self.stats = {s.name: s for s in probe.stats}
         hop_s = (now - probe.sent) / max(1, len(probe.hops))
         self.hop_samples.append(hop_s)
         del self.hop_samples[:-512]
@@ -260,6 +271,7 @@ class Runtime:
                 self.executor,
                 self.config.cluster.request_timeout_s,
                 self.config.cluster.max_batch,
+                self.facts.total_memory_bytes,
             )
             self.nodes[name] = node = LocalNode(self, self.config.node(name), actor)
             actor.start()

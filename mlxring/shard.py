@@ -25,6 +25,7 @@ from mlxring.messages import (
     Forward,
     ForwardBatch,
     Message,
+    NodeStats,
     Probe,
     SamplingParams,
     Tensor,
@@ -112,6 +113,7 @@ class ShardActor(Actor[Message | Sweep | Reconfigure]):
         executor: Executor,
         request_timeout_s: float = 600.0,
         max_batch: int = 32,
+        total_memory: int = 0,
     ) -> None:
         super().__init__(f"shard:{name}")
         self.node = name
@@ -120,6 +122,7 @@ class ShardActor(Actor[Message | Sweep | Reconfigure]):
         self.executor = executor
         self.request_timeout_s = request_timeout_s
         self.max_batch = max_batch
+        self.total_memory = total_memory
         self.requests: dict[str, RequestState] = {}
         # The batch KV caches of the requests that last ran together (a "convoy": they keep
         # arriving together, so the merged caches are reused step after step).
@@ -163,7 +166,18 @@ class ShardActor(Actor[Message | Sweep | Reconfigure]):
             case Probe():
                 m = self.model
                 here = (self.node, m.start, m.end) if m is not None else (self.node, -1, -1)
-                await self.send_next(Probe(msg.origin, msg.sent, (*msg.hops, here)))
+                stats = NodeStats(
+                    self.node,
+                    mx.get_active_memory(),
+                    mx.get_peak_memory(),
+                    self.total_memory,
+                    self.busy_s,
+                    self.steps,
+                    len(self.requests),
+                )
+                await self.send_next(
+                    Probe(msg.origin, msg.sent, (*msg.hops, here), (*msg.stats, stats))
+                )
             case Sweep():
                 stale = [
                     rid

@@ -24,6 +24,7 @@ from mlxring.messages import (
     ForwardBatch,
     Hello,
     Message,
+    NodeStats,
     Ping,
     Pong,
     Probe,
@@ -145,6 +146,18 @@ def _to_map(msg: Message) -> dict[str, Any]:
                 "origin": msg.origin,
                 "sent": msg.sent,
                 "hops": [list(h) for h in msg.hops],
+                "stats": [
+                    [
+                        s.name,
+                        s.active_bytes,
+                        s.peak_bytes,
+                        s.total_bytes,
+                        s.busy_s,
+                        s.steps,
+                        s.requests,
+                    ]
+                    for s in msg.stats
+                ],
             }
     raise FrameError(f"cannot encode {type(msg).__name__}")
 
@@ -332,9 +345,27 @@ _DECODERS: dict[str, Callable[[dict[str, Any]], Message]] = {
     ),
     "proof": lambda m: Proof(proof=_get(m, "proof", bytes)),
     "probe": lambda m: Probe(
-        origin=_get(m, "origin", str), sent=float(_get(m, "sent", _NUM)), hops=_hops(m)
+        origin=_get(m, "origin", str),
+        sent=float(_get(m, "sent", _NUM)),
+        hops=_hops(m),
+        stats=_stats(m),
     ),
 }
+
+
+def _stats(m: dict[str, Any]) -> tuple[NodeStats, ...]:
+    out = []
+    for s in _get(m, "stats", list):
+        if (
+            not isinstance(s, list)
+            or len(s) != 7
+            or not isinstance(s[0], str)
+            or not all(isinstance(x, int) and not isinstance(x, bool) for x in (*s[1:4], *s[5:]))
+            or not isinstance(s[4], _NUM)
+        ):
+            raise FrameError("probe frame: bad node stats")
+        out.append(NodeStats(s[0], s[1], s[2], s[3], float(s[4]), s[5], s[6]))
+    return tuple(out)
 
 
 def _hops(m: dict[str, Any]) -> tuple[tuple[str, int, int], ...]:
