@@ -230,3 +230,43 @@ async def wait_for(predicate, timeout: float = 30.0, interval: float = 0.05) -> 
             return
         await asyncio.sleep(interval)
     raise AssertionError("condition not met in time")
+
+
+@contextlib.asynccontextmanager
+async def serve_api(rt: Runtime) -> AsyncIterator[str]:
+    """The HTTP API of this process's nodes; yields the base URL of the first node's API."""
+    from mlxring.api import start_api
+
+    runners = await start_api(rt)
+    try:
+        yield f"http://127.0.0.1:{rt.config.api_port(rt.names[0])}"
+    finally:
+        for r in runners:
+            await r.cleanup()
+
+
+def chat_ids(model: Path, messages: list[dict[str, str]]) -> list[int]:
+    """The oracle's chat prompt: mlx-lm's tokenizer applying the model's chat template."""
+    _, tok = _loaded(model)
+    return list(tok.apply_chat_template(messages, add_generation_prompt=True))  # type: ignore[attr-defined]
+
+
+def decode(model: Path, ids: Sequence[int]) -> str:
+    _, tok = _loaded(model)
+    return str(tok.decode(list(ids)))  # type: ignore[attr-defined]
+
+
+def write_valid_config(directory: Path, model: Path | str, n_nodes: int, **kw: object) -> Path:
+    """write_config, drawing the free ports again when two of them happen to coincide (the OS
+    may hand out a just-released port twice)."""
+    from mlxring.config import ConfigError
+
+    for _ in range(10):
+        path = write_config(directory, model, n_nodes, **kw)  # type: ignore[arg-type]
+        try:
+            load_config(path)
+            return path
+        except ConfigError as e:
+            if "already" not in str(e):
+                raise
+    raise AssertionError("no distinct free ports after 10 tries")
