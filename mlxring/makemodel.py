@@ -26,7 +26,7 @@ import zlib
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -119,7 +119,7 @@ PRESETS: dict[str, Preset] = {
         rope_theta=10000.0,
         rms_norm_eps=1e-6,
         tie=None,
-        scale=2.0,
+        scale=3.0,
     ),
     # Tens of MB: big enough that compute shows up in CPU benchmarks, small enough to run in
     # seconds.
@@ -136,7 +136,7 @@ PRESETS: dict[str, Preset] = {
         rope_theta=10000.0,
         rms_norm_eps=1e-6,
         tie=None,
-        scale=2.0,
+        scale=3.0,
     ),
     # The real Qwen3-1.7B shapes; the tokenizer is ours, so ids >= 2048 are never produced
     # by encoding but the embedding and head keep the true size.
@@ -153,7 +153,7 @@ PRESETS: dict[str, Preset] = {
         rope_theta=1000000.0,
         rms_norm_eps=1e-6,
         tie=True,
-        scale=2.0,
+        scale=3.0,
     ),
 }
 
@@ -267,31 +267,36 @@ def _normal(rng: np.random.Generator, shape: tuple[int, ...], std: float) -> mx.
 
 
 def _init_tensor(
-    name: str, shape: tuple[int, ...], seed: int, scale: float, n_special: int
+    name: str, shape: tuple[int, ...], seed: int, scale: float, n_special: int, n_tokens: int
 ) -> mx.array:
     """One parameter, from its own stream so names, not visiting order, fix the values.
 
     Matrices are N(0, scale / sqrt(fan_in)): with scale > 1 each block writes more into the
     residual stream than the embedding holds, so the output depends on the whole context
-    instead of echoing the last token. Norm scales are ones, as a fresh mlx-lm model has.
+    instead of echoing the last token (at scale <= 1 a tied model just repeats its input).
+    Layer norm scales are ones, as in a fresh mlx-lm model.
     """
+    if name.endswith(("q_norm.weight", "k_norm.weight")):
+        # qwen3 normalises q and k per head, which would cap attention logits near 1 and blur
+        # attention into an average; a gain of `scale` makes it as sharp as in qwen2/llama.
+        return mx.full(shape, scale, dtype=mx.bfloat16)
     if name.endswith("norm.weight"):
         return mx.ones(shape, dtype=mx.bfloat16)
     rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
     if name.endswith(".bias"):
         return _normal(rng, shape, 0.1 * scale)
-    if name.endswith("embed_tokens.weight"):
-        import os
-
-        w = _normal(rng, shape, float(os.environ.get("EMB", "1.0")))
-    elif name.endswith("lm_head.weight"):
+    if name.endswith(("embed_tokens.weight", "lm_head.weight")):
         w = _normal(rng, shape, 1.0)
     else:
         return _normal(rng, shape, scale / math.sqrt(shape[-1]))
-    # Shrink the special tokens' rows (input and output side) so <|im_end|> and friends are
-    # rarely the argmax of a random head; generation is then not cut short by EOS.
-    rows = mx.arange(shape[0])[:, None] < n_special
-    return mx.where(rows, w * 0.25, w).astype(mx.bfloat16)
+    # Shrink the rows of the special tokens, so a random head rarely picks <|im_end|> and cuts
+    # generation short, and of ids past the tokenizer (qwen3-1.7b's 151936-row head over our
+    # small tokenizer), so generated ids almost always decode to text.
+    ids = mx.arange(shape[0])[:, None]
+    rows = (ids < n_special) | (ids >= n_tokens)
+    w = mx.where(rows, w * 0.25, w).astype(mx.bfloat16)
+    mx.eval(w)
+    return w
 
 
 def make_model(
@@ -330,9 +335,9 @@ def make_model(
 
     model = _build_module(config, fam)
     # The module's own random init is lazy and is replaced before it is ever evaluated.
-    shapes = tree_flatten(model.parameters())
+    shapes = cast(list[tuple[str, mx.array]], tree_flatten(model.parameters()))
     params = [
-        (name, _init_tensor(name, tuple(arr.shape), seed, gain, len(SPECIAL_TOKENS)))
+        (name, _init_tensor(name, tuple(arr.shape), seed, gain, len(SPECIAL_TOKENS), tok_size))
         for name, arr in shapes
     ]
     model.update(tree_unflatten(params))
