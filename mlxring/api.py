@@ -183,6 +183,8 @@ class GenerationRequest:
     messages: tuple[ChatMessage, ...] = ()  # chat
     prompt_text: str | None = None  # completion, as text
     prompt_ids: tuple[int, ...] | None = None  # completion, as token ids
+    # Extension (as in vLLM): keep generating past EOS, for benchmarks of fixed length.
+    ignore_eos: bool = False
 
     @property
     def prompt_param(self) -> str:
@@ -520,6 +522,7 @@ def parse_generation(kind: Kind, data: dict[str, Any], vocab_size: int) -> Gener
         messages=messages,
         prompt_text=text,
         prompt_ids=ids,
+        ignore_eos=bool(f.boolean("ignore_eos")),
     )
 
 
@@ -1021,7 +1024,7 @@ async def _pieces(
     n = 0
     gen = cast(
         AsyncGenerator[GeneratedToken, None],
-        engine.generate(ids, req.params, max_tokens, rid=rid),
+        engine.generate(ids, req.params, max_tokens, rid=rid, ignore_eos=req.ignore_eos),
     )
     # Leaving this block early (stop string, client gone, error) closes the engine's generator,
     # which sends End(rid) and frees the request's caches on every shard.

@@ -71,6 +71,7 @@ class Engine:
         max_tokens: int = 256,
         stop_token_ids: Iterable[int] = (),
         rid: str | None = None,
+        ignore_eos: bool = False,
     ) -> AsyncIterator[GeneratedToken]:
         if not prompt:
             raise ValueError("the prompt has no tokens")
@@ -78,7 +79,7 @@ class Engine:
             return
         rid = rid or uuid.uuid4().hex[:16]
         params = params or SamplingParams()
-        stops = self.eos_token_ids | frozenset(stop_token_ids)
+        stops = frozenset(stop_token_ids) | (frozenset() if ignore_eos else self.eos_token_ids)
         q: asyncio.Queue[Token | Failure] = asyncio.Queue()
         self._streams[rid] = q
         bound = log.bind(rid=rid)

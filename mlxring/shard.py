@@ -15,7 +15,14 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar, cast
 
 import mlx.core as mx
-from mlx_lm.sample_utils import greedy_sampler, make_logits_processors, make_sampler
+from mlx_lm.sample_utils import (
+    apply_min_p,
+    apply_top_k,
+    apply_top_p,
+    greedy_sampler,
+    make_logits_processors,
+    make_sampler,
+)
 
 from mlxring import wire
 from mlxring.actor import Actor
@@ -83,6 +90,7 @@ class RequestState:
     history: mx.array | None = None
     logprobs: int | None = None
     key: mx.array | None = None  # per-request PRNG state when a seed was given
+    params: SamplingParams | None = None
 
 
 def make_request_state(
@@ -101,7 +109,23 @@ def make_request_state(
         )
         st.logprobs = p.logprobs
         st.key = mx.random.key(p.seed) if p.seed is not None else None
+        st.params = p
     return st
+
+
+def _seeded_sample(st: RequestState, p: SamplingParams, logprobs: mx.array) -> mx.array:
+    """mlx-lm's sampling chain (top_p, min_p, top_k, then categorical at the temperature)
+    drawn from the request's own key, so a seed gives the same text whatever else runs."""
+    x = logprobs
+    if 0 < p.top_p < 1:
+        x = apply_top_p(x, p.top_p)
+    if p.min_p:
+        x = apply_min_p(x, p.min_p)
+    if p.top_k > 0:
+        x = apply_top_k(x, p.top_k)
+    assert st.key is not None
+    st.key, sub = mx.random.split(st.key)
+    return mx.random.categorical(x * (1 / p.temperature), key=sub)
 
 
 class ShardActor(Actor[Message | Sweep | Reconfigure]):
@@ -354,17 +378,17 @@ class ShardActor(Actor[Message | Sweep | Reconfigure]):
             logits = processor(st.history, logits)
         logprobs = logits - mx.logsumexp(logits, keepdims=True)
         assert st.sampler is not None
-        if st.key is not None:
-            # mlx-lm's samplers draw from the global PRNG state: swap in this request's own.
-            state = cast(list[mx.array], mx.random.state)
-            saved = state[0]
-            state[0] = st.key
-            y = st.sampler(logprobs)
-            mx.eval(y)
-            st.key = state[0]
-            state[0] = saved
+        if st.key is not None and st.params is not None and st.params.temperature > 0:
+            y = _seeded_sample(st, st.params, logprobs)
         else:
-            y = st.sampler(logprobs)
+            try:
+                y = st.sampler(logprobs)
+                mx.eval(y)
+            except Exception:
+                # A failure inside mlx-lm's compiled samplers leaves the global PRNG state
+                # unusable for every later request: give it a fresh one.
+                mx.random.seed(time.time_ns() % (1 << 63))
+                raise
         token = cast(int, y.item())
         top: tuple[tuple[int, float], ...] = ()
         if st.logprobs is not None:

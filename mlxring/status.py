@@ -41,7 +41,8 @@ def render(status: dict[str, Any]) -> str:
     ring = status.get("ring") or {}
     lines = [
         f"cluster {status.get('cluster')}  model {status.get('model')}  head {status.get('head')}",
-        "ring: " + ("up" if ring.get("ok") else f"DOWN ({ring.get('reason')})")
+        "ring: "
+        + ("up" if ring.get("ok") else f"DOWN ({ring.get('reason')})")
         + (f"  hop {ring['hop_ms']:.2f} ms" if ring.get("hop_ms") is not None else ""),
     ]
     requests = status.get("requests") or {}
@@ -52,7 +53,9 @@ def render(status: dict[str, Any]) -> str:
             f"{requests.get('waiting', 0)} waiting"
             + (f", {rate:.1f} tok/s" if isinstance(rate, int | float) else "")
         )
-    header = f"{'node':<12} {'address':<22} {'layers':<10} {'state':<6} {'memory GB':<13} {'busy':>5}"
+    header = (
+        f"{'node':<12} {'address':<22} {'layers':<10} {'state':<6} {'memory GB':<13} {'busy':>5}"
+    )
     lines += ["", header, "-" * len(header)]
     for n in status.get("nodes", []):
         layers = n.get("layers")

@@ -237,11 +237,6 @@ async def test_usage_and_include_usage(api: Api) -> None:
     assert r2.usage is not None and r2.usage.prompt_tokens == len(encode(MODEL, PROMPT))
 
 
-@pytest.mark.xfail(
-    reason="shard.py's seeded sampling assigns into mx.random.state, read-only in mlx 0.32",
-    raises=openai.InternalServerError,
-    strict=False,
-)
 async def test_seed_makes_sampling_reproducible(api: Api) -> None:
     async def sample(seed: int) -> str:
         r = await api.client.chat.completions.create(

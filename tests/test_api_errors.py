@@ -445,11 +445,10 @@ JSON = st.recursive(
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(), inner, max_size=3),
     max_leaves=6,
 )
-# No "seed": seeded sampling fails inside shard.py today (see test_api.py's xfail).
 KEYS = [
     "model", "messages", "prompt", "stream", "stream_options", "temperature", "top_p", "top_k",
     "min_p", "stop", "n", "logprobs", "top_logprobs", "logit_bias", "presence_penalty",
-    "frequency_penalty", "repetition_penalty", "max_completion_tokens", "echo", "tools",
+    "frequency_penalty", "repetition_penalty", "max_completion_tokens", "echo", "tools", "seed",
 ]  # fmt: skip
 MESSAGE = st.fixed_dictionaries(
     {"role": st.sampled_from(["user", "system", "assistant", "tool", "x"]), "content": JSON}
