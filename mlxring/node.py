@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -196,7 +196,9 @@ class LocalNode:
             case Probe() if msg.origin == self.name and msg.hops:
                 if rt.monitor is not None:
                     rt.monitor.returned(msg)
-            case Forward() | ForwardBatch() | End() | Failure() | Probe():
+            case Probe():
+                rt.spawn(self.actor.pass_probe(msg))
+            case Forward() | ForwardBatch() | End() | Failure():
                 self.actor.send(msg)
             case _:
                 log.debug("dropped_message", node=self.name, message=type(msg).__name__)
@@ -221,6 +223,7 @@ class Runtime:
         self.unavailable = "the ring has not formed yet"  # why the ring cannot serve, or ""
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="mlx")
         self._tasks: list[asyncio.Task[None]] = []
+        self._side_tasks: set[asyncio.Task[None]] = set()
         self._changed = asyncio.Event()
         self._replanning = asyncio.Lock()
         self.facts = device.detect()
@@ -386,6 +389,12 @@ class Runtime:
                     return True
             await asyncio.sleep(0.02)
         return False
+
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        """Run a small side task (kept referenced until done)."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self._side_tasks.add(task)
+        task.add_done_callback(self._side_tasks.discard)
 
     # --- sending --------------------------------------------------------------------------
 

@@ -188,20 +188,7 @@ class ShardActor(Actor[Message | Sweep | Reconfigure]):
                 self.requests.pop(msg.rid, None)
                 await self.send_next(msg)
             case Probe():
-                m = self.model
-                here = (self.node, m.start, m.end) if m is not None else (self.node, -1, -1)
-                stats = NodeStats(
-                    self.node,
-                    mx.get_active_memory(),
-                    mx.get_peak_memory(),
-                    self.total_memory,
-                    self.busy_s,
-                    self.steps,
-                    len(self.requests),
-                )
-                await self.send_next(
-                    Probe(msg.origin, msg.sent, (*msg.hops, here), (*msg.stats, stats))
-                )
+                await self.pass_probe(msg)
             case Sweep():
                 stale = [
                     rid
@@ -213,6 +200,17 @@ class ShardActor(Actor[Message | Sweep | Reconfigure]):
                     del self.requests[rid]
             case _:
                 self.log.warning("unexpected_message", message=type(msg).__name__)
+
+    async def pass_probe(self, msg: Probe) -> None:
+        """Add this node to a probe and pass it on. Nodes call this as a probe arrives, not
+        through the mailbox: a long prefill must not make a live ring look dead."""
+        m = self.model
+        here = (self.node, m.start, m.end) if m is not None else (self.node, -1, -1)
+        stats = NodeStats(
+            self.node, mx.get_active_memory(), mx.get_peak_memory(),
+            self.total_memory, self.busy_s, self.steps, len(self.requests),
+        )  # fmt: skip
+        await self.send_next(Probe(msg.origin, msg.sent, (*msg.hops, here), (*msg.stats, stats)))
 
     async def on_error(self, msg: Message | Sweep | Reconfigure, error: Exception) -> None:
         if isinstance(msg, Forward | ForwardBatch):

@@ -16,6 +16,7 @@ from .ringutil import (
     local_ring,
     process_ring,
     reference,
+    ring_tokens,
     tiny_model,
     wait_for,
     write_config,
@@ -123,3 +124,30 @@ def test_kill_the_head_a_survivor_takes_over(tmp_path: Path) -> None:
         code, body = _complete(n2_api, prompt, 24)
         assert code == 200 and body["choices"][0]["text"] == want
         assert '"ring_plan"' in procs["n1"].log()
+
+
+def test_a_long_prefill_does_not_look_like_a_dead_ring(tmp_path: Path) -> None:
+    """Probes pass a node at once, not behind its compute: a prefill longer than down_after_s
+    must finish (exactly) instead of failing the ring."""
+    big = tmp_path / "model"
+    from mlxring.makemodel import make_model
+
+    make_model(big, family="qwen3", preset="small", layers=4)
+    prompt = encode(big, "The ring stays up while a long prompt fills it. " * 60)[:700]
+    want = reference(big, prompt, 8, prefill_step=4096)
+    cfg = write_config(
+        tmp_path,
+        big,
+        2,
+        extra_cluster="heartbeat_s = 0.1\ndown_after_s = 0.3\nprefill_chunk = 4096",
+    )
+
+    async def run() -> tuple[list[int], float]:
+        async with local_ring(cfg) as rt:
+            t0 = time.monotonic()
+            got = await ring_tokens(rt, prompt, 8)
+            return got, time.monotonic() - t0
+
+    got, took = asyncio.run(run())
+    assert took > 0.3, f"the prefill took {took:.2f} s: too short to prove anything"
+    assert got == want
