@@ -4,8 +4,10 @@ The process hosting the head (the one with the engine) serves generation itself;
 forwards API requests to the head's API and streams the answer back event by event.
 
 Endpoints: `POST /v1/chat/completions`, `POST /v1/completions`, `GET /v1/models[/{id}]`,
-`GET /health`, `GET /cluster/status`. Every error body has OpenAI's shape
-`{"error": {"message", "type", "param", "code"}}`.
+`GET /health`, `GET /cluster/status`, `GET /metrics` (Prometheus text, this process's own), and
+the web page `GET /` with its files under `/web/`. Every error body has OpenAI's shape
+`{"error": {"message", "type", "param", "code"}}`. With an API key set, every endpoint needs it
+but /health and the web page's files (they hold no data; the page asks for the key).
 
 Decisions worth knowing:
 - A prompt that leaves no room for one generated token is 413 (`context_length_exceeded`); a
@@ -33,6 +35,7 @@ from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from importlib import resources
 from typing import Any, Literal, TypeGuard, cast
 
 import aiohttp
@@ -42,6 +45,7 @@ from mlx_lm.tokenizer_utils import BPEStreamingDetokenizer
 
 from mlxring.engine import GeneratedToken, RingUnavailable
 from mlxring.messages import SamplingParams
+from mlxring.metrics import Metrics, QueueDepth, TokenTimer
 from mlxring.node import Runtime
 
 log = structlog.get_logger()
@@ -61,6 +65,19 @@ MAX_TOP_LOGPROBS_CHAT = 20
 MAX_LOGPROBS_COMPLETION = 5
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
 _RID_OK = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+# Routes served without the API key: the web page and its files hold no data.
+PUBLIC_ROUTES = frozenset({"web-index", "web-file"})
+# Successful GETs of these routes log at debug: the web page polls status every second.
+QUIET_ROUTES = frozenset({"health", "cluster-status", "metrics", "web-index", "web-file"})
+WEB_TYPES = {
+    ".html": "text/html; charset=utf-8",
+    ".js": "text/javascript; charset=utf-8",
+    ".css": "text/css; charset=utf-8",
+    ".svg": "image/svg+xml",
+    ".png": "image/png",
+    ".ico": "image/x-icon",
+}
+_WEB_NAME = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9_.-]{0,63}$")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -704,6 +721,11 @@ class ApiState:
         default_factory=lambda: deque(maxlen=RATE_SAMPLES)
     )
     _sampler: asyncio.Task[None] | None = None
+    metrics: Metrics = field(init=False)
+
+    def __post_init__(self) -> None:
+        adm = self.admission
+        self.metrics = Metrics(self.runtime, lambda: QueueDepth(adm.running, adm.waiting))
 
     async def open(self) -> None:
         self.users += 1
@@ -803,6 +825,7 @@ _BYTE_LEVEL = _byte_level_alphabet()
 
 STATE = web.AppKey("mlxring_api_state", ApiState)
 RID = web.RequestKey("mlxring_rid", str)
+ARRIVED = web.RequestKey("mlxring_arrived", float)  # time.monotonic() when the request came in
 NOTES = web.RequestKey("mlxring_notes", dict[str, Any])  # fields for the request's log line
 
 
@@ -840,6 +863,7 @@ async def middleware(request: web.Request, handler: Handler) -> web.StreamRespon
     request[RID] = rid
     upstream = request.headers.get(FORWARDED_RID, "")
     t0 = time.perf_counter()
+    request[ARRIVED] = time.monotonic()
     with structlog.contextvars.bound_contextvars(
         rid=rid, **({"via_rid": upstream} if _RID_OK.match(upstream) else {})
     ):
@@ -866,19 +890,28 @@ async def middleware(request: web.Request, handler: Handler) -> web.StreamRespon
 
 
 def _log_request(request: web.Request, status: int, t0: float) -> None:
-    log.info(
+    seconds = time.perf_counter() - t0
+    notes = request.get(NOTES, {})
+    route = request.match_info.route
+    resource = route.resource
+    endpoint = resource.canonical if resource is not None else "other"
+    request.app[STATE].metrics.request_done(
+        endpoint, request.method, status, seconds, notes.get("finish_reason")
+    )
+    quiet = status < 400 and route.name in QUIET_ROUTES
+    (log.debug if quiet else log.info)(
         "http_request",
         method=request.method,
         path=request.path,
         status=status,
-        ms=round((time.perf_counter() - t0) * 1000, 1),
-        **request.get(NOTES, {}),
+        ms=round(seconds * 1000, 1),
+        **notes,
     )
 
 
 def _check_auth(request: web.Request, state: ApiState) -> None:
     key = state.runtime.config.api.api_key
-    if not key or request.path == "/health":
+    if not key or request.path == "/health" or request.match_info.route.name in PUBLIC_ROUTES:
         return
     header = request.headers.get("Authorization", "")
     scheme, _, token = header.partition(" ")
@@ -949,7 +982,8 @@ async def _generation(request: web.Request, kind: Kind) -> web.StreamResponse:
         raise unavailable(reason)
     _note(request, prompt_tokens=len(ids))
     async with state.admission.slot():
-        pieces = _pieces(state, req, ids, max_tokens, request[RID])
+        timer = state.metrics.timer(len(ids), request[ARRIVED])
+        pieces = _pieces(state, req, ids, max_tokens, request[RID], timer)
         async with contextlib.aclosing(pieces):
             if req.stream:
                 return await _stream(request, req, len(ids), pieces)
@@ -1011,7 +1045,12 @@ def _fit_context(rt: Runtime, req: GenerationRequest, n_prompt: int) -> int:
 
 
 async def _pieces(
-    state: ApiState, req: GenerationRequest, ids: list[int], max_tokens: int, rid: str
+    state: ApiState,
+    req: GenerationRequest,
+    ids: list[int],
+    max_tokens: int,
+    rid: str,
+    timer: TokenTimer,
 ) -> AsyncGenerator[Piece, None]:
     rt = state.runtime
     # Checked again here: the ring may have gone down while this request waited for a slot.
@@ -1031,6 +1070,7 @@ async def _pieces(
     async with contextlib.aclosing(gen):
         async for g in gen:
             n += 1
+            timer.token()
             if g.finish_reason != "stop":  # the EOS token ends the text; it is not part of it
                 text.add(g.token, g.logprob, g.top_logprobs)
             final = g.finish_reason is not None
@@ -1451,6 +1491,8 @@ def _status_here(state: ApiState) -> dict[str, Any]:
             "ok": not reason,
             "reason": reason,
             "hop_ms": round(view.hop_s * 1000, 3) if view is not None and view.ok else None,
+            # Recent per-hop times of the head's probes (trip / hops), for `mlxring bench`.
+            "hop_samples_s": list(rt.monitor.hop_samples[-256:]) if rt.monitor is not None else [],
             "last_probe_s_ago": round(time.monotonic() - view.checked, 3)
             if view is not None and view.checked
             else None,
@@ -1483,6 +1525,39 @@ def _status_local(state: ApiState, reason: str) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------
+# Metrics and the web page
+
+
+async def metrics(request: web.Request) -> web.Response:
+    body, content_type = request.app[STATE].metrics.render(request.headers.get("Accept", ""))
+    return web.Response(body=body, headers={"Content-Type": content_type})
+
+
+def _web_response(name: str) -> web.Response:
+    """A file of mlxring/web (package data): read per request, they are small and rarely asked."""
+    suffix = name[name.rfind(".") :] if "." in name else ""
+    path = resources.files("mlxring").joinpath("web", name)
+    if not _WEB_NAME.match(name) or suffix not in WEB_TYPES or not path.is_file():
+        raise ApiError(404, f"Invalid URL (GET /web/{name})", code="unknown_url")
+    return web.Response(
+        body=path.read_bytes(),
+        headers={
+            "Content-Type": WEB_TYPES[suffix],
+            "Cache-Control": "no-cache",
+            "X-Content-Type-Options": "nosniff",
+        },
+    )
+
+
+async def web_index(request: web.Request) -> web.Response:
+    return _web_response("index.html")
+
+
+async def web_file(request: web.Request) -> web.Response:
+    return _web_response(request.match_info["name"])
+
+
+# ---------------------------------------------------------------------------------------------
 # Wiring
 
 
@@ -1511,8 +1586,11 @@ def create_app(runtime: Runtime, state: ApiState | None = None) -> web.Applicati
     app.router.add_post("/v1/completions", completions)
     app.router.add_get("/v1/models", list_models)
     app.router.add_get("/v1/models/{model}", get_model)
-    app.router.add_get("/health", health)
-    app.router.add_get("/cluster/status", cluster_status)
+    app.router.add_get("/health", health, name="health")
+    app.router.add_get("/cluster/status", cluster_status, name="cluster-status")
+    app.router.add_get("/metrics", metrics, name="metrics")
+    app.router.add_get("/", web_index, name="web-index")
+    app.router.add_get("/web/{name}", web_file, name="web-file")
     return app
 
 

@@ -159,7 +159,7 @@ async def ring_bench(
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         async with s.get(f"{url}/cluster/status", headers=headers) as resp:
             status = await resp.json()
-    hops = [h * 1e6 for h in status.get("hop_samples_s", [])]
+    hops = [h * 1e6 for h in (status.get("ring") or {}).get("hop_samples_s", [])]
     return {
         "ring_prefill_tok_s": len(prompt) / ttft,
         "ring_decode_tok_s": decode,
