@@ -70,8 +70,11 @@ async def round_trip(hidden: int, n: int) -> dict[str, float]:
         await x.stop()
     await la.stop()
     await lb.stop()
-    return {"hop_us_p50": pct(times, 50) / 2 * 1e6, "hop_us_p99": pct(times, 99) / 2 * 1e6,
-            "round_trip_us_mean": statistics.mean(times) * 1e6}
+    return {
+        "hop_us_p50": pct(times, 50) / 2 * 1e6,
+        "hop_us_p99": pct(times, 99) / 2 * 1e6,
+        "round_trip_us_mean": statistics.mean(times) * 1e6,
+    }
 
 
 def main() -> None:
@@ -86,7 +89,11 @@ def main() -> None:
         uvloop.install()
     except ImportError:
         pass
-    out = {"hidden": args.hidden, **codec(args.hidden, args.n), **asyncio.run(round_trip(args.hidden, args.n))}
+    out = {
+        "hidden": args.hidden,
+        **codec(args.hidden, args.n),
+        **asyncio.run(round_trip(args.hidden, args.n)),
+    }
     if args.json:
         print(json.dumps(out))
     else:
