@@ -33,10 +33,9 @@ async def case(model: Path, n_nodes: int, concurrent: bool) -> bool:
     if not ok:
         for g, w in zip(got, want, strict=True):
             if g != w:
-                i = next((i for i, (a, b) in enumerate(zip(g, w)) if a != b), min(len(g), len(w)))
-                print(
-                    f"           first difference at token {i}: ring {g[i : i + 4]} mlx-lm {w[i : i + 4]}"
-                )
+                pairs = enumerate(zip(g, w, strict=False))
+                i = next((i for i, (a, b) in pairs if a != b), min(len(g), len(w)))
+                print(f"  first difference at token {i}: ring {g[i:][:4]}, mlx-lm {w[i:][:4]}")
     return ok
 
 

@@ -48,9 +48,8 @@ def main() -> None:
     plan = plan_layers("uniform", fp, [PlanNode(f"n{i}") for i in range(args.nodes)])
     total = sum(sizes.values())
     print(f"model {path.name}: {total / 1e9:.3f} GB in the checkpoint, {info.n_layers} layers")
-    print(
-        f"{'node':>5} {'layers':>10} {'expected GB':>12} {'held GB':>9} {'active GB':>10} {'held/expected':>14}"
-    )
+    columns = ("expected GB", "held GB", "active GB", "held/expected")
+    print(f"{'node':>5} {'layers':>10} " + " ".join(f"{c:>13}" for c in columns))
     for i, (start, end) in enumerate(plan):
         expected = fp.shard_bytes((start, end), first=start == 0, last=end == info.n_layers)
         out = subprocess.run(
@@ -61,8 +60,8 @@ def main() -> None:
         )
         r = json.loads(out.stdout.strip().splitlines()[-1])
         print(
-            f"{'n' + str(i):>5} {f'[{start}, {end})':>10} {expected / 1e9:>12.3f} "
-            f"{r['held'] / 1e9:>9.3f} {r['active'] / 1e9:>10.3f} {r['held'] / expected:>14.3f}"
+            f"{'n' + str(i):>5} {f'[{start}, {end})':>10} {expected / 1e9:>13.3f} "
+            f"{r['held'] / 1e9:>13.3f} {r['active'] / 1e9:>13.3f} {r['held'] / expected:>13.3f}"
         )
 
 

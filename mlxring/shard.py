@@ -182,6 +182,10 @@ class ShardActor(Actor[Message | Sweep | Reconfigure]):
                         await self.send_next(o)
             case End():
                 self.requests.pop(msg.rid, None)
+                if not self.requests:
+                    # As mlx-lm does between generations: hand freed buffers back, so that
+                    # several processes sharing one GPU do not starve each other.
+                    await asyncio.get_running_loop().run_in_executor(self.executor, mx.clear_cache)
                 if self.model is not None and not self.model.is_last:
                     await self.send_next(msg)
             case Failure():
@@ -230,6 +234,8 @@ class ShardActor(Actor[Message | Sweep | Reconfigure]):
         finally:
             self.busy_s += time.perf_counter() - t0
             self.steps += 1
+            if self.steps % 256 == 0:  # mlx-lm's own cadence during long generations
+                mx.clear_cache()
 
     # --- batching -------------------------------------------------------------------------
 
