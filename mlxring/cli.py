@@ -130,6 +130,14 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="print JSON for scripts")
     status.set_defaults(func=_lazy("mlxring.status", "run"))
 
+    top = sub.add_parser("top", help="live view of the ring: layers, memory, busy share, tok/s")
+    top.add_argument("--config", default="nodes.toml")
+    top.add_argument("--once", action="store_true", help="print one frame and exit")
+    top.add_argument(
+        "--interval", type=float, default=1.0, help="seconds between refreshes (default 1)"
+    )
+    top.set_defaults(func=_lazy("mlxring.top", "run"))
+
     bench = sub.add_parser("bench", help="tokens/sec of the ring against single-process mlx-lm")
     add_bench_arguments(bench)
     bench.set_defaults(func=_lazy("mlxring.bench", "run"))

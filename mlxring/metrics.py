@@ -34,7 +34,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import mlx.core as mx
-from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    ProcessCollector,
+    disable_created_metrics,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
@@ -122,6 +128,9 @@ class Metrics:
     """The registry of one process's API, with the request metrics the handlers record."""
 
     def __init__(self, runtime: Runtime, queue: Callable[[], QueueDepth]) -> None:
+        # No `_created` series: they double the exposition and Prometheus has no use for them
+        # in the text format (a process-wide switch, and this process exposes only these).
+        disable_created_metrics()
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(
@@ -394,4 +403,3 @@ def _quantiles(name: str, doc: str, samples: Sequence[float]) -> Metric:
     for q in QUANTILES:
         g.add_metric([f"{q:g}"], quantile(samples, q))
     return g
-
