@@ -220,10 +220,19 @@ def spawn_ring(
     return config, procs
 
 
-async def wait_healthy(url: str, timeout: float) -> None:
+async def wait_healthy(
+    url: str,
+    timeout: float,
+    procs: Sequence[subprocess.Popen[bytes]] = (),
+    logs: Path | None = None,
+) -> None:
     deadline = time.monotonic() + timeout
     async with aiohttp.ClientSession() as s:
         while time.monotonic() < deadline:
+            for i, p in enumerate(procs):
+                if p.poll() is not None:  # a node that died will never make the ring healthy
+                    tail = (logs / f"b{i}.log").read_text()[-2000:] if logs else ""
+                    raise RuntimeError(f"node b{i} exited with {p.returncode}:\n{tail}")
             try:
                 async with s.get(f"{url}/health") as r:
                     if r.status == 200:
@@ -270,7 +279,7 @@ def run(args: argparse.Namespace) -> int:
             out["logs"] = str(work)
         url = head_url(config)
         progress(f"waiting for the ring at {url} ...")
-        asyncio.run(wait_healthy(url, 600))
+        asyncio.run(wait_healthy(url, 600, procs, Path(out["logs"]) if procs else None))
         out.update(asyncio.run(ring_bench(url, prompt, args.gen_tokens, levels, api_key)))
     finally:
         for p in procs:
