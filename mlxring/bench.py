@@ -171,8 +171,9 @@ async def ring_bench(
 
 
 def spawn_ring(
-    model: Path, n: int, prefill_chunk: int, work: Path
+    model: Path, n: int, prefill_chunk: int, work: Path, one_process: bool = False
 ) -> tuple[Config, list[subprocess.Popen[bytes]]]:
+    """N local nodes: N processes, or one process hosting all N shard actors."""
     lines = [
         "[cluster]",
         'name = "bench"',
@@ -181,41 +182,27 @@ def spawn_ring(
         f"prefill_chunk = {prefill_chunk}",
         "heartbeat_s = 0.2",
         "down_after_s = 10.0",
+        # The node processes share this machine's accelerator: keep each one's cache modest.
+        "cache_limit_gb = 2",
         "[api]",
         'host = "127.0.0.1"',
         "max_concurrent = 256",
     ]
     for i in range(n):
-        lines += [
-            "[[nodes]]",
-            f'name = "b{i}"',
-            'host = "127.0.0.1"',
-            f"port = {47400 + i}",
-            f"api_port = {47500 + i}",
-        ]
+        lines += ["[[nodes]]", f'name = "b{i}"', 'host = "127.0.0.1"']
+        lines += [f"port = {47400 + i}", f"api_port = {47500 + i}"]
     path = work / "nodes.toml"
     path.write_text("\n".join(lines) + "\n")
     config = load_config(path)
+    groups = [[f"b{i}" for i in range(n)]] if one_process else [[f"b{i}"] for i in range(n)]
     procs = []
-    for i in range(n):
+    for i, names in enumerate(groups):
         log = open(work / f"b{i}.log", "wb")  # noqa: SIM115 - lives as long as the process
+        argv = [sys.executable, "-m", "mlxring", "node", "--config", str(path), "--log-json"]
+        for name in names:
+            argv += ["--name", name]
         procs.append(
-            subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "mlxring",
-                    "node",
-                    "--config",
-                    str(path),
-                    "--name",
-                    f"b{i}",
-                    "--log-json",
-                ],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-            )
+            subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         )
     return config, procs
 
@@ -275,7 +262,9 @@ def run(args: argparse.Namespace) -> int:
         if not args.config:
             assert model is not None
             work = Path(tempfile.mkdtemp(prefix="mlxring-bench-"))
-            config, procs = spawn_ring(model, args.nodes, args.prefill_chunk, work)
+            config, procs = spawn_ring(
+                model, args.nodes, args.prefill_chunk, work, args.one_process
+            )
             out["logs"] = str(work)
         url = head_url(config)
         progress(f"waiting for the ring at {url} ...")

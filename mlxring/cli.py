@@ -167,6 +167,9 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--family", default="qwen3", help="make-model family when no --model is given")
     p.add_argument("--quantize", type=int, choices=[4, 8], help="make-model quantization")
     p.add_argument("--nodes", type=int, default=3, help="spawn this many local node processes")
+    p.add_argument(
+        "--one-process", action="store_true", help="host all --nodes in one process instead"
+    )
     p.add_argument("--prompt-tokens", type=int, default=512)
     p.add_argument("--gen-tokens", type=int, default=128)
     p.add_argument("--concurrency", default="1,4,16", help="comma-separated levels")

@@ -49,6 +49,9 @@ class ClusterConfig:
     max_frame_mb: float = 256.0
     interfaces: tuple[str, ...] = ()
     max_batch: int = 32  # decode steps of concurrent requests run as one forward pass; 1 = off
+    # MLX's buffer cache per process (None: MLX's default, about all memory). Lower it when
+    # several node processes share one GPU, or they starve each other of memory.
+    cache_limit_gb: float | None = None
 
     @property
     def max_frame_bytes(self) -> int:
@@ -140,7 +143,7 @@ def parse_config(text: str, source: str = "nodes.toml") -> Config:
 
 _CLUSTER_KEYS = (
     "name", "model", "secret", "strategy", "prefill_chunk", "heartbeat_s", "down_after_s",
-    "request_timeout_s", "max_frame_mb", "interfaces", "max_batch",
+    "request_timeout_s", "max_frame_mb", "interfaces", "max_batch", "cache_limit_gb",
 )  # fmt: skip
 _API_KEYS = ("host", "port", "api_key", "max_body_bytes", "max_concurrent", "max_queue")
 _NODE_KEYS = ("name", "host", "port", "api_port", "layers", "memory_gb", "compute")
@@ -171,6 +174,7 @@ def _parse_cluster(t: _Table) -> ClusterConfig:
         max_frame_mb=t.number("max_frame_mb", 256.0, gt=0),
         interfaces=_parse_interfaces(t),
         max_batch=t.integer("max_batch", 32, lo=1),
+        cache_limit_gb=t.opt_number("cache_limit_gb", gt=0),
     )
 
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import mlx.core as mx
 import structlog
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_lm.utils import load_config, load_tokenizer
@@ -257,6 +258,8 @@ class Runtime:
         """Load the model's metadata, start listeners and links, wait a moment for the other
         nodes, then plan and load this process's shards."""
         loop = asyncio.get_running_loop()
+        if self.config.cluster.cache_limit_gb is not None:
+            mx.set_cache_limit(int(self.config.cluster.cache_limit_gb * (1 << 30)))
         spec = self.config.cluster.model
         meta = await loop.run_in_executor(None, source.resolve_metadata, spec)
         self.model_dir = meta
