@@ -248,6 +248,7 @@ def run(args: argparse.Namespace) -> int:
             model = bench_model(args)
             api_key = ""
         out: dict[str, Any] = {
+            "one_process": bool(args.one_process),
             "nodes": args.nodes if not args.config else len(config.nodes),
             "prompt_tokens": args.prompt_tokens,
             "gen_tokens": args.gen_tokens,
