@@ -72,11 +72,14 @@ class Actor(Generic[M]):
             msg = self._mailbox.popleft()
             if msg is _STOP:
                 return
-            try:
-                await self.handle(msg)  # type: ignore[arg-type]
-            except Exception as e:  # noqa: BLE001 - supervision: log, tell, keep serving
-                self.log.exception("actor_error", message=type(msg).__name__)
+            # Every log line about a request carries its id, on every node it passes.
+            rid = getattr(msg, "rid", None)
+            with structlog.contextvars.bound_contextvars(**({"rid": rid} if rid else {})):
                 try:
-                    await self.on_error(msg, e)  # type: ignore[arg-type]
-                except Exception:  # noqa: BLE001
-                    self.log.exception("actor_on_error_failed")
+                    await self.handle(msg)  # type: ignore[arg-type]
+                except Exception as e:  # noqa: BLE001 - supervision: log, tell, keep serving
+                    self.log.exception("actor_error", message=type(msg).__name__)
+                    try:
+                        await self.on_error(msg, e)  # type: ignore[arg-type]
+                    except Exception:  # noqa: BLE001
+                        self.log.exception("actor_on_error_failed")

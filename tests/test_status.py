@@ -1,0 +1,67 @@
+"""`mlxring status` against the repository's default nodes.toml, started as a user would."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from .ringutil import ROOT
+
+
+def test_status_shows_every_node_of_the_default_config(tmp_path: Path) -> None:
+    env = {**os.environ, "MLXRING_CACHE": str(tmp_path / "cache"), "PYTHONUNBUFFERED": "1"}
+    log = open(tmp_path / "node.log", "wb")  # noqa: SIM115 - closed below
+    node = subprocess.Popen(
+        [sys.executable, "-m", "mlxring", "node", "--config", "nodes.toml", "--log-json"],
+        cwd=ROOT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 90
+        while b'"node_started"' not in (tmp_path / "node.log").read_bytes():
+            assert node.poll() is None, (tmp_path / "node.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "the default ring did not start"
+            time.sleep(0.1)
+        status = ["-m", "mlxring", "status", "--config", "nodes.toml"]
+        table = subprocess.run(
+            [sys.executable, *status],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+        assert table.returncode == 0, table.stderr
+        lines = table.stdout.splitlines()
+        rows = {ln.split()[0]: ln for ln in lines if ln[:1] == "n" and ln[1:2].isdigit()}
+        assert set(rows) == {"n1", "n2", "n3"}, table.stdout
+        for name, layers in [("n1", "[0, 3)"), ("n2", "[3, 6)"), ("n3", "[6, 9)")]:
+            assert layers in rows[name] and " up " in rows[name], rows[name]
+        raw = subprocess.run(
+            [sys.executable, *status, "--json"],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        )
+        body = json.loads(raw.stdout)
+        assert body["ring"]["ok"] and body["head"] == "n1"
+        assert [(n["name"], n["layers"], n["up"]) for n in body["nodes"]] == [
+            ("n1", [0, 3], True),
+            ("n2", [3, 6], True),
+            ("n3", [6, 9], True),
+        ]
+    finally:
+        node.terminate()
+        node.wait(15)
+        log.close()
