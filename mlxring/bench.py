@@ -125,6 +125,20 @@ async def stream_completion(
     return StreamResult(first - t0, n, last - first)
 
 
+async def node_work(
+    s: aiohttp.ClientSession, url: str, api_key: str
+) -> dict[str, tuple[float, int]]:
+    """Each node's shard compute seconds and steps so far, from /cluster/status."""
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    async with s.get(f"{url}/cluster/status", headers=headers) as resp:
+        status = await resp.json()
+    return {
+        n["name"]: (float(n["busy_s"]), int(n["steps"]))
+        for n in status.get("nodes", [])
+        if n.get("busy_s") is not None and n.get("steps") is not None
+    }
+
+
 def pct(xs: Sequence[float], p: float) -> float:
     s = sorted(xs)
     return s[min(len(s) - 1, int(p / 100 * len(s)))] if s else 0.0
@@ -140,8 +154,18 @@ async def ring_bench(
         prefill = [await stream_completion(s, url, prompt, 1, api_key) for _ in range(2)]
         ttft = min(r.ttft_s for r in prefill)
         progress("ring: single-stream decode ...")
+        before = await node_work(s, url, api_key)
         single = [await stream_completion(s, url, prompt, gen_tokens, api_key) for _ in range(2)]
         decode = max((r.tokens - 1) / r.decode_s for r in single if r.decode_s > 0)
+        await asyncio.sleep(1.0)  # the next probe brings every node's counters
+        after = await node_work(s, url, api_key)
+        # Mean compute time of one step on each shard while single streams decoded: what the
+        # ring spends per token beyond their sum is hops, sync and Python around the compute.
+        step_ms = {
+            n: 1000 * (after[n][0] - before[n][0]) / max(1, after[n][1] - before[n][1])
+            for n in after
+            if n in before
+        }
         aggregate = {}
         for c in levels:
             progress(f"ring: {c} concurrent streams ...")
@@ -161,6 +185,8 @@ async def ring_bench(
             status = await resp.json()
     hops = [h * 1e6 for h in (status.get("ring") or {}).get("hop_samples_s", [])]
     return {
+        "shard_step_ms": step_ms,
+        "ring_overhead_ms_per_token": 1000 / decode - sum(step_ms.values()),
         "ring_prefill_tok_s": len(prompt) / ttft,
         "ring_decode_tok_s": decode,
         "ttft_s": ttft,
@@ -295,8 +321,8 @@ def print_table(out: dict[str, Any]) -> None:
         print(f"{k:>24}  {v:.2f}" if isinstance(v, float) else f"{k:>24}  {v}")
 
     for k, v in out.items():
-        if k == "aggregate_tok_s":
-            for c, t in v.items():
-                row(f"aggregate_tok_s@{c}", t)
+        if isinstance(v, dict):
+            for sub, t in v.items():
+                row(f"{k}@{sub}", t)
         else:
             row(k, v)

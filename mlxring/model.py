@@ -132,12 +132,18 @@ class ShardModel:
     def __call__(self, x: mx.array, caches: list[Any]) -> mx.array:
         """Token ids [B, L] on the first shard, hidden states [B, L, D] elsewhere."""
         h = self.embed(x) if self.embed is not None else x
+        # A decode step cannot overlap with the next one as in mlx-lm (the next token comes
+        # around the ring first), so overlap within the step: the device runs each layer while
+        # Python builds the next one.
+        overlap = h.shape[1] == 1
         masks: dict[int | None, Any] = {}
         for layer, cache in zip(self.layers, caches, strict=True):
             window = self.sliding_window if getattr(layer, "use_sliding", False) else None
             if window not in masks:
                 masks[window] = create_attention_mask(h, cache, window_size=window)
             h = layer(h, masks[window], cache)
+            if overlap:
+                mx.async_eval(h)
         return h
 
     def logits(self, h: mx.array) -> mx.array:
