@@ -299,7 +299,7 @@ class ShardActor(Actor[Message | Sweep | Reconfigure]):
             raise BatchError(rids, "a batch holds two steps of one request")
         try:
             if model.is_first:
-                x = mx.array([[r.tokens[0]] for r in rows], dtype=mx.uint32)
+                x = mx.array([[r.tokens[0]] for r in rows], dtype=mx.int32)
             else:
                 hs = [_array(p.h) for p in parts]
                 x = hs[0] if len(hs) == 1 else mx.concatenate(hs, axis=0)
@@ -357,7 +357,7 @@ class ShardActor(Actor[Message | Sweep | Reconfigure]):
             st = self.requests[f.rid] = make_request_state(model, f.params, time.monotonic())
         st.last_used = time.monotonic()
         if model.is_first:
-            x = mx.array([list(f.tokens)], dtype=mx.uint32)
+            x = mx.array([list(f.tokens)], dtype=mx.int32)
         else:
             if f.h is None:
                 raise StepError(f"step {f.seq} of {f.rid} reached {self.node} without activations")
