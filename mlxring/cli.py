@@ -11,7 +11,7 @@ import sys
 from collections.abc import Sequence
 
 from mlxring import makemodel
-from mlxring.config import Config, ConfigError, load_config
+from mlxring.config import Config, ConfigError, load_config_or_exit
 from mlxring.log import setup_logging
 
 
@@ -40,16 +40,8 @@ def local_node_names(config: Config, wanted: Sequence[str] | None) -> list[str]:
     ]
 
 
-def _load(path: str) -> Config:
-    try:
-        return load_config(path)
-    except ConfigError as e:
-        print(f"mlxring: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
-
-
 def cmd_node(args: argparse.Namespace) -> int:
-    config = _load(args.config)
+    config = load_config_or_exit(args.config)
     try:
         names = local_node_names(config, args.name)
     except ConfigError as e:

@@ -12,6 +12,7 @@ import ipaddress
 import json
 import math
 import re
+import sys
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -123,6 +124,15 @@ def load_config(path: str | Path) -> Config:
     except OSError as e:
         raise ConfigError(f"{source}: cannot read: {e.strerror or e}") from None
     return parse_config(text, source)
+
+
+def load_config_or_exit(path: str | Path) -> Config:
+    """For commands: a bad config is one line on stderr and exit status 2."""
+    try:
+        return load_config(path)
+    except ConfigError as e:
+        print(f"mlxring: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def parse_config(text: str, source: str = "nodes.toml") -> Config:

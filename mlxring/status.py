@@ -10,7 +10,7 @@ import urllib.error
 import urllib.request
 from typing import Any
 
-from mlxring.config import Config, ConfigError, load_config
+from mlxring.config import Config, load_config_or_exit
 
 GB = 1 << 30
 
@@ -73,11 +73,7 @@ def render(status: dict[str, Any]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        config = load_config(args.config)
-    except ConfigError as e:
-        print(f"mlxring: {e}", file=sys.stderr)
-        return 2
+    config = load_config_or_exit(args.config)
     try:
         status = fetch_status(config)
     except ConnectionError as e:

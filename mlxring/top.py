@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TextIO
 
-from mlxring.config import Config, ConfigError, load_config
+from mlxring.config import Config, load_config_or_exit
 from mlxring.status import fetch_status
 
 GB, MB = 1 << 30, 1 << 20
@@ -209,11 +209,7 @@ def live(config: Config, interval: float, out: TextIO) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        config = load_config(args.config)
-    except ConfigError as e:
-        print(f"mlxring: {e}", file=sys.stderr)
-        return 2
+    config = load_config_or_exit(args.config)
     if args.interval <= 0:
         print("mlxring: --interval must be above 0", file=sys.stderr)
         return 2
