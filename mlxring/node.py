@@ -27,7 +27,7 @@ from mlx_lm.utils import load_config, load_tokenizer
 
 from mlxring import device, source
 from mlxring.config import Config, NodeConfig
-from mlxring.discovery import Discovery, PeerInfo
+from mlxring.discovery import Discovery, PeerInfo, resolve_interfaces
 from mlxring.engine import Engine
 from mlxring.link import LinkError, LinkSettings, Listener, Peer
 from mlxring.messages import (
@@ -88,6 +88,16 @@ def make_plan(
         strategy = "memory" if all(n.memory_bytes is not None for n in nodes) else "uniform"
     footprint = ModelFootprint(info.n_layers, info.layer_bytes, info.embed_bytes, info.head_bytes)
     return plan_layers(strategy, footprint, nodes)
+
+
+def ring_bind_address(config: Config, cfg: NodeConfig) -> str:
+    """Where a node's ring port listens: its own host, else the first of `interfaces` (ring
+    traffic stays on the Thunderbolt bridge), else everywhere. The API binds separately."""
+    if cfg.host:
+        return cfg.host
+    if config.cluster.interfaces:
+        return resolve_interfaces(config.cluster.interfaces)[0]
+    return "0.0.0.0"
 
 
 @dataclass(frozen=True)
@@ -178,7 +188,7 @@ class LocalNode:
         self.actor = actor
         self.listener = Listener(
             link_settings(runtime.config, cfg.name),
-            cfg.host or "0.0.0.0",
+            ring_bind_address(runtime.config, cfg),
             cfg.port,
             lambda msg, peer: self.deliver(msg),
         )

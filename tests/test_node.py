@@ -1,0 +1,38 @@
+"""Pure pieces of the node runtime: where the ring port listens, and plans over live nodes."""
+
+from __future__ import annotations
+
+from mlxring.config import parse_config
+from mlxring.model import ModelInfo
+from mlxring.node import make_plan, ring_bind_address
+
+NODES = "\n".join(
+    f'[[nodes]]\nname = "n{i}"\nport = {5000 + i}\nlayers = [{a}, {b}]'
+    for i, (a, b) in enumerate([(0, 2), (2, 9), (9, 12)])
+)
+INFO = ModelInfo(n_layers=12, layer_bytes=100, embed_bytes=10, head_bytes=10, model_type="qwen3")
+
+
+def test_ring_port_binds_the_node_host_or_the_chosen_interface() -> None:
+    with_host = parse_config(
+        '[cluster]\nmodel = "demo"\n[[nodes]]\nname = "a"\nhost = "127.0.0.3"\nport = 1\n'
+    )
+    assert ring_bind_address(with_host, with_host.nodes[0]) == "127.0.0.3"
+    on_lo = parse_config(
+        '[cluster]\nmodel = "demo"\ninterfaces = ["lo"]\n[[nodes]]\nname = "a"\nport = 1\n'
+    )
+    assert ring_bind_address(on_lo, on_lo.nodes[0]) == "127.0.0.1"
+    anywhere = parse_config('[cluster]\nmodel = "demo"\n[[nodes]]\nname = "a"\nport = 1\n')
+    assert ring_bind_address(anywhere, anywhere.nodes[0]) == "0.0.0.0"
+
+
+def test_a_manual_plan_is_kept_whole_and_replaced_when_a_node_is_missing() -> None:
+    config = parse_config(f'[cluster]\nmodel = "demo"\nstrategy = "manual"\n{NODES}\n')
+    assert make_plan(config, INFO) == [(0, 2), (2, 9), (9, 12)]
+    # n1 is gone: its manual range cannot be covered, so the survivors split all 12 layers.
+    assert make_plan(config, INFO, ("n0", "n2")) == [(0, 6), (6, 12)]
+    # With memory known, the survivors split by memory instead.
+    assert make_plan(config, INFO, ("n0", "n2"), {"n0": 3 << 30, "n2": 1 << 30}) == [
+        (0, 9),
+        (9, 12),
+    ]
