@@ -381,14 +381,18 @@ class Runtime:
             t.cancel()
         if self.monitor is not None:
             self.monitor.stop()
+        # Inbound first, then the actors (each finishes its message), then the links they send
+        # on; last the compute thread, joined, so no MLX work outlives the runtime.
+        for node in self.nodes.values():
+            await node.listener.stop()
+        for node in self.nodes.values():
+            await node.actor.stop()
         for p in self.peers.values():
             await p.stop()
         if self.discovery is not None:
             await self.discovery.stop()
-        for node in self.nodes.values():
-            await node.listener.stop()
-            await node.actor.stop()
         self.executor.shutdown(wait=False, cancel_futures=True)
+        await asyncio.get_running_loop().run_in_executor(None, self.executor.shutdown, True)
 
     async def wait_ready(self, timeout: float) -> bool:
         """True once the head has seen a probe come back around the whole ring (a process

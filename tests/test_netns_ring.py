@@ -76,7 +76,7 @@ def test_ring_forms_through_zeroconf_in_namespaces(tmp_path: Path) -> None:
         head = net.run(
             0, [sys.executable, "-c", HEAD, str(cfg), json.dumps(prompt)], timeout=120, cwd=ROOT
         )
-        assert head.returncode == 0, head.stderr[-3000:]
+        assert head.returncode == 0, head.stderr[-12000:]
         out = json.loads(head.stdout.strip().splitlines()[-1])
         addresses = [h.address for h in net.hosts]
     assert out["hosts"] == {f"n{i}": addresses[i] for i in range(3)}
