@@ -392,7 +392,9 @@ class Runtime:
         if self.discovery is not None:
             await self.discovery.stop()
         self.executor.shutdown(wait=False, cancel_futures=True)
-        await asyncio.get_running_loop().run_in_executor(None, self.executor.shutdown, True)
+        join = asyncio.get_running_loop().run_in_executor(None, self.executor.shutdown, True)
+        with contextlib.suppress(TimeoutError):  # a step still running gets 10 s to finish
+            await asyncio.wait_for(join, 10)
 
     async def wait_ready(self, timeout: float) -> bool:
         """True once the head has seen a probe come back around the whole ring (a process
