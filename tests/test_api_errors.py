@@ -86,6 +86,17 @@ async def test_bad_json_is_400(url: str) -> None:
         assert_error(body, type_="invalid_request_error", code="invalid_json")
 
 
+async def assert_400_naming(url: str, path: str, patch: dict[str, Any], param: str) -> None:
+    """A valid request of `path` with `patch` applied is a 400 naming `param`."""
+    base: dict[str, Any] = {"max_tokens": 2}
+    base.update({"messages": MESSAGES} if path == "chat" else {"prompt": "Hi"})
+    status, _, body = await post(
+        f"{url}/v1/{path.replace('chat', 'chat/completions')}", base | patch
+    )
+    assert status == 400, body
+    assert_error(body, type_="invalid_request_error", param=param)
+
+
 @pytest.mark.parametrize(
     ("path", "patch", "param"),
     [
@@ -114,13 +125,7 @@ async def test_bad_json_is_400(url: str) -> None:
 async def test_wrong_type_is_400_naming_the_param(
     url: str, path: str, patch: dict[str, Any], param: str
 ) -> None:
-    base: dict[str, Any] = {"max_tokens": 2}
-    base.update({"messages": MESSAGES} if path == "chat" else {"prompt": "Hi"})
-    status, _, body = await post(
-        f"{url}/v1/{path.replace('chat', 'chat/completions')}", base | patch
-    )
-    assert status == 400, body
-    assert_error(body, type_="invalid_request_error", param=param)
+    await assert_400_naming(url, path, patch, param)
 
 
 @pytest.mark.parametrize(
@@ -165,13 +170,7 @@ async def test_wrong_type_is_400_naming_the_param(
 async def test_out_of_range_is_400_naming_the_param(
     url: str, path: str, patch: dict[str, Any], param: str
 ) -> None:
-    base: dict[str, Any] = {"max_tokens": 2}
-    base.update({"messages": MESSAGES} if path == "chat" else {"prompt": "Hi"})
-    status, _, body = await post(
-        f"{url}/v1/{path.replace('chat', 'chat/completions')}", base | patch
-    )
-    assert status == 400, body
-    assert_error(body, type_="invalid_request_error", param=param)
+    await assert_400_naming(url, path, patch, param)
 
 
 async def test_unknown_model_and_n_are_400(url: str) -> None:
