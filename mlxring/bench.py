@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import gc
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -197,9 +198,15 @@ async def ring_bench(
 
 
 def spawn_ring(
-    model: Path, n: int, prefill_chunk: int, work: Path, one_process: bool = False
+    model: Path,
+    n: int,
+    prefill_chunk: int,
+    work: Path,
+    one_process: bool = False,
+    gpus: Sequence[str] = (),
 ) -> tuple[Config, list[subprocess.Popen[bytes]]]:
-    """N local nodes: N processes, or one process hosting all N shard actors."""
+    """N local nodes: N processes, or one process hosting all N shard actors. With `gpus`,
+    process i sees only CUDA device gpus[i % len(gpus)]."""
     lines = [
         "[cluster]",
         'name = "bench"',
@@ -227,8 +234,13 @@ def spawn_ring(
         argv = [sys.executable, "-m", "mlxring", "node", "--config", str(path), "--log-json"]
         for name in names:
             argv += ["--name", name]
+        env = dict(os.environ)
+        if gpus:
+            env["CUDA_VISIBLE_DEVICES"] = gpus[i % len(gpus)]
         procs.append(
-            subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            subprocess.Popen(
+                argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env
+            )
         )
     return config, procs
 
@@ -289,9 +301,11 @@ def run(args: argparse.Namespace) -> int:
         if not args.config:
             assert model is not None
             work = Path(tempfile.mkdtemp(prefix="mlxring-bench-"))
+            gpus = [g.strip() for g in args.gpus.split(",") if g.strip()]
             config, procs = spawn_ring(
-                model, args.nodes, args.prefill_chunk, work, args.one_process
+                model, args.nodes, args.prefill_chunk, work, args.one_process, gpus
             )
+            out["gpus"] = gpus
             out["logs"] = str(work)
         url = head_url(config)
         progress(f"waiting for the ring at {url} ...")

@@ -166,6 +166,12 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gen-tokens", type=int, default=128)
     p.add_argument("--concurrency", default="1,4,16", help="comma-separated levels")
     p.add_argument("--prefill-chunk", type=int, default=512)
+    p.add_argument(
+        "--gpus",
+        default="",
+        help="comma-separated CUDA device ids: spawned node i sees only the i-th "
+        "(a multi-GPU Linux box standing in for one accelerator per Mac)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
 
 

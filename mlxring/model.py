@@ -78,7 +78,14 @@ class ShardModel:
     """Layers [start, end) of a model, plus the embedding on the first shard and norm + head
     on the last."""
 
-    def __init__(self, model: nn.Module, config: dict[str, Any], start: int, end: int) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        config: dict[str, Any],
+        start: int,
+        end: int,
+        overlap_every: int = 1,
+    ) -> None:
         inner = getattr(model, "model", None)
         if inner is None or not all(hasattr(inner, a) for a in ("embed_tokens", "layers", "norm")):
             raise ModelError(
@@ -102,6 +109,8 @@ class ShardModel:
             self.head = lm_head if lm_head is not None else inner.embed_tokens.as_linear
             self._head_module = lm_head if lm_head is not None else inner.embed_tokens
         self.sliding_window: int | None = getattr(inner, "sliding_window", None)
+        # Decode steps hand the device work every this many layers (0: once, at the end).
+        self.overlap_every = overlap_every
 
     def modules(self) -> list[nn.Module]:
         """The modules whose parameters this shard holds."""
@@ -135,14 +144,14 @@ class ShardModel:
         # A decode step cannot overlap with the next one as in mlx-lm (the next token comes
         # around the ring first), so overlap within the step: the device runs each layer while
         # Python builds the next one.
-        overlap = h.shape[1] == 1
+        every = self.overlap_every if h.shape[1] == 1 else 0
         masks: dict[int | None, Any] = {}
-        for layer, cache in zip(self.layers, caches, strict=True):
+        for i, (layer, cache) in enumerate(zip(self.layers, caches, strict=True)):
             window = self.sliding_window if getattr(layer, "use_sliding", False) else None
             if window not in masks:
                 masks[window] = create_attention_mask(h, cache, window_size=window)
             h = layer(h, masks[window], cache)
-            if overlap:
+            if every and (i + 1) % every == 0:
                 mx.async_eval(h)
         return h
 

@@ -483,10 +483,13 @@ class Runtime:
                 return
             log.info("ring_plan", members=list(live), plan=[list(r) for r in self.plan])
             loop = asyncio.get_running_loop()
+            # Nodes of this process share one compute thread; every other node is taken to be
+            # a process (a machine) of its own.
+            stages = sum(n not in self.nodes for n in live) + any(n in self.nodes for n in live)
             for name, node in self.nodes.items():
                 rng = self.layout[name]
                 if old.get(name) == rng and node.actor.model is not None:
-                    node.actor.send(Reconfigure())
+                    node.actor.send(Reconfigure(stages=stages))
                     continue
                 path = await loop.run_in_executor(
                     None,
@@ -506,7 +509,7 @@ class Runtime:
                     gb=round(shard.parameter_bytes() / 1e9, 3),
                     seconds=round(time.perf_counter() - t0, 2),
                 )
-                node.actor.send(Reconfigure(shard))
+                node.actor.send(Reconfigure(shard, stages))
             self.unavailable = ""
             if self.head_name in self.nodes:
                 self._start_head()

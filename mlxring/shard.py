@@ -69,9 +69,11 @@ class BatchError(Exception):
 @dataclass(frozen=True)
 class Reconfigure:
     """Local: the ring re-planned. Take the new layer range (or keep the model when None) and
-    drop every request's caches: requests in flight have been failed at the head."""
+    drop every request's caches: requests in flight have been failed at the head. `stages` is
+    how many parts of the ring compute at the same time (processes, one per machine)."""
 
     model: ShardModel | None = None
+    stages: int = 1
 
 
 @dataclass(frozen=True)
@@ -152,6 +154,7 @@ class ShardActor(Actor[Message | Sweep | Reconfigure]):
         # arriving together, so the merged caches are reused step after step).
         self._group_rids: tuple[str, ...] = ()
         self._group: list[Any] = []
+        self.stages = 1
         self.busy_s = 0.0
         self.steps = 0
         self.batches = 0  # forward passes that ran more than one request
@@ -162,13 +165,14 @@ class ShardActor(Actor[Message | Sweep | Reconfigure]):
             case Reconfigure():
                 if msg.model is not None:
                     self.model = msg.model
+                self.stages = max(1, msg.stages)
                 self.requests.clear()
                 self._group_rids, self._group = (), []
             case Forward() | ForwardBatch():
                 parts: list[Forward | ForwardBatch] = [msg]
                 if self.max_batch > 1 and self._is_decode(msg):
                     await asyncio.sleep(0)  # let the rest of a convoy reach the mailbox
-                    parts += self._take_decodes(_rows(msg))
+                    parts += self._take_decodes(_rows(msg), self.convoy_rows())
                 loop = asyncio.get_running_loop()
                 if len(parts) == 1 and isinstance(msg, Forward):
                     out = await loop.run_in_executor(self.executor, self._timed, self.step, msg)
@@ -256,9 +260,15 @@ class ShardActor(Actor[Message | Sweep | Reconfigure]):
             return all(self._batchable(r) for r in msg.rows)
         return False
 
-    def _take_decodes(self, rows: int) -> list[Forward | ForwardBatch]:
-        """The decode steps waiting right behind this one, up to max_batch rows in all."""
-        room = [self.max_batch - rows]
+    def convoy_rows(self) -> int:
+        """How many requests one decode pass may carry. With several stages computing at once,
+        the requests split into one convoy per stage, so that every stage has a convoy to run
+        while the others run theirs (one convoy of all would leave all but one stage idle)."""
+        return max(1, min(self.max_batch, -(-len(self.requests) // self.stages)))
+
+    def _take_decodes(self, rows: int, limit: int) -> list[Forward | ForwardBatch]:
+        """The decode steps waiting right behind this one, up to `limit` rows in all."""
+        room = [limit - rows]
 
         def wanted(m: object) -> bool:
             if room[0] <= 0 or not self._is_decode(m):

@@ -99,6 +99,29 @@ async def test_concurrent_requests_do_not_mix_caches(tmp_path: Path) -> None:
         assert all(node.actor.batches > 0 for node in rt.nodes.values())
 
 
+def test_concurrent_requests_split_into_one_convoy_per_process(tmp_path: Path) -> None:
+    """Three processes compute at once: 8 streams travel as convoys of at most ceil(8/3) rows,
+    so each stage has a convoy to run, and every stream stays exact."""
+    import asyncio
+
+    model = tiny_model("qwen3")
+    cfg_path = write_config(tmp_path, model, 3)
+    prompts = [encode(model, f"Stream {i} of the convoy test.") for i in range(8)]
+    want = [reference(model, p, 24) for p in prompts]
+
+    async def run() -> tuple[list[list[int]], int, int, int]:
+        async with local_ring(cfg_path, ["n0"]) as rt:
+            got = await asyncio.gather(*(ring_tokens(rt, p, 24) for p in prompts))
+            a = rt.nodes["n0"].actor
+            return list(got), a.stages, a.batches, a.batched_rows
+
+    with process_ring(cfg_path, ["n1", "n2"], tmp_path):
+        got, stages, batches, rows = asyncio.run(run())
+    assert got == want
+    assert stages == 3
+    assert batches > 0 and rows / batches <= 3, (batches, rows)
+
+
 @pytest.mark.parametrize("quantize", [None, 4])
 def test_shard_holds_only_its_own_weights(quantize: int | None) -> None:
     model = tiny_model("qwen3", tie=False, quantize=quantize)

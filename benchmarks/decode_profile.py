@@ -1,0 +1,156 @@
+"""Where a ring's single-stream decode step goes, without sockets or processes.
+
+Loads a model once and decodes greedily (a) with mlx-lm's `generate_step` (the baseline, which
+builds step n+1 while the device runs step n) and (b) through the model split into shards run
+one after the other, the way the ring runs them: each shard builds its layers, syncs, and its
+output crosses the wire codec before the next shard starts. Variants hand work to the device
+every k layers (`ShardModel.overlap_every`), and one chains all shards without syncing between
+them (what the boundaries cost). Every variant's tokens are checked against the baseline's.
+
+    python benchmarks/decode_profile.py --preset qwen3-1.7b --shards 3 --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, cast
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import mlx.core as mx  # noqa: E402
+from mlx_lm import load  # noqa: E402
+from mlx_lm.generate import generate_step  # noqa: E402
+
+from mlxring import wire  # noqa: E402
+from mlxring.bench import make_prompt  # noqa: E402
+from mlxring.messages import Forward, Tensor  # noqa: E402
+from mlxring.model import ShardModel  # noqa: E402
+from mlxring.source import cache_dir  # noqa: E402
+
+
+def baseline(model: Any, prompt: list[int], n: int) -> tuple[list[int], float]:
+    """mlx-lm's tokens and its mean decode seconds per token (the first token excluded)."""
+    out, t0 = [], 0.0
+    for i, (tok, _) in enumerate(generate_step(mx.array(prompt), model, max_tokens=n)):
+        out.append(int(tok))
+        if i == 0:
+            t0 = time.perf_counter()
+    return out, (time.perf_counter() - t0) / (n - 1)
+
+
+def through_shards(
+    shards: list[ShardModel], prompt: list[int], n: int, chained: bool = False
+) -> tuple[list[int], float, list[float]]:
+    """Greedy decode through the shards in turn; tokens, seconds per token, per-shard seconds."""
+    caches = [s.make_cache() for s in shards]
+    per_shard = [0.0] * len(shards)
+
+    def step(tokens: list[int], timed: bool) -> int:
+        x: mx.array = mx.array([tokens], dtype=mx.int32)
+        for i, (s, c) in enumerate(zip(shards, caches, strict=True)):
+            t = time.perf_counter()
+            x = s(x, c)
+            if not s.is_last and not chained:
+                mx.eval(x)
+                # The activation crosses the codec as it would cross a socket.
+                f = wire.decode(wire.encode_bytes(Forward("r", 0, (0,), True, h=x))[4:])
+                assert isinstance(f, Forward) and f.h is not None
+                x = wire.to_array(f.h) if isinstance(f.h, Tensor) else f.h
+            if s.is_last:
+                logits = s.logits(x)
+                tok = cast(int, mx.argmax(logits - mx.logsumexp(logits, keepdims=True), -1).item())
+            if timed:
+                per_shard[i] += time.perf_counter() - t
+        return tok
+
+    # mlx-lm's schedule with its default 2048-token prefill step: all but the last prompt
+    # token in one pass (caches only), then the last token samples.
+    x: mx.array = mx.array([prompt[:-1]], dtype=mx.int32)
+    for s, c in zip(shards, caches, strict=True):
+        x = s(x, c)
+    mx.eval([cc.state for c in caches for cc in c])
+    out = [step([prompt[-1]], False)]
+    t0 = time.perf_counter()
+    for _ in range(n - 1):
+        out.append(step([out[-1]], True))
+    dt = time.perf_counter() - t0
+    return out, dt / (n - 1), [p / (n - 1) for p in per_shard]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="")
+    ap.add_argument("--preset", default="qwen3-1.7b")
+    ap.add_argument("--shards", type=int, default=3)
+    ap.add_argument("--prompt-tokens", type=int, default=512)
+    ap.add_argument("--gen-tokens", type=int, default=128)
+    ap.add_argument("--every", default="0,1,2,3,5", help="overlap_every values to try")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    if args.model:
+        path = Path(args.model)
+    else:
+        from mlxring.makemodel import make_model
+
+        path = cache_dir() / f"bench-qwen3-{args.preset}"
+        if not (path / "config.json").exists():
+            make_model(path, family="qwen3", preset=args.preset)
+    model, _ = load(str(path))[:2]
+    config = json.loads((path / "config.json").read_text())
+    prompt = make_prompt(path, args.prompt_tokens)
+    n_layers = len(model.model.layers)
+    sizes = [n_layers // args.shards + (i < n_layers % args.shards) for i in range(args.shards)]
+    plan = [(sum(sizes[:i]), sum(sizes[: i + 1])) for i in range(args.shards)]
+    baseline(model, prompt[:16], 4)  # warm-up
+    want, base_s = baseline(model, prompt, args.gen_tokens)
+    base_s = min(base_s, baseline(model, prompt, args.gen_tokens)[1])
+    rows: list[dict[str, Any]] = []
+
+    def record(name: str, every: int, chained: bool) -> None:
+        shards = [ShardModel(model, config, a, b, every) for a, b in plan]
+        through_shards(shards, prompt[:16], 4, chained)  # warm-up
+        best: tuple[list[int], float, list[float]] | None = None
+        for _ in range(2):
+            r = through_shards(shards, prompt, args.gen_tokens, chained)
+            best = r if best is None or r[1] < best[1] else best
+        assert best is not None
+        toks, sec, per = best
+        rows.append(
+            {
+                "variant": name,
+                "overlap_every": every,
+                "ms_per_token": 1000 * sec,
+                "ratio": base_s / sec,
+                "shard_ms": [round(1000 * p, 3) for p in per],
+                "exact": toks == want,
+            }
+        )
+
+    for k in (int(v) for v in args.every.split(",")):
+        record("serial", k, False)
+    record("chained", 1, True)
+    result = {
+        "model": str(path),
+        "device": str(mx.default_device()),
+        "plan": plan,
+        "baseline_ms_per_token": 1000 * base_s,
+        "rows": rows,
+    }
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"baseline (mlx-lm generate_step): {1000 * base_s:.3f} ms/token  plan {plan}")
+        for r in rows:
+            print(
+                f"{r['variant']:>8} every={r['overlap_every']}  {r['ms_per_token']:.3f} ms/token"
+                f"  ratio {r['ratio']:.3f}  shards {r['shard_ms']}  exact={r['exact']}"
+            )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# The GPU numbers in RESULTS.md, on the device machine (see ../shared/gpu/README.md):
+#   source .gpu/b/setup.sh && bash benchmarks/gpu_run.sh [step ...]
+# Steps: profile, sep (3 processes, one GPU each), prefill (2048-token prompt, one GPU each),
+# shared (3 processes on one GPU), one (one process). Each writes JSON under $OUT (or /tmp/out).
+set -u
+out=${OUT:-/tmp/out}
+mkdir -p "$out"
+export MLXRING_CACHE=${MLXRING_CACHE:-/tmp/mlxring-cache}
+nvidia-smi -L > "$out/gpus.txt" 2>&1
+bench="python3 -m mlxring bench --preset qwen3-1.7b --nodes 3 --json"
+for step in "${@:-profile sep prefill shared}"; do
+  for s in $step; do
+    echo "== $s $(date -u +%H:%M:%S)"
+    case $s in
+      profile) CUDA_VISIBLE_DEVICES=0 timeout 300 python3 benchmarks/decode_profile.py --json ;;
+      sep) CUDA_VISIBLE_DEVICES=0 timeout 300 $bench --gpus 1,2,3 --prompt-tokens 512 \
+             --gen-tokens 128 --concurrency 1,4,16 ;;
+      prefill) CUDA_VISIBLE_DEVICES=0 timeout 300 $bench --gpus 1,2,3 --prompt-tokens 2048 \
+             --gen-tokens 16 --concurrency 1 --prefill-chunk "${CHUNK:-512}" ;;
+      shared) CUDA_VISIBLE_DEVICES=0 timeout 300 $bench --gpus 0 --prompt-tokens 512 \
+             --gen-tokens 128 --concurrency 1,4,16 ;;
+      one) CUDA_VISIBLE_DEVICES=0 timeout 300 $bench --one-process --prompt-tokens 512 \
+             --gen-tokens 128 --concurrency 1,4,16 ;;
+    esac > "$out/$s.json" 2> "$out/$s.err"
+    echo "rc=$? $(tail -c 600 "$out/$s.json")"
+  done
+done
