@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -42,18 +43,27 @@ def baseline(model: Any, prompt: list[int], n: int) -> tuple[list[int], float]:
     return out, (time.perf_counter() - t0) / (n - 1)
 
 
+def first_diff(a: list[int], b: list[int]) -> int | None:
+    """The first step where two token lists differ (None: equal)."""
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), None)
+
+
 def through_shards(
     shards: list[ShardModel], prompt: list[int], n: int, chained: bool = False
-) -> tuple[list[int], float, list[float]]:
-    """Greedy decode through the shards in turn; tokens, seconds per token, per-shard seconds."""
+) -> tuple[list[int], float, list[float], list[float]]:
+    """Greedy decode through the shards in turn; tokens, seconds per token, per-shard seconds,
+    and per-shard seconds spent building the graph (Python, before the shard's sync)."""
     caches = [s.make_cache() for s in shards]
     per_shard = [0.0] * len(shards)
+    per_build = [0.0] * len(shards)
 
     def step(tokens: list[int], timed: bool) -> int:
         x: mx.array = mx.array([tokens], dtype=mx.int32)
         for i, (s, c) in enumerate(zip(shards, caches, strict=True)):
             t = time.perf_counter()
             x = s(x, c)
+            if timed:
+                per_build[i] += time.perf_counter() - t
             if not s.is_last and not chained:
                 mx.eval(x)
                 # The activation crosses the codec as it would cross a socket.
@@ -78,7 +88,7 @@ def through_shards(
     for _ in range(n - 1):
         out.append(step([out[-1]], True))
     dt = time.perf_counter() - t0
-    return out, dt / (n - 1), [p / (n - 1) for p in per_shard]
+    return out, dt / (n - 1), [p / (n - 1) for p in per_shard], [p / (n - 1) for p in per_build]
 
 
 def main() -> int:
@@ -107,18 +117,19 @@ def main() -> int:
     plan = [(sum(sizes[:i]), sum(sizes[: i + 1])) for i in range(args.shards)]
     baseline(model, prompt[:16], 4)  # warm-up
     want, base_s = baseline(model, prompt, args.gen_tokens)
-    base_s = min(base_s, baseline(model, prompt, args.gen_tokens)[1])
+    again, again_s = baseline(model, prompt, args.gen_tokens)
+    base_s = min(base_s, again_s)
     rows: list[dict[str, Any]] = []
 
-    def record(name: str, every: int, chained: bool) -> None:
-        shards = [ShardModel(model, config, a, b, every) for a, b in plan]
+    def record(name: str, every: int, chained: bool, layout: list[tuple[int, int]]) -> None:
+        shards = [ShardModel(model, config, a, b, every) for a, b in layout]
         through_shards(shards, prompt[:16], 4, chained)  # warm-up
-        best: tuple[list[int], float, list[float]] | None = None
+        best: tuple[list[int], float, list[float], list[float]] | None = None
         for _ in range(2):
             r = through_shards(shards, prompt, args.gen_tokens, chained)
             best = r if best is None or r[1] < best[1] else best
         assert best is not None
-        toks, sec, per = best
+        toks, sec, per, build = best
         rows.append(
             {
                 "variant": name,
@@ -126,28 +137,40 @@ def main() -> int:
                 "ms_per_token": 1000 * sec,
                 "ratio": base_s / sec,
                 "shard_ms": [round(1000 * p, 3) for p in per],
+                "build_ms": [round(1000 * p, 3) for p in build],
                 "exact": toks == want,
+                "first_diff": first_diff(toks, want),
             }
         )
 
     for k in (int(v) for v in args.every.split(",")):
-        record("serial", k, False)
-    record("chained", 1, True)
+        record("serial", k, False, plan)
+    # The whole model as one shard: what syncing once per token costs against mlx-lm.
+    record("one-shard", 1, False, [(0, n_layers)])
+    record("one-shard", 0, False, [(0, n_layers)])
+    record("chained", 1, True, plan)
     result = {
         "model": str(path),
         "device": str(mx.default_device()),
         "plan": plan,
         "baseline_ms_per_token": 1000 * base_s,
+        # mlx-lm against itself: whether the device gives the same tokens twice.
+        "baseline_first_diff": first_diff(again, want),
+        "env": {k: v for k, v in os.environ.items() if k.startswith("MLX_")},
         "rows": rows,
     }
     if args.json:
         print(json.dumps(result))
     else:
-        print(f"baseline (mlx-lm generate_step): {1000 * base_s:.3f} ms/token  plan {plan}")
+        print(
+            f"baseline (mlx-lm generate_step): {1000 * base_s:.3f} ms/token  plan {plan}"
+            f"  repeat differs at {result['baseline_first_diff']}"
+        )
         for r in rows:
             print(
                 f"{r['variant']:>8} every={r['overlap_every']}  {r['ms_per_token']:.3f} ms/token"
-                f"  ratio {r['ratio']:.3f}  shards {r['shard_ms']}  exact={r['exact']}"
+                f"  ratio {r['ratio']:.3f}  shards {r['shard_ms']} build {r['build_ms']}"
+                f"  exact={r['exact']} first_diff={r['first_diff']}"
             )
     return 0
 

@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # The GPU numbers in RESULTS.md, on the device machine (see ../shared/gpu/README.md):
 #   source .gpu/b/setup.sh && bash benchmarks/gpu_run.sh [step ...]
-# Steps: profile, sep (3 processes, one GPU each), prefill (2048-token prompt, one GPU each),
-# shared (3 processes on one GPU), one (one process). Each writes JSON under $OUT (or /tmp/out).
+# Steps: profile, sep (3 processes, one GPU each; GPUS=0 on a one-GPU machine), prefill
+# (2048-token prompt, one GPU each),
+# shared (3 processes on one GPU), mps (the same under CUDA MPS, so the processes share the GPU
+# without time-slicing between contexts), one (one process), tiny (the tiny preset: the ring's
+# own cost per token, compute being almost nothing). Each writes JSON under $OUT (or /tmp/out).
 set -u
 out=${OUT:-/tmp/out}
 mkdir -p "$out"
@@ -14,12 +17,19 @@ for step in "${@:-profile sep prefill shared}"; do
     echo "== $s $(date -u +%H:%M:%S)"
     case $s in
       profile) CUDA_VISIBLE_DEVICES=0 timeout 300 python3 benchmarks/decode_profile.py --json ;;
-      sep) CUDA_VISIBLE_DEVICES=0 timeout 300 $bench --gpus 1,2,3 --prompt-tokens 512 \
+      sep) CUDA_VISIBLE_DEVICES=0 timeout 300 $bench --gpus "${GPUS:-1,2,3}" --prompt-tokens 512 \
              --gen-tokens 128 --concurrency 1,4,16 ;;
-      prefill) CUDA_VISIBLE_DEVICES=0 timeout 300 $bench --gpus 1,2,3 --prompt-tokens 2048 \
+      prefill) CUDA_VISIBLE_DEVICES=0 timeout 300 $bench --gpus "${GPUS:-1,2,3}" --prompt-tokens 2048 \
              --gen-tokens 16 --concurrency 1 --prefill-chunk "${CHUNK:-512}" ;;
       shared) CUDA_VISIBLE_DEVICES=0 timeout 300 $bench --gpus 0 --prompt-tokens 512 \
              --gen-tokens 128 --concurrency 1,4,16 ;;
+      mps) export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps CUDA_MPS_LOG_DIRECTORY=/tmp/mps-log
+           mkdir -p /tmp/mps /tmp/mps-log && nvidia-cuda-mps-control -d
+           CUDA_VISIBLE_DEVICES=0 timeout 300 $bench --gpus 0 --prompt-tokens 512 \
+             --gen-tokens 128 --concurrency 1,4,16
+           echo quit | nvidia-cuda-mps-control; unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY ;;
+      tiny) CUDA_VISIBLE_DEVICES=0 timeout 200 python3 -m mlxring bench --preset tiny --nodes 3 \
+             --json --prompt-tokens 64 --gen-tokens 256 --concurrency 1,16 ;;
       one) CUDA_VISIBLE_DEVICES=0 timeout 300 $bench --one-process --prompt-tokens 512 \
              --gen-tokens 128 --concurrency 1,4,16 ;;
     esac > "$out/$s.json" 2> "$out/$s.err"
