@@ -13,6 +13,8 @@ from typing import Generic, TypeVar
 
 import structlog
 
+from mlxring.aio import wait_for
+
 M = TypeVar("M")
 _STOP = object()
 
@@ -52,7 +54,7 @@ class Actor(Generic[M]):
         self._mailbox.append(_STOP)
         self._ready.set()
         try:
-            await asyncio.wait_for(asyncio.shield(self._task), timeout)
+            await wait_for(asyncio.shield(self._task), timeout)
         except TimeoutError:
             self._task.cancel()
         self._task = None

@@ -43,6 +43,7 @@ import structlog
 from aiohttp import web
 from mlx_lm.tokenizer_utils import BPEStreamingDetokenizer
 
+from mlxring.aio import wait_for
 from mlxring.engine import GeneratedToken, RingUnavailable
 from mlxring.messages import SamplingParams
 from mlxring.metrics import Metrics, QueueDepth, TokenTimer
@@ -572,7 +573,7 @@ class Admission:
             raise self._busy("The server is at capacity", "queue_full")
         self.waiting += 1
         try:
-            await asyncio.wait_for(self._sem.acquire(), self.wait_s)
+            await wait_for(self._sem.acquire(), self.wait_s)
         except TimeoutError:
             raise self._busy(
                 f"No generation slot freed up within {self.wait_s:g} s", "queue_timeout"

@@ -6,8 +6,10 @@ import argparse
 import asyncio
 import contextlib
 import ipaddress
+import os
 import signal
 import sys
+import threading
 from collections.abc import Sequence
 
 from mlxring import makemodel
@@ -87,10 +89,28 @@ async def _serve(config: Config, names: list[str]) -> int:
     log.info("node_started", nodes=names, plan=[list(r) for r in runtime.plan])
     await stop.wait()
     log.info("node_stopping")
+    _exit_after(STOP_DEADLINE_S)
     for s in servers:
         await s.cleanup()
     await runtime.stop()
     return 0
+
+
+STOP_DEADLINE_S = 30.0  # a stopping node exits by then, whatever is still running
+
+
+def _exit_after(seconds: float) -> None:
+    """Backstop for "no hangs": each stop step has its own timeout, but a task that ignores
+    cancellation (a library's, or ours on a bad day) would keep asyncio.run from returning."""
+
+    def force() -> None:
+        sys.stderr.write(f"mlxring: node still stopping after {seconds:.0f} s; exiting\n")
+        sys.stderr.flush()
+        os._exit(1)
+
+    timer = threading.Timer(seconds, force)
+    timer.daemon = True
+    timer.start()
 
 
 def build_parser() -> argparse.ArgumentParser:

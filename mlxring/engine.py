@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import structlog
 
+from mlxring.aio import wait_for
 from mlxring.messages import End, Failure, Forward, Message, SamplingParams, Token
 
 log = structlog.get_logger()
@@ -126,7 +127,7 @@ class Engine:
 
     async def _next(self, q: asyncio.Queue[Token | Failure], rid: str) -> Token:
         try:
-            msg = await asyncio.wait_for(q.get(), self.step_timeout_s)
+            msg = await wait_for(q.get(), self.step_timeout_s)
         except TimeoutError:
             raise RingUnavailable(
                 f"no token came back within {self.step_timeout_s:g} s (request {rid})"

@@ -19,10 +19,12 @@ from dataclasses import dataclass
 import structlog
 
 from mlxring import wire
+from mlxring.aio import wait_for
 from mlxring.messages import Hello, Message, Ping, Pong, Proof
 
 log = structlog.get_logger()
 
+STOP_S = 2.0  # how long stop() waits for the reconnect loop to end
 HIGH_WATER = 4 * 1024 * 1024  # bytes queued in the transport before a sender waits for drain
 
 
@@ -52,7 +54,7 @@ def _write(writer: asyncio.StreamWriter, msg: Message) -> None:
 
 
 async def _read(reader: asyncio.StreamReader, s: LinkSettings, timeout: float) -> Message:
-    return await asyncio.wait_for(wire.read_frame(reader, s.max_frame), timeout)
+    return await wait_for(wire.read_frame(reader, s.max_frame), timeout)
 
 
 def _check_hello(msg: Message, s: LinkSettings) -> Hello:
@@ -113,7 +115,7 @@ def _tune(writer: asyncio.StreamWriter) -> None:
 async def _close(writer: asyncio.StreamWriter) -> None:
     writer.close()
     try:
-        await asyncio.wait_for(writer.wait_closed(), 1.0)
+        await wait_for(writer.wait_closed(), 1.0)
     except (TimeoutError, OSError, ConnectionError):
         pass
 
@@ -134,6 +136,7 @@ class Peer:
         self._on_state = on_state
         self._writer: asyncio.StreamWriter | None = None
         self._task: asyncio.Task[None] | None = None
+        self._stopping = False
         self._up = asyncio.Event()
         self.reconnects = 0
         self.last_pong = 0.0
@@ -149,12 +152,13 @@ class Peer:
         )
 
     async def stop(self) -> None:
+        self._stopping = True  # the reconnect loop ends even if a cancel goes astray
         if self._task is not None:
             self._task.cancel()
-            try:
-                await self._task
-            except (asyncio.CancelledError, Exception):  # noqa: BLE001 - stopping anyway
-                pass
+            done, _ = await asyncio.wait({self._task}, timeout=STOP_S)
+            for t in done:  # its last error, if any, is of no interest now
+                if not t.cancelled():
+                    t.exception()
             self._task = None
         if self._writer is not None:
             await _close(self._writer)
@@ -162,7 +166,7 @@ class Peer:
 
     async def wait_up(self, timeout: float) -> bool:
         try:
-            await asyncio.wait_for(self._up.wait(), timeout)
+            await wait_for(self._up.wait(), timeout)
             return True
         except TimeoutError:
             return False
@@ -174,7 +178,7 @@ class Peer:
         _write(writer, msg)
         if writer.transport.get_write_buffer_size() > HIGH_WATER:
             try:
-                await asyncio.wait_for(writer.drain(), self.s.down_after_s)
+                await wait_for(writer.drain(), self.s.down_after_s)
             except (TimeoutError, ConnectionError) as e:
                 self._drop(writer, f"send stalled: {e!r}")
                 raise LinkError(f"link to {self.name} stalled") from None
@@ -189,13 +193,13 @@ class Peer:
 
     async def _maintain(self) -> None:
         backoff = 0.05
-        while True:
+        while not self._stopping:
             addr = self._address()
             if addr is None:
                 await asyncio.sleep(self.s.heartbeat_s)
                 continue
             try:
-                reader, writer = await asyncio.wait_for(
+                reader, writer = await wait_for(
                     asyncio.open_connection(*addr), self.s.connect_timeout_s
                 )
             except (OSError, TimeoutError):
@@ -289,7 +293,7 @@ class Listener:
             w.close()
         if self._server is not None:
             try:
-                await asyncio.wait_for(self._server.wait_closed(), 2.0)
+                await wait_for(self._server.wait_closed(), 2.0)
             except TimeoutError:
                 pass
             self._server = None

@@ -26,6 +26,7 @@ from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_lm.utils import load_config, load_tokenizer
 
 from mlxring import device, source
+from mlxring.aio import wait_for
 from mlxring.config import Config, NodeConfig
 from mlxring.discovery import Discovery, PeerInfo, resolve_interfaces
 from mlxring.engine import Engine
@@ -394,7 +395,7 @@ class Runtime:
         self.executor.shutdown(wait=False, cancel_futures=True)
         join = asyncio.get_running_loop().run_in_executor(None, self.executor.shutdown, True)
         with contextlib.suppress(TimeoutError):  # a step still running gets 10 s to finish
-            await asyncio.wait_for(join, 10)
+            await wait_for(join, 10)
 
     async def wait_ready(self, timeout: float) -> bool:
         """True once the head has seen a probe come back around the whole ring (a process
@@ -446,7 +447,7 @@ class Runtime:
         settle = self.config.cluster.heartbeat_s
         while True:
             try:
-                await asyncio.wait_for(self._changed.wait(), settle / 2)
+                await wait_for(self._changed.wait(), settle / 2)
             except TimeoutError:
                 pass
             self._changed.clear()

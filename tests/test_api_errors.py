@@ -18,6 +18,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from mlxring import aio
 from mlxring.config import load_config
 from mlxring.node import Runtime
 
@@ -400,7 +401,7 @@ async def test_node_lost_mid_stream_ends_with_an_error_event(tmp_path: Path) -> 
                     await r.content.readuntil(b"\n\n")
                     procs["n1"].kill()
                     t0 = time.monotonic()
-                    events = (await asyncio.wait_for(r.read(), 15)).split(b"\n\n")
+                    events = (await aio.wait_for(r.read(), 15)).split(b"\n\n")
                     assert time.monotonic() - t0 < 10
             assert events[-1] == b"" and events[-2] == b"data: [DONE]"
             error = json.loads(events[-3].removeprefix(b"data: "))

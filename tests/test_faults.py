@@ -7,6 +7,7 @@ import asyncio
 import time
 from pathlib import Path
 
+from mlxring import aio
 from mlxring.engine import RingUnavailable
 from mlxring.node import Runtime
 
@@ -20,6 +21,7 @@ from .ringutil import (
     tiny_model,
     wait_for,
     write_config,
+    write_valid_config,
 )
 
 FAST = "heartbeat_s = 0.25\ndown_after_s = 1.5"
@@ -52,7 +54,7 @@ def test_kill_the_middle_node_then_bring_it_back(tmp_path: Path) -> None:
             await asyncio.sleep(1.0)
             procs["n1"].kill()
             killed = time.monotonic()
-            results = await asyncio.wait_for(asyncio.gather(*streams), 10)
+            results = await aio.wait_for(asyncio.gather(*streams), 10)
             assert all(outcome == "unavailable" for outcome, _, _ in results)
             assert time.monotonic() - killed < 10
             # Survivors re-plan over two nodes and serve the exact output again.
@@ -151,3 +153,24 @@ def test_a_long_prefill_does_not_look_like_a_dead_ring(tmp_path: Path) -> None:
     got, took = asyncio.run(run())
     assert took > 0.3, f"the prefill took {took:.2f} s: too short to prove anything"
     assert got == want
+
+
+def test_sigterm_to_every_node_at_once_all_exit_promptly(tmp_path: Path) -> None:
+    """Stopping a whole ring (as a service manager or Ctrl-C in every terminal does): each node
+    sees its neighbours vanish while it stops, and must still exit, cleanly and soon."""
+    import signal
+
+    model = tiny_model("qwen3")
+    for round_ in range(2):
+        where = tmp_path / str(round_)
+        where.mkdir()
+        cfg = write_valid_config(where, model, 3, extra_cluster=FAST)
+        with process_ring(cfg, ["n0", "n1", "n2"], where) as procs:
+            for p in procs.values():
+                p.wait_log('"node_started"', 60)
+            for p in procs.values():
+                p.proc.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + 8
+            for p in procs.values():
+                code = p.proc.wait(max(0.1, deadline - time.monotonic()))
+                assert code == 0, f"{p.name} exited {code}:\n{p.log()[-2000:]}"

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import struct
 from pathlib import Path
 
 import msgpack
 import pytest
 
-from mlxring import wire
+from mlxring import aio, wire
 from mlxring.link import LinkError, LinkSettings, Listener, Peer, handshake_connect
 from mlxring.messages import End, Forward, Message, Token
 
@@ -112,7 +113,7 @@ async def _junk_client(host: str, port: int, rounds: int) -> int:
     frames = junk_frames()
     for i in range(rounds):
         try:
-            reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 2)
+            reader, writer = await aio.wait_for(asyncio.open_connection(host, port), 2)
             if i % 2:  # half the time, pass the handshake first: junk from a "member"
                 await handshake_connect(reader, writer, settings("n0", cluster="test"))
             for f in frames:
@@ -155,3 +156,26 @@ def test_junk_on_a_ring_port_does_not_disturb_generation(tmp_path: Path) -> None
     assert len(during) >= 2 and all(got == want for got in during) and again == want
     assert alive, "the node must survive junk"
     assert '"bad_frame"' in log and '"peer_refused"' in log
+
+
+def test_a_reconnecting_peer_stops_promptly_whenever_it_is_stopped() -> None:
+    """A peer whose next node is gone loops connect/fail/back off; stopping it at any moment
+    of that loop must end it (on 3.11 a cancel landing as a connect failed used to be lost, and
+    the node never exited). On uvloop, as the node runs."""
+    import uvloop
+
+    port = free_port()
+    rng = random.Random(7)
+
+    async def stop_at_random_moments() -> None:
+        for _ in range(10):  # many peers at once: some connect is always just completing
+            peers = [Peer(settings("a"), "b", lambda: ("127.0.0.1", port)) for _ in range(40)]
+            for peer in peers:
+                peer.start()
+            await asyncio.sleep(rng.uniform(0, 0.02))
+            await aio.wait_for(asyncio.gather(*(p.stop() for p in peers)), 3.0)
+            running = [t for t in asyncio.all_tasks() if t.get_name() == "peer:b" and not t.done()]
+            assert not running
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(stop_at_random_moments())

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from mlxring import aio
 from mlxring.top import Sample, Style, bar, busy_share, render, tokens_per_s
 
 from .ringutil import ROOT, local_ring, serve_api, tiny_model, write_valid_config
@@ -34,7 +35,7 @@ async def run_top(config: Path, *args: str, stop_after: float | None = None) -> 
     if stop_after is not None:
         await asyncio.sleep(stop_after)
         proc.send_signal(signal.SIGINT)
-    out, _ = await asyncio.wait_for(proc.communicate(), 30)
+    out, _ = await aio.wait_for(proc.communicate(), 30)
     assert proc.returncode is not None
     return proc.returncode, out.decode()
 

@@ -22,6 +22,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from mlxring import aio
 from mlxring.config import ConfigError, load_config
 
 from .ringutil import ROOT, free_port, local_ring, serve_api, tiny_model
@@ -102,7 +103,7 @@ class Cdp:
         fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._pending[i] = fut
         await self.ws.send_json({"id": i, "method": method, "params": params})
-        reply = await asyncio.wait_for(fut, 30)
+        reply = await aio.wait_for(fut, 30)
         if "error" in reply:
             raise RuntimeError(f"{method}: {reply['error']}")
         result: dict[str, Any] = reply.get("result", {})
@@ -173,7 +174,7 @@ async def chromium(tmp_path: Path) -> AsyncIterator[Cdp]:
         if proc.returncode is None:
             proc.terminate()
             try:
-                await asyncio.wait_for(proc.wait(), 10)
+                await aio.wait_for(proc.wait(), 10)
             except TimeoutError:
                 proc.kill()
                 await proc.wait()
