@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU numbers in RESULTS.md, on the device machine (see ../shared/gpu/README.md):
 #   source .gpu/b/setup.sh && bash benchmarks/gpu_run.sh [step ...]
-# Steps: profile, sep (3 processes, one GPU each; GPUS=0 on a one-GPU machine), prefill
+# Steps: profile, sep (NODES processes, default 3, one GPU each: GPUS=0,1 on a two-GPU machine,
+# GPUS=0 on a one-GPU one), prefill
 # (2048-token prompt, one GPU each),
 # shared (3 processes on one GPU), mps (the same under CUDA MPS, so the processes share the GPU
 # without time-slicing between contexts), one (one process), tiny (the tiny preset: the ring's
@@ -11,7 +12,7 @@ out=${OUT:-/tmp/out}
 mkdir -p "$out"
 export MLXRING_CACHE=${MLXRING_CACHE:-/tmp/mlxring-cache}
 nvidia-smi -L > "$out/gpus.txt" 2>&1
-bench="python3 -m mlxring bench --preset qwen3-1.7b --nodes 3 --json"
+bench="python3 -m mlxring bench --preset qwen3-1.7b --nodes ${NODES:-3} --json"
 for step in "${@:-profile sep prefill shared}"; do
   for s in $step; do
     echo "== $s $(date -u +%H:%M:%S)"

@@ -140,6 +140,14 @@ async def node_work(
     }
 
 
+async def settled_work(
+    s: aiohttp.ClientSession, url: str, api_key: str
+) -> dict[str, tuple[float, int]]:
+    """node_work once the counters have caught up (they ride on the once-a-second probe)."""
+    await asyncio.sleep(1.2)
+    return await node_work(s, url, api_key)
+
+
 def pct(xs: Sequence[float], p: float) -> float:
     s = sorted(xs)
     return s[min(len(s) - 1, int(p / 100 * len(s)))] if s else 0.0
@@ -152,21 +160,22 @@ async def ring_bench(
     async with aiohttp.ClientSession(timeout=timeout) as s:
         await stream_completion(s, url, prompt[:16], 4, api_key)  # warm-up
         progress("ring: prefill and time to first token ...")
+        before = await settled_work(s, url, api_key)
         prefill = [await stream_completion(s, url, prompt, 1, api_key) for _ in range(2)]
         ttft = min(r.ttft_s for r in prefill)
+        prefilled = await settled_work(s, url, api_key)
         progress("ring: single-stream decode ...")
-        before = await node_work(s, url, api_key)
         single = [await stream_completion(s, url, prompt, gen_tokens, api_key) for _ in range(2)]
         decode = max((r.tokens - 1) / r.decode_s for r in single if r.decode_s > 0)
-        await asyncio.sleep(1.0)  # the next probe brings every node's counters
-        after = await node_work(s, url, api_key)
-        # Mean compute time of one step on each shard while single streams decoded: what the
-        # ring spends per token beyond their sum is hops, sync and Python around the compute.
-        step_ms = {
-            n: 1000 * (after[n][0] - before[n][0]) / max(1, after[n][1] - before[n][1])
-            for n in after
-            if n in before
-        }
+        after = await settled_work(s, url, api_key)
+        # Mean compute time of one decode step on each shard: the single streams' work less
+        # their prompts' (the same as the two prefill runs'). What the ring spends per token
+        # beyond the sum is hops, sync and Python around the compute.
+        step_ms = {}
+        for n in set(before) & set(prefilled) & set(after):
+            busy = (after[n][0] - prefilled[n][0]) - (prefilled[n][0] - before[n][0])
+            steps = (after[n][1] - prefilled[n][1]) - (prefilled[n][1] - before[n][1])
+            step_ms[n] = 1000 * busy / max(1, steps)
         aggregate = {}
         for c in levels:
             progress(f"ring: {c} concurrent streams ...")
