@@ -160,21 +160,22 @@ async def ring_bench(
     async with aiohttp.ClientSession(timeout=timeout) as s:
         await stream_completion(s, url, prompt[:16], 4, api_key)  # warm-up
         progress("ring: prefill and time to first token ...")
-        before = await settled_work(s, url, api_key)
-        prefill = [await stream_completion(s, url, prompt, 1, api_key) for _ in range(2)]
+        prefill = [await stream_completion(s, url, prompt, 1, api_key)]
+        before = await settled_work(s, url, api_key)  # the first long prompt may warm things up
+        prefill.append(await stream_completion(s, url, prompt, 1, api_key))
         ttft = min(r.ttft_s for r in prefill)
         prefilled = await settled_work(s, url, api_key)
         progress("ring: single-stream decode ...")
         single = [await stream_completion(s, url, prompt, gen_tokens, api_key) for _ in range(2)]
         decode = max((r.tokens - 1) / r.decode_s for r in single if r.decode_s > 0)
         after = await settled_work(s, url, api_key)
-        # Mean compute time of one decode step on each shard: the single streams' work less
-        # their prompts' (the same as the two prefill runs'). What the ring spends per token
+        # Mean compute time of one decode step on each shard: the two single streams' work less
+        # their prompts' (twice the second prefill run's). What the ring spends per token
         # beyond the sum is hops, sync and Python around the compute.
         step_ms = {}
         for n in set(before) & set(prefilled) & set(after):
-            busy = (after[n][0] - prefilled[n][0]) - (prefilled[n][0] - before[n][0])
-            steps = (after[n][1] - prefilled[n][1]) - (prefilled[n][1] - before[n][1])
+            busy = (after[n][0] - prefilled[n][0]) - 2 * (prefilled[n][0] - before[n][0])
+            steps = (after[n][1] - prefilled[n][1]) - 2 * (prefilled[n][1] - before[n][1])
             step_ms[n] = 1000 * busy / max(1, steps)
         aggregate = {}
         for c in levels:

@@ -84,7 +84,7 @@ class ShardModel:
         config: dict[str, Any],
         start: int,
         end: int,
-        overlap_every: int = 1,
+        overlap_every: int | None = None,
     ) -> None:
         inner = getattr(model, "model", None)
         if inner is None or not all(hasattr(inner, a) for a in ("embed_tokens", "layers", "norm")):
@@ -109,8 +109,12 @@ class ShardModel:
             self.head = lm_head if lm_head is not None else inner.embed_tokens.as_linear
             self._head_module = lm_head if lm_head is not None else inner.embed_tokens
         self.sliding_window: int | None = getattr(inner, "sliding_window", None)
-        # Decode steps hand the device work every this many layers (0: once, at the end).
-        self.overlap_every = overlap_every
+        # Decode steps hand the device work every this many layers (0: once, at the end). By
+        # default three times a step: each hand-off costs ~0.15 ms on CUDA, and one per layer
+        # was 10% slower there than one per 3-4 layers (benchmarks/decode_profile.py).
+        self.overlap_every = (
+            overlap_every if overlap_every is not None else -(-len(self.layers) // 3)
+        )
 
     def modules(self) -> list[nn.Module]:
         """The modules whose parameters this shard holds."""
@@ -142,8 +146,8 @@ class ShardModel:
         """Token ids [B, L] on the first shard, hidden states [B, L, D] elsewhere."""
         h = self.embed(x) if self.embed is not None else x
         # A decode step cannot overlap with the next one as in mlx-lm (the next token comes
-        # around the ring first), so overlap within the step: the device runs each layer while
-        # Python builds the next one.
+        # around the ring first), so overlap within the step: the device runs the first layers
+        # while Python builds the next ones.
         every = self.overlap_every if h.shape[1] == 1 else 0
         masks: dict[int | None, Any] = {}
         for i, (layer, cache) in enumerate(zip(self.layers, caches, strict=True)):

@@ -170,7 +170,7 @@ class ShardActor(Actor[Message | Sweep | Reconfigure]):
                 self._group_rids, self._group = (), []
             case Forward() | ForwardBatch():
                 parts: list[Forward | ForwardBatch] = [msg]
-                if self.max_batch > 1 and self._is_decode(msg):
+                if self.max_batch > 1 and len(self.requests) > 1 and self._is_decode(msg):
                     await asyncio.sleep(0)  # let the rest of a convoy reach the mailbox
                     parts += self._take_decodes(_rows(msg), self.convoy_rows())
                 loop = asyncio.get_running_loop()
