@@ -1,15 +1,17 @@
 """Frame cost: encode+decode of a [1, 4096] bf16 activation, and the loopback round trip of
 one such frame through a real link (Peer -> Listener -> back), p50 / p99.
 
-    .venv/bin/python benchmarks/wire_bench.py [--hidden 4096] [--n 2000] [--json]
+    .venv/bin/python benchmarks/wire_bench.py [--hidden 4096] [--n 2000] [--processes] [--json]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import statistics
+import sys
 import time
 
 import mlx.core as mx
@@ -40,36 +42,61 @@ def codec(hidden: int, n: int) -> dict[str, float]:
     return {"codec_us_p50": pct(times, 50) * 1e6, "codec_us_p99": pct(times, 99) * 1e6}
 
 
-async def round_trip(hidden: int, n: int) -> dict[str, float]:
-    """A -> B over one link and B -> A over another: the time of one ring hop there and back."""
-    s = dict(cluster="bench", heartbeat_s=1.0, down_after_s=5.0)
-    h = mx.random.normal((1, 1, hidden)).astype(mx.bfloat16)
-    mx.eval(h)
-    back: asyncio.Queue[Message] = asyncio.Queue()
-    port_b, port_a = 47311, 47312
-    to_a = Peer(LinkSettings(node="b", **s), "a", lambda: ("127.0.0.1", port_a))  # type: ignore[arg-type]
+def settings(node: str) -> LinkSettings:
+    return LinkSettings(cluster="bench", node=node, heartbeat_s=1.0, down_after_s=5.0)
+
+
+PORT_B, PORT_A = 47311, 47312
+
+
+async def relay(port_in: int, port_out: int) -> None:
+    """Node B: every frame that arrives on `port_in` goes straight back out to `port_out`."""
+    to_a = Peer(settings("b"), "a", lambda: ("127.0.0.1", port_out))
 
     def at_b(msg: Message, peer: str) -> None:
         asyncio.get_running_loop().create_task(to_a.send(msg))  # relay as received
 
-    lb = Listener(LinkSettings(node="b", **s), "127.0.0.1", port_b, at_b)  # type: ignore[arg-type]
-    la = Listener(LinkSettings(node="a", **s), "127.0.0.1", port_a, lambda m, p: back.put_nowait(m))  # type: ignore[arg-type]
+    lb = Listener(settings("b"), "127.0.0.1", port_in, at_b)
     await lb.start()
-    await la.start()
-    to_b = Peer(LinkSettings(node="a", **s), "b", lambda: ("127.0.0.1", port_b))  # type: ignore[arg-type]
     to_a.start()
+    try:
+        await asyncio.Event().wait()
+    finally:
+        await to_a.stop()
+        await lb.stop()
+
+
+async def round_trip(hidden: int, n: int, processes: bool) -> dict[str, float]:
+    """A -> B over one link and B -> A over another: the time of one ring hop there and back.
+    B runs in this process, or (`processes`) in its own, as ring nodes do."""
+    h = mx.random.normal((1, 1, hidden)).astype(mx.bfloat16)
+    mx.eval(h)
+    back: asyncio.Queue[Message] = asyncio.Queue()
+    la = Listener(settings("a"), "127.0.0.1", PORT_A, lambda m, p: back.put_nowait(m))
+    await la.start()
+    if processes:
+        b: asyncio.subprocess.Process | asyncio.Task[None] = await asyncio.create_subprocess_exec(
+            sys.executable, __file__, "--relay"
+        )
+    else:
+        b = asyncio.get_running_loop().create_task(relay(PORT_B, PORT_A))
+    to_b = Peer(settings("a"), "b", lambda: ("127.0.0.1", PORT_B))
     to_b.start()
-    assert await to_b.wait_up(5) and await to_a.wait_up(5)
+    assert await to_b.wait_up(20)
     times = []
-    for i in range(n):
+    for i in range(n + 50):
         t0 = time.perf_counter()
         await to_b.send(Forward("r", i, (1,), True, h=h))
         await back.get()
-        times.append(time.perf_counter() - t0)
-    for x in (to_a, to_b):
-        await x.stop()
+        if i >= 50:  # the first round trips wait for B's link back to come up
+            times.append(time.perf_counter() - t0)
+    await to_b.stop()
+    if isinstance(b, asyncio.Task):
+        b.cancel()
+    else:
+        b.terminate()
+        await b.wait()
     await la.stop()
-    await lb.stop()
     return {
         "hop_us_p50": pct(times, 50) / 2 * 1e6,
         "hop_us_p99": pct(times, 99) / 2 * 1e6,
@@ -81,6 +108,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--hidden", type=int, default=4096)
     ap.add_argument("--n", type=int, default=2000)
+    ap.add_argument("--processes", action="store_true", help="the relay node in its own process")
+    ap.add_argument("--relay", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     try:
@@ -89,10 +118,15 @@ def main() -> None:
         uvloop.install()
     except ImportError:
         pass
+    if args.relay:
+        with contextlib.suppress(KeyboardInterrupt):
+            asyncio.run(relay(PORT_B, PORT_A))
+        return
     out = {
         "hidden": args.hidden,
+        "processes": args.processes,
         **codec(args.hidden, args.n),
-        **asyncio.run(round_trip(args.hidden, args.n)),
+        **asyncio.run(round_trip(args.hidden, args.n, args.processes)),
     }
     if args.json:
         print(json.dumps(out))
