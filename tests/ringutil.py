@@ -202,25 +202,30 @@ class NodeProcess:
             self.proc.send_signal(signal.SIGKILL)
         self.proc.wait(10)
 
-    def stop(self) -> None:
+    def stop(self) -> bool:
+        """SIGTERM and wait; False when it had to be killed (a node must exit on its own)."""
+        exited = True
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
                 self.proc.wait(10)
             except subprocess.TimeoutExpired:
+                exited = False
                 self.kill()
         self._log.close()
+        return exited
 
 
 @contextlib.contextmanager
 def process_ring(config: Path, names: Sequence[str], log_dir: Path, *args: str):  # type: ignore[no-untyped-def]
-    """Start one process per name; yields {name: NodeProcess}. Stops them all on exit."""
+    """Start one process per name; yields {name: NodeProcess}. Stops them all on exit, and fails
+    the test if one of them does not exit within 10 s of SIGTERM."""
     procs = {n: NodeProcess(config, n, log_dir, *args) for n in names}
     try:
         yield procs
     finally:
-        for p in procs.values():
-            p.stop()
+        hung = [p.name for p in list(procs.values()) if not p.stop()]
+    assert not hung, f"{hung} did not exit within 10 s of SIGTERM"
 
 
 async def wait_for(predicate, timeout: float = 30.0, interval: float = 0.05) -> None:  # type: ignore[no-untyped-def]
