@@ -147,6 +147,7 @@ class Peer:
         return self._writer is not None
 
     def start(self) -> None:
+        self._stopping = False
         self._task = asyncio.get_running_loop().create_task(
             self._maintain(), name=f"peer:{self.name}"
         )
