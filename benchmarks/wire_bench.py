@@ -1,7 +1,8 @@
 """Frame cost: encode+decode of a [1, 4096] bf16 activation, and the loopback round trip of
 one such frame through a real link (Peer -> Listener -> back), p50 / p99.
 
-    .venv/bin/python benchmarks/wire_bench.py [--hidden 4096] [--n 2000] [--processes] [--json]
+    .venv/bin/python benchmarks/wire_bench.py [--hidden 4096] [--n 2000] [--processes] \
+        [--gap-ms 2] [--json]
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import mlx.core as mx
 
 from mlxring import wire
 from mlxring.link import LinkSettings, Listener, Peer
+from mlxring.log import setup_logging
 from mlxring.messages import Forward, Message, Tensor
 
 
@@ -66,9 +68,11 @@ async def relay(port_in: int, port_out: int) -> None:
         await lb.stop()
 
 
-async def round_trip(hidden: int, n: int, processes: bool) -> dict[str, float]:
+async def round_trip(hidden: int, n: int, processes: bool, gap_s: float) -> dict[str, float]:
     """A -> B over one link and B -> A over another: the time of one ring hop there and back.
-    B runs in this process, or (`processes`) in its own, as ring nodes do."""
+    B runs in this process, or (`processes`) in its own, as ring nodes do. With `gap_s`, A
+    waits that long between round trips, as a node waits while the others compute: the hop then
+    includes waking an idle process."""
     h = mx.random.normal((1, 1, hidden)).astype(mx.bfloat16)
     mx.eval(h)
     back: asyncio.Queue[Message] = asyncio.Queue()
@@ -90,6 +94,8 @@ async def round_trip(hidden: int, n: int, processes: bool) -> dict[str, float]:
         await back.get()
         if i >= 50:  # the first round trips wait for B's link back to come up
             times.append(time.perf_counter() - t0)
+        if gap_s:
+            time.sleep(gap_s)  # blocking: both processes go idle, as between decode steps
     await to_b.stop()
     if isinstance(b, asyncio.Task):
         b.cancel()
@@ -109,9 +115,11 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, default=4096)
     ap.add_argument("--n", type=int, default=2000)
     ap.add_argument("--processes", action="store_true", help="the relay node in its own process")
+    ap.add_argument("--gap-ms", type=float, default=0.0, help="idle time between round trips")
     ap.add_argument("--relay", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
+    setup_logging(level="warning")  # stdout is for the results
     try:
         import uvloop
 
@@ -125,8 +133,9 @@ def main() -> None:
     out = {
         "hidden": args.hidden,
         "processes": args.processes,
+        "gap_ms": args.gap_ms,
         **codec(args.hidden, args.n),
-        **asyncio.run(round_trip(args.hidden, args.n, args.processes)),
+        **asyncio.run(round_trip(args.hidden, args.n, args.processes, args.gap_ms / 1000)),
     }
     if args.json:
         print(json.dumps(out))
