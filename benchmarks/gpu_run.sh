@@ -2,9 +2,8 @@
 # The GPU numbers in RESULTS.md, on the device machine (see ../shared/gpu/README.md):
 #   source .gpu/b/setup.sh && bash benchmarks/gpu_run.sh [step ...]
 # Steps: profile, sep (NODES processes, default 3, one GPU each: GPUS=0,1 on a two-GPU machine,
-# GPUS=0 on a one-GPU one), prefill
-# (2048-token prompt, one GPU each),
-# shared (3 processes on one GPU), mps (the same under CUDA MPS, so the processes share the GPU
+# GPUS=0 on a one-GPU one), prefill (2048-token prompt, the same GPUs), shared (3 processes on
+# one GPU), mps (the same under CUDA MPS, so the processes share the GPU
 # without time-slicing between contexts), one (one process), tiny (the tiny preset: the ring's
 # own cost per token, compute being almost nothing). Each writes JSON under $OUT (or /tmp/out).
 set -u

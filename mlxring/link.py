@@ -154,13 +154,12 @@ class Peer:
 
     async def stop(self) -> None:
         self._stopping = True  # the reconnect loop ends even if a cancel goes astray
-        if self._task is not None:
-            self._task.cancel()
-            done, _ = await asyncio.wait({self._task}, timeout=STOP_S)
-            for t in done:  # its last error, if any, is of no interest now
-                if not t.cancelled():
-                    t.exception()
-            self._task = None
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            await asyncio.wait({task}, timeout=STOP_S)
+            if task.done() and not task.cancelled():
+                task.exception()  # retrieved: its last error is of no interest now
         if self._writer is not None:
             await _close(self._writer)
             self._writer = None

@@ -224,7 +224,7 @@ def process_ring(config: Path, names: Sequence[str], log_dir: Path, *args: str):
     try:
         yield procs
     finally:
-        hung = [p.name for p in list(procs.values()) if not p.stop()]
+        hung = [p.name for p in procs.values() if not p.stop()]
     assert not hung, f"{hung} did not exit within 10 s of SIGTERM"
 
 
