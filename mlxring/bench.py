@@ -31,8 +31,8 @@ from mlxring.source import cache_dir
 @dataclass(frozen=True)
 class StreamResult:
     ttft_s: float
-    tokens: int
-    decode_s: float  # first token to last token
+    tokens: int  # tokens generated (the usage count: one SSE chunk may carry several)
+    decode_s: float  # first chunk to last chunk
 
 
 def progress(msg: str) -> None:
@@ -100,12 +100,13 @@ async def stream_completion(
         "max_tokens": max_tokens,
         "temperature": 0,
         "stream": True,
+        "stream_options": {"include_usage": True},
         "ignore_eos": True,
     }
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     t0 = time.perf_counter()
     first = last = 0.0
-    n = 0
+    tokens = 0
     async with session.post(f"{url}/v1/completions", json=body, headers=headers) as resp:
         if resp.status != 200:
             raise RuntimeError(f"completion failed: {resp.status} {await resp.text()}")
@@ -117,13 +118,17 @@ async def stream_completion(
             if "error" in chunk:
                 raise RuntimeError(f"stream failed: {chunk['error']}")
             if not chunk.get("choices"):
+                # Count tokens from usage, not chunks: text held back (a partial UTF-8
+                # character, a possible stop string) rides on a later chunk.
+                tokens = int((chunk.get("usage") or {}).get("completion_tokens", 0))
                 continue
             now = time.perf_counter()
-            if n == 0:
+            if not first:
                 first = now
             last = now
-            n += 1
-    return StreamResult(first - t0, n, last - first)
+    if not tokens:
+        raise RuntimeError("the stream ended without a usage chunk")
+    return StreamResult(first - t0, tokens, last - first)
 
 
 async def node_work(
