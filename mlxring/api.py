@@ -1482,6 +1482,7 @@ def _status_here(state: ApiState) -> dict[str, Any]:
         rows = _node_rows(state, rt.layout, rt.is_up, busy_share)
     engine = rt.engine
     trips = engine.trip_s[-64:] if engine is not None else []
+    decode_hops = engine.hop_s[-256:] if engine is not None else []
     return {
         "cluster": rt.config.cluster.name,
         "model": rt.model_name,
@@ -1492,8 +1493,13 @@ def _status_here(state: ApiState) -> dict[str, Any]:
             "ok": not reason,
             "reason": reason,
             "hop_ms": round(view.hop_s * 1000, 3) if view is not None and view.ok else None,
-            # Recent per-hop times of the head's probes (trip / hops), for `mlxring bench`.
+            # Recent per-hop times of the head's probes (trip / hops); they pass an idle ring.
             "hop_samples_s": list(rt.monitor.hop_samples[-256:]) if rt.monitor is not None else [],
+            # Network time of one hop of recent decode steps (mlxring/hoptime.py).
+            "decode_hop_ms": round(statistics.median(decode_hops) * 1000, 3)
+            if decode_hops
+            else None,
+            "decode_hop_samples_s": decode_hops,
             "last_probe_s_ago": round(time.monotonic() - view.checked, 3)
             if view is not None and view.checked
             else None,

@@ -3,7 +3,8 @@
 Measures mlx-lm (`stream_generate`, whole model in this process) first, frees it, then starts
 (`--nodes N` local node processes) or attaches to (`--config`) a ring and drives it through its
 OpenAI API with streaming requests: prefill tok/s, decode tok/s, time to first token, per-hop
-latency (the head's ring probes), and aggregate decode tok/s at several concurrencies.
+latency (network time of decode steps, mlxring/hoptime.py), and aggregate decode tok/s at
+several concurrencies.
 """
 
 from __future__ import annotations
@@ -131,13 +132,17 @@ async def stream_completion(
     return StreamResult(first - t0, tokens, last - first)
 
 
+async def ring_status(s: aiohttp.ClientSession, url: str, api_key: str) -> dict[str, Any]:
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    async with s.get(f"{url}/cluster/status", headers=headers) as resp:
+        return dict(await resp.json())
+
+
 async def node_work(
     s: aiohttp.ClientSession, url: str, api_key: str
 ) -> dict[str, tuple[float, int]]:
     """Each node's shard compute seconds and steps so far, from /cluster/status."""
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    async with s.get(f"{url}/cluster/status", headers=headers) as resp:
-        status = await resp.json()
+    status = await ring_status(s, url, api_key)
     return {
         n["name"]: (float(n["busy_s"]), int(n["steps"]))
         for n in status.get("nodes", [])
@@ -173,6 +178,9 @@ async def ring_bench(
         progress("ring: single-stream decode ...")
         single = [await stream_completion(s, url, prompt, gen_tokens, api_key) for _ in range(2)]
         decode = max((r.tokens - 1) / r.decode_s for r in single if r.decode_s > 0)
+        # The network time of each hop of those decode steps, as the head measured it.
+        ring = (await ring_status(s, url, api_key)).get("ring") or {}
+        hops = [h * 1e6 for h in ring.get("decode_hop_samples_s", [])[-2 * (gen_tokens - 1) :]]
         after = await settled_work(s, url, api_key)
         # Mean compute time of one decode step on each shard: the two single streams' work less
         # their prompts' (twice the second prefill run's). What the ring spends per token
@@ -196,10 +204,12 @@ async def ring_bench(
             )
             aggregate[str(c)] = sum(r.tokens for r in rs) / (time.perf_counter() - t0)
         await asyncio.sleep(2.0)  # let idle probes measure the hops
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        async with s.get(f"{url}/cluster/status", headers=headers) as resp:
-            status = await resp.json()
-    hops = [h * 1e6 for h in (status.get("ring") or {}).get("hop_samples_s", [])]
+        probes = [
+            h * 1e6
+            for h in ((await ring_status(s, url, api_key)).get("ring") or {}).get(
+                "hop_samples_s", []
+            )
+        ]
     return {
         "shard_step_ms": step_ms,
         "ring_overhead_ms_per_token": 1000 / decode - sum(step_ms.values()),
@@ -208,6 +218,9 @@ async def ring_bench(
         "ttft_s": ttft,
         "hop_us_p50": pct(hops, 50),
         "hop_us_p99": pct(hops, 99),
+        # Probes pass an idle ring, where a process must first wake up: slower than a hop of
+        # a running generation.
+        "probe_hop_us_p50": pct(probes, 50),
         "aggregate_tok_s": aggregate,
     }
 

@@ -49,6 +49,8 @@ class Engine:
         self._streams: dict[str, asyncio.Queue[Token | Failure]] = {}
         self.tokens_generated = 0
         self.trip_s: list[float] = []  # recent head-to-head times of decode steps
+        self.hop_s: list[float] = []  # recent network latencies of one hop of a decode step
+        self._step_sent: dict[str, float] = {}  # when each request's decode step left
 
     @property
     def active(self) -> int:
@@ -56,6 +58,12 @@ class Engine:
 
     def deliver(self, msg: Token | Failure) -> None:
         """A token or failure for one of our requests came back around the ring."""
+        sent = self._step_sent.pop(msg.rid, None)
+        if sent is not None and isinstance(msg, Token):
+            trip = time.perf_counter() - sent
+            _keep(self.trip_s, trip)
+            if msg.hops:  # see mlxring/hoptime.py
+                _keep(self.hop_s, (trip - msg.spent) / msg.hops)
         q = self._streams.get(msg.rid)
         if q is not None:
             q.put_nowait(msg)
@@ -98,9 +106,7 @@ class Engine:
             )
             n = 0
             while True:
-                sent = time.perf_counter()
                 msg = await self._next(q, rid)
-                self._record_trip(time.perf_counter() - sent)
                 n += 1
                 self.tokens_generated += 1
                 finish = "stop" if msg.token in stops else "length" if n >= max_tokens else None
@@ -108,12 +114,14 @@ class Engine:
                     # The next step leaves before this token is handed out, so the ring
                     # computes while the client writes.
                     seq += 1
+                    self._step_sent[rid] = time.perf_counter()
                     await self._step(Forward(rid, seq, (msg.token,), True))
                 yield GeneratedToken(msg.token, msg.logprob, msg.top_logprobs, finish)
                 if finish is not None:
                     return
         finally:
             del self._streams[rid]
+            self._step_sent.pop(rid, None)
             try:
                 await self._send(End(rid))
             except Exception as e:  # noqa: BLE001 - the ring may be down; caches expire anyway
@@ -137,7 +145,9 @@ class Engine:
             raise RingUnavailable(f"request {rid} failed{where}: {msg.message}")
         return msg
 
-    def _record_trip(self, dt: float) -> None:
-        self.trip_s.append(dt)
-        if len(self.trip_s) > 1024:
-            del self.trip_s[:512]
+
+def _keep(samples: list[float], x: float) -> None:
+    """Append to a list of recent samples that stays short."""
+    samples.append(x)
+    if len(samples) > 1024:
+        del samples[:512]

@@ -86,7 +86,10 @@ class Forward:
     # (the ring re-planned under it) fails instead of computing garbage.
     layer: int = 0
     params: SamplingParams | None = None  # sent once, with a request's first step
-    sent: float = 0.0  # head's clock when the step left, for per-hop timing
+    # Per-hop timing of decode steps (mlxring/hoptime.py): seconds spent inside processes so
+    # far, and network hops taken.
+    spent: float = 0.0
+    hops: int = 0
 
 
 @dataclass(frozen=True)
@@ -107,6 +110,8 @@ class Token:
     token: int
     logprob: float = 0.0
     top_logprobs: tuple[tuple[int, float], ...] = ()
+    spent: float = 0.0  # the step's, carried home (see Forward)
+    hops: int = 0
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ Names (all prefixed `mlxring_`; `{node}` is a ring node, `{peer}` the far end of
     time_to_first_token_seconds                   time_per_output_token_seconds
     prefill_tokens_per_second  decode_tokens_per_second  (gauges over RATE_WINDOW_S)
     requests_running  requests_waiting            decode_trip_seconds{quantile}
+    decode_hop_seconds{quantile}
     cluster_info{cluster,model,head}  ring_up  ring_members  ring_hop_seconds{quantile}
     node_up{node}  node_member{node}  node_layer_start{node}  node_layer_end{node}
     node_memory_{active,peak,total}_bytes{node}   node_kv_requests{node}  kv_cache_bytes{node}
@@ -255,6 +256,13 @@ class RingCollector(Collector):
                 "mlxring_decode_trip_seconds",
                 "Head-to-head time of one decode step around the ring (recent steps)",
                 engine.trip_s[-RECENT:],
+            )
+        if engine is not None and engine.hop_s:
+            yield _quantiles(
+                "mlxring_decode_hop_seconds",
+                "Network time of one hop of a decode step: its trip less the time it spent "
+                "inside processes, per hop (recent steps)",
+                engine.hop_s[-RECENT:],
             )
 
     def _ring(self) -> Iterator[Metric]:

@@ -30,6 +30,7 @@ from mlxring.aio import wait_for
 from mlxring.config import Config, NodeConfig
 from mlxring.discovery import Discovery, PeerInfo, resolve_interfaces
 from mlxring.engine import Engine
+from mlxring.hoptime import StepClock
 from mlxring.link import LinkError, LinkSettings, Listener, Peer
 from mlxring.messages import (
     End,
@@ -191,8 +192,13 @@ class LocalNode:
             link_settings(runtime.config, cfg.name),
             ring_bind_address(runtime.config, cfg),
             cfg.port,
-            lambda msg, peer: self.deliver(msg),
+            lambda msg, peer: self.received(msg),
         )
+
+    def received(self, msg: Message) -> None:
+        """A message off the wire from the previous node."""
+        self.runtime.clock.arrive(msg)
+        self.deliver(msg)
 
     def deliver(self, msg: Message) -> None:
         """Route a message that reached this node (from a socket or a local neighbour)."""
@@ -201,7 +207,7 @@ class LocalNode:
         match msg:
             case Token() if is_head:
                 assert rt.engine is not None
-                rt.engine.deliver(msg)
+                rt.engine.deliver(rt.clock.home(msg))
             case Failure() if is_head:
                 assert rt.engine is not None
                 rt.engine.deliver(msg)
@@ -234,6 +240,7 @@ class Runtime:
         self.plan: Plan = []  # one range per member
         self.unavailable = "the ring has not formed yet"  # why the ring cannot serve, or ""
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="mlx")
+        self.clock = StepClock()  # per-hop timing of decode steps passing this process
         self._tasks: list[asyncio.Task[None]] = []
         self._side_tasks: set[asyncio.Task[None]] = set()
         self._changed = asyncio.Event()
@@ -434,7 +441,7 @@ class Runtime:
             self.nodes[nxt].deliver(msg)
             return
         try:
-            await self.peers[nxt].send(msg)
+            await self.peers[nxt].send(self.clock.leave(msg))
         except LinkError as e:
             # The membership watch notices the dead link and fails what is in flight.
             log.warning("next_unreachable", node=name, next=nxt, error=str(e))
@@ -523,6 +530,7 @@ class Runtime:
         assert self.tokenizer is not None
 
         async def send_first(msg: Message) -> None:
+            self.clock.arrive(msg)
             head.deliver(msg)
 
         self.engine = Engine(

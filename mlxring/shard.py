@@ -320,7 +320,15 @@ class ShardActor(Actor[Message | Sweep | Reconfigure]):
             if not model.is_last:
                 mx.eval(h)
                 out = tuple(
-                    Forward(r.rid, r.seq, r.tokens, r.sample, layer=model.end, sent=r.sent)
+                    Forward(
+                        r.rid,
+                        r.seq,
+                        r.tokens,
+                        r.sample,
+                        layer=model.end,
+                        spent=r.spent,
+                        hops=r.hops,
+                    )
                     for r in rows
                 )
                 return [ForwardBatch(out, h)]
@@ -342,7 +350,10 @@ class ShardActor(Actor[Message | Sweep | Reconfigure]):
         ):
             logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
             tokens = cast(list[int], mx.argmax(logprobs, axis=-1).tolist())
-            return [Token(r.rid, r.seq, t) for r, t in zip(rows, tokens, strict=True)]
+            return [
+                Token(r.rid, r.seq, t, spent=r.spent, hops=r.hops)
+                for r, t in zip(rows, tokens, strict=True)
+            ]
         return [
             self._sample(r, st, logits[i : i + 1])
             for i, (r, st) in enumerate(zip(rows, states, strict=True))
@@ -376,7 +387,15 @@ class ShardActor(Actor[Message | Sweep | Reconfigure]):
         if not model.is_last:
             mx.eval(h)
             return Forward(
-                f.rid, f.seq, f.tokens, f.sample, h=h, layer=model.end, params=f.params, sent=f.sent
+                f.rid,
+                f.seq,
+                f.tokens,
+                f.sample,
+                h=h,
+                layer=model.end,
+                params=f.params,
+                spent=f.spent,
+                hops=f.hops,
             )
         if st.processors:
             toks = mx.array(list(f.tokens), dtype=mx.uint32)
@@ -415,5 +434,5 @@ class ShardActor(Actor[Message | Sweep | Reconfigure]):
                 top = tuple(
                     sorted(zip(idx.tolist(), vals, strict=True), key=lambda kv: -kv[1])  # type: ignore[arg-type]
                 )
-            return Token(f.rid, f.seq, token, chosen, top)
-        return Token(f.rid, f.seq, token)
+            return Token(f.rid, f.seq, token, chosen, top, f.spent, f.hops)
+        return Token(f.rid, f.seq, token, spent=f.spent, hops=f.hops)

@@ -34,7 +34,7 @@ from mlxring.messages import (
     Token,
 )
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 DEFAULT_MAX_FRAME = 256 * 1024 * 1024
 _PREFIX = struct.Struct(">I")
 
@@ -105,7 +105,8 @@ def _to_map(msg: Message) -> dict[str, Any]:
                 "tokens": list(msg.tokens),
                 "sample": msg.sample,
                 "layer": msg.layer,
-                "sent": msg.sent,
+                "spent": msg.spent,
+                "hops": msg.hops,
             }
             if msg.params is not None:
                 m["params"] = _params_map(msg.params)
@@ -120,6 +121,8 @@ def _to_map(msg: Message) -> dict[str, Any]:
                 "token": msg.token,
                 "logprob": msg.logprob,
                 "top": [list(kv) for kv in msg.top_logprobs],
+                "spent": msg.spent,
+                "hops": msg.hops,
             }
         case End():
             return {"type": "end", "rid": msg.rid, "reason": msg.reason}
@@ -302,7 +305,8 @@ def _forward(m: dict[str, Any]) -> Forward:
         h=_tensor(m),
         layer=_get(m, "layer", int),
         params=None if params is None else _params(params),
-        sent=float(_get(m, "sent", _NUM)),
+        spent=float(_get(m, "spent", _NUM)),
+        hops=_get(m, "hops", int),
     )
 
 
@@ -323,6 +327,8 @@ def _token(m: dict[str, Any]) -> Token:
         token=_get(m, "token", int),
         logprob=float(_get(m, "logprob", _NUM)),
         top_logprobs=_pairs(_get(m, "top", list), "tok.top"),
+        spent=float(_get(m, "spent", _NUM)),
+        hops=_get(m, "hops", int),
     )
 
 

@@ -69,13 +69,19 @@ def test_separate_processes_over_tcp_are_exact(tmp_path: Path, family: str) -> N
     prompt = encode(model, PROMPT)
     want = reference(model, prompt, 64)
 
-    async def run() -> list[int]:
+    async def run() -> tuple[list[int], list[float], list[float]]:
         async with local_ring(cfg_path, ["n0"]) as rt:
-            return await ring_tokens(rt, prompt, 64)
+            assert rt.engine is not None
+            got = await ring_tokens(rt, prompt, 64)
+            return got, rt.engine.trip_s, rt.engine.hop_s
 
     with process_ring(cfg_path, ["n1", "n2", "n3"], tmp_path):
-        got = asyncio.run(run())
+        got, trips, hops = asyncio.run(run())
     assert got == want
+    # Every decode step came home with its network time: a trip less the time inside the four
+    # processes, over four hops (a stamp lost or counted twice shows up here).
+    assert len(hops) == len(trips) == len(got) - 1
+    assert all(0 < h < t / 4 for h, t in zip(hops, trips, strict=True)), (hops, trips)
 
 
 async def test_concurrent_requests_do_not_mix_caches(tmp_path: Path) -> None:

@@ -93,8 +93,8 @@ def test_message_round_trips(
 ) -> None:
     params = SamplingParams(temperature=temp, logit_bias=tuple(bias), seed=seed, logprobs=logprobs)
     for msg in [
-        Forward(rid, seq, tuple(tokens), True, params=params, sent=1.5),
-        Token(rid, seq, 7, -0.25, ((7, -0.25), (3, -2.0))),
+        Forward(rid, seq, tuple(tokens), True, params=params, spent=1.5, hops=2),
+        Token(rid, seq, 7, -0.25, ((7, -0.25), (3, -2.0)), 0.75, 3),
         End(rid, "cancelled"),
         Failure(rid, "boom", "n2"),
         Ping(2.0),
