@@ -31,7 +31,7 @@ def pct(xs: list[float], p: float) -> float:
 def codec(hidden: int, n: int) -> dict[str, float]:
     h = mx.random.normal((1, 1, hidden)).astype(mx.bfloat16)
     mx.eval(h)
-    f = Forward("0123456789abcdef", 17, (1234,), True, h=h, sent=1.0)
+    f = Forward("0123456789abcdef", 17, (1234,), True, h=h, spent=0.001, hops=1)
     times = []
     for _ in range(n):
         t0 = time.perf_counter()

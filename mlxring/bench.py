@@ -158,9 +158,10 @@ async def settled_work(
     return await node_work(s, url, api_key)
 
 
-def pct(xs: Sequence[float], p: float) -> float:
+def pct(xs: Sequence[float], p: float) -> float | None:
+    """The p-th percentile; None without samples (say, no network hops in one process)."""
     s = sorted(xs)
-    return s[min(len(s) - 1, int(p / 100 * len(s)))] if s else 0.0
+    return s[min(len(s) - 1, int(p / 100 * len(s)))] if s else None
 
 
 async def ring_bench(

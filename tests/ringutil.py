@@ -13,12 +13,14 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path
 
 import mlx.core as mx
+import mlx.nn as nn
 import mlx_lm
 from mlx_lm.generate import generate_step
+from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from mlxring.config import Config, load_config
 from mlxring.makemodel import make_model
@@ -98,8 +100,9 @@ def write_config(
 
 
 @functools.lru_cache(maxsize=64)
-def _loaded(model: Path) -> tuple[object, object]:
-    return mlx_lm.load(str(model))
+def _loaded(model: Path) -> tuple[nn.Module, TokenizerWrapper]:
+    m, tok = mlx_lm.load(str(model))[:2]
+    return m, tok
 
 
 def reference(
@@ -108,13 +111,13 @@ def reference(
     """The oracle: mlx-lm's own greedy generation with the whole model in this process, up to
     (not including) EOS, as mlx_lm.generate does."""
     m, tok = _loaded(model)
-    eos = tok.eos_token_ids  # type: ignore[attr-defined]
+    eos = tok.eos_token_ids
     out = []
     for token, _ in generate_step(
         mx.array(list(prompt)),
         m,
         max_tokens=max_tokens,
-        prefill_step_size=prefill_step,  # type: ignore[arg-type]
+        prefill_step_size=prefill_step,
     ):
         if token in eos:
             break
@@ -124,7 +127,7 @@ def reference(
 
 def encode(model: Path, text: str) -> list[int]:
     _, tok = _loaded(model)
-    return list(tok.encode(text))  # type: ignore[attr-defined]
+    return list(tok.encode(text))
 
 
 async def ring_tokens(rt: Runtime, prompt: Sequence[int], max_tokens: int = 64) -> list[int]:
@@ -217,7 +220,9 @@ class NodeProcess:
 
 
 @contextlib.contextmanager
-def process_ring(config: Path, names: Sequence[str], log_dir: Path, *args: str):  # type: ignore[no-untyped-def]
+def process_ring(
+    config: Path, names: Sequence[str], log_dir: Path, *args: str
+) -> Iterator[dict[str, NodeProcess]]:
     """Start one process per name; yields {name: NodeProcess}. Stops them all on exit, and fails
     the test if one of them does not exit within 10 s of SIGTERM."""
     procs = {n: NodeProcess(config, n, log_dir, *args) for n in names}
@@ -228,7 +233,9 @@ def process_ring(config: Path, names: Sequence[str], log_dir: Path, *args: str):
     assert not hung, f"{hung} did not exit within 10 s of SIGTERM"
 
 
-async def wait_for(predicate, timeout: float = 30.0, interval: float = 0.05) -> None:  # type: ignore[no-untyped-def]
+async def wait_for(
+    predicate: Callable[[], object], timeout: float = 30.0, interval: float = 0.05
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():
@@ -253,12 +260,12 @@ async def serve_api(rt: Runtime) -> AsyncIterator[str]:
 def chat_ids(model: Path, messages: list[dict[str, str]]) -> list[int]:
     """The oracle's chat prompt: mlx-lm's tokenizer applying the model's chat template."""
     _, tok = _loaded(model)
-    return list(tok.apply_chat_template(messages, add_generation_prompt=True))  # type: ignore[attr-defined]
+    return list(tok.apply_chat_template(messages, add_generation_prompt=True))
 
 
 def decode(model: Path, ids: Sequence[int]) -> str:
     _, tok = _loaded(model)
-    return str(tok.decode(list(ids)))  # type: ignore[attr-defined]
+    return str(tok.decode(list(ids)))
 
 
 def write_valid_config(directory: Path, model: Path | str, n_nodes: int, **kw: object) -> Path:
