@@ -297,6 +297,7 @@ def _tokens(v: Any) -> tuple[int, ...]:
 
 def _forward(m: dict[str, Any]) -> Forward:
     params = m.get("params")
+    spent, hops = _timing(m)
     return Forward(
         rid=_get(m, "rid", str),
         seq=_get(m, "seq", int),
@@ -305,9 +306,16 @@ def _forward(m: dict[str, Any]) -> Forward:
         h=_tensor(m),
         layer=_get(m, "layer", int),
         params=None if params is None else _params(params),
-        spent=float(_get(m, "spent", _NUM)),
-        hops=_get(m, "hops", int),
+        spent=spent,
+        hops=hops,
     )
+
+
+def _timing(m: dict[str, Any]) -> tuple[float, int]:
+    spent, hops = float(_get(m, "spent", _NUM)), _get(m, "hops", int)
+    if spent < 0 or hops < 0:
+        raise FrameError(f"{m.get('type')} frame: negative spent or hops")
+    return spent, hops
 
 
 def _forward_batch(m: dict[str, Any]) -> ForwardBatch:
@@ -321,14 +329,15 @@ def _forward_batch(m: dict[str, Any]) -> ForwardBatch:
 
 
 def _token(m: dict[str, Any]) -> Token:
+    spent, hops = _timing(m)
     return Token(
         rid=_get(m, "rid", str),
         seq=_get(m, "seq", int),
         token=_get(m, "token", int),
         logprob=float(_get(m, "logprob", _NUM)),
         top_logprobs=_pairs(_get(m, "top", list), "tok.top"),
-        spent=float(_get(m, "spent", _NUM)),
-        hops=_get(m, "hops", int),
+        spent=spent,
+        hops=hops,
     )
 
 

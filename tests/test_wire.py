@@ -119,43 +119,40 @@ def test_junk_bodies_raise_frame_error_only(body: bytes) -> None:
         pass
 
 
+# A well-formed fwd and tok map; each bad case below breaks exactly one thing.
+FWD = {"type": "fwd", "rid": "r", "seq": 0, "tokens": [], "sample": True, "layer": 0,
+       "spent": 0.0, "hops": 0}  # fmt: skip
+TOK = {"type": "tok", "rid": "r", "seq": 0, "token": 1, "logprob": 0.0, "top": [],
+       "spent": 0.0, "hops": 0}  # fmt: skip
+TENSOR = {"dtype": "bfloat16", "shape": [1, 4], "data": b"\x00" * 8}
+
+
+def test_the_base_maps_decode() -> None:
+    assert isinstance(wire.decode(msgpack.packb(FWD)), Forward)
+    assert isinstance(wire.decode(msgpack.packb({**FWD, **TENSOR})), Forward)
+    assert isinstance(wire.decode(msgpack.packb(TOK)), Token)
+
+
 @pytest.mark.parametrize(
-    "obj",
+    ("obj", "why"),
     [
-        [1, 2, 3],
-        {"type": "nope"},
-        {"type": "fwd", "rid": "r"},
-        {"type": "fwd", "rid": 5, "seq": 0, "tokens": [], "sample": True, "sent": 0.0},
-        {"type": "fwd", "rid": "r", "seq": 0, "tokens": [-1], "sample": True, "sent": 0.0},
-        {"type": "fwd", "rid": "r", "seq": 0, "tokens": [], "sample": 1, "sent": 0.0},
-        {
-            "type": "fwd",
-            "rid": "r",
-            "seq": 0,
-            "tokens": [],
-            "sample": True,
-            "sent": 0.0,
-            "dtype": "bfloat16",
-            "shape": [1, 4],
-            "data": b"\x00" * 6,
-        },
-        {
-            "type": "fwd",
-            "rid": "r",
-            "seq": 0,
-            "tokens": [],
-            "sample": True,
-            "sent": 0.0,
-            "dtype": "complex64",
-            "shape": [1],
-            "data": b"\x00" * 8,
-        },
-        {"type": "tok", "rid": "r", "seq": 0, "token": 1, "logprob": 0.0, "top": [[1]]},
-        {"type": "probe", "origin": "a", "sent": 0.0, "hops": [["a", 0]]},
+        ([1, 2, 3], "not a map"),
+        ({"type": "nope"}, "unknown"),
+        ({"type": "fwd", "rid": "r"}, "without"),
+        ({**FWD, "rid": 5}, "'rid' has type int"),
+        ({**FWD, "tokens": [-1]}, "non-negative"),
+        ({**FWD, "sample": 1}, "'sample' has type int"),
+        ({**FWD, "spent": -1.0}, "negative spent"),
+        ({**FWD, "hops": -2}, "negative spent or hops"),
+        ({**FWD, **TENSOR, "data": b"\x00" * 6}, "bytes"),
+        ({**FWD, **TENSOR, "dtype": "complex64"}, "unknown dtype"),
+        ({**TOK, "top": [[1]]}, "pairs"),
+        ({**TOK, "hops": -1}, "negative"),
+        ({"type": "probe", "origin": "a", "sent": 0.0, "hops": [["a", 0]]}, "triples"),
     ],
 )
-def test_malformed_maps_are_rejected(obj: object) -> None:
-    with pytest.raises(wire.FrameError):
+def test_malformed_maps_are_rejected(obj: object, why: str) -> None:
+    with pytest.raises(wire.FrameError, match=why):
         wire.decode(msgpack.packb(obj))
 
 
