@@ -43,7 +43,12 @@ def render(status: dict[str, Any]) -> str:
         f"cluster {status.get('cluster')}  model {status.get('model')}  head {status.get('head')}",
         "ring: "
         + ("up" if ring.get("ok") else f"DOWN ({ring.get('reason')})")
-        + (f"  hop {ring['hop_ms']:.2f} ms" if ring.get("hop_ms") is not None else ""),
+        + (f"  hop {ring['hop_ms']:.2f} ms" if ring.get("hop_ms") is not None else "")
+        + (
+            f" (decoding {ring['decode_hop_ms']:.2f} ms)"
+            if ring.get("decode_hop_ms") is not None
+            else ""
+        ),
     ]
     requests = status.get("requests") or {}
     if requests:

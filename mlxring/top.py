@@ -118,6 +118,7 @@ def render(cur: Sample, prev: Sample | None, style: Style) -> list[str]:
         else style.paint(f"DOWN ({ring.get('reason')})", RED)
     )
     hop = _num(ring.get("hop_ms"))
+    decode_hop = _num(ring.get("decode_hop_ms"))
     lines = [
         style.paint(
             f"mlxring top  cluster {st.get('cluster')}  model {st.get('model')}  "
@@ -126,6 +127,7 @@ def render(cur: Sample, prev: Sample | None, style: Style) -> list[str]:
         ),
         f"ring {state}"
         + (f"  hop {hop:.2f} ms" if hop is not None else "")
+        + (f" (decoding {decode_hop:.2f} ms)" if decode_hop is not None else "")
         + f"  {up} of {len(nodes)} nodes up",
     ]
     req = st.get("requests")

@@ -79,7 +79,7 @@ def status(busy: dict[str, float], tokens: int, up: tuple[str, ...] = ("a", "b")
         "model": "m",
         "head": "a",
         "answered_by": "a",
-        "ring": {"ok": len(up) == 2, "reason": "b is down", "hop_ms": 0.5},
+        "ring": {"ok": len(up) == 2, "reason": "b is down", "hop_ms": 0.5, "decode_hop_ms": 0.12},
         "requests": {
             "generating": 1,
             "waiting": 0,
@@ -123,6 +123,7 @@ def test_frame_marks_a_down_node_and_the_head() -> None:
     lines = render(down, None, Style(color=False, bar_width=10))
     text = "\n".join(lines)
     assert "DOWN (b is down)" in text and "1 of 2 nodes up" in text
+    assert "hop 0.50 ms (decoding 0.12 ms)" in text
     a = next(line for line in lines if line[2:4] == "a ")
     b = next(line for line in lines if line[2:4] == "b ")
     assert a.startswith("*") and "[0, 4)" in a and "[##########]" not in a and "1.0 GB" in a

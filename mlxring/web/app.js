@@ -239,8 +239,10 @@ function drawRing(st, r) {
     const req = st.requests;
     text(center, C, C - 22, ringOk ? "ring up" : "ring down", "big");
     text(center, C, C + 4, typeof r.tps === "number" ? `${r.tps.toFixed(1)} tok/s` : "– tok/s");
-    const hop = st.ring && typeof st.ring.hop_ms === "number" ? `hop ${st.ring.hop_ms.toFixed(2)} ms` : "";
-    text(center, C, C + 26, hop);
+    const ring = st.ring || {};
+    const hop = typeof ring.hop_ms === "number" ? `hop ${ring.hop_ms.toFixed(2)} ms` : "";
+    const busyHop = typeof ring.decode_hop_ms === "number" ? ` (decoding ${ring.decode_hop_ms.toFixed(2)})` : "";
+    text(center, C, C + 26, hop + busyHop);
     const up = nodes.filter((m) => m.up).length;
     text(center, C, C + 48, `${up} of ${n} nodes up${req ? ` · ${req.generating} in flight` : ""}`);
   }
