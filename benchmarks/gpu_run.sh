@@ -5,7 +5,8 @@
 # GPUS=0 on a one-GPU one), prefill (2048-token prompt, the same GPUs), shared (3 processes on
 # one GPU), mps (the same under CUDA MPS, so the processes share the GPU
 # without time-slicing between contexts), one (one process), tiny (the tiny preset: the ring's
-# own cost per token, compute being almost nothing). Each writes JSON under $OUT (or /tmp/out).
+# own cost per token, compute being almost nothing), wire (one hop between processes idle for
+# 0, 10, 50 ms: how slowly this machine wakes them). Each writes JSON under $OUT (or /tmp/out).
 set -u
 out=${OUT:-/tmp/out}
 mkdir -p "$out"
@@ -32,6 +33,8 @@ for step in "${@:-profile sep prefill shared}"; do
              --json --prompt-tokens 64 --gen-tokens 256 --concurrency 1,16 ;;
       one) CUDA_VISIBLE_DEVICES=0 timeout 300 $bench --one-process --prompt-tokens 512 \
              --gen-tokens 128 --concurrency 1,4,16 ;;
+      wire) for g in 0 10 50; do timeout 120 python3 benchmarks/wire_bench.py --processes \
+              --gap-ms $g --n 300 --json; done ;;
     esac > "$out/$s.json" 2> "$out/$s.err"
     echo "rc=$? $(tail -c 600 "$out/$s.json")"
   done
