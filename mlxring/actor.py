@@ -41,12 +41,26 @@ class Actor(Generic[M]):
     def backlog(self) -> int:
         return len(self._mailbox)
 
-    def take_while(self, wanted: Callable[[object], bool], limit: int) -> list[M]:
-        """Take up to `limit` messages from the front of the mailbox while `wanted` holds."""
+    def take_out(self, pick: Callable[[object], bool | None]) -> list[M]:
+        """Take the messages `pick` accepts out of the mailbox, in order, leaving the rest in
+        theirs; the scan stops where `pick` returns None."""
         out: list[M] = []
-        while self._mailbox and len(out) < limit and wanted(self._mailbox[0]):
-            out.append(self._mailbox.popleft())  # type: ignore[arg-type]
+        box = self._mailbox
+        keep: list[object] = []
+        while box:
+            verdict = pick(box[0])
+            if verdict is None:
+                break
+            if verdict:
+                out.append(box.popleft())  # type: ignore[arg-type]
+            else:
+                keep.append(box.popleft())
+        box.extendleft(reversed(keep))
         return out
+
+    def next_message(self) -> object:
+        """The message to handle next: the oldest one, unless a subclass knows better."""
+        return self._mailbox.popleft()
 
     async def stop(self, timeout: float = 5.0) -> None:
         if self._task is None:
@@ -71,7 +85,7 @@ class Actor(Generic[M]):
                 self._ready.clear()
                 await self._ready.wait()
                 continue
-            msg = self._mailbox.popleft()
+            msg = self.next_message()
             if msg is _STOP:
                 return
             # Every log line about a request carries its id, on every node it passes.

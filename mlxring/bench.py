@@ -14,6 +14,7 @@ import asyncio
 import gc
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -95,7 +96,9 @@ async def stream_completion(
     prompt: list[int],
     max_tokens: int,
     api_key: str = "",
+    times: list[float] | None = None,
 ) -> StreamResult:
+    """One streamed completion; `times` gets every chunk's arrival time as it comes."""
     body = {
         "prompt": prompt,
         "max_tokens": max_tokens,
@@ -127,9 +130,39 @@ async def stream_completion(
             if not first:
                 first = now
             last = now
+            if times is not None:
+                times.append(now)
     if not tokens:
         raise RuntimeError("the stream ended without a usage chunk")
     return StreamResult(first - t0, tokens, last - first)
+
+
+async def prompt_during_decode(
+    s: aiohttp.ClientSession, url: str, prompt: list[int], ttft: float, decode: float, api_key: str
+) -> dict[str, float | None]:
+    """A long prompt arriving while another stream decodes: the running stream's usual gap
+    between chunks, its longest gap while the prompt prefills, and the prompt's TTFT."""
+    times: list[float] = []
+    budget = min(2048, int(3 * ttft * decode) + 64)  # enough tokens to outlast the prefill
+    running = asyncio.create_task(stream_completion(s, url, prompt[:16], budget, api_key, times))
+    while len(times) < 4 and not running.done():
+        await asyncio.sleep(0.005)
+    t0 = time.perf_counter()
+    long = await stream_completion(s, url, prompt, 1, api_key)
+    t1 = time.perf_counter()
+    # The running stream's first chunk after the prompt's closes the gap it may be stuck in.
+    while times[-1] < t1 and not running.done() and time.perf_counter() - t1 < 600:
+        await asyncio.sleep(0.005)
+    running.cancel()
+    await asyncio.gather(running, return_exceptions=True)
+    gaps = list(zip(times, times[1:], strict=False))
+    usual = [b - a for a, b in gaps if b <= t0]
+    during = [b - a for a, b in gaps if b > t0 and a < t1]
+    return {
+        "decode_gap_ms": 1000 * statistics.median(usual) if usual else None,
+        "decode_gap_ms_during_prefill": 1000 * max(during) if during else None,
+        "ttft_s_during_decode": long.ttft_s,
+    }
 
 
 async def ring_status(s: aiohttp.ClientSession, url: str, api_key: str) -> dict[str, Any]:
@@ -183,6 +216,8 @@ async def ring_bench(
         ring = (await ring_status(s, url, api_key)).get("ring") or {}
         hops = [h * 1e6 for h in ring.get("decode_hop_samples_s", [])[-2 * (gen_tokens - 1) :]]
         after = await settled_work(s, url, api_key)
+        progress("ring: a long prompt while a stream decodes ...")
+        interleave = await prompt_during_decode(s, url, prompt, ttft, decode, api_key)
         # Mean compute time of one decode step on each shard: the two single streams' work less
         # their prompts' (twice the second prefill run's). What the ring spends per token
         # beyond the sum is hops, sync and Python around the compute.
@@ -223,6 +258,7 @@ async def ring_bench(
         # a running generation.
         "probe_hop_us_p50": pct(probes, 50),
         "aggregate_tok_s": aggregate,
+        **interleave,
     }
 
 

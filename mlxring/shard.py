@@ -48,6 +48,14 @@ def _rows(msg: Forward | ForwardBatch) -> int:
     return len(msg.rows) if isinstance(msg, ForwardBatch) else 1
 
 
+def _rids(msg: Forward | ForwardBatch | End | Failure) -> set[str]:
+    return {r.rid for r in msg.rows} if isinstance(msg, ForwardBatch) else {msg.rid}
+
+
+def _is_prompt_chunk(msg: object) -> bool:
+    return isinstance(msg, Forward) and (len(msg.tokens) > 1 or not msg.sample)
+
+
 def _array(h: mx.array | Tensor | None) -> mx.array:
     if h is None:
         raise StepError("a step reached a shard without activations")
@@ -155,6 +163,7 @@ class ShardActor(Actor[Message | Sweep | Reconfigure]):
         self._group_rids: tuple[str, ...] = ()
         self._group: list[Any] = []
         self.stages = 1
+        self._chunk_waited = False  # the prompt chunk in front has let decode steps pass once
         self.busy_s = 0.0
         self.steps = 0
         self.batches = 0  # forward passes that ran more than one request
@@ -267,16 +276,40 @@ class ShardActor(Actor[Message | Sweep | Reconfigure]):
         return max(1, min(self.max_batch, -(-len(self.requests) // self.stages)))
 
     def _take_decodes(self, rows: int, limit: int) -> list[Forward | ForwardBatch]:
-        """The decode steps waiting right behind this one, up to `limit` rows in all."""
-        room = [limit - rows]
+        """Decode steps waiting in the mailbox, up to `limit` rows in all. A step may pass
+        other requests' messages but never an earlier one of its own request, nor a local
+        control message (a re-plan, a sweep)."""
+        room = limit - rows
+        blocked: set[str] = set()
 
-        def wanted(m: object) -> bool:
-            if room[0] <= 0 or not self._is_decode(m):
-                return False
-            room[0] -= _rows(m)  # type: ignore[arg-type]
-            return room[0] >= 0
+        def pick(m: object) -> bool | None:
+            nonlocal room
+            if room <= 0 or not isinstance(m, Forward | ForwardBatch | End | Failure):
+                return None
+            rids = _rids(m)
+            if self._is_decode(m) and not rids & blocked and _rows(m) <= room:  # type: ignore[arg-type]
+                room -= _rows(m)  # type: ignore[arg-type]
+                return True
+            blocked.update(rids)
+            return False
 
-        return cast(list[Forward | ForwardBatch], self.take_while(wanted, self.max_batch))
+        return cast(list[Forward | ForwardBatch], self.take_out(pick))
+
+    def next_message(self) -> object:
+        """Decode steps go before a prompt chunk in front of them, once per chunk: a long
+        prompt's prefill then holds running generations up for one chunk at a time, not for
+        the whole prompt, and the prompt itself waits at most one decode pass per chunk."""
+        box = self._mailbox
+        if not _is_prompt_chunk(box[0]):
+            return box.popleft()
+        if not self._chunk_waited:
+            self._chunk_waited = True
+            passing = self._take_decodes(0, self.convoy_rows())
+            if passing:
+                box.extendleft(reversed(passing))  # handle() takes the rest as one batch
+                return box.popleft()
+        self._chunk_waited = False
+        return box.popleft()
 
     def _batch_caches(self, rids: tuple[str, ...]) -> list[Any]:
         if rids != self._group_rids:
