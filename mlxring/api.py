@@ -1462,6 +1462,8 @@ def _node_rows(
                 if (b := (busy_share or {}).get(n.name)) is not None
                 else None,
                 "steps": st.steps if st else None,
+                "decode_busy_s": round(st.decode_busy_s, 4) if st else None,
+                "decode_steps": st.decode_steps if st else None,
                 "kv_requests": st.requests if st else None,
             }
         )

@@ -174,12 +174,12 @@ async def ring_status(s: aiohttp.ClientSession, url: str, api_key: str) -> dict[
 async def node_work(
     s: aiohttp.ClientSession, url: str, api_key: str
 ) -> dict[str, tuple[float, int]]:
-    """Each node's shard compute seconds and steps so far, from /cluster/status."""
+    """Each node's shard compute seconds and steps of decode so far, from /cluster/status."""
     status = await ring_status(s, url, api_key)
     return {
-        n["name"]: (float(n["busy_s"]), int(n["steps"]))
+        n["name"]: (float(n["decode_busy_s"]), int(n["decode_steps"]))
         for n in status.get("nodes", [])
-        if n.get("busy_s") is not None and n.get("steps") is not None
+        if n.get("decode_busy_s") is not None and n.get("decode_steps") is not None
     }
 
 
@@ -204,9 +204,7 @@ async def ring_bench(
     async with aiohttp.ClientSession(timeout=timeout) as s:
         await stream_completion(s, url, prompt[:16], 4, api_key)  # warm-up
         progress("ring: prefill and time to first token ...")
-        prefill = [await stream_completion(s, url, prompt, 1, api_key)]
-        before = await settled_work(s, url, api_key)  # the first long prompt may warm things up
-        prefill.append(await stream_completion(s, url, prompt, 1, api_key))
+        prefill = [await stream_completion(s, url, prompt, 1, api_key) for _ in range(2)]
         ttft = min(r.ttft_s for r in prefill)
         prefilled = await settled_work(s, url, api_key)
         progress("ring: single-stream decode ...")
@@ -218,14 +216,12 @@ async def ring_bench(
         after = await settled_work(s, url, api_key)
         progress("ring: a long prompt while a stream decodes ...")
         interleave = await prompt_during_decode(s, url, prompt, ttft, decode, api_key)
-        # Mean compute time of one decode step on each shard: the two single streams' work less
-        # their prompts' (twice the second prefill run's). What the ring spends per token
-        # beyond the sum is hops, sync and Python around the compute.
-        step_ms = {}
-        for n in set(before) & set(prefilled) & set(after):
-            busy = (after[n][0] - prefilled[n][0]) - 2 * (prefilled[n][0] - before[n][0])
-            steps = (after[n][1] - prefilled[n][1]) - 2 * (prefilled[n][1] - before[n][1])
-            step_ms[n] = 1000 * busy / max(1, steps)
+        # Mean compute time of one decode step on each shard during the single streams. What
+        # the ring spends per token beyond the sum is hops, sync and Python around the compute.
+        step_ms = {
+            n: 1000 * (after[n][0] - prefilled[n][0]) / max(1, after[n][1] - prefilled[n][1])
+            for n in set(prefilled) & set(after)
+        }
         aggregate = {}
         for c in levels:
             progress(f"ring: {c} concurrent streams ...")

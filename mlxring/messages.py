@@ -142,6 +142,9 @@ class NodeStats:
     busy_s: float  # compute time of its shard since start
     steps: int
     requests: int  # requests holding KV caches there
+    # The part of busy_s and steps that ran single-token steps (decode), for `mlxring bench`.
+    decode_busy_s: float = 0.0
+    decode_steps: int = 0
 
 
 @dataclass(frozen=True)

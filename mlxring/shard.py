@@ -166,6 +166,8 @@ class ShardActor(Actor[Message | Sweep | Reconfigure]):
         self._chunk_waited = False  # the prompt chunk in front has let decode steps pass once
         self.busy_s = 0.0
         self.steps = 0
+        self.decode_busy_s = 0.0  # of busy_s, steps of one token per request (decode)
+        self.decode_steps = 0
         self.batches = 0  # forward passes that ran more than one request
         self.batched_rows = 0
 
@@ -226,6 +228,7 @@ class ShardActor(Actor[Message | Sweep | Reconfigure]):
         stats = NodeStats(
             self.node, mx.get_active_memory(), mx.get_peak_memory(),
             self.total_memory, self.busy_s, self.steps, len(self.requests),
+            self.decode_busy_s, self.decode_steps,
         )  # fmt: skip
         await self.send_next(Probe(msg.origin, msg.sent, (*msg.hops, here), (*msg.stats, stats)))
 
@@ -240,13 +243,18 @@ class ShardActor(Actor[Message | Sweep | Reconfigure]):
                 self.requests.pop(rid, None)
                 await self.send_next(Failure(rid, f"{type(error).__name__}: {error}", self.node))
 
-    def _timed(self, fn: Callable[[Any], T], arg: Any) -> T:
+    def _timed(self, fn: Callable[[Any], T], arg: Forward | list[Forward | ForwardBatch]) -> T:
         t0 = time.perf_counter()
         try:
             return fn(arg)
         finally:
-            self.busy_s += time.perf_counter() - t0
+            dt = time.perf_counter() - t0
+            self.busy_s += dt
             self.steps += 1
+            # Batched passes are always decode steps; a lone step is one if it samples one token.
+            if isinstance(arg, list) or (arg.sample and len(arg.tokens) == 1):
+                self.decode_busy_s += dt
+                self.decode_steps += 1
             if self.steps % 256 == 0:  # mlx-lm's own cadence during long generations
                 mx.clear_cache()
 

@@ -158,6 +158,8 @@ def _to_map(msg: Message) -> dict[str, Any]:
                         s.busy_s,
                         s.steps,
                         s.requests,
+                        s.decode_busy_s,
+                        s.decode_steps,
                     ]
                     for s in msg.stats
                 ],
@@ -373,13 +375,16 @@ def _stats(m: dict[str, Any]) -> tuple[NodeStats, ...]:
     for s in _get(m, "stats", list):
         if (
             not isinstance(s, list)
-            or len(s) != 7
+            or len(s) != 9
             or not isinstance(s[0], str)
-            or not all(isinstance(x, int) and not isinstance(x, bool) for x in (*s[1:4], *s[5:]))
+            or not all(
+                isinstance(x, int) and not isinstance(x, bool) for x in (*s[1:4], *s[5:7], s[8])
+            )
             or not isinstance(s[4], _NUM)
+            or not isinstance(s[7], _NUM)
         ):
             raise FrameError("probe frame: bad node stats")
-        out.append(NodeStats(s[0], s[1], s[2], s[3], float(s[4]), s[5], s[6]))
+        out.append(NodeStats(s[0], s[1], s[2], s[3], float(s[4]), s[5], s[6], float(s[7]), s[8]))
     return tuple(out)
 
 

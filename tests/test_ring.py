@@ -57,6 +57,13 @@ async def test_long_prompt_prefills_in_chunks_exactly(tmp_path: Path) -> None:
     async with local_ring(cfg) as rt:
         assert rt.engine is not None and rt.engine.prefill_chunk == 32
         assert await ring_tokens(rt, prompt, 32) == want
+        # Each shard ran the prompt but its last token in chunks, then one step per token;
+        # only those count as decode (what `mlxring bench` times).
+        chunks = -(-(len(prompt) - 1) // 32)
+        for node in rt.nodes.values():
+            a = node.actor
+            assert (a.steps, a.decode_steps) == (chunks + len(want), len(want)), node.name
+            assert 0 < a.decode_busy_s < a.busy_s
 
 
 @pytest.mark.parametrize("family", ["qwen3", "llama"])

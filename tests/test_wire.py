@@ -102,7 +102,7 @@ def test_message_round_trips(
             "n0",
             1.0,
             (("n0", 0, 3), ("n1", 3, 7)),
-            (NodeStats("n0", 10, 20, 30, 0.5, 7, 1), NodeStats("n1", 1, 2, 3, 4.0, 5, 0)),
+            (NodeStats("n0", 10, 20, 30, 0.5, 7, 1, 0.25, 3), NodeStats("n1", 1, 2, 3, 4.0, 5, 0)),
         ),
         ForwardBatch((Forward(rid, seq, (1,), True, layer=2), Forward("b", 1, (2,), True))),
         Hello(1, "home", rid, b"\x00" * 16, b"proof"),
