@@ -24,7 +24,7 @@ class Actor(Generic[M]):
         self.name = name
         self.log = structlog.get_logger(actor=name)
         # A deque, not an asyncio.Queue: a shard looks at what waits behind a message to run
-        # several requests' decode steps as one batch.
+        # several requests' decode steps as one batch, and ahead of a long prompt's chunks.
         self._mailbox: deque[object] = deque()
         self._ready = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
