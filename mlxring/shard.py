@@ -289,15 +289,19 @@ class ShardActor(Actor[Message | Sweep | Reconfigure]):
         control message (a re-plan, a sweep)."""
         room = limit - rows
         blocked: set[str] = set()
+        passed_chunk = False
 
         def pick(m: object) -> bool | None:
-            nonlocal room
+            nonlocal room, passed_chunk
             if room <= 0 or not isinstance(m, Forward | ForwardBatch | End | Failure):
                 return None
             rids = _rids(m)
             if self._is_decode(m) and not rids & blocked and _rows(m) <= room:  # type: ignore[arg-type]
                 room -= _rows(m)  # type: ignore[arg-type]
+                if passed_chunk:
+                    self._chunk_waited = True  # this pass is the waiting chunk's one wait
                 return True
+            passed_chunk = passed_chunk or _is_prompt_chunk(m)
             blocked.update(rids)
             return False
 

@@ -1,0 +1,66 @@
+"""The shard's choice of what to run next, on a real shard (tiny model, no ring)."""
+
+from concurrent.futures import ThreadPoolExecutor
+
+from mlxring.messages import End, Forward, Message
+from mlxring.model import load_shard
+from mlxring.shard import ShardActor, make_request_state
+
+from .ringutil import tiny_model
+
+
+async def _nowhere(msg: Message) -> None:
+    raise AssertionError("nothing is sent in these tests")
+
+
+def shard_with_requests(*rids: str) -> ShardActor:
+    model = load_shard(tiny_model("qwen3"), 0, 3)
+    actor = ShardActor("n0", model, _nowhere, ThreadPoolExecutor(1))
+    for rid in rids:
+        actor.requests[rid] = make_request_state(model, None, 0.0)
+    return actor
+
+
+def chunk(rid: str, seq: int) -> Forward:
+    return Forward(rid, seq, (1, 2, 3, 4), False)
+
+
+def decode(rid: str, seq: int) -> Forward:
+    return Forward(rid, seq, (5,), True)
+
+
+def order(actor: ShardActor) -> list[tuple[str, str, int]]:
+    out = []
+    while actor.backlog:
+        m = actor.next_message()
+        assert isinstance(m, Forward | End)
+        out.append((type(m).__name__, m.rid, getattr(m, "seq", -1)))
+    return out
+
+
+def test_decode_steps_pass_a_prompt_chunk_once_but_never_their_own_requests_messages() -> None:
+    actor = shard_with_requests("a", "b", "c")
+    waiting: list[Message] = [chunk("b", 1), chunk("b", 2), decode("a", 9), decode("b", 3)]
+    for m in [*waiting, End("c"), decode("c", 4)]:
+        actor.send(m)
+    assert order(actor) == [
+        ("Forward", "a", 9),  # passes b's first chunk (and may take company: see handle)
+        ("Forward", "b", 1),  # the chunk has waited once: it runs now
+        ("Forward", "b", 2),  # nothing that may pass it is left: b's step waits behind its chunk
+        ("Forward", "b", 3),
+        ("End", "c", -1),
+        ("Forward", "c", 4),  # c's step never passes c's own End
+    ]
+
+
+def test_a_convoy_that_passed_a_chunk_counts_as_its_wait() -> None:
+    """A decode pass that gathered steps from behind a chunk is that chunk's one wait: a decode
+    arriving later does not pass it again."""
+    actor = shard_with_requests("a", "b", "c", "d")
+    for m in [decode("a", 5), chunk("b", 1), decode("c", 7)]:
+        actor.send(m)
+    first = actor.next_message()
+    assert first == decode("a", 5)
+    assert actor._take_decodes(1, 4) == [decode("c", 7)]  # what handle() gathers into the batch
+    actor.send(decode("d", 2))
+    assert order(actor) == [("Forward", "b", 1), ("Forward", "d", 2)]
