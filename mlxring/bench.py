@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import gc
 import json
 import os
+import socket
 import statistics
 import subprocess
 import sys
@@ -258,6 +260,15 @@ async def ring_bench(
     }
 
 
+def free_ports(n: int) -> list[int]:
+    """n distinct ports free on 127.0.0.1 now (the OS picks; fixed ones may be taken)."""
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [int(s.getsockname()[1]) for s in socks]
+
+
 def spawn_ring(
     model: Path,
     n: int,
@@ -282,9 +293,10 @@ def spawn_ring(
         'host = "127.0.0.1"',
         "max_concurrent = 256",
     ]
+    ports = free_ports(2 * n)
     for i in range(n):
         lines += ["[[nodes]]", f'name = "b{i}"', 'host = "127.0.0.1"']
-        lines += [f"port = {47400 + i}", f"api_port = {47500 + i}"]
+        lines += [f"port = {ports[2 * i]}", f"api_port = {ports[2 * i + 1]}"]
     path = work / "nodes.toml"
     path.write_text("\n".join(lines) + "\n")
     config = load_config(path)
