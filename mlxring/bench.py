@@ -153,10 +153,12 @@ async def prompt_during_decode(
     long = await stream_completion(s, url, prompt, 1, api_key)
     t1 = time.perf_counter()
     # The running stream's first chunk after the prompt's closes the gap it may be stuck in.
-    while times[-1] < t1 and not running.done() and time.perf_counter() - t1 < 600:
+    while times and times[-1] < t1 and not running.done() and time.perf_counter() - t1 < 600:
         await asyncio.sleep(0.005)
     running.cancel()
-    await asyncio.gather(running, return_exceptions=True)
+    (outcome,) = await asyncio.gather(running, return_exceptions=True)
+    if isinstance(outcome, Exception):  # the stream failed (a cancel is not an Exception)
+        raise outcome
     gaps = list(zip(times, times[1:], strict=False))
     usual = [b - a for a, b in gaps if b <= t0]
     during = [b - a for a, b in gaps if b > t0 and a < t1]
