@@ -19,10 +19,6 @@ Step = TypeVar("Step", Forward, Token)
 MAX_PENDING = 4096  # steps that never leave (a failed step) must not pile up forever
 
 
-def _is_decode(f: Forward) -> bool:
-    return f.sample and len(f.tokens) == 1
-
-
 class StepClock:
     """One process's arrival times of decode steps that are inside it now."""
 
@@ -34,7 +30,7 @@ class StepClock:
         now = time.perf_counter()
         rows = msg.rows if isinstance(msg, ForwardBatch) else (msg,)
         for r in rows:
-            if isinstance(r, Forward) and _is_decode(r):
+            if isinstance(r, Forward) and r.is_decode:
                 self._arrived[(r.rid, r.seq)] = now
         while len(self._arrived) > MAX_PENDING:
             del self._arrived[next(iter(self._arrived))]

@@ -91,6 +91,12 @@ class Forward:
     spent: float = 0.0
     hops: int = 0
 
+    @property
+    def is_decode(self) -> bool:
+        """One token in, one sampled out: a decode step (or a prompt's last token), not a
+        prompt chunk."""
+        return self.sample and len(self.tokens) == 1
+
 
 @dataclass(frozen=True)
 class ForwardBatch:

@@ -53,7 +53,7 @@ def _rids(msg: Forward | ForwardBatch | End | Failure) -> set[str]:
 
 
 def _is_prompt_chunk(msg: object) -> bool:
-    return isinstance(msg, Forward) and (len(msg.tokens) > 1 or not msg.sample)
+    return isinstance(msg, Forward) and not msg.is_decode
 
 
 def _array(h: mx.array | Tensor | None) -> mx.array:
@@ -251,8 +251,8 @@ class ShardActor(Actor[Message | Sweep | Reconfigure]):
             dt = time.perf_counter() - t0
             self.busy_s += dt
             self.steps += 1
-            # Batched passes are always decode steps; a lone step is one if it samples one token.
-            if isinstance(arg, list) or (arg.sample and len(arg.tokens) == 1):
+            # Batched passes are always decode steps.
+            if isinstance(arg, list) or arg.is_decode:
                 self.decode_busy_s += dt
                 self.decode_steps += 1
             if self.steps % 256 == 0:  # mlx-lm's own cadence during long generations
@@ -262,13 +262,7 @@ class ShardActor(Actor[Message | Sweep | Reconfigure]):
 
     def _batchable(self, f: Forward) -> bool:
         m = self.model
-        return (
-            m is not None
-            and f.sample
-            and len(f.tokens) == 1
-            and f.layer == m.start
-            and f.rid in self.requests
-        )
+        return m is not None and f.is_decode and f.layer == m.start and f.rid in self.requests
 
     def _is_decode(self, msg: object) -> bool:
         if isinstance(msg, Forward):
