@@ -175,24 +175,19 @@ async def ring_status(s: aiohttp.ClientSession, url: str, api_key: str) -> dict[
         return dict(await resp.json())
 
 
-async def node_work(
-    s: aiohttp.ClientSession, url: str, api_key: str
-) -> dict[str, tuple[float, int]]:
-    """Each node's shard compute seconds and steps of decode so far, from /cluster/status."""
-    status = await ring_status(s, url, api_key)
+async def settled_status(s: aiohttp.ClientSession, url: str, api_key: str) -> dict[str, Any]:
+    """/cluster/status once the nodes' counters have caught up (they ride on the probe)."""
+    await asyncio.sleep(1.2)
+    return await ring_status(s, url, api_key)
+
+
+def node_work(status: dict[str, Any]) -> dict[str, tuple[float, int]]:
+    """Each node's shard compute seconds and steps of decode so far."""
     return {
         n["name"]: (float(n["decode_busy_s"]), int(n["decode_steps"]))
         for n in status.get("nodes", [])
         if n.get("decode_busy_s") is not None and n.get("decode_steps") is not None
     }
-
-
-async def settled_work(
-    s: aiohttp.ClientSession, url: str, api_key: str
-) -> dict[str, tuple[float, int]]:
-    """node_work once the counters have caught up (they ride on the once-a-second probe)."""
-    await asyncio.sleep(1.2)
-    return await node_work(s, url, api_key)
 
 
 def pct(xs: Sequence[float], p: float) -> float | None:
@@ -210,14 +205,15 @@ async def ring_bench(
         progress("ring: prefill and time to first token ...")
         prefill = [await stream_completion(s, url, prompt, 1, api_key) for _ in range(2)]
         ttft = min(r.ttft_s for r in prefill)
-        prefilled = await settled_work(s, url, api_key)
+        prefilled = node_work(await settled_status(s, url, api_key))
         progress("ring: single-stream decode ...")
         single = [await stream_completion(s, url, prompt, gen_tokens, api_key) for _ in range(2)]
         decode = max((r.tokens - 1) / r.decode_s for r in single if r.decode_s > 0)
+        status = await settled_status(s, url, api_key)
+        after = node_work(status)
         # The network time of each hop of those decode steps, as the head measured it.
-        ring = (await ring_status(s, url, api_key)).get("ring") or {}
+        ring = status.get("ring") or {}
         hops = [h * 1e6 for h in ring.get("decode_hop_samples_s", [])[-2 * (gen_tokens - 1) :]]
-        after = await settled_work(s, url, api_key)
         progress("ring: a long prompt while a stream decodes ...")
         interleave = await prompt_during_decode(s, url, prompt, ttft, decode, api_key)
         # Mean compute time of one decode step on each shard during the single streams. What
@@ -262,12 +258,12 @@ async def ring_bench(
     }
 
 
-def free_ports(n: int) -> list[int]:
-    """n distinct ports free on 127.0.0.1 now (the OS picks; fixed ones may be taken)."""
+def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
+    """n distinct ports free on `host` now (the OS picks; fixed ones may be taken)."""
     with contextlib.ExitStack() as stack:
         socks = [stack.enter_context(socket.socket()) for _ in range(n)]
         for s in socks:
-            s.bind(("127.0.0.1", 0))
+            s.bind((host, 0))
         return [int(s.getsockname()[1]) for s in socks]
 
 

@@ -8,7 +8,6 @@ import contextlib
 import functools
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -22,6 +21,7 @@ import mlx_lm
 from mlx_lm.generate import generate_step
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
+from mlxring.bench import free_ports
 from mlxring.config import Config, load_config
 from mlxring.makemodel import make_model
 from mlxring.node import Runtime
@@ -57,9 +57,7 @@ def _mkdir(p: Path) -> Path:
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+    return free_ports(1, host)[0]
 
 
 def write_config(
