@@ -196,15 +196,15 @@ class Metrics:
 
 
 def kv_cache_bytes(actor: ShardActor) -> int:
-    """Bytes held by a shard's KV caches: each request's own, plus the merged caches of the
-    requests batched together last (`_group`, while a convoy runs; read defensively)."""
+    """Bytes held by a shard's KV caches: each request's own, plus the merged caches of its
+    convoys (read defensively: the compute thread changes both)."""
     total = 0
     try:
         # list() copies in one C call: the compute thread may add a request meanwhile.
         caches = [c for st in list(actor.requests.values()) for c in st.caches]
-    except RuntimeError:  # the dict changed size during the copy: report nothing this time
+        caches += [c for merged in list(actor.convoys.merged.values()) for c in merged]
+    except RuntimeError:  # a dict changed size during the copy: report nothing this time
         return 0
-    caches += list(getattr(actor, "_group", ()))
     for c in caches:
         try:
             total += int(c.nbytes)

@@ -138,6 +138,59 @@ def _seeded_sample(st: RequestState, p: SamplingParams, logprobs: mx.array) -> m
     return mx.random.categorical(x * (1 / p.temperature), key=sub)
 
 
+class Convoys:
+    """Merged KV caches of requests that run together. The same requests keep arriving together
+    (a "convoy"), so their merged caches are kept and reused step after step; merging anew
+    copies every cache. Several convoys take turns on a shard (one per stage computing at once,
+    or requests that started apart), so each keeps its own. A request is in one at most, and
+    while it is, the merged caches hold its KV (its own list is empty)."""
+
+    def __init__(self) -> None:
+        self.merged: dict[tuple[str, ...], list[Any]] = {}
+        self._of: dict[str, tuple[str, ...]] = {}
+
+    def caches(self, rids: tuple[str, ...], requests: dict[str, RequestState]) -> list[Any]:
+        """The merged caches of `rids`, in this row order (runs on the compute thread)."""
+        merged = self.merged.get(rids)
+        if merged is None:
+            for rid in rids:
+                self.dissolve(rid, requests)
+            per_request = [requests[r].caches for r in rids]
+            merged = [
+                per_request[0][i].merge([c[i] for c in per_request])
+                for i in range(len(per_request[0]))
+            ]
+            self.merged[rids] = merged
+            for rid in rids:
+                requests[rid].caches = []
+                self._of[rid] = rids
+        return merged
+
+    def dissolve(self, rid: str, requests: dict[str, RequestState]) -> None:
+        """Give each live request of `rid`'s convoy its own caches back (compute thread)."""
+        rids = self._of.get(rid)
+        if rids is None:
+            return
+        merged = self.merged.pop(rids)
+        for j, r in enumerate(rids):
+            del self._of[r]
+            st = requests.get(r)
+            if st is not None:
+                st.caches = [c.extract(j) for c in merged]
+
+    def drop_dead(self, requests: dict[str, RequestState]) -> None:
+        """Let go of convoys none of whose requests is live any more. One with some live ones
+        stays until they run again: a new batch of them dissolves it then."""
+        for rids in [k for k in self.merged if not any(r in requests for r in k)]:
+            del self.merged[rids]
+            for r in rids:
+                del self._of[r]
+
+    def clear(self) -> None:
+        self.merged.clear()
+        self._of.clear()
+
+
 class ShardActor(Actor[Message | Sweep | Reconfigure]):
     def __init__(
         self,
@@ -158,10 +211,7 @@ class ShardActor(Actor[Message | Sweep | Reconfigure]):
         self.max_batch = max_batch
         self.total_memory = total_memory
         self.requests: dict[str, RequestState] = {}
-        # The batch KV caches of the requests that last ran together (a "convoy": they keep
-        # arriving together, so the merged caches are reused step after step).
-        self._group_rids: tuple[str, ...] = ()
-        self._group: list[Any] = []
+        self.convoys = Convoys()
         self.stages = 1
         self._chunk_waited = False  # the prompt chunk in front has let decode steps pass once
         self.busy_s = 0.0
@@ -178,7 +228,7 @@ class ShardActor(Actor[Message | Sweep | Reconfigure]):
                     self.model = msg.model
                 self.stages = max(1, msg.stages)
                 self.requests.clear()
-                self._group_rids, self._group = (), []
+                self.convoys.clear()
             case Forward() | ForwardBatch():
                 parts: list[Forward | ForwardBatch] = [msg]
                 if self.max_batch > 1 and len(self.requests) > 1 and self._is_decode(msg):
@@ -196,7 +246,7 @@ class ShardActor(Actor[Message | Sweep | Reconfigure]):
                     for o in outs:
                         await self.send_next(o)
             case End():
-                self.requests.pop(msg.rid, None)
+                self._forget(msg.rid)
                 if not self.requests:
                     # As mlx-lm does between generations: hand freed buffers back, so that
                     # several processes sharing one GPU do not starve each other.
@@ -204,7 +254,7 @@ class ShardActor(Actor[Message | Sweep | Reconfigure]):
                 if self.model is not None and not self.model.is_last:
                     await self.send_next(msg)
             case Failure():
-                self.requests.pop(msg.rid, None)
+                self._forget(msg.rid)
                 await self.send_next(msg)
             case Probe():
                 await self.pass_probe(msg)
@@ -216,7 +266,7 @@ class ShardActor(Actor[Message | Sweep | Reconfigure]):
                 ]
                 for rid in stale:
                     self.log.warning("request_expired", rid=rid)
-                    del self.requests[rid]
+                    self._forget(rid)
             case _:
                 self.log.warning("unexpected_message", message=type(msg).__name__)
 
@@ -235,13 +285,17 @@ class ShardActor(Actor[Message | Sweep | Reconfigure]):
     async def on_error(self, msg: Message | Sweep | Reconfigure, error: Exception) -> None:
         if isinstance(msg, Forward | ForwardBatch):
             # A failed batch may have taken other requests' steps with it: fail them all.
-            self._group_rids, self._group = (), []
+            self.convoys.clear()
             rids = [r.rid for r in msg.rows] if isinstance(msg, ForwardBatch) else [msg.rid]
             if isinstance(error, BatchError):
                 rids = list(error.rids)
             for rid in rids:
-                self.requests.pop(rid, None)
+                self._forget(rid)
                 await self.send_next(Failure(rid, f"{type(error).__name__}: {error}", self.node))
+
+    def _forget(self, rid: str) -> None:
+        self.requests.pop(rid, None)
+        self.convoys.drop_dead(self.requests)
 
     def _timed(self, fn: Callable[[Any], T], arg: Forward | list[Forward | ForwardBatch]) -> T:
         t0 = time.perf_counter()
@@ -317,25 +371,6 @@ class ShardActor(Actor[Message | Sweep | Reconfigure]):
         self._chunk_waited = False
         return box.popleft()
 
-    def _batch_caches(self, rids: tuple[str, ...]) -> list[Any]:
-        if rids != self._group_rids:
-            self._dissolve()
-            per_request = [self.requests[r].caches for r in rids]
-            self._group = [
-                per_request[0][i].merge([c[i] for c in per_request])
-                for i in range(len(per_request[0]))
-            ]
-            self._group_rids = rids
-        return self._group
-
-    def _dissolve(self) -> None:
-        """Give each request of the last batch its own caches back."""
-        for j, rid in enumerate(self._group_rids):
-            st = self.requests.get(rid)
-            if st is not None:
-                st.caches = [c.extract(j) for c in self._group]
-        self._group_rids, self._group = (), []
-
     def step_batch(self, parts: list[Forward | ForwardBatch]) -> list[Message]:
         """Decode steps of several requests as one forward pass (runs on the compute thread)."""
         model = self.model
@@ -355,7 +390,7 @@ class ShardActor(Actor[Message | Sweep | Reconfigure]):
             now = time.monotonic()
             for rid in rids:
                 self.requests[rid].last_used = now
-            h = model(x, self._batch_caches(rids))
+            h = model(x, self.convoys.caches(rids, self.requests))
             if not model.is_last:
                 mx.eval(h)
                 out = tuple(
@@ -408,8 +443,7 @@ class ShardActor(Actor[Message | Sweep | Reconfigure]):
                 f"step {f.seq} of {f.rid} is for layer {f.layer} but {self.node} holds "
                 f"[{model.start}, {model.end}) (the ring re-planned)"
             )
-        if f.rid in self._group_rids:
-            self._dissolve()
+        self.convoys.dissolve(f.rid, self.requests)
         st = self.requests.get(f.rid)
         if st is None:
             if f.seq != 0:

@@ -1,5 +1,7 @@
-"""The shard's choice of what to run next, on a real shard (tiny model, no ring)."""
+"""The shard's choice of what to run next, and its batch caches, on a real shard (tiny model,
+no ring)."""
 
+import asyncio
 from concurrent.futures import ThreadPoolExecutor
 
 from mlxring.messages import End, Forward, Message
@@ -64,3 +66,37 @@ def test_a_convoy_that_passed_a_chunk_counts_as_its_wait() -> None:
     assert actor._take_decodes(1, 4) == [decode("c", 7)]  # what handle() gathers into the batch
     actor.send(decode("d", 2))
     assert order(actor) == [("Forward", "b", 1), ("Forward", "d", 2)]
+
+
+def test_convoys_taking_turns_keep_their_merged_caches() -> None:
+    """Two convoys alternating on a shard (one per stage, or requests that started apart) each
+    reuse their merged caches; merging anew every step copied every cache (c16 fell 2x)."""
+    model = load_shard(tiny_model("qwen3"), 0, 3)
+    actor = ShardActor("n0", model, _nowhere, ThreadPoolExecutor(1))
+    for rid in "abcd":
+        actor.step(Forward(rid, 0, (1, 2, 3), True))  # a 3-token prompt
+    actor.step_batch([decode("a", 1), decode("b", 1)])
+    ab = actor.convoys.merged[("a", "b")]
+    actor.step_batch([decode("c", 1), decode("d", 1)])
+    cd = actor.convoys.merged[("c", "d")]
+    actor.step_batch([decode("a", 2), decode("b", 2)])
+    actor.step_batch([decode("c", 2), decode("d", 2)])
+    assert actor.convoys.merged[("a", "b")] is ab and actor.convoys.merged[("c", "d")] is cd
+    assert actor.requests["a"].caches == []  # while merged, the convoy holds a's KV
+
+    actor.step(decode("a", 3))  # a alone: its convoy gives it its own caches back
+    assert [c.offset for c in actor.requests["a"].caches] == [6] * 3  # 3 prompt + 3 steps
+    assert [c.offset for c in actor.requests["b"].caches] == [5] * 3
+    assert list(actor.convoys.merged) == [("c", "d")]
+
+    sent: list[Message] = []
+
+    async def keep(msg: Message) -> None:
+        sent.append(msg)
+
+    actor.send_next = keep
+    asyncio.run(actor.handle(End("c")))
+    assert ("c", "d") in actor.convoys.merged  # d still lives in it
+    asyncio.run(actor.handle(End("d")))
+    assert actor.convoys.merged == {}  # nobody left: its caches are let go
+    assert sent == [End("c"), End("d")]  # passed on to the next shard
