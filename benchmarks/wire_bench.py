@@ -1,8 +1,9 @@
 """Frame cost: encode+decode of a [1, 4096] bf16 activation, and the loopback round trip of
-one such frame through a real link (Peer -> Listener -> back), p50 / p99.
+one such frame through a real link (Peer -> Listener -> back), p50 / p99. `--tokens T` sends
+[1, T, hidden] instead: a prompt chunk's activations.
 
-    .venv/bin/python benchmarks/wire_bench.py [--hidden 4096] [--n 2000] [--processes] \
-        [--gap-ms 2] [--json]
+    .venv/bin/python benchmarks/wire_bench.py [--hidden 4096] [--tokens 1] [--n 2000] \
+        [--processes] [--gap-ms 2] [--json]
 """
 
 from __future__ import annotations
@@ -28,8 +29,8 @@ def pct(xs: list[float], p: float) -> float:
     return xs[min(len(xs) - 1, int(p / 100 * len(xs)))]
 
 
-def codec(hidden: int, n: int) -> dict[str, float]:
-    h = mx.random.normal((1, 1, hidden)).astype(mx.bfloat16)
+def codec(hidden: int, tokens: int, n: int) -> dict[str, float]:
+    h = mx.random.normal((1, tokens, hidden)).astype(mx.bfloat16)
     mx.eval(h)
     f = Forward("0123456789abcdef", 17, (1234,), True, h=h, spent=0.001, hops=1)
     times = []
@@ -68,12 +69,14 @@ async def relay(port_in: int, port_out: int) -> None:
         await lb.stop()
 
 
-async def round_trip(hidden: int, n: int, processes: bool, gap_s: float) -> dict[str, float]:
+async def round_trip(
+    hidden: int, tokens: int, n: int, processes: bool, gap_s: float
+) -> dict[str, float]:
     """A -> B over one link and B -> A over another: the time of one ring hop there and back.
     B runs in this process, or (`processes`) in its own, as ring nodes do. With `gap_s`, A
     waits that long between round trips, as a node waits while the others compute: the hop then
     includes waking an idle process."""
-    h = mx.random.normal((1, 1, hidden)).astype(mx.bfloat16)
+    h = mx.random.normal((1, tokens, hidden)).astype(mx.bfloat16)
     mx.eval(h)
     back: asyncio.Queue[Message] = asyncio.Queue()
     la = Listener(settings("a"), "127.0.0.1", PORT_A, lambda m, p: back.put_nowait(m))
@@ -90,7 +93,7 @@ async def round_trip(hidden: int, n: int, processes: bool, gap_s: float) -> dict
     times = []
     for i in range(n + 50):
         t0 = time.perf_counter()
-        await to_b.send(Forward("r", i, (1,), True, h=h))
+        await to_b.send(Forward("r", i, (1,) * tokens, True, h=h))
         await back.get()
         if i >= 50:  # the first round trips wait for B's link back to come up
             times.append(time.perf_counter() - t0)
@@ -113,6 +116,7 @@ async def round_trip(hidden: int, n: int, processes: bool, gap_s: float) -> dict
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--hidden", type=int, default=4096)
+    ap.add_argument("--tokens", type=int, default=1, help="positions in the activation")
     ap.add_argument("--n", type=int, default=2000)
     ap.add_argument("--processes", action="store_true", help="the relay node in its own process")
     ap.add_argument("--gap-ms", type=float, default=0.0, help="idle time between round trips")
@@ -132,10 +136,13 @@ def main() -> None:
         return
     out = {
         "hidden": args.hidden,
+        "tokens": args.tokens,
         "processes": args.processes,
         "gap_ms": args.gap_ms,
-        **codec(args.hidden, args.n),
-        **asyncio.run(round_trip(args.hidden, args.n, args.processes, args.gap_ms / 1000)),
+        **codec(args.hidden, args.tokens, args.n),
+        **asyncio.run(
+            round_trip(args.hidden, args.tokens, args.n, args.processes, args.gap_ms / 1000)
+        ),
     }
     if args.json:
         print(json.dumps(out))

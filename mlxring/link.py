@@ -11,7 +11,6 @@ import asyncio
 import hashlib
 import hmac
 import os
-import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,11 +19,14 @@ import structlog
 
 from mlxring import wire
 from mlxring.aio import wait_for
+from mlxring.conn import FrameConnection, connect
 from mlxring.messages import Hello, Message, Ping, Pong, Proof
 
 log = structlog.get_logger()
 
 STOP_S = 2.0  # how long stop() waits for the reconnect loop to end
+# Frames before the handshake is done are small: a stranger must not make us allocate more.
+HANDSHAKE_MAX_FRAME = 64 * 1024
 HIGH_WATER = 4 * 1024 * 1024  # bytes queued in the transport before a sender waits for drain
 
 
@@ -49,14 +51,6 @@ def _proof(secret: str, nonce: bytes, role: bytes) -> bytes:
     return hmac.new(secret.encode(), role + nonce, hashlib.sha256).digest()
 
 
-def _write(writer: asyncio.StreamWriter, msg: Message) -> None:
-    writer.writelines(wire.encode(msg))
-
-
-async def _read(reader: asyncio.StreamReader, s: LinkSettings, timeout: float) -> Message:
-    return await wait_for(wire.read_frame(reader, s.max_frame), timeout)
-
-
 def _check_hello(msg: Message, s: LinkSettings) -> Hello:
     if not isinstance(msg, Hello):
         raise LinkError(f"expected hello, got {type(msg).__name__}")
@@ -69,27 +63,22 @@ def _check_hello(msg: Message, s: LinkSettings) -> Hello:
     return msg
 
 
-async def handshake_connect(
-    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, s: LinkSettings
-) -> str:
+async def handshake_connect(conn: FrameConnection, s: LinkSettings) -> str:
     """The connecting side's handshake; returns the peer's node name."""
     nonce = os.urandom(16)
-    _write(writer, Hello(wire.PROTOCOL_VERSION, s.cluster, s.node, nonce))
-    reply = _check_hello(await _read(reader, s, s.connect_timeout_s), s)
+    conn.send(Hello(wire.PROTOCOL_VERSION, s.cluster, s.node, nonce))
+    reply = _check_hello(await conn.read(s.connect_timeout_s), s)
     if not hmac.compare_digest(reply.proof, _proof(s.secret, nonce, b"acceptor")):
         raise LinkError(f"peer {reply.node!r} does not know the cluster secret")
-    _write(writer, Proof(_proof(s.secret, reply.nonce, b"connector")))
+    conn.send(Proof(_proof(s.secret, reply.nonce, b"connector")))
     return reply.node
 
 
-async def handshake_accept(
-    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, s: LinkSettings
-) -> str:
+async def handshake_accept(conn: FrameConnection, s: LinkSettings) -> str:
     """The accepting side's handshake; returns the peer's node name."""
-    hello = _check_hello(await _read(reader, s, s.connect_timeout_s), s)
+    hello = _check_hello(await conn.read(s.connect_timeout_s), s)
     nonce = os.urandom(16)
-    _write(
-        writer,
+    conn.send(
         Hello(
             wire.PROTOCOL_VERSION,
             s.cluster,
@@ -98,26 +87,12 @@ async def handshake_accept(
             _proof(s.secret, hello.nonce, b"acceptor"),
         ),
     )
-    answer = await _read(reader, s, s.connect_timeout_s)
+    answer = await conn.read(s.connect_timeout_s)
     if not isinstance(answer, Proof) or not hmac.compare_digest(
         answer.proof, _proof(s.secret, nonce, b"connector")
     ):
         raise LinkError(f"peer {hello.node!r} does not know the cluster secret")
     return hello.node
-
-
-def _tune(writer: asyncio.StreamWriter) -> None:
-    sock = writer.get_extra_info("socket")
-    if sock is not None:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-
-async def _close(writer: asyncio.StreamWriter) -> None:
-    writer.close()
-    try:
-        await wait_for(writer.wait_closed(), 1.0)
-    except (TimeoutError, OSError, ConnectionError):
-        pass
 
 
 class Peer:
@@ -134,7 +109,7 @@ class Peer:
         self.name = name
         self._address = address
         self._on_state = on_state
-        self._writer: asyncio.StreamWriter | None = None
+        self._conn: FrameConnection | None = None
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
         self._up = asyncio.Event()
@@ -144,7 +119,7 @@ class Peer:
 
     @property
     def up(self) -> bool:
-        return self._writer is not None
+        return self._conn is not None
 
     def start(self) -> None:
         self._stopping = False
@@ -160,9 +135,9 @@ class Peer:
             await asyncio.wait({task}, timeout=STOP_S)
             if task.done() and not task.cancelled():
                 task.exception()  # retrieved: its last error is of no interest now
-        if self._writer is not None:
-            await _close(self._writer)
-            self._writer = None
+        if self._conn is not None:
+            await self._conn.wait_closed()
+            self._conn = None
 
     async def wait_up(self, timeout: float) -> bool:
         try:
@@ -172,24 +147,27 @@ class Peer:
             return False
 
     async def send(self, msg: Message) -> None:
-        writer = self._writer
-        if writer is None:
+        conn = self._conn
+        if conn is None:
             raise LinkError(f"link to {self.name} is down")
-        _write(writer, msg)
-        if writer.transport.get_write_buffer_size() > HIGH_WATER:
-            try:
-                await wait_for(writer.drain(), self.s.down_after_s)
-            except (TimeoutError, ConnectionError) as e:
-                self._drop(writer, f"send stalled: {e!r}")
-                raise LinkError(f"link to {self.name} stalled") from None
+        try:
+            conn.send(msg)
+            if conn.buffered > HIGH_WATER:
+                await wait_for(conn.drain(), self.s.down_after_s)
+        except ConnectionError as e:
+            self._drop(conn, f"send failed: {e!r}")
+            raise LinkError(f"link to {self.name} is down") from None
+        except TimeoutError:
+            self._drop(conn, "send stalled")
+            raise LinkError(f"link to {self.name} stalled") from None
 
-    def _drop(self, writer: asyncio.StreamWriter, why: str) -> None:
-        if self._writer is writer:
-            self._writer = None
+    def _drop(self, conn: FrameConnection, why: str) -> None:
+        if self._conn is conn:
+            self._conn = None
             self._up.clear()
             log.warning("link_down", peer=self.name, reason=why)
             self._on_state(False)
-        writer.close()
+        conn.close()
 
     async def _maintain(self) -> None:
         backoff = 0.05
@@ -199,69 +177,53 @@ class Peer:
                 await asyncio.sleep(self.s.heartbeat_s)
                 continue
             try:
-                reader, writer = await wait_for(
-                    asyncio.open_connection(*addr), self.s.connect_timeout_s
-                )
+                conn = await connect(*addr, HANDSHAKE_MAX_FRAME, self.s.connect_timeout_s)
             except (OSError, TimeoutError):
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, self.s.max_backoff_s)
                 continue
             try:
-                _tune(writer)
-                peer = await handshake_connect(reader, writer, self.s)
+                peer = await handshake_connect(conn, self.s)
                 if peer != self.name:
                     raise LinkError(f"{addr[0]}:{addr[1]} is node {peer!r}, expected {self.name!r}")
-            except (
-                LinkError,
-                wire.FrameError,
-                OSError,
-                TimeoutError,
-                asyncio.IncompleteReadError,
-            ) as e:
+            except (LinkError, wire.FrameError, OSError, TimeoutError) as e:
                 log.warning(
                     "handshake_failed", peer=self.name, address=f"{addr[0]}:{addr[1]}", error=str(e)
                 )
-                await _close(writer)
+                await conn.wait_closed()
                 await asyncio.sleep(max(backoff, 0.5))
                 backoff = min(backoff * 2, self.s.max_backoff_s)
                 continue
             backoff = 0.05
-            self._writer = writer
+            conn.max_frame = self.s.max_frame
+            self._conn = conn
             self.last_pong = time.monotonic()
+            conn.deliver(self._pong)
             self._up.set()
             log.info("link_up", peer=self.name, address=f"{addr[0]}:{addr[1]}")
             self._on_state(True)
-            await self._watch(reader, writer)
+            await self._watch(conn)
             self.reconnects += 1
 
-    async def _watch(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        """Ping every heartbeat; the link is down when pongs stop or the socket closes."""
-        pongs = asyncio.get_running_loop().create_task(self._read_pongs(reader))
-        try:
-            while self._writer is writer and not pongs.done():
-                if time.monotonic() - self.last_pong > self.s.down_after_s:
-                    self._drop(writer, "no heartbeat")
-                    break
-                try:
-                    _write(writer, Ping(time.monotonic()))
-                except (ConnectionError, RuntimeError) as e:
-                    self._drop(writer, repr(e))
-                    break
-                await asyncio.wait({pongs}, timeout=self.s.heartbeat_s)
-            if pongs.done():
-                self._drop(writer, "connection closed")
-        finally:
-            pongs.cancel()
+    def _pong(self, msg: Message) -> None:
+        if isinstance(msg, Pong):
+            self.last_pong = time.monotonic()
+            self.rtt_s = self.last_pong - msg.sent
 
-    async def _read_pongs(self, reader: asyncio.StreamReader) -> None:
-        try:
-            while True:
-                msg = await wire.read_frame(reader, self.s.max_frame)
-                if isinstance(msg, Pong):
-                    self.last_pong = time.monotonic()
-                    self.rtt_s = self.last_pong - msg.sent
-        except (asyncio.IncompleteReadError, ConnectionError, wire.FrameError, OSError):
-            return
+    async def _watch(self, conn: FrameConnection) -> None:
+        """Ping every heartbeat; the link is down when pongs stop or the socket closes."""
+        while self._conn is conn and not conn.closed.done():
+            if time.monotonic() - self.last_pong > self.s.down_after_s:
+                self._drop(conn, "no heartbeat")
+                return
+            try:
+                conn.send(Ping(time.monotonic()))
+            except (ConnectionError, RuntimeError) as e:
+                self._drop(conn, repr(e))
+                return
+            await asyncio.wait({conn.closed}, timeout=self.s.heartbeat_s)
+        if conn.closed.done():
+            self._drop(conn, str(conn.error) if conn.error else "connection closed")
 
 
 class Listener:
@@ -278,57 +240,66 @@ class Listener:
         self.host, self.port = host, port
         self._on_message = on_message
         self._server: asyncio.Server | None = None
-        self._conns: set[asyncio.StreamWriter] = set()
+        self._conns: dict[FrameConnection, asyncio.Task[None]] = {}
         self.rejected = 0
 
     async def start(self) -> None:
-        self._server = await asyncio.start_server(
-            self._serve, self.host, self.port, reuse_address=True
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            lambda: FrameConnection(HANDSHAKE_MAX_FRAME, self._accepted),
+            self.host,
+            self.port,
+            reuse_address=True,
         )
 
     async def stop(self) -> None:
         if self._server is not None:
             self._server.close()
-        for w in list(self._conns):
-            w.close()
+        for conn in list(self._conns):
+            conn.close()
         if self._server is not None:
             try:
                 await wait_for(self._server.wait_closed(), 2.0)
             except TimeoutError:
                 pass
             self._server = None
+        if self._conns:
+            await asyncio.wait(list(self._conns.values()), timeout=2.0)
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        remote = writer.get_extra_info("peername")
+    def _accepted(self, conn: FrameConnection) -> None:
+        task = asyncio.get_running_loop().create_task(self._serve(conn))
+        self._conns[conn] = task
+        task.add_done_callback(lambda _: self._conns.pop(conn, None))
+
+    async def _serve(self, conn: FrameConnection) -> None:
+        remote = conn.peername
         where = f"{remote[0]}:{remote[1]}" if remote else "?"
-        self._conns.add(writer)
-        _tune(writer)
         try:
             try:
-                peer = await handshake_accept(reader, writer, self.s)
-            except (LinkError, wire.FrameError, TimeoutError, asyncio.IncompleteReadError) as e:
+                peer = await handshake_accept(conn, self.s)
+            except (LinkError, wire.FrameError, TimeoutError, ConnectionError) as e:
                 self.rejected += 1
                 log.warning("peer_refused", address=where, error=str(e) or type(e).__name__)
                 return
-            while True:
-                try:
-                    msg = await _read(reader, self.s, self.s.down_after_s)
-                except TimeoutError:
-                    log.warning("peer_silent", peer=peer, address=where)
-                    return
-                except wire.FrameError as e:
-                    self.rejected += 1
-                    log.error("bad_frame", peer=peer, address=where, error=str(e))
-                    return
+
+            def on_frame(msg: Message) -> None:
                 if isinstance(msg, Ping):
-                    _write(writer, Pong(msg.sent))
+                    conn.send(Pong(msg.sent))
                 elif isinstance(msg, Hello | Proof | Pong):
-                    log.error("bad_frame", peer=peer, error=f"unexpected {type(msg).__name__}")
-                    return
+                    conn.fail(wire.FrameError(f"unexpected {type(msg).__name__}"))
                 else:
                     self._on_message(msg, peer)
-        except (asyncio.IncompleteReadError, ConnectionError, OSError):
-            return
+
+            conn.max_frame = self.s.max_frame
+            conn.deliver(on_frame)
+            # Pings come every heartbeat: a link silent for longer than down_after_s is dead.
+            while not conn.closed.done():
+                await asyncio.wait({conn.closed}, timeout=self.s.heartbeat_s)
+                if time.monotonic() - conn.last_received > self.s.down_after_s:
+                    log.warning("peer_silent", peer=peer, address=where)
+                    return
+            if isinstance(conn.error, wire.FrameError):
+                self.rejected += 1
+                log.error("bad_frame", peer=peer, address=where, error=str(conn.error))
         finally:
-            self._conns.discard(writer)
-            await _close(writer)
+            await conn.wait_closed()

@@ -12,6 +12,7 @@ import msgpack
 import pytest
 
 from mlxring import aio, wire
+from mlxring.conn import connect
 from mlxring.link import LinkError, LinkSettings, Listener, Peer, handshake_connect
 from mlxring.messages import End, Forward, Message, Token
 
@@ -65,13 +66,13 @@ async def test_peer_without_the_secret_is_refused(theirs: str, cluster: str) -> 
     listener = Listener(settings("b", "s3cret"), "127.0.0.1", port, lambda m, peer: got.append(m))
     await listener.start()
     try:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        with pytest.raises((LinkError, asyncio.IncompleteReadError, ConnectionError)):
-            await handshake_connect(reader, writer, settings("a", theirs, cluster))
+        conn = await connect("127.0.0.1", port, wire.DEFAULT_MAX_FRAME, 2)
+        with pytest.raises((LinkError, ConnectionError)):
+            await handshake_connect(conn, settings("a", theirs, cluster))
             # The acceptor only learns we lack the secret from our proof: it then hangs up.
-            writer.writelines(wire.encode(End("injected")))
-            await reader.readexactly(1)
-        writer.close()
+            conn.send(End("injected"))
+            await conn.read(2)
+        conn.close()
         await asyncio.sleep(0.1)
         assert got == [], "a refused peer must not inject frames"
         assert listener.rejected >= 1
@@ -86,9 +87,25 @@ async def test_peer_refuses_an_impostor_acceptor() -> None:
     listener = Listener(settings("b", "other"), "127.0.0.1", port, lambda m, peer: None)
     await listener.start()
     try:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        conn = await connect("127.0.0.1", port, wire.DEFAULT_MAX_FRAME, 2)
         with pytest.raises(LinkError, match="secret"):
-            await handshake_connect(reader, writer, settings("a", "s3cret"))
+            await handshake_connect(conn, settings("a", "s3cret"))
+        conn.close()
+    finally:
+        await listener.stop()
+
+
+async def test_a_stranger_cannot_announce_a_large_frame() -> None:
+    """Before the handshake a frame is small: a length prefix of 100 MB is refused at once,
+    not buffered for (the acceptor would otherwise allocate it, or wait out the timeout)."""
+    port = free_port()
+    listener = Listener(settings("b"), "127.0.0.1", port, lambda m, peer: None)
+    await listener.start()
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(struct.pack(">I", 100 * 1024 * 1024) + b"x" * 1000)
+        assert await aio.wait_for(reader.read(), 1.0) == b""  # closed on us, well within 3 s
+        assert listener.rejected == 1
         writer.close()
     finally:
         await listener.stop()
@@ -113,15 +130,16 @@ async def _junk_client(host: str, port: int, rounds: int) -> int:
     frames = junk_frames()
     for i in range(rounds):
         try:
-            reader, writer = await aio.wait_for(asyncio.open_connection(host, port), 2)
+            conn = await connect(host, port, wire.DEFAULT_MAX_FRAME, 2)
             if i % 2:  # half the time, pass the handshake first: junk from a "member"
-                await handshake_connect(reader, writer, settings("n0", cluster="test"))
+                await handshake_connect(conn, settings("n0", cluster="test"))
+            assert conn.transport is not None
             for f in frames:
-                writer.write(f)
+                conn.transport.write(f)  # raw bytes: not frames of ours
                 sent += 1
             await asyncio.sleep(0)
-            writer.close()
-        except (OSError, LinkError, TimeoutError, asyncio.IncompleteReadError, wire.FrameError):
+            conn.close()
+        except (OSError, LinkError, TimeoutError, wire.FrameError):
             pass
     return sent
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import struct
 
 import mlx.core as mx
@@ -154,23 +153,3 @@ def test_the_base_maps_decode() -> None:
 def test_malformed_maps_are_rejected(obj: object, why: str) -> None:
     with pytest.raises(wire.FrameError, match=why):
         wire.decode(msgpack.packb(obj))
-
-
-async def _reader(data: bytes) -> asyncio.StreamReader:
-    r = asyncio.StreamReader()
-    r.feed_data(data)
-    r.feed_eof()
-    return r
-
-
-async def test_read_frame_limits() -> None:
-    frame = wire.encode_bytes(End("r"))
-    assert await wire.read_frame(await _reader(frame)) == End("r")
-    with pytest.raises(wire.FrameError, match="over the maximum"):
-        await wire.read_frame(await _reader(struct.pack(">I", 10_000) + b"x"), max_size=1000)
-    with pytest.raises(wire.FrameError, match="truncated"):
-        await wire.read_frame(await _reader(frame[:-2]))
-    with pytest.raises(wire.FrameError, match="empty"):
-        await wire.read_frame(await _reader(struct.pack(">I", 0)))
-    with pytest.raises(asyncio.IncompleteReadError):
-        await wire.read_frame(await _reader(b""))
