@@ -1457,7 +1457,7 @@ def _node_rows(
                 "memory_active_bytes": st.active_bytes if st else None,
                 "memory_peak_bytes": st.peak_bytes if st else None,
                 "memory_total_bytes": st.total_bytes if st else None,
-                "busy_s": round(st.busy_s, 3) if st else None,
+                "busy_s": round(st.busy_s, 4) if st else None,
                 "busy_share": round(b, 3)
                 if (b := (busy_share or {}).get(n.name)) is not None
                 else None,

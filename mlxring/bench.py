@@ -181,12 +181,17 @@ async def settled_status(s: aiohttp.ClientSession, url: str, api_key: str) -> di
     return await ring_status(s, url, api_key)
 
 
-def node_work(status: dict[str, Any]) -> dict[str, tuple[float, int]]:
-    """Each node's shard compute seconds and steps of decode so far."""
+def node_work(status: dict[str, Any]) -> dict[str, tuple[float, int, float]]:
+    """Each node's shard compute seconds and steps of decode so far, and its compute seconds
+    of everything else (prompt chunks)."""
     return {
-        n["name"]: (float(n["decode_busy_s"]), int(n["decode_steps"]))
+        n["name"]: (
+            float(n["decode_busy_s"]),
+            int(n["decode_steps"]),
+            float(n["busy_s"]) - float(n["decode_busy_s"]),
+        )
         for n in status.get("nodes", [])
-        if n.get("decode_busy_s") is not None and n.get("decode_steps") is not None
+        if all(n.get(k) is not None for k in ("decode_busy_s", "decode_steps", "busy_s"))
     }
 
 
@@ -203,9 +208,16 @@ async def ring_bench(
     async with aiohttp.ClientSession(timeout=timeout) as s:
         await stream_completion(s, url, prompt[:16], 4, api_key)  # warm-up
         progress("ring: prefill and time to first token ...")
+        warm = node_work(await settled_status(s, url, api_key))
         prefill = [await stream_completion(s, url, prompt, 1, api_key) for _ in range(2)]
         ttft = min(r.ttft_s for r in prefill)
         prefilled = node_work(await settled_status(s, url, api_key))
+        # Mean compute time of the prompt on each shard: the rest of a TTFT is hops, copies
+        # and waiting for the device.
+        prompt_ms = {
+            n: 1000 * (prefilled[n][2] - warm[n][2]) / len(prefill)
+            for n in set(warm) & set(prefilled)
+        }
         progress("ring: single-stream decode ...")
         single = [await stream_completion(s, url, prompt, gen_tokens, api_key) for _ in range(2)]
         decode = max((r.tokens - 1) / r.decode_s for r in single if r.decode_s > 0)
@@ -245,6 +257,9 @@ async def ring_bench(
     return {
         "shard_step_ms": step_ms,
         "ring_overhead_ms_per_token": 1000 / decode - sum(step_ms.values()),
+        "shard_prefill_ms": prompt_ms,
+        "ring_prefill_overhead_ms": 1000 * statistics.mean(r.ttft_s for r in prefill)
+        - sum(prompt_ms.values()),
         "ring_prefill_tok_s": len(prompt) / ttft,
         "ring_decode_tok_s": decode,
         "ttft_s": ttft,
