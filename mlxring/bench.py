@@ -184,12 +184,12 @@ async def settled_status(s: aiohttp.ClientSession, url: str, api_key: str) -> di
 
 def node_work(status: dict[str, Any]) -> dict[str, tuple[float, int, float]]:
     """Each node's shard compute seconds and steps of decode so far, and its compute seconds
-    of everything else (prompt chunks)."""
+    of all steps."""
     return {
         n["name"]: (
             float(n["decode_busy_s"]),
             int(n["decode_steps"]),
-            float(n["busy_s"]) - float(n["decode_busy_s"]),
+            float(n["busy_s"]),
         )
         for n in status.get("nodes", [])
         if all(n.get(k) is not None for k in ("decode_busy_s", "decode_steps", "busy_s"))
@@ -214,8 +214,8 @@ async def ring_bench(
         prefill = [await stream_completion(s, url, prompt, 1, api_key) for _ in range(2)]
         ttft = min(r.ttft_s for r in prefill)
         prefilled = node_work(await settled_status(s, url, api_key))
-        # Mean compute time of the prompt on each shard: the rest of a TTFT is hops, copies
-        # and waiting for the device.
+        # Mean compute time of the prompt on each shard (its chunks and its last token's step,
+        # as in mlx-lm's prompt time). The rest of a TTFT is HTTP, hops, copies and hand-offs.
         prompt_ms = {
             n: 1000 * (prefilled[n][2] - warm[n][2]) / len(prefill)
             for n in set(warm) & set(prefilled)
