@@ -215,7 +215,8 @@ async def ring_bench(
         ttft = min(r.ttft_s for r in prefill)
         prefilled = node_work(await settled_status(s, url, api_key))
         # Mean compute time of the prompt on each shard (its chunks and its last token's step,
-        # as in mlx-lm's prompt time). The rest of a TTFT is HTTP, hops, copies and hand-offs.
+        # as in mlx-lm's prompt time). The rest of a TTFT is HTTP, hops, copies and hand-offs;
+        # it reads negative where shards overlapped (one's last-token step, the next's chunk).
         prompt_ms = {
             n: 1000 * (prefilled[n][2] - warm[n][2]) / len(prefill)
             for n in set(warm) & set(prefilled)
