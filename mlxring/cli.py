@@ -192,6 +192,12 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
         help="comma-separated CUDA device ids: spawned node i sees only the i-th "
         "(a multi-GPU Linux box standing in for one accelerator per Mac)",
     )
+    p.add_argument(
+        "--busy-poll",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="the spawned nodes' busy_poll (auto: on with 8 cores or more)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
 
 

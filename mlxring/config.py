@@ -19,6 +19,9 @@ from pathlib import Path
 from typing import Any
 
 STRATEGIES = ("uniform", "memory", "compute", "manual")
+# busy_poll = "auto" polls on machines with this many cores or more: the polling loops of a
+# machine's node processes then leave cores to MLX and the OS (a 2-core VM ran 4x slower).
+BUSY_POLL_MIN_CORES = 8
 GIB = 1 << 30
 MIB = 1 << 20
 
@@ -53,6 +56,10 @@ class ClusterConfig:
     # MLX's buffer cache per process (None: MLX's default, about all memory). Lower it when
     # several node processes share one GPU, or they starve each other of memory.
     cache_limit_gb: float | None = None
+    # Keep a process's event loop polling its sockets while it has requests in flight, instead
+    # of sleeping until a frame comes: waking costs 50-400 µs a hop, polling costs a core.
+    # None: on where the machine has BUSY_POLL_MIN_CORES cores or more.
+    busy_poll: bool | None = None
 
     @property
     def max_frame_bytes(self) -> int:
@@ -153,7 +160,7 @@ def parse_config(text: str, source: str = "nodes.toml") -> Config:
 
 _CLUSTER_KEYS = (
     "name", "model", "secret", "strategy", "prefill_chunk", "heartbeat_s", "down_after_s",
-    "request_timeout_s", "max_frame_mb", "interfaces", "max_batch", "cache_limit_gb",
+    "request_timeout_s", "max_frame_mb", "interfaces", "max_batch", "cache_limit_gb", "busy_poll",
 )  # fmt: skip
 _API_KEYS = ("host", "port", "api_key", "max_body_bytes", "max_concurrent", "max_queue")
 _NODE_KEYS = ("name", "host", "port", "api_port", "layers", "memory_gb", "compute")
@@ -185,7 +192,17 @@ def _parse_cluster(t: _Table) -> ClusterConfig:
         interfaces=_parse_interfaces(t),
         max_batch=t.integer("max_batch", 32, lo=1),
         cache_limit_gb=t.opt_number("cache_limit_gb", gt=0),
+        busy_poll=_parse_busy_poll(t),
     )
+
+
+def _parse_busy_poll(t: _Table) -> bool | None:
+    value = t.get("busy_poll", "auto")
+    if isinstance(value, bool):
+        return value
+    if value != "auto":
+        raise t.error("busy_poll", f'expected true, false or "auto", got {_show(value)}')
+    return None
 
 
 def _parse_interfaces(t: _Table) -> tuple[str, ...]:

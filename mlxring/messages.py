@@ -59,8 +59,8 @@ class Pong:
 
 @dataclass(frozen=True)
 class Tensor:
-    """Tensor bytes as they came off the wire; made into an mx.array on the compute thread
-    (mx arrays belong to the stream of the thread that creates them)."""
+    """Tensor bytes as they came off the wire; the shard that computes on them makes them an
+    mx.array (mx arrays belong to the stream of the thread that creates them)."""
 
     dtype: str
     shape: tuple[int, ...]

@@ -197,14 +197,10 @@ class Metrics:
 
 def kv_cache_bytes(actor: ShardActor) -> int:
     """Bytes held by a shard's KV caches: each request's own, plus the merged caches of its
-    convoys (read defensively: the compute thread changes both)."""
+    convoys. (Steps run on the loop's thread too, so nothing changes them meanwhile.)"""
     total = 0
-    try:
-        # list() copies in one C call: the compute thread may add a request meanwhile.
-        caches = [c for st in list(actor.requests.values()) for c in st.caches]
-        caches += [c for merged in list(actor.convoys.merged.values()) for c in merged]
-    except RuntimeError:  # a dict changed size during the copy: report nothing this time
-        return 0
+    caches = [c for st in actor.requests.values() for c in st.caches]
+    caches += [c for merged in actor.convoys.merged.values() for c in merged]
     for c in caches:
         try:
             total += int(c.nbytes)

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +27,8 @@ from mlx_lm.utils import load_config, load_tokenizer
 
 from mlxring import device, source
 from mlxring.aio import wait_for
-from mlxring.config import Config, NodeConfig
+from mlxring.compute import Compute
+from mlxring.config import BUSY_POLL_MIN_CORES, Config, NodeConfig
 from mlxring.discovery import Discovery, PeerInfo, resolve_interfaces
 from mlxring.engine import Engine
 from mlxring.hoptime import StepClock
@@ -50,6 +51,7 @@ log = structlog.get_logger()
 
 Send = Callable[[Message], Awaitable[None]]
 COLD_START_WAIT_S = 30.0  # how long a starting node waits for the rest of the ring
+POLL_REST_S = 0.005  # how often the busy-poll task looks for work while there is none
 Hops = tuple[tuple[str, int, int], ...]
 
 
@@ -239,7 +241,9 @@ class Runtime:
         self.members: tuple[str, ...] = ()  # the live ring, in config order
         self.plan: Plan = []  # one range per member
         self.unavailable = "the ring has not formed yet"  # why the ring cannot serve, or ""
-        self.executor = ThreadPoolExecutor(1, thread_name_prefix="mlx")
+        self.compute = Compute()
+        polls = config.cluster.busy_poll
+        self.busy_poll = (os.cpu_count() or 1) >= BUSY_POLL_MIN_CORES if polls is None else polls
         self.clock = StepClock()  # per-hop timing of decode steps passing this process
         self._tasks: list[asyncio.Task[None]] = []
         self._side_tasks: set[asyncio.Task[None]] = set()
@@ -292,7 +296,7 @@ class Runtime:
                 name,
                 None,
                 self._sender(name),
-                self.executor,
+                self.compute,
                 self.config.cluster.request_timeout_s,
                 self.config.cluster.max_batch,
                 self.facts.total_memory_bytes,
@@ -327,6 +331,8 @@ class Runtime:
         await self._apply(self.live())
         self._tasks.append(loop.create_task(self._watch_membership(), name="membership"))
         self._tasks.append(loop.create_task(self._sweep(), name="sweep"))
+        if self.busy_poll:
+            self._tasks.append(loop.create_task(self._poll(), name="busy-poll"))
 
     def _address(self, n: NodeConfig) -> Callable[[], tuple[str, int] | None]:
         def address() -> tuple[str, int] | None:
@@ -384,6 +390,17 @@ class Runtime:
             )
         )
 
+    async def _poll(self) -> None:
+        """While a shard here has requests in flight, keep the loop polling its sockets (each
+        pass schedules the next at once, so the loop's wait for I/O takes no time) instead of
+        sleeping until a frame wakes it; not while the compute thread works, which needs the
+        interpreter lock to build its graphs."""
+        while True:
+            if not self.compute.queued and any(n.actor.requests for n in self.nodes.values()):
+                await asyncio.sleep(0)
+            else:
+                await asyncio.sleep(POLL_REST_S)
+
     async def stop(self) -> None:
         for t in self._tasks:
             t.cancel()
@@ -399,10 +416,7 @@ class Runtime:
             await p.stop()
         if self.discovery is not None:
             await self.discovery.stop()
-        self.executor.shutdown(wait=False, cancel_futures=True)
-        join = asyncio.get_running_loop().run_in_executor(None, self.executor.shutdown, True)
-        with contextlib.suppress(TimeoutError):  # a step still running gets 10 s to finish
-            await wait_for(join, 10)
+        await self.compute.shutdown(10)  # a step still running gets 10 s to finish
 
     async def wait_ready(self, timeout: float) -> bool:
         """True once the head has seen a probe come back around the whole ring (a process
@@ -491,8 +505,8 @@ class Runtime:
                 return
             log.info("ring_plan", members=list(live), plan=[list(r) for r in self.plan])
             loop = asyncio.get_running_loop()
-            # Nodes of this process share one compute thread; every other node is taken to be
-            # a process (a machine) of its own.
+            # Nodes of this process share one process's compute; every other node is taken to
+            # be a process (a machine) of its own.
             stages = sum(n not in self.nodes for n in live) + any(n in self.nodes for n in live)
             for name, node in self.nodes.items():
                 rng = self.layout[name]
@@ -509,7 +523,7 @@ class Runtime:
                     self.info.n_layers,
                 )
                 t0 = time.perf_counter()
-                shard = await loop.run_in_executor(self.executor, load_shard, path, *rng)
+                shard = await self.compute.run(load_shard, path, *rng)
                 log.info(
                     "shard_loaded",
                     node=name,

@@ -1,8 +1,10 @@
 """The shard actor: runs its layer range for every request step, keeps per-request KV caches,
 and on the last shard samples the next token (mlx-lm samplers and logits processors).
 
-MLX work runs on the process's compute thread so the event loop keeps moving frames while a
-shard computes.
+Decode steps and short prompts run on the event loop's thread, long prompt chunks on the
+compute thread (`compute` says why). MLX arrays are bound to the stream of the thread that
+scheduled them, so a prompt chunk leaves its request's arrays evaluated: the request's next
+step may run on the other thread.
 """
 
 from __future__ import annotations
@@ -10,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
-from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar, cast
 
@@ -26,6 +27,7 @@ from mlx_lm.sample_utils import (
 
 from mlxring import wire
 from mlxring.actor import Actor
+from mlxring.compute import Compute
 from mlxring.messages import (
     End,
     Failure,
@@ -42,6 +44,9 @@ from mlxring.model import ShardModel
 
 Send = Callable[[Message], Awaitable[None]]
 T = TypeVar("T")
+# Steps of up to this many tokens (decode steps, short prompts) run on the loop's thread: they
+# cost about as much as a decode step. Longer prompt chunks run on the compute thread.
+SHORT_CHUNK_TOKENS = 32
 
 
 def _rows(msg: Forward | ForwardBatch) -> int:
@@ -102,6 +107,11 @@ class RequestState:
     key: mx.array | None = None  # per-request PRNG state when a seed was given
     params: SamplingParams | None = None
 
+    def arrays(self) -> list[Any]:
+        """Every array this request keeps between steps."""
+        kept = [c.state for c in self.caches]
+        return kept + [a for a in (self.history, self.key) if a is not None]
+
 
 def make_request_state(
     model: ShardModel, params: SamplingParams | None, now: float
@@ -150,7 +160,7 @@ class Convoys:
         self._of: dict[str, tuple[str, ...]] = {}
 
     def caches(self, rids: tuple[str, ...], requests: dict[str, RequestState]) -> list[Any]:
-        """The merged caches of `rids`, in this row order (runs on the compute thread)."""
+        """The merged caches of `rids`, in this row order."""
         merged = self.merged.get(rids)
         if merged is None:
             for rid in rids:
@@ -167,7 +177,7 @@ class Convoys:
         return merged
 
     def dissolve(self, rid: str, requests: dict[str, RequestState]) -> None:
-        """Give each live request of `rid`'s convoy its own caches back (compute thread)."""
+        """Give each live request of `rid`'s convoy its own caches back."""
         rids = self._of.get(rid)
         if rids is None:
             return
@@ -197,7 +207,7 @@ class ShardActor(Actor[Message | Sweep | Reconfigure]):
         name: str,
         model: ShardModel | None,
         send_next: Send,
-        executor: Executor,
+        compute: Compute,
         request_timeout_s: float = 600.0,
         max_batch: int = 32,
         total_memory: int = 0,
@@ -206,7 +216,7 @@ class ShardActor(Actor[Message | Sweep | Reconfigure]):
         self.node = name
         self.model = model
         self.send_next = send_next
-        self.executor = executor
+        self.compute = compute
         self.request_timeout_s = request_timeout_s
         self.max_batch = max_batch
         self.total_memory = total_memory
@@ -234,23 +244,26 @@ class ShardActor(Actor[Message | Sweep | Reconfigure]):
                 if self.max_batch > 1 and len(self.requests) > 1 and self._is_decode(msg):
                     await asyncio.sleep(0)  # let the rest of a convoy reach the mailbox
                     parts += self._take_decodes(_rows(msg), self.convoy_rows())
-                loop = asyncio.get_running_loop()
                 if len(parts) == 1 and isinstance(msg, Forward):
-                    out = await loop.run_in_executor(self.executor, self._timed, self.step, msg)
+                    short = len(msg.tokens) <= SHORT_CHUNK_TOKENS
+                    run = self.compute.run_here if short else self.compute.run
+                    out = await run(self._timed, self.step, msg)
                     if out is not None:
                         await self.send_next(out)
                 else:
-                    outs = await loop.run_in_executor(
-                        self.executor, self._timed, self.step_batch, parts
-                    )
+                    outs = await self.compute.run_here(self._timed, self.step_batch, parts)
                     for o in outs:
                         await self.send_next(o)
+                if self.backlog:
+                    # A step on the loop's thread kept it from everything else: frames to read,
+                    # the other shards of this process, tokens for the engine. Give it a turn.
+                    await asyncio.sleep(0)
             case End():
                 self._forget(msg.rid)
                 if not self.requests:
                     # As mlx-lm does between generations: hand freed buffers back, so that
                     # several processes sharing one GPU do not starve each other.
-                    await asyncio.get_running_loop().run_in_executor(self.executor, mx.clear_cache)
+                    mx.clear_cache()
                 if self.model is not None and not self.model.is_last:
                     await self.send_next(msg)
             case Failure():
@@ -372,7 +385,7 @@ class ShardActor(Actor[Message | Sweep | Reconfigure]):
         return box.popleft()
 
     def step_batch(self, parts: list[Forward | ForwardBatch]) -> list[Message]:
-        """Decode steps of several requests as one forward pass (runs on the compute thread)."""
+        """Decode steps of several requests as one forward pass."""
         model = self.model
         assert model is not None
         rows = [r for p in parts for r in (p.rows if isinstance(p, ForwardBatch) else (p,))]
@@ -434,7 +447,7 @@ class ShardActor(Actor[Message | Sweep | Reconfigure]):
         ]
 
     def step(self, f: Forward) -> Message | None:
-        """One request step through this shard's layers (runs on the compute thread)."""
+        """One request step through this shard's layers."""
         model = self.model
         if model is None:
             raise StepError(f"{self.node} has not loaded its layers yet")
@@ -457,8 +470,14 @@ class ShardActor(Actor[Message | Sweep | Reconfigure]):
                 raise StepError(f"step {f.seq} of {f.rid} reached {self.node} without activations")
             x = _array(f.h)
         h = model(x, st.caches)
+        if model.is_last and st.processors:
+            toks = mx.array(list(f.tokens), dtype=mx.uint32)
+            st.history = toks if st.history is None else mx.concatenate([st.history, toks])
+        # A prompt chunk leaves nothing of its request unevaluated (see the module docstring).
+        # The last shard needs only the caches of a chunk, not its activations.
+        kept = [] if f.sample else st.arrays()
         if not model.is_last:
-            mx.eval(h)
+            mx.eval(h, kept)
             return Forward(
                 f.rid,
                 f.seq,
@@ -470,11 +489,8 @@ class ShardActor(Actor[Message | Sweep | Reconfigure]):
                 spent=f.spent,
                 hops=f.hops,
             )
-        if st.processors:
-            toks = mx.array(list(f.tokens), dtype=mx.uint32)
-            st.history = toks if st.history is None else mx.concatenate([st.history, toks])
         if not f.sample:
-            mx.eval([c.state for c in st.caches])
+            mx.eval(kept)
             return None
         return self._sample(f, st, model.logits(h))
 

@@ -100,6 +100,7 @@ def test_defaults() -> None:
     assert (c.name, c.secret, c.strategy, c.prefill_chunk) == ("mlxring", "", "memory", 512)
     assert (c.heartbeat_s, c.down_after_s, c.request_timeout_s) == (1.0, 5.0, 600.0)
     assert (c.max_frame_mb, c.max_frame_bytes, c.interfaces) == (256.0, 256 << 20, ())
+    assert c.busy_poll is None  # "auto": decided by the machine's cores
     assert (a.host, a.port, a.api_key) == ("0.0.0.0", 8100, "")
     assert (a.max_body_bytes, a.max_concurrent, a.max_queue) == (1 << 20, 64, 256)
     assert node == dataclasses.replace(node, host=None, api_port=None, layers=None)
@@ -114,6 +115,12 @@ def test_full_config_values() -> None:
     assert config.node("studio").memory_bytes == 48 << 30
     assert config.position("mini2") == 1
     assert isinstance(config, Config)
+
+
+@pytest.mark.parametrize(("value", "parsed"), [("true", True), ("false", False), ('"auto"', None)])
+def test_busy_poll_values(value: str, parsed: bool | None) -> None:
+    text = MINIMAL.replace('model = "demo"', f'model = "demo"\nbusy_poll = {value}')
+    assert parse_config(text).cluster.busy_poll is parsed
 
 
 def test_manual_layers_parse() -> None:
@@ -144,6 +151,12 @@ def test_config_is_frozen() -> None:
             "nodes[2].port",
             "missing",
             id="no-node-port",
+        ),
+        pytest.param(
+            BASE.replace('strategy = "memory"', 'busy_poll = "yes"'),
+            "cluster.busy_poll",
+            'expected true, false or "auto", got "yes"',
+            id="busy-poll-word",
         ),
         pytest.param(
             BASE.replace('name = "mini1"', 'host_ = "x"'),

@@ -190,8 +190,6 @@ async def test_each_runtime_has_its_own_registry(tmp_path: Path) -> None:
     assert value(ma, "mlxring_requests_waiting") == 2
     assert value(ma, "mlxring_ring_up") == 0  # not formed yet
     assert per_node(mb, "mlxring_node_up") == {"n0": 0, "n1": 0}  # no shard, no link yet
-    rt_a.executor.shutdown()
-    rt_b.executor.shutdown()
 
 
 def test_rate_window_and_quantiles() -> None:

@@ -155,18 +155,24 @@ async def test_concurrent_requests_do_not_mix_caches(tmp_path: Path) -> None:
         assert all(node.actor.batches > 0 for node in rt.nodes.values())
 
 
-def test_concurrent_requests_split_into_one_convoy_per_process(tmp_path: Path) -> None:
+@pytest.mark.parametrize("busy_poll", [False, True])
+def test_concurrent_requests_split_into_one_convoy_per_process(
+    tmp_path: Path, busy_poll: bool
+) -> None:
     """Three processes compute at once: 8 streams travel as convoys of at most ceil(8/3) rows,
-    so each stage has a convoy to run, and every stream stays exact."""
+    so each stage has a convoy to run, and every stream stays exact, with the processes' loops
+    polling or sleeping between frames."""
     import asyncio
 
     model = tiny_model("qwen3")
-    cfg_path = write_config(tmp_path, model, 3)
+    poll = f"busy_poll = {str(busy_poll).lower()}"
+    cfg_path = write_config(tmp_path, model, 3, extra_cluster=poll)
     prompts = [encode(model, f"Stream {i} of the convoy test.") for i in range(8)]
     want = [reference(model, p, 24) for p in prompts]
 
     async def run() -> tuple[list[list[int]], int, int, int]:
         async with local_ring(cfg_path, ["n0"]) as rt:
+            assert rt.busy_poll is busy_poll
             got = await asyncio.gather(*(ring_tokens(rt, p, 24) for p in prompts))
             a = rt.nodes["n0"].actor
             return list(got), a.stages, a.batches, a.batched_rows

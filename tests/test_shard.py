@@ -2,8 +2,8 @@
 no ring)."""
 
 import asyncio
-from concurrent.futures import ThreadPoolExecutor
 
+from mlxring.compute import Compute
 from mlxring.messages import End, Forward, Message
 from mlxring.model import load_shard
 from mlxring.shard import ShardActor, make_request_state
@@ -17,7 +17,7 @@ async def _nowhere(msg: Message) -> None:
 
 def shard_with_requests(*rids: str) -> ShardActor:
     model = load_shard(tiny_model("qwen3"), 0, 3)
-    actor = ShardActor("n0", model, _nowhere, ThreadPoolExecutor(1))
+    actor = ShardActor("n0", model, _nowhere, Compute())
     for rid in rids:
         actor.requests[rid] = make_request_state(model, None, 0.0)
     return actor
@@ -72,7 +72,7 @@ def test_convoys_taking_turns_keep_their_merged_caches() -> None:
     """Two convoys alternating on a shard (one per stage, or requests that started apart) each
     reuse their merged caches; merging anew every step copied every cache (c16 fell 2x)."""
     model = load_shard(tiny_model("qwen3"), 0, 3)
-    actor = ShardActor("n0", model, _nowhere, ThreadPoolExecutor(1))
+    actor = ShardActor("n0", model, _nowhere, Compute())
     for rid in "abcd":
         actor.step(Forward(rid, 0, (1, 2, 3), True))  # a 3-token prompt
     actor.step_batch([decode("a", 1), decode("b", 1)])
@@ -100,3 +100,44 @@ def test_convoys_taking_turns_keep_their_merged_caches() -> None:
     asyncio.run(actor.handle(End("d")))
     assert actor.convoys.merged == {}  # nobody left: its caches are let go
     assert sent == [End("c"), End("d")]  # passed on to the next shard
+
+
+async def test_decode_steps_run_on_the_loop_thread_and_long_prompt_chunks_off_it() -> None:
+    """A long prompt chunk must not hold the loop for its compute (frames and heartbeats would
+    wait); a decode step runs on the loop's thread, which saves two thread hand-offs. A request
+    crosses threads between them: the chunk must leave none of its arrays unevaluated (MLX
+    arrays are bound to the thread that scheduled them)."""
+    import mlx.core as mx
+
+    sent: list[Message] = []
+
+    async def keep(msg: Message) -> None:
+        sent.append(msg)
+
+    model = load_shard(tiny_model("qwen3"), 0, 3)
+    actor = ShardActor("n0", model, keep, Compute())
+    turns = 0
+
+    async def tick() -> None:
+        nonlocal turns
+        while True:
+            turns += 1
+            await asyncio.sleep(0)
+
+    ticker = asyncio.create_task(tick())
+    await asyncio.sleep(0)
+    prompt = tuple(range(1, 257))
+    before = turns
+    await actor.handle(Forward("a", 0, prompt, False))
+    during_chunk = turns - before
+    before = turns
+    await actor.handle(Forward("a", 1, (7,), True))
+    during_decode = turns - before
+    ticker.cancel()
+    assert during_chunk > 5 and during_decode == 0, (during_chunk, during_decode)
+    # The same steps all at once on this thread give the same activations.
+    whole = [actor.step(Forward("b", 0, prompt, False)), actor.step(Forward("b", 1, (7,), True))]
+    for got, want in zip(sent, whole, strict=True):
+        assert isinstance(got, Forward) and isinstance(want, Forward)
+        assert isinstance(got.h, mx.array) and isinstance(want.h, mx.array)
+        assert mx.array_equal(got.h, want.h)
