@@ -86,7 +86,12 @@ async def _serve(config: Config, names: list[str]) -> int:
         log.error("start_failed", error=f"{type(e).__name__}: {e}")
         await runtime.stop()
         return 1
-    log.info("node_started", nodes=names, plan=[list(r) for r in runtime.plan])
+    log.info(
+        "node_started",
+        nodes=names,
+        plan=[list(r) for r in runtime.plan],
+        busy_poll=runtime.busy_poll,
+    )
     await stop.wait()
     log.info("node_stopping")
     _exit_after(STOP_DEADLINE_S)
