@@ -74,6 +74,8 @@ def write_config(
 ) -> Path:
     """A nodes.toml with n nodes on free loopback ports (each with its own API port)."""
     hosts = hosts or ["127.0.0.1"] * n_nodes
+    # All at once: ports asked for one by one may repeat (each is free again once returned).
+    ports = free_ports(2 * n_nodes)
     lines = [
         "[cluster]",
         f'name = "{cluster}"',
@@ -89,7 +91,7 @@ def write_config(
         lines += ["[[nodes]]", f'name = "n{i}"']
         if host is not None:
             lines.append(f'host = "{host}"')
-        lines += [f"port = {free_port()}", f"api_port = {free_port()}"]
+        lines += [f"port = {ports[2 * i]}", f"api_port = {ports[2 * i + 1]}"]
         if node_extra:
             lines.append(node_extra[i])
     path = directory / "nodes.toml"
