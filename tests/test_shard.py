@@ -4,7 +4,7 @@ no ring)."""
 import asyncio
 
 from mlxring.compute import Compute
-from mlxring.messages import End, Forward, Message
+from mlxring.messages import End, Forward, Message, SamplingParams, Token
 from mlxring.model import load_shard
 from mlxring.shard import ShardActor, make_request_state
 
@@ -141,3 +141,32 @@ async def test_decode_steps_run_on_the_loop_thread_and_long_prompt_chunks_off_it
         assert isinstance(got, Forward) and isinstance(want, Forward)
         assert isinstance(got.h, mx.array) and isinstance(want.h, mx.array)
         assert mx.array_equal(got.h, want.h)
+
+
+async def test_a_sampled_request_crosses_from_the_compute_thread_to_the_loop_cleanly() -> None:
+    """A long prompt's chunk runs on the compute thread and the decode steps after it on the
+    loop's. MLX binds an unevaluated array to the thread that made it, so the request's token
+    history and caches must cross evaluated (a lazy history fails the first decode step with
+    "There is no Stream(cpu, N) in current thread"). Seeded, the tokens and logprobs equal
+    those of the same steps run all on this thread."""
+    path = tiny_model("qwen3")
+    n_layers = load_shard(path, 0, 1).n_layers
+    params = SamplingParams(temperature=0.8, repetition_penalty=1.3, seed=7, logprobs=2)
+    # Two chunks: the second extends the token history (a lazy concatenation).
+    steps = [
+        Forward("r", 0, tuple(range(1, 41)), False, params=params),
+        Forward("r", 1, tuple(range(41, 81)), False),
+    ]
+    steps += [Forward("r", 2 + i, (t,), True) for i, t in enumerate((81, 5, 9, 11))]
+    sent: list[Message] = []
+
+    async def keep(msg: Message) -> None:
+        sent.append(msg)
+
+    actor = ShardActor("n0", load_shard(path, 0, n_layers), keep, Compute())
+    for f in steps:
+        await actor.handle(f)
+    direct = ShardActor("n1", load_shard(path, 0, n_layers), _nowhere, Compute())
+    want = [direct.step(f) for f in steps][2:]
+    assert all(isinstance(t, Token) for t in sent) and len(sent) == 4
+    assert sent == want
