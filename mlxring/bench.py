@@ -403,14 +403,17 @@ def run(args: argparse.Namespace) -> int:
         progress(f"waiting for the ring at {url} ...")
         asyncio.run(wait_healthy(url, 600, procs, Path(out["logs"]) if procs else None))
         out.update(asyncio.run(ring_bench(url, prompt, args.gen_tokens, levels, api_key)))
+        if procs and model is not None:
+            # Again once the ring is gone: a machine's slow spell during one baseline would
+            # flatter the ring. The ratios use the better of the two.
+            stop(procs)
+            progress("baseline again: single-process mlx-lm ...")
+            again = baseline(model, prompt, args.gen_tokens)
+            for k, v in again.items():
+                out[f"{k}_runs"] = [out[k], v]
+                out[k] = max(out[k], v)
     finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop(procs)
     if "baseline_decode_tok_s" in out:
         out["decode_ratio"] = out["ring_decode_tok_s"] / out["baseline_decode_tok_s"]
         out["prefill_ratio"] = out["ring_prefill_tok_s"] / out["baseline_prefill_tok_s"]
@@ -422,6 +425,16 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def stop(procs: Sequence[subprocess.Popen[bytes]]) -> None:
+    for p in procs:
+        p.terminate()
+    for p in procs:
+        try:
+            p.wait(10)
+        except subprocess.TimeoutExpired:
+            p.kill()
+
+
 def print_table(out: dict[str, Any]) -> None:
     def row(k: str, v: Any) -> None:
         print(f"{k:>24}  {v:.2f}" if isinstance(v, float) else f"{k:>24}  {v}")
@@ -430,5 +443,7 @@ def print_table(out: dict[str, Any]) -> None:
         if isinstance(v, dict):
             for sub, t in v.items():
                 row(f"{k}@{sub}", t)
+        elif isinstance(v, list) and all(isinstance(x, float) for x in v):
+            row(k, " / ".join(f"{x:.2f}" for x in v))
         else:
             row(k, v)
