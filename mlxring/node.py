@@ -51,7 +51,10 @@ log = structlog.get_logger()
 
 Send = Callable[[Message], Awaitable[None]]
 COLD_START_WAIT_S = 30.0  # how long a starting node waits for the rest of the ring
-POLL_REST_S = 0.005  # how often the busy-poll task looks for work while there is none
+# How often the busy-poll task looks again while it rests: with no requests here (an idle node
+# wakes rarely), and while the compute thread works (a prompt chunk ends soon).
+POLL_IDLE_S = 0.05
+POLL_WAIT_S = 0.002
 Hops = tuple[tuple[str, int, int], ...]
 
 
@@ -396,10 +399,12 @@ class Runtime:
         sleeping until a frame wakes it; not while the compute thread works, which needs the
         interpreter lock to build its graphs."""
         while True:
-            if not self.compute.queued and any(n.actor.requests for n in self.nodes.values()):
-                await asyncio.sleep(0)
+            if not any(n.actor.requests for n in self.nodes.values()):
+                await asyncio.sleep(POLL_IDLE_S)
+            elif self.compute.queued:
+                await asyncio.sleep(POLL_WAIT_S)
             else:
-                await asyncio.sleep(POLL_REST_S)
+                await asyncio.sleep(0)
 
     async def stop(self) -> None:
         for t in self._tasks:
