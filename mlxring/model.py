@@ -142,13 +142,14 @@ class ShardModel:
         """Fresh KV caches for this shard's layers, of the kinds the model itself would use."""
         return make_prompt_cache(self._model)[self.start : self.end]
 
-    def __call__(self, x: mx.array, caches: list[Any]) -> mx.array:
-        """Token ids [B, L] on the first shard, hidden states [B, L, D] elsewhere."""
+    def __call__(self, x: mx.array, caches: list[Any], defer: bool = False) -> mx.array:
+        """Token ids [B, L] on the first shard, hidden states [B, L, D] elsewhere. With
+        `defer`, nothing is evaluated (the input is not there yet: see `ahead`)."""
         h = self.embed(x) if self.embed is not None else x
         # A decode step cannot overlap with the next one as in mlx-lm (the next token comes
         # around the ring first), so overlap within the step: the device runs the first layers
         # while Python builds the next ones.
-        every = self.overlap_every if h.shape[1] == 1 else 0
+        every = self.overlap_every if h.shape[1] == 1 and not defer else 0
         masks: dict[int | None, Any] = {}
         for i, (layer, cache) in enumerate(zip(self.layers, caches, strict=True)):
             window = self.sliding_window if getattr(layer, "use_sliding", False) else None

@@ -10,6 +10,7 @@ step may run on the other thread.
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -25,7 +26,7 @@ from mlx_lm.sample_utils import (
     make_sampler,
 )
 
-from mlxring import wire
+from mlxring import ahead, wire
 from mlxring.actor import Actor
 from mlxring.compute import Compute
 from mlxring.messages import (
@@ -224,6 +225,7 @@ class ShardActor(Actor[Message | Sweep | Reconfigure]):
         self.convoys = Convoys()
         self.stages = 1
         self._chunk_waited = False  # the prompt chunk in front has let decode steps pass once
+        self._ahead: ahead.Ahead | None = None  # the next decode step, built (see `ahead`)
         self.busy_s = 0.0
         self.steps = 0
         self.decode_busy_s = 0.0  # of busy_s, steps of one token per request (decode)
@@ -232,6 +234,7 @@ class ShardActor(Actor[Message | Sweep | Reconfigure]):
         self.batched_rows = 0
 
     async def handle(self, msg: Message | Sweep | Reconfigure) -> None:
+        built, self._ahead = self._ahead, None  # only the very next message may use it
         match msg:
             case Reconfigure():
                 if msg.model is not None:
@@ -245,11 +248,16 @@ class ShardActor(Actor[Message | Sweep | Reconfigure]):
                     await asyncio.sleep(0)  # let the rest of a convoy reach the mailbox
                     parts += self._take_decodes(_rows(msg), self.convoy_rows())
                 if len(parts) == 1 and isinstance(msg, Forward):
-                    short = len(msg.tokens) <= SHORT_CHUNK_TOKENS
-                    run = self.compute.run_here if short else self.compute.run
-                    out = await run(self._timed, self.step, msg)
+                    if built is not None and self._fill(built, msg):
+                        step = functools.partial(self.step_built, built=built)
+                        out = await self.compute.run_here(self._timed, step, msg)
+                    else:
+                        short = len(msg.tokens) <= SHORT_CHUNK_TOKENS
+                        run = self.compute.run_here if short else self.compute.run
+                        out = await run(self._timed, self.step, msg)
                     if out is not None:
                         await self.send_next(out)
+                    self._build_next(msg)
                 else:
                     outs = await self.compute.run_here(self._timed, self.step_batch, parts)
                     for o in outs:
@@ -469,7 +477,55 @@ class ShardActor(Actor[Message | Sweep | Reconfigure]):
             if f.h is None:
                 raise StepError(f"step {f.seq} of {f.rid} reached {self.node} without activations")
             x = _array(f.h)
-        h = model(x, st.caches)
+        return self._finish(f, model, st, model(x, st.caches))
+
+    def step_built(self, f: Forward, built: ahead.Ahead) -> Message | None:
+        """A decode step whose graph was built ahead and whose input is in place."""
+        model, st = self.model, self.requests[f.rid]
+        assert model is not None
+        st.last_used = time.monotonic()
+        st.caches = built.caches
+        return self._finish(f, model, st, built.h)
+
+    def _fill(self, built: ahead.Ahead, f: Forward) -> bool:
+        m = self.model
+        return (
+            m is not None
+            and (f.rid, f.seq, f.layer) == (built.rid, built.seq, m.start)
+            and f.is_decode
+            and f.rid in self.requests
+            and ahead.fill(built, f, m.is_first)
+        )
+
+    def _build_next(self, f: Forward) -> None:
+        """Build `f`'s request's next decode step now, while nothing else waits: only for a
+        shard's one request, and only where MLX lets the placeholder's bytes through."""
+        m, st = self.model, self.requests.get(f.rid)
+        if (
+            m is None
+            or st is None
+            or not f.is_decode
+            or len(self.requests) != 1
+            or self.backlog
+            or self.compute.queued
+            or not ahead.can_build(st.caches)
+            or not ahead.placeholders_work()
+        ):
+            return
+        shape: tuple[int, ...]
+        if m.is_first:
+            shape, dtype = (1, 1), mx.int32
+        elif isinstance(f.h, Tensor):
+            shape, dtype = f.h.shape, wire.DTYPES[f.h.dtype][0]
+        elif f.h is not None:
+            shape, dtype = tuple(f.h.shape), f.h.dtype
+        else:
+            return
+        self._ahead = ahead.build(m, f.rid, f.seq + 1, st.caches, shape, dtype)
+
+    def _finish(
+        self, f: Forward, model: ShardModel, st: RequestState, h: mx.array
+    ) -> Message | None:
         if model.is_last and st.processors:
             toks = mx.array(list(f.tokens), dtype=mx.uint32)
             st.history = toks if st.history is None else mx.concatenate([st.history, toks])

@@ -46,6 +46,16 @@ DTYPES: dict[str, tuple[mx.Dtype, type[np.generic]]] = {
     "uint32": (mx.uint32, np.uint32),
 }
 _DTYPE_NAMES = {mx_dtype: name for name, (mx_dtype, _) in DTYPES.items()}
+
+
+def dtype_name(dtype: mx.Dtype) -> str:
+    """The wire's name of an mx dtype."""
+    name = _DTYPE_NAMES.get(dtype)
+    if name is None:
+        raise FrameError(f"cannot send dtype {dtype}")
+    return name
+
+
 _ITEMSIZE = {name: np.dtype(np_dtype).itemsize for name, (_, np_dtype) in DTYPES.items()}
 
 
@@ -66,9 +76,7 @@ def tensor_view(h: mx.array) -> tuple[str, tuple[int, ...], memoryview]:
 
     mlx exports bf16 through the buffer protocol with its own format code; cast to plain bytes
     it is exactly the uint16 view, without the cost of an mlx view op and its eval."""
-    name = _DTYPE_NAMES.get(h.dtype)
-    if name is None:
-        raise FrameError(f"cannot send dtype {h.dtype}")
+    name = dtype_name(h.dtype)
     mx.eval(h)
     view = _buffer(h)
     if not view.c_contiguous:

@@ -170,3 +170,60 @@ async def test_a_sampled_request_crosses_from_the_compute_thread_to_the_loop_cle
     want = [direct.step(f) for f in steps][2:]
     assert all(isinstance(t, Token) for t in sent) and len(sent) == 4
     assert sent == want
+
+
+def _over_the_wire(msg: Message) -> Message:
+    from mlxring import wire
+
+    return wire.decode(wire.encode_bytes(msg)[wire.PREFIX.size :])
+
+
+async def test_a_lone_requests_next_decode_step_is_built_before_its_input_arrives() -> None:
+    """While a shard's only request is around the ring, its next decode step is built on a
+    placeholder input; filled in, it gives what building it on arrival gives, bit for bit, on
+    a first-and-last shard (tokens in, tokens out) and on a middle one (activations in from
+    this process or off the wire). Another request's message first drops the built step, and
+    the request goes on exactly."""
+    import mlx.core as mx
+
+    path = tiny_model("qwen3")
+    n_layers = load_shard(path, 0, 1).n_layers
+    params = SamplingParams(logprobs=3)
+    prompt = [Forward("r", 0, tuple(range(1, 9)), False, params=params)]
+    decodes = [Forward("r", 1 + i, (t,), True) for i, t in enumerate((9, 4, 17, 2, 30))]
+
+    sent: list[Message] = []
+
+    async def keep(msg: Message) -> None:
+        sent.append(msg)
+
+    whole = ShardActor("a", load_shard(path, 0, n_layers), keep, Compute())
+    direct = ShardActor("b", load_shard(path, 0, n_layers), _nowhere, Compute())
+    for f in prompt + decodes:
+        await whole.handle(f)
+        if f.is_decode:
+            assert whole._ahead is not None and whole._ahead.seq == f.seq + 1
+    assert sent == [direct.step(f) for f in prompt + decodes][1:]
+
+    # A middle shard, fed the first layer's activations in this process or as wire bytes.
+    first = ShardActor("f", load_shard(path, 0, 1), _nowhere, Compute())
+    steps = [first.step(f) for f in prompt + decodes]
+    for wired in (False, True):
+        sent.clear()
+        mid = ShardActor("m", load_shard(path, 1, 2), keep, Compute())
+        ref = ShardActor("d", load_shard(path, 1, 2), _nowhere, Compute())
+        want = []
+        for i, f in enumerate(steps):
+            assert isinstance(f, Forward)
+            want.append(ref.step(f))
+            if wired and i == 3:  # another request comes first: the built step is dropped
+                await mid.handle(Forward("s", 0, (5, 6), False, h=f.h, layer=1))
+                assert mid._ahead is None
+                sent.pop()
+                ref.step(Forward("s", 0, (5, 6), False, h=f.h, layer=1))
+            await mid.handle(_over_the_wire(f) if wired else f)
+        assert len(sent) == len(want)
+        for got, exp in zip(sent, want, strict=True):
+            assert isinstance(got, Forward) and isinstance(exp, Forward)
+            assert isinstance(got.h, mx.array) and isinstance(exp.h, mx.array)
+            assert mx.array_equal(got.h, exp.h), (wired, got.seq)

@@ -1,0 +1,112 @@
+"""A decode step built before its input arrives.
+
+mlx-lm builds the next token's graph while the device computes the current one. A shard cannot:
+its input comes around the ring first. So a shard whose only request just took a decode step
+builds that request's next step at once, on a placeholder input, while it waits. When the input
+comes, its bytes are written into the placeholder's buffer and the built graph is evaluated:
+the same graph, so the same arithmetic, without the graph building on the ring's path.
+
+The built graph updates shadows of the request's KV caches, lazy copies that cost nothing once
+they replace the originals (MLX then reuses the buffers). If anything else comes first, the
+shadows are dropped and the originals were never touched.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import mlx.core as mx
+import numpy as np
+from mlx_lm.models.cache import KVCache
+
+from mlxring import wire
+from mlxring.messages import Forward, Tensor
+from mlxring.model import ShardModel
+
+
+@dataclass
+class Ahead:
+    rid: str
+    seq: int
+    slot: mx.array  # the placeholder; the input is written into its buffer
+    dtype: mx.Dtype  # the input's dtype (the slot holds its bits as a numpy-friendly dtype)
+    caches: list[Any]  # the shadow caches the graph updates
+    h: mx.array  # the built output, unevaluated
+
+
+def _slot(shape: Sequence[int], np_dtype: type[np.generic]) -> mx.array:
+    # From numpy, so it is a dense buffer of its own (not a broadcast constant).
+    slot = mx.array(np.zeros(tuple(shape), dtype=np_dtype))
+    mx.eval(slot)
+    return slot
+
+
+def _writable(slot: mx.array) -> np.ndarray[Any, Any]:
+    view = np.array(slot, copy=False)  # numpy 2 raises rather than copy
+    if not view.flags.writeable:
+        raise ValueError("read-only")
+    return view
+
+
+@functools.cache
+def placeholders_work() -> bool:
+    """Whether bytes written into an array's buffer after a graph was built on it reach that
+    graph. They do where MLX's memory is the CPU's (CPU, Apple silicon); elsewhere no step is
+    built ahead."""
+    try:
+        slot = _slot((2,), np.int32)
+        out = slot + 1
+        _writable(slot)[:] = (5, 6)
+        mx.eval(out)
+        return bool(out.tolist() == [6, 7])
+    except Exception:  # noqa: BLE001 - any failure means: do not build ahead
+        return False
+
+
+def can_build(caches: Sequence[Any]) -> bool:
+    return bool(caches) and all(type(c) is KVCache and c.keys is not None for c in caches)
+
+
+def build(
+    model: ShardModel,
+    rid: str,
+    seq: int,
+    caches: Sequence[Any],
+    shape: Sequence[int],
+    dtype: mx.Dtype,
+) -> Ahead:
+    """Step `seq` of `rid` on a placeholder input of this shape and dtype."""
+    np_dtype = wire.DTYPES[wire.dtype_name(dtype)][1]
+    slot = _slot(shape, np_dtype)
+    shadows = []
+    for c in caches:
+        s = KVCache()
+        keys, values, offset = c.state
+        s.state = (mx.array(keys), mx.array(values), offset)
+        shadows.append(s)
+    inp = slot.view(dtype) if slot.dtype != dtype else slot
+    return Ahead(rid, seq, slot, dtype, shadows, model(inp, shadows, defer=True))
+
+
+def fill(ahead: Ahead, f: Forward, first: bool) -> bool:
+    """Write `f`'s input into the placeholder; False when it does not fit (then drop it)."""
+    view = _writable(ahead.slot)
+    if first:
+        if view.size != len(f.tokens):
+            return False
+        view.reshape(-1)[:] = f.tokens
+        return True
+    h = f.h
+    if isinstance(h, Tensor):
+        if h.dtype != wire.dtype_name(ahead.dtype) or tuple(h.shape) != view.shape:
+            return False
+        view[...] = np.frombuffer(h.data, dtype=view.dtype).reshape(view.shape)
+        return True
+    if h is None or h.dtype != ahead.dtype or tuple(h.shape) != view.shape:
+        return False
+    bits = h.view(ahead.slot.dtype) if h.dtype != ahead.slot.dtype else h
+    view[...] = np.array(bits, copy=False)
+    return True
