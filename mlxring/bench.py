@@ -231,8 +231,10 @@ async def ring_bench(
         hops = [h * 1e6 for h in ring.get("decode_hop_samples_s", [])[-2 * (gen_tokens - 1) :]]
         progress("ring: a long prompt while a stream decodes ...")
         interleave = await prompt_during_decode(s, url, prompt, ttft, decode, api_key)
-        # Mean compute time of one decode step on each shard during the single streams. What
-        # the ring spends per token beyond the sum is hops, sync and Python around the compute.
+        # Mean compute time of one decode step on each shard during the single streams (a
+        # step built ahead counts from its input's arrival). What the ring spends per token
+        # beyond the sum is hops, sync, Python around the compute, and any building ahead that
+        # did not find a spare core.
         step_ms = {
             n: 1000 * (after[n][0] - prefilled[n][0]) / max(1, after[n][1] - prefilled[n][1])
             for n in set(prefilled) & set(after)
