@@ -27,7 +27,7 @@ from mlxring.messages import Forward, Tensor
 from mlxring.model import ShardModel
 
 
-@dataclass
+@dataclass(frozen=True)
 class Ahead:
     rid: str
     seq: int

@@ -4,7 +4,8 @@ and on the last shard samples the next token (mlx-lm samplers and logits process
 Decode steps and short prompts run on the event loop's thread, long prompt chunks on the
 compute thread (`compute` says why). MLX arrays are bound to the stream of the thread that
 scheduled them, so a prompt chunk leaves its request's arrays evaluated: the request's next
-step may run on the other thread.
+step may run on the other thread. A shard's lone request has its next decode step built while
+its token travels the ring (`ahead`).
 """
 
 from __future__ import annotations
