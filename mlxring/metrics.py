@@ -197,10 +197,14 @@ class Metrics:
 
 def kv_cache_bytes(actor: ShardActor) -> int:
     """Bytes held by a shard's KV caches: each request's own, plus the merged caches of its
-    convoys. (Steps run on the loop's thread too, so nothing changes them meanwhile.)"""
+    convoys (read defensively: a long prompt chunk on the compute thread may add a request)."""
     total = 0
-    caches = [c for st in actor.requests.values() for c in st.caches]
-    caches += [c for merged in actor.convoys.merged.values() for c in merged]
+    try:
+        # list() copies in one C call, so a request added meanwhile cannot break the loop.
+        caches = [c for st in list(actor.requests.values()) for c in st.caches]
+        caches += [c for merged in list(actor.convoys.merged.values()) for c in merged]
+    except RuntimeError:  # a dict changed size during the copy: report nothing this time
+        return 0
     for c in caches:
         try:
             total += int(c.nbytes)
