@@ -67,7 +67,9 @@ def through_shards(
             if not s.is_last and not chained:
                 mx.eval(x)
                 # The activation crosses the codec as it would cross a socket.
-                f = wire.decode(wire.encode_bytes(Forward("r", 0, (0,), True, h=x))[4:])
+                f = wire.decode(
+                    wire.encode_bytes(Forward("r", 0, (0,), True, h=x))[wire.PREFIX.size :]
+                )
                 assert isinstance(f, Forward) and f.h is not None
                 x = wire.to_array(f.h) if isinstance(f.h, Tensor) else f.h
             if s.is_last:
