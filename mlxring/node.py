@@ -515,8 +515,9 @@ class Runtime:
             stages = sum(n not in self.nodes for n in live) + any(n in self.nodes for n in live)
             for name, node in self.nodes.items():
                 rng = self.layout[name]
+                local = name in live and live[(live.index(name) + 1) % len(live)] in self.nodes
                 if old.get(name) == rng and node.actor.model is not None:
-                    node.actor.send(Reconfigure(stages=stages))
+                    node.actor.send(Reconfigure(stages=stages, next_local=local))
                     continue
                 path = await loop.run_in_executor(
                     None,
@@ -536,7 +537,7 @@ class Runtime:
                     gb=round(shard.parameter_bytes() / 1e9, 3),
                     seconds=round(time.perf_counter() - t0, 2),
                 )
-                node.actor.send(Reconfigure(shard, stages))
+                node.actor.send(Reconfigure(shard, stages, local))
             self.unavailable = ""
             if self.head_name in self.nodes:
                 self._start_head()

@@ -85,10 +85,13 @@ class BatchError(Exception):
 class Reconfigure:
     """Local: the ring re-planned. Take the new layer range (or keep the model when None) and
     drop every request's caches: requests in flight have been failed at the head. `stages` is
-    how many parts of the ring compute at the same time (processes, one per machine)."""
+    how many parts of the ring compute at the same time (processes, one per machine).
+    `next_local`: the next node of the ring is in this process, so a step's output is computed
+    on by this process's thread next, and building a step ahead would only delay it."""
 
     model: ShardModel | None = None
     stages: int = 1
+    next_local: bool = False
 
 
 @dataclass(frozen=True)
@@ -225,6 +228,7 @@ class ShardActor(Actor[Message | Sweep | Reconfigure]):
         self.requests: dict[str, RequestState] = {}
         self.convoys = Convoys()
         self.stages = 1
+        self.next_local = False
         self._chunk_waited = False  # the prompt chunk in front has let decode steps pass once
         self._ahead: ahead.Ahead | None = None  # the next decode step, built (see `ahead`)
         self.busy_s = 0.0
@@ -241,6 +245,7 @@ class ShardActor(Actor[Message | Sweep | Reconfigure]):
                 if msg.model is not None:
                     self.model = msg.model
                 self.stages = max(1, msg.stages)
+                self.next_local = msg.next_local
                 self.requests.clear()
                 self.convoys.clear()
             case Forward() | ForwardBatch():
@@ -500,10 +505,12 @@ class ShardActor(Actor[Message | Sweep | Reconfigure]):
 
     def _build_next(self, f: Forward) -> None:
         """Build `f`'s request's next decode step now, while nothing else waits: only for a
-        shard's one request, and only where MLX lets the placeholder's bytes through."""
+        shard's one request, only while its output is on its way to another process, and only
+        where MLX lets the placeholder's bytes through."""
         m, st = self.model, self.requests.get(f.rid)
         if (
             m is None
+            or self.next_local
             or st is None
             or not f.is_decode
             or len(self.requests) != 1

@@ -184,6 +184,27 @@ def test_concurrent_requests_split_into_one_convoy_per_process(
     assert batches > 0 and rows / batches <= 3, (batches, rows)
 
 
+def test_shards_know_whether_their_output_stays_in_their_process(tmp_path: Path) -> None:
+    """n0 and n1 in one process, n2 in another: n0 hands its output to n1 in the same process
+    (so it does not build steps ahead), n1 and n2 send theirs across; the ring stays exact."""
+    import asyncio
+
+    model = tiny_model("qwen3")
+    cfg_path = write_config(tmp_path, model, 3)
+    prompt = encode(model, "Two nodes here, one there.")
+    want = reference(model, prompt, 16)
+
+    async def run() -> tuple[list[int], dict[str, bool]]:
+        async with local_ring(cfg_path, ["n0", "n1"]) as rt:
+            got = await ring_tokens(rt, prompt, 16)
+            return got, {n: node.actor.next_local for n, node in rt.nodes.items()}
+
+    with process_ring(cfg_path, ["n2"], tmp_path):
+        got, next_local = asyncio.run(run())
+    assert got == want
+    assert next_local == {"n0": True, "n1": False}
+
+
 @pytest.mark.parametrize("quantize", [None, 4])
 def test_shard_holds_only_its_own_weights(quantize: int | None) -> None:
     model = tiny_model("qwen3", tie=False, quantize=quantize)

@@ -6,7 +6,7 @@ import asyncio
 from mlxring.compute import Compute
 from mlxring.messages import End, Forward, Message, SamplingParams, Token
 from mlxring.model import load_shard
-from mlxring.shard import ShardActor, make_request_state
+from mlxring.shard import Reconfigure, ShardActor, make_request_state
 
 from .ringutil import tiny_model
 
@@ -227,3 +227,36 @@ async def test_a_lone_requests_next_decode_step_is_built_before_its_input_arrive
             assert isinstance(got, Forward) and isinstance(exp, Forward)
             assert isinstance(got.h, mx.array) and isinstance(exp.h, mx.array)
             assert mx.array_equal(got.h, exp.h), (wired, got.seq)
+
+
+async def test_a_shard_whose_next_node_is_in_its_process_does_not_build_ahead() -> None:
+    """Building ahead runs on the process's one loop thread: while the output crosses to another
+    process that is free time, but when the next shard is in this process it would wait for
+    the build. Such a shard computes each step on arrival, with the same outputs."""
+    path = tiny_model("qwen3")
+    steps = [Forward("r", 0, (1, 2, 3), False)] + [
+        Forward("r", 1 + i, (t,), True) for i, t in enumerate((9, 4, 17))
+    ]
+    sent: list[Message] = []
+
+    async def keep(msg: Message) -> None:
+        sent.append(msg)
+
+    local = ShardActor("a", load_shard(path, 0, 1), keep, Compute())
+    await local.handle(Reconfigure(stages=2, next_local=True))
+    direct = ShardActor("b", load_shard(path, 0, 1), _nowhere, Compute())
+    for f in steps:
+        await local.handle(f)
+        assert local._ahead is None
+    import mlx.core as mx
+
+    for got, f in zip(sent, steps, strict=True):
+        want = direct.step(f)
+        assert isinstance(got, Forward) and isinstance(want, Forward)
+        assert isinstance(got.h, mx.array) and isinstance(want.h, mx.array)
+        assert mx.array_equal(got.h, want.h)
+    # Told its next node is in another process, the same shard builds ahead again.
+    await local.handle(Reconfigure(stages=2, next_local=False))
+    await local.handle(Forward("s", 0, (5, 6), False))
+    await local.handle(Forward("s", 1, (7,), True))
+    assert local._ahead is not None and local._ahead.seq == 2
