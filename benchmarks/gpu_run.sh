@@ -7,7 +7,8 @@
 # without time-slicing between contexts), one (one process), tiny (the tiny preset: the ring's
 # own cost per token, compute being almost nothing), wire (one hop between processes idle for
 # 0, 10, 50 ms: how slowly this machine wakes them), wide (one hop of a 2048-token prompt
-# chunk's activations). MPS=1 runs every step under CUDA MPS. Each writes JSON under $OUT (or
+# chunk's activations), copy (what crossing between host and device costs one shard:
+# benchmarks/device_copy.py). MPS=1 runs every step under CUDA MPS. Each writes JSON under $OUT (or
 # /tmp/out).
 set -u
 out=${OUT:-/tmp/out}
@@ -44,6 +45,7 @@ for step in "${@:-profile sep prefill shared}"; do
              --gen-tokens 128 --concurrency 1,4,16 ;;
       wire) for g in 0 10 50; do timeout 120 python3 benchmarks/wire_bench.py --processes \
               --gap-ms $g --n 300 --json; done ;;
+      copy) CUDA_VISIBLE_DEVICES=0 timeout 300 python3 benchmarks/device_copy.py --json ;;
       wide) timeout 120 python3 benchmarks/wire_bench.py --processes --hidden 2048 --tokens 2048 \
               --n 100 --json ;;
     esac > "$out/$s.json" 2> "$out/$s.err"
