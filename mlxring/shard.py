@@ -5,7 +5,8 @@ Decode steps and short prompts run on the event loop's thread, long prompt chunk
 compute thread (`compute` says why). MLX arrays are bound to the stream of the thread that
 scheduled them, so a prompt chunk leaves its request's arrays evaluated: the request's next
 step may run on the other thread. A shard's lone request has its next decode step built while
-its token travels the ring (`ahead`).
+its token travels the ring (`ahead`), when the shard's output goes to another process: in one
+process the next shard would wait for the build.
 """
 
 from __future__ import annotations
