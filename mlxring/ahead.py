@@ -54,8 +54,8 @@ def _writable(slot: mx.array) -> np.ndarray[Any, Any]:
 @functools.cache
 def placeholders_work() -> bool:
     """Whether bytes written into an array's buffer after a graph was built on it reach that
-    graph. They do where MLX's memory is the CPU's (CPU, Apple silicon); elsewhere no step is
-    built ahead."""
+    graph. They do on the CPU, on Apple silicon's shared memory and in CUDA's managed memory
+    (measured on an H200); wherever they do not, no step is built ahead."""
     try:
         slot = _slot((2,), np.int32)
         out = slot + 1
