@@ -4,8 +4,11 @@ Loads a model once and decodes greedily (a) with mlx-lm's `generate_step` (the b
 builds step n+1 while the device runs step n) and (b) through the model split into shards run
 one after the other, the way the ring runs them: each shard builds its layers, syncs, and its
 output crosses the wire codec before the next shard starts. Variants hand work to the device
-every k layers (`ShardModel.overlap_every`), and one chains all shards without syncing between
-them (what the boundaries cost). Every variant's tokens are checked against the baseline's.
+every k layers (`ShardModel.overlap_every`), one chains all shards without syncing between
+them (what the boundaries cost), and "prebuilt" builds each shard's step before its input is
+there, as a ring of processes does (`mlxring/ahead.py`), timing only what is left on the ring's
+path. Every variant's tokens are checked against the baseline's. MLX's own knobs (say
+MLX_MAX_OPS_PER_BUFFER) are read from the environment and reported.
 
     python benchmarks/decode_profile.py --preset qwen3-1.7b --shards 3 --json
 """
@@ -26,7 +29,7 @@ import mlx.core as mx  # noqa: E402
 from mlx_lm import load  # noqa: E402
 from mlx_lm.generate import generate_step  # noqa: E402
 
-from mlxring import wire  # noqa: E402
+from mlxring import ahead, wire  # noqa: E402
 from mlxring.bench import make_prompt  # noqa: E402
 from mlxring.messages import Forward, Tensor  # noqa: E402
 from mlxring.model import ShardModel  # noqa: E402
@@ -46,6 +49,67 @@ def baseline(model: Any, prompt: list[int], n: int) -> tuple[list[int], float]:
 def first_diff(a: list[int], b: list[int]) -> int | None:
     """The first step where two token lists differ (None: equal)."""
     return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), None)
+
+
+def prefill(shards: list[ShardModel], caches: list[list[Any]], prompt: list[int]) -> None:
+    """mlx-lm's schedule with its default 2048-token prefill step: all but the last prompt
+    token in one pass (caches only); the last token then goes through as the first step."""
+    x: mx.array = mx.array([prompt[:-1]], dtype=mx.int32)
+    for s, c in zip(shards, caches, strict=True):
+        x = s(x, c)
+    mx.eval([cc.state for c in caches for cc in c])
+
+
+def through_prebuilt(
+    shards: list[ShardModel], prompt: list[int], n: int
+) -> tuple[list[int], float, list[float], list[float]]:
+    """Greedy decode as a ring of processes runs it with steps built ahead: each shard's graph
+    is built on a placeholder before its input comes (untimed: in a ring it overlaps the other
+    shards' work); timed is what stays on the ring's path: the input written in, the
+    evaluation, the codec on the way out, and the last shard's logits and sampling. Returns
+    tokens, seconds per token of the timed parts, per-shard seconds, per-shard build seconds."""
+    caches = [s.make_cache() for s in shards]
+    per_shard = [0.0] * len(shards)
+    per_build = [0.0] * len(shards)
+    prefill(shards, caches, prompt)
+    out: list[int] = []
+    for k in range(n):
+        timed = k > 0
+        f = Forward("r", k, (prompt[-1] if k == 0 else out[-1],), True, layer=0)
+        for i, s in enumerate(shards):
+            t = time.perf_counter()
+            if s.is_first:
+                shape: tuple[int, ...] = (1, 1)
+                dtype = mx.int32
+            else:
+                assert isinstance(f.h, Tensor)
+                shape, dtype = f.h.shape, wire.DTYPES[f.h.dtype][0]
+            built = ahead.build(s, "r", k, caches[i], shape, dtype)
+            t_built = time.perf_counter()
+            assert ahead.fill(built, f, s.is_first)
+            caches[i] = built.caches
+            if s.is_last:
+                logits = s.logits(built.h)
+                tok = cast(int, mx.argmax(logits - mx.logsumexp(logits, keepdims=True), -1).item())
+            else:
+                mx.eval(built.h)
+                g = wire.decode(
+                    wire.encode_bytes(Forward("r", k, f.tokens, True, h=built.h))[
+                        wire.PREFIX.size :
+                    ]
+                )
+                assert isinstance(g, Forward)
+                f = g
+            if timed:
+                per_build[i] += t_built - t
+                per_shard[i] += time.perf_counter() - t_built
+        out.append(tok)
+    return (
+        out,
+        sum(per_shard) / (n - 1),
+        [p / (n - 1) for p in per_shard],
+        [p / (n - 1) for p in per_build],
+    )
 
 
 def through_shards(
@@ -79,12 +143,7 @@ def through_shards(
                 per_shard[i] += time.perf_counter() - t
         return tok
 
-    # mlx-lm's schedule with its default 2048-token prefill step: all but the last prompt
-    # token in one pass (caches only), then the last token samples.
-    x: mx.array = mx.array([prompt[:-1]], dtype=mx.int32)
-    for s, c in zip(shards, caches, strict=True):
-        x = s(x, c)
-    mx.eval([cc.state for c in caches for cc in c])
+    prefill(shards, caches, prompt)
     out = [step([prompt[-1]], False)]
     t0 = time.perf_counter()
     for _ in range(n - 1):
@@ -101,6 +160,8 @@ def main() -> int:
     ap.add_argument("--prompt-tokens", type=int, default=512)
     ap.add_argument("--gen-tokens", type=int, default=128)
     ap.add_argument("--every", default="0,1,2,3,5", help="overlap_every values to try")
+    ap.add_argument("--variants", default="serial,prebuilt,one-shard,chained")
+    ap.add_argument("--rounds", type=int, default=1, help="baseline + variants, this many times")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     if args.model:
@@ -118,22 +179,31 @@ def main() -> int:
     sizes = [n_layers // args.shards + (i < n_layers % args.shards) for i in range(args.shards)]
     plan = [(sum(sizes[:i]), sum(sizes[: i + 1])) for i in range(args.shards)]
     baseline(model, prompt[:16], 4)  # warm-up
-    want, base_s = baseline(model, prompt, args.gen_tokens)
-    again, again_s = baseline(model, prompt, args.gen_tokens)
-    base_s = min(base_s, again_s)
+    want, _ = baseline(model, prompt, args.gen_tokens)
+    again: list[int] = []
     rows: list[dict[str, Any]] = []
+    base_ms: list[float] = []
 
-    def record(name: str, every: int, chained: bool, layout: list[tuple[int, int]]) -> None:
+    def record(
+        rnd: int, base_s: float, name: str, every: int, chained: bool, layout: list[tuple[int, int]]
+    ) -> None:
         shards = [ShardModel(model, config, a, b, every) for a, b in layout]
-        through_shards(shards, prompt[:16], 4, chained)  # warm-up
+
+        def run(p: list[int], n: int) -> tuple[list[int], float, list[float], list[float]]:
+            if name == "prebuilt":
+                return through_prebuilt(shards, p, n)
+            return through_shards(shards, p, n, chained)
+
+        run(prompt[:16], 4)  # warm-up
         best: tuple[list[int], float, list[float], list[float]] | None = None
         for _ in range(2):
-            r = through_shards(shards, prompt, args.gen_tokens, chained)
+            r = run(prompt, args.gen_tokens)
             best = r if best is None or r[1] < best[1] else best
         assert best is not None
         toks, sec, per, build = best
         rows.append(
             {
+                "round": rnd,
                 "variant": name,
                 "overlap_every": every,
                 "ms_per_token": 1000 * sec,
@@ -145,17 +215,35 @@ def main() -> int:
             }
         )
 
-    for k in (int(v) for v in args.every.split(",")):
-        record("serial", k, False, plan)
-    # The whole model as one shard: what syncing once per token costs against mlx-lm.
-    record("one-shard", 1, False, [(0, n_layers)])
-    record("one-shard", 0, False, [(0, n_layers)])
-    record("chained", 1, True, plan)
+    # This machine's speed drifts over seconds: each round measures mlx-lm again right before
+    # the variants, and a variant's ratio is to its own round's baseline.
+    variants = set(args.variants.split(","))
+    for rnd in range(args.rounds):
+        again, a_s = baseline(model, prompt, args.gen_tokens)
+        _, b_s = baseline(model, prompt, args.gen_tokens)
+        base_s = min(a_s, b_s)
+        base_ms.append(1000 * base_s)
+        if "serial" in variants:
+            for k in (int(v) for v in args.every.split(",")):
+                record(rnd, base_s, "serial", k, False, plan)
+        if "prebuilt" in variants:
+            record(rnd, base_s, "prebuilt", 0, False, plan)
+        # The whole model as one shard: what syncing once per token costs against mlx-lm.
+        if "one-shard" in variants:
+            record(rnd, base_s, "one-shard", 1, False, [(0, n_layers)])
+            record(rnd, base_s, "one-shard", 0, False, [(0, n_layers)])
+        if "chained" in variants:
+            record(rnd, base_s, "chained", 1, True, plan)
+    medians = {}
+    for key in sorted({(r["variant"], r["overlap_every"]) for r in rows}):
+        ratios = sorted(r["ratio"] for r in rows if (r["variant"], r["overlap_every"]) == key)
+        medians[f"{key[0]} every={key[1]}"] = ratios[len(ratios) // 2]
     result = {
         "model": str(path),
         "device": str(mx.default_device()),
         "plan": plan,
-        "baseline_ms_per_token": 1000 * base_s,
+        "baseline_ms_per_token": base_ms,
+        "median_ratio": medians,
         # mlx-lm against itself: whether the device gives the same tokens twice.
         "baseline_first_diff": first_diff(again, want),
         "env": {k: v for k, v in os.environ.items() if k.startswith("MLX_")},
@@ -165,15 +253,18 @@ def main() -> int:
         print(json.dumps(result))
     else:
         print(
-            f"baseline (mlx-lm generate_step): {1000 * base_s:.3f} ms/token  plan {plan}"
-            f"  repeat differs at {result['baseline_first_diff']}"
+            f"baseline (mlx-lm generate_step): {', '.join(f'{b:.3f}' for b in base_ms)} ms/token"
+            f"  plan {plan}  repeat differs at {result['baseline_first_diff']}"
         )
         for r in rows:
             print(
-                f"{r['variant']:>8} every={r['overlap_every']}  {r['ms_per_token']:.3f} ms/token"
+                f"{r['round']} {r['variant']:>9} every={r['overlap_every']}"
+                f"  {r['ms_per_token']:.3f} ms/token"
                 f"  ratio {r['ratio']:.3f}  shards {r['shard_ms']} build {r['build_ms']}"
                 f"  exact={r['exact']} first_diff={r['first_diff']}"
             )
+        for name, ratio in medians.items():
+            print(f"median ratio {name}: {ratio:.3f}")
     return 0
 
 
