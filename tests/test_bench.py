@@ -5,8 +5,15 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
 
-from .ringutil import ROOT, tiny_model
+import pytest
+
+from mlxring.config import load_config
+
+from .ringutil import ROOT, process_ring, tiny_model, write_valid_config
 
 KEYS = (  # the list
     "baseline_decode_tok_s",
@@ -52,3 +59,35 @@ def test_bench_measures_mlx_lm_and_a_two_process_ring() -> None:
     # A 48-token prompt in chunks of 16 arriving while a stream decodes.
     assert 0 < r["decode_gap_ms"] and 0 < r["decode_gap_ms_during_prefill"]
     assert r["ttft_s_during_decode"] > 0
+
+
+def test_bench_attaches_to_a_running_ring_and_leaves_it_running(tmp_path: Path) -> None:
+    model = tiny_model("qwen3")
+    cfg = write_valid_config(tmp_path, model, 2, api='api_key = "bench-key"')
+    config = load_config(cfg)
+    with process_ring(cfg, ["n0", "n1"], tmp_path) as procs:
+        out = subprocess.run(
+            [sys.executable, "-m", "mlxring", "bench", "--config", str(cfg), "--model", str(model)]
+            + ["--prompt-tokens", "24", "--gen-tokens", "8", "--concurrency", "1,2", "--json"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+            stdin=subprocess.DEVNULL,
+        )
+        assert out.returncode == 0, out.stderr[-3000:]
+        r = json.loads(out.stdout)
+        assert all(isinstance(r[k], float) and r[k] > 0 for k in KEYS), {k: r.get(k) for k in KEYS}
+        assert r["nodes"] == 2 and "logs" not in r  # it spawned nothing
+        assert set(r["aggregate_tok_s"]) == {"1", "2"}
+        assert set(r["shard_step_ms"]) == {"n0", "n1"}
+        # The ring it attached to is still up and still asks for the key.
+        assert all(p.proc.poll() is None for p in procs.values())
+        url = f"http://127.0.0.1:{config.api_port('n0')}/v1/models"
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(url, timeout=10)
+        assert e.value.code == 401
+        req = urllib.request.Request(url, headers={"Authorization": "Bearer bench-key"})
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            assert resp.status == 200
