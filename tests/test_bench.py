@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import pty
 import subprocess
 import sys
+import threading
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -59,6 +62,7 @@ def test_bench_measures_mlx_lm_and_a_two_process_ring() -> None:
     # A 48-token prompt in chunks of 16 arriving while a stream decodes.
     assert 0 < r["decode_gap_ms"] and 0 < r["decode_gap_ms_during_prefill"]
     assert r["ttft_s_during_decode"] > 0
+    assert "\x1b[" not in out.stderr  # no progress display where stderr is not a terminal
 
 
 def test_bench_attaches_to_a_running_ring_and_leaves_it_running(tmp_path: Path) -> None:
@@ -91,3 +95,50 @@ def test_bench_attaches_to_a_running_ring_and_leaves_it_running(tmp_path: Path) 
         req = urllib.request.Request(url, headers={"Authorization": "Bearer bench-key"})
         with urllib.request.urlopen(req, timeout=10) as resp:
             assert resp.status == 200
+
+
+def test_bench_shows_its_progress_on_a_tty_and_only_json_on_stdout() -> None:
+    model = tiny_model("qwen3")
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlxring", "bench", "--model", str(model), "--nodes", "2"]
+        + ["--prompt-tokens", "24", "--gen-tokens", "8", "--concurrency", "1", "--json"],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=slave,
+        stdin=subprocess.DEVNULL,
+    )
+    os.close(slave)
+    chunks: list[bytes] = []
+
+    def read() -> None:
+        while True:
+            try:
+                data = os.read(master, 4096)
+            except OSError:  # EIO: every writer closed the terminal
+                return
+            if not data:
+                return
+            chunks.append(data)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        stdout, _ = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+        reader.join(10)
+        os.close(master)
+    tty = b"".join(chunks).decode(errors="replace")
+    assert proc.returncode == 0, tty[-3000:]
+    assert json.loads(stdout)["ring_decode_tok_s"] > 0
+    steps = [
+        "baseline: single-process mlx-lm",
+        "waiting for the ring",
+        "ring: single-stream decode",
+        "ring: 1 concurrent streams",
+        "baseline again",
+    ]
+    at = [tty.find(s) for s in steps]
+    assert all(i >= 0 for i in at) and at == sorted(at), (at, tty[-2000:])
+    assert "\r\x1b[2K" in tty  # each line replaces the one before
