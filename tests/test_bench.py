@@ -11,6 +11,7 @@ import threading
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Any, cast
 
 import pytest
 
@@ -69,10 +70,11 @@ def test_bench_attaches_to_a_running_ring_and_leaves_it_running(tmp_path: Path) 
     model = tiny_model("qwen3")
     cfg = write_valid_config(tmp_path, model, 2, api='api_key = "bench-key"')
     config = load_config(cfg)
-    with process_ring(cfg, ["n0", "n1"], tmp_path) as procs:
+
+    def bench(*args: str) -> dict[str, Any]:
         out = subprocess.run(
-            [sys.executable, "-m", "mlxring", "bench", "--config", str(cfg), "--model", str(model)]
-            + ["--prompt-tokens", "24", "--gen-tokens", "8", "--concurrency", "1,2", "--json"],
+            [sys.executable, "-m", "mlxring", "bench", "--config", str(cfg), *args]
+            + ["--prompt-tokens", "24", "--gen-tokens", "8", "--json"],
             cwd=ROOT,
             capture_output=True,
             text=True,
@@ -81,7 +83,14 @@ def test_bench_attaches_to_a_running_ring_and_leaves_it_running(tmp_path: Path) 
             stdin=subprocess.DEVNULL,
         )
         assert out.returncode == 0, out.stderr[-3000:]
-        r = json.loads(out.stdout)
+        return cast(dict[str, Any], json.loads(out.stdout))
+
+    with process_ring(cfg, ["n0", "n1"], tmp_path) as procs:
+        # Without --model: the ring alone, on token ids of its own.
+        ring_only = bench("--concurrency", "1")
+        assert ring_only["ring_decode_tok_s"] > 0 and ring_only["hop_us_p50"] > 0
+        assert "baseline_decode_tok_s" not in ring_only and "decode_ratio" not in ring_only
+        r = bench("--model", str(model), "--concurrency", "1,2")
         assert all(isinstance(r[k], float) and r[k] > 0 for k in KEYS), {k: r.get(k) for k in KEYS}
         assert r["nodes"] == 2 and "logs" not in r  # it spawned nothing
         assert set(r["aggregate_tok_s"]) == {"1", "2"}
