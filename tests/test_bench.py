@@ -32,12 +32,10 @@ KEYS = (  # the issue's list
 )
 
 
-def test_bench_measures_mlx_lm_and_a_two_process_ring() -> None:
-    model = tiny_model("qwen3")
+def bench(*args: str) -> tuple[dict[str, Any], str]:
+    """`mlxring bench ARGS --json`: its one JSON object (nothing else on stdout) and stderr."""
     out = subprocess.run(
-        [sys.executable, "-m", "mlxring", "bench", "--model", str(model), "--nodes", "2"]
-        + ["--prompt-tokens", "48", "--gen-tokens", "12", "--concurrency", "1,3"]
-        + ["--prefill-chunk", "16", "--json"],
+        [sys.executable, "-m", "mlxring", "bench", *args, "--json"],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -46,7 +44,15 @@ def test_bench_measures_mlx_lm_and_a_two_process_ring() -> None:
         stdin=subprocess.DEVNULL,
     )
     assert out.returncode == 0, out.stderr[-3000:]
-    r = json.loads(out.stdout)  # one object, nothing else on stdout
+    return cast(dict[str, Any], json.loads(out.stdout)), out.stderr
+
+
+def test_bench_measures_mlx_lm_and_a_two_process_ring() -> None:
+    model = tiny_model("qwen3")
+    r, stderr = bench(
+        *["--model", str(model), "--nodes", "2", "--prompt-tokens", "48", "--gen-tokens", "12"],
+        *["--concurrency", "1,3", "--prefill-chunk", "16"],
+    )
     assert all(isinstance(r[k], float) and r[k] > 0 for k in KEYS), {k: r.get(k) for k in KEYS}
     assert r["decode_ratio"] == r["ring_decode_tok_s"] / r["baseline_decode_tok_s"]
     # mlx-lm ran before the ring and again after it; the ratios use the better run.
@@ -63,34 +69,21 @@ def test_bench_measures_mlx_lm_and_a_two_process_ring() -> None:
     # A 48-token prompt in chunks of 16 arriving while a stream decodes.
     assert 0 < r["decode_gap_ms"] and 0 < r["decode_gap_ms_during_prefill"]
     assert r["ttft_s_during_decode"] > 0
-    assert "\x1b[" not in out.stderr  # no progress display where stderr is not a terminal
+    assert "\x1b[" not in stderr  # no progress display where stderr is not a terminal
 
 
 def test_bench_attaches_to_a_running_ring_and_leaves_it_running(tmp_path: Path) -> None:
     model = tiny_model("qwen3")
     cfg = write_valid_config(tmp_path, model, 2, api='api_key = "bench-key"')
     config = load_config(cfg)
-
-    def bench(*args: str) -> dict[str, Any]:
-        out = subprocess.run(
-            [sys.executable, "-m", "mlxring", "bench", "--config", str(cfg), *args]
-            + ["--prompt-tokens", "24", "--gen-tokens", "8", "--json"],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=300,
-            check=False,
-            stdin=subprocess.DEVNULL,
-        )
-        assert out.returncode == 0, out.stderr[-3000:]
-        return cast(dict[str, Any], json.loads(out.stdout))
+    attach = ("--config", str(cfg), "--prompt-tokens", "24", "--gen-tokens", "8")
 
     with process_ring(cfg, ["n0", "n1"], tmp_path) as procs:
         # Without --model: the ring alone, on token ids of its own.
-        ring_only = bench("--concurrency", "1")
+        ring_only, _ = bench(*attach, "--concurrency", "1")
         assert ring_only["ring_decode_tok_s"] > 0 and ring_only["hop_us_p50"] > 0
         assert "baseline_decode_tok_s" not in ring_only and "decode_ratio" not in ring_only
-        r = bench("--model", str(model), "--concurrency", "1,2")
+        r, _ = bench(*attach, "--model", str(model), "--concurrency", "1,2")
         assert all(isinstance(r[k], float) and r[k] > 0 for k in KEYS), {k: r.get(k) for k in KEYS}
         assert r["nodes"] == 2 and "logs" not in r  # it spawned nothing
         assert set(r["aggregate_tok_s"]) == {"1", "2"}
