@@ -51,6 +51,13 @@ def first_diff(a: list[int], b: list[int]) -> int | None:
     return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), None)
 
 
+def over_wire(f: Forward) -> Forward:
+    """`f` through the wire codec, as it would cross a socket."""
+    g = wire.decode(wire.encode_bytes(f)[wire.PREFIX.size :])
+    assert isinstance(g, Forward)
+    return g
+
+
 def prefill(shards: list[ShardModel], caches: list[list[Any]], prompt: list[int]) -> None:
     """mlx-lm's schedule with its default 2048-token prefill step: all but the last prompt
     token in one pass (caches only); the last token then goes through as the first step."""
@@ -78,13 +85,9 @@ def through_prebuilt(
         f = Forward("r", k, (prompt[-1] if k == 0 else out[-1],), True, layer=0)
         for i, s in enumerate(shards):
             t = time.perf_counter()
-            if s.is_first:
-                shape: tuple[int, ...] = (1, 1)
-                dtype = mx.int32
-            else:
-                assert isinstance(f.h, Tensor)
-                shape, dtype = f.h.shape, wire.DTYPES[f.h.dtype][0]
-            built = ahead.build(s, "r", k, caches[i], shape, dtype)
+            spec = ahead.input_of(f, s.is_first)
+            assert spec is not None
+            built = ahead.build(s, "r", k, caches[i], *spec)
             t_built = time.perf_counter()
             assert ahead.fill(built, f, s.is_first)
             caches[i] = built.caches
@@ -93,13 +96,7 @@ def through_prebuilt(
                 tok = cast(int, mx.argmax(logits - mx.logsumexp(logits, keepdims=True), -1).item())
             else:
                 mx.eval(built.h)
-                g = wire.decode(
-                    wire.encode_bytes(Forward("r", k, f.tokens, True, h=built.h))[
-                        wire.PREFIX.size :
-                    ]
-                )
-                assert isinstance(g, Forward)
-                f = g
+                f = over_wire(Forward("r", k, f.tokens, True, h=built.h))
             if timed:
                 per_build[i] += t_built - t
                 per_shard[i] += time.perf_counter() - t_built
@@ -130,11 +127,8 @@ def through_shards(
                 per_build[i] += time.perf_counter() - t
             if not s.is_last and not chained:
                 mx.eval(x)
-                # The activation crosses the codec as it would cross a socket.
-                f = wire.decode(
-                    wire.encode_bytes(Forward("r", 0, (0,), True, h=x))[wire.PREFIX.size :]
-                )
-                assert isinstance(f, Forward) and f.h is not None
+                f = over_wire(Forward("r", 0, (0,), True, h=x))
+                assert f.h is not None
                 x = wire.to_array(f.h) if isinstance(f.h, Tensor) else f.h
             if s.is_last:
                 logits = s.logits(x)

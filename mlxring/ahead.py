@@ -70,6 +70,18 @@ def can_build(caches: Sequence[Any]) -> bool:
     return bool(caches) and all(type(c) is KVCache and c.keys is not None for c in caches)
 
 
+def input_of(f: Forward, first: bool) -> tuple[tuple[int, ...], mx.Dtype] | None:
+    """The shape and dtype of the input that `f`'s next decode step brings to a shard (token
+    ids on the first); None when `f` carries no activations to go by."""
+    if first:
+        return (1, 1), mx.int32
+    if isinstance(f.h, Tensor):
+        return f.h.shape, wire.DTYPES[f.h.dtype][0]
+    if f.h is not None:
+        return tuple(f.h.shape), f.h.dtype
+    return None
+
+
 def build(
     model: ShardModel,
     rid: str,

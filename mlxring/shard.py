@@ -521,16 +521,9 @@ class ShardActor(Actor[Message | Sweep | Reconfigure]):
             or not ahead.placeholders_work()
         ):
             return
-        shape: tuple[int, ...]
-        if m.is_first:
-            shape, dtype = (1, 1), mx.int32
-        elif isinstance(f.h, Tensor):
-            shape, dtype = f.h.shape, wire.DTYPES[f.h.dtype][0]
-        elif f.h is not None:
-            shape, dtype = tuple(f.h.shape), f.h.dtype
-        else:
-            return
-        self._ahead = ahead.build(m, f.rid, f.seq + 1, st.caches, shape, dtype)
+        spec = ahead.input_of(f, m.is_first)
+        if spec is not None:
+            self._ahead = ahead.build(m, f.rid, f.seq + 1, st.caches, *spec)
 
     def _finish(
         self, f: Forward, model: ShardModel, st: RequestState, h: mx.array
