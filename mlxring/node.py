@@ -58,6 +58,13 @@ POLL_WAIT_S = 0.002
 Hops = tuple[tuple[str, int, int], ...]
 
 
+def next_in_ring(members: Sequence[str], name: str) -> str | None:
+    """The member after `name` in ring order (wrapping around); None when it is not one."""
+    if name not in members:
+        return None
+    return members[(members.index(name) + 1) % len(members)]
+
+
 def link_settings(config: Config, name: str) -> LinkSettings:
     c = config.cluster
     return LinkSettings(
@@ -452,10 +459,9 @@ class Runtime:
 
     async def send_from(self, name: str, msg: Message) -> None:
         """Send from node `name` to the next live node of the ring (directly when local)."""
-        members = self.members
-        if name not in members:
+        nxt = next_in_ring(self.members, name)
+        if nxt is None:
             return
-        nxt = members[(members.index(name) + 1) % len(members)]
         if nxt in self.nodes:
             self.nodes[nxt].deliver(msg)
             return
@@ -515,7 +521,7 @@ class Runtime:
             stages = sum(n not in self.nodes for n in live) + any(n in self.nodes for n in live)
             for name, node in self.nodes.items():
                 rng = self.layout[name]
-                local = name in live and live[(live.index(name) + 1) % len(live)] in self.nodes
+                local = next_in_ring(live, name) in self.nodes
                 if old.get(name) == rng and node.actor.model is not None:
                     node.actor.send(Reconfigure(stages=stages, next_local=local))
                     continue
