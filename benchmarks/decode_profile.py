@@ -7,8 +7,9 @@ output crosses the wire codec before the next shard starts. Variants hand work t
 every k layers (`ShardModel.overlap_every`), one chains all shards without syncing between
 them (what the boundaries cost), and "prebuilt" builds each shard's step before its input is
 there, as a ring of processes does (`mlxring/ahead.py`), timing only what is left on the ring's
-path. Every variant's tokens are checked against the baseline's. MLX's own knobs (say
-MLX_MAX_OPS_PER_BUFFER) are read from the environment and reported.
+path; "gated" also launches it behind a gate (CUDA only, `mlxring/gate.py`). Every variant's
+tokens are checked against the baseline's. MLX's own knobs (say MLX_MAX_OPS_PER_BUFFER) are
+read from the environment and reported.
 
     python benchmarks/decode_profile.py --preset qwen3-1.7b --shards 3 --json
 """
@@ -29,7 +30,7 @@ import mlx.core as mx  # noqa: E402
 from mlx_lm import load  # noqa: E402
 from mlx_lm.generate import generate_step  # noqa: E402
 
-from mlxring import ahead, wire  # noqa: E402
+from mlxring import ahead, gate, wire  # noqa: E402
 from mlxring.bench import make_prompt  # noqa: E402
 from mlxring.messages import Forward, Tensor  # noqa: E402
 from mlxring.model import ShardModel  # noqa: E402
@@ -68,13 +69,14 @@ def prefill(shards: list[ShardModel], caches: list[list[Any]], prompt: list[int]
 
 
 def through_prebuilt(
-    shards: list[ShardModel], prompt: list[int], n: int
+    shards: list[ShardModel], prompt: list[int], n: int, gated: bool = False
 ) -> tuple[list[int], float, list[float], list[float]]:
     """Greedy decode as a ring of processes runs it with steps built ahead: each shard's graph
     is built on a placeholder before its input comes (untimed: in a ring it overlaps the other
-    shards' work); timed is what stays on the ring's path: the input written in, the
-    evaluation, the codec on the way out, and the last shard's logits and sampling. Returns
-    tokens, seconds per token of the timed parts, per-shard seconds, per-shard build seconds."""
+    shards' work), and with `gated` launched behind a gate too (`mlxring/gate.py`); timed is
+    what stays on the ring's path: the input written in, the evaluation, the codec on the way
+    out, and the last shard's logits and sampling. Returns tokens, seconds per token of the
+    timed parts, per-shard seconds, per-shard build (and launch) seconds."""
     caches = [s.make_cache() for s in shards]
     per_shard = [0.0] * len(shards)
     per_build = [0.0] * len(shards)
@@ -87,9 +89,15 @@ def through_prebuilt(
             t = time.perf_counter()
             spec = ahead.input_of(f, s.is_first)
             assert spec is not None
-            built = ahead.build(s, "r", k, caches[i], *spec)
+            built = ahead.build(s, caches[i], ahead.place("r", k, *spec, gated=gated))
+            if gated:
+                time.sleep(0.0005)  # in a ring the input comes later: let the device reach the gate
             t_built = time.perf_counter()
-            assert ahead.fill(built, f, s.is_first)
+            assert ahead.fill(built.slot, f, s.is_first)
+            if built.slot.flag is not None:
+                built.slot.flag.open(gate.OPEN)
+                mx.eval(built.h, built.status)
+                assert built.status is not None and built.status.item() == gate.OPEN
             caches[i] = built.caches
             if s.is_last:
                 logits = s.logits(built.h)
@@ -154,7 +162,7 @@ def main() -> int:
     ap.add_argument("--prompt-tokens", type=int, default=512)
     ap.add_argument("--gen-tokens", type=int, default=128)
     ap.add_argument("--every", default="0,1,2,3,5", help="overlap_every values to try")
-    ap.add_argument("--variants", default="serial,prebuilt,one-shard,chained")
+    ap.add_argument("--variants", default="serial,prebuilt,gated,one-shard,chained")
     ap.add_argument("--rounds", type=int, default=1, help="baseline + variants, this many times")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
@@ -184,8 +192,8 @@ def main() -> int:
         shards = [ShardModel(model, config, a, b, every) for a, b in layout]
 
         def run(p: list[int], n: int) -> tuple[list[int], float, list[float], list[float]]:
-            if name == "prebuilt":
-                return through_prebuilt(shards, p, n)
+            if name in ("prebuilt", "gated"):
+                return through_prebuilt(shards, p, n, gated=name == "gated")
             return through_shards(shards, p, n, chained)
 
         run(prompt[:16], 4)  # warm-up
@@ -222,6 +230,8 @@ def main() -> int:
                 record(rnd, base_s, "serial", k, False, plan)
         if "prebuilt" in variants:
             record(rnd, base_s, "prebuilt", 0, False, plan)
+        if "gated" in variants and gate.works():
+            record(rnd, base_s, "gated", 0, False, plan)
         # The whole model as one shard: what syncing once per token costs against mlx-lm.
         if "one-shard" in variants:
             record(rnd, base_s, "one-shard", 1, False, [(0, n_layers)])

@@ -9,10 +9,14 @@ the same graph, so the same arithmetic, without the graph building on the ring's
 The built graph updates shadows of the request's KV caches, lazy copies that cost nothing once
 they replace the originals (MLX then reuses the buffers). If anything else comes first, the
 shadows are dropped and the originals were never touched.
+
+Where gates work (MLX on CUDA, `gate`), the step is also launched at once, held on the device
+until its input is in: then not even MLX's encoding of the step is left on the ring's path.
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -22,19 +26,38 @@ import mlx.core as mx
 import numpy as np
 from mlx_lm.models.cache import KVCache
 
-from mlxring import wire
+from mlxring import gate, wire
 from mlxring.messages import Forward, Tensor
 from mlxring.model import ShardModel
 
 
 @dataclass(frozen=True)
-class Ahead:
+class Slot:
+    """Where a step's input is to be written: the placeholder, and with a gate (`gate`) the
+    flag that lets the launched step run."""
+
     rid: str
     seq: int
-    slot: mx.array  # the placeholder; the input is written into its buffer
-    dtype: mx.Dtype  # the input's dtype (the slot holds its bits as a numpy-friendly dtype)
+    buf: mx.array  # the placeholder; the input is written into its buffer
+    host: np.ndarray[Any, Any]  # the host's view of that buffer, taken before any launch
+    dtype: mx.Dtype  # the input's dtype (the buffer holds its bits as a numpy-friendly dtype)
+    flag: gate.Flag | None
+
+
+@dataclass(frozen=True)
+class Ahead:
+    slot: Slot
     caches: list[Any]  # the shadow caches the graph updates
-    h: mx.array  # the built output, unevaluated
+    h: mx.array  # the built output: unevaluated, or launched when gated
+    status: mx.array | None  # the gate's status (gate.OPEN once it let the input through)
+
+
+@dataclass(frozen=True)
+class Launch:
+    """A gated step whose building and launch run on the compute thread."""
+
+    slot: Slot
+    task: asyncio.Future[Ahead]
 
 
 def _slot(shape: Sequence[int], np_dtype: type[np.generic]) -> mx.array:
@@ -82,30 +105,37 @@ def input_of(f: Forward, first: bool) -> tuple[tuple[int, ...], mx.Dtype] | None
     return None
 
 
-def build(
-    model: ShardModel,
-    rid: str,
-    seq: int,
-    caches: Sequence[Any],
-    shape: Sequence[int],
-    dtype: mx.Dtype,
-) -> Ahead:
-    """Step `seq` of `rid` on a placeholder input of this shape and dtype."""
+def place(rid: str, seq: int, shape: Sequence[int], dtype: mx.Dtype, gated: bool) -> Slot:
+    """The placeholder for step `seq` of `rid`, made on the thread that will write into it."""
     np_dtype = wire.DTYPES[wire.dtype_name(dtype)][1]
-    slot = _slot(shape, np_dtype)
+    buf = _slot(shape, np_dtype)
+    flag = gate.new_flag() if gated else None
+    return Slot(rid, seq, buf, _writable(buf), dtype, flag)
+
+
+def build(model: ShardModel, caches: Sequence[Any], slot: Slot) -> Ahead:
+    """The step on `slot`'s placeholder; with a flag, behind a gate and launched."""
     shadows = []
     for c in caches:
         s = KVCache()
         keys, values, offset = c.state
         s.state = (mx.array(keys), mx.array(values), offset)
         shadows.append(s)
-    inp = slot.view(dtype) if slot.dtype != dtype else slot
-    return Ahead(rid, seq, slot, dtype, shadows, model(inp, shadows, defer=True))
+    status = None
+    inp = slot.buf
+    if slot.flag is not None:
+        inp, status = gate.gate(inp, slot.flag)
+    if inp.dtype != slot.dtype:
+        inp = inp.view(slot.dtype)
+    h = model(inp, shadows, defer=True)
+    if status is not None:
+        mx.async_eval(h, status)
+    return Ahead(slot, shadows, h, status)
 
 
-def fill(ahead: Ahead, f: Forward, first: bool) -> bool:
+def fill(slot: Slot, f: Forward, first: bool) -> bool:
     """Write `f`'s input into the placeholder; False when it does not fit (then drop it)."""
-    view = _writable(ahead.slot)
+    view = slot.host
     if first:
         if view.size != len(f.tokens):
             return False
@@ -113,12 +143,12 @@ def fill(ahead: Ahead, f: Forward, first: bool) -> bool:
         return True
     h = f.h
     if isinstance(h, Tensor):
-        if h.dtype != wire.dtype_name(ahead.dtype) or tuple(h.shape) != view.shape:
+        if h.dtype != wire.dtype_name(slot.dtype) or tuple(h.shape) != view.shape:
             return False
         view[...] = np.frombuffer(h.data, dtype=view.dtype).reshape(view.shape)
         return True
-    if h is None or h.dtype != ahead.dtype or tuple(h.shape) != view.shape:
+    if h is None or h.dtype != slot.dtype or tuple(h.shape) != view.shape:
         return False
-    bits = h.view(ahead.slot.dtype) if h.dtype != ahead.slot.dtype else h
+    bits = h.view(slot.buf.dtype) if h.dtype != slot.buf.dtype else h
     view[...] = np.array(bits, copy=False)
     return True

@@ -295,6 +295,7 @@ def spawn_ring(
     one_process: bool = False,
     gpus: Sequence[str] = (),
     busy_poll: str = "auto",
+    gates: bool = True,
 ) -> tuple[Config, list[subprocess.Popen[bytes]]]:
     """N local nodes: N processes, or one process hosting all N shard actors. With `gpus`,
     process i sees only CUDA device gpus[i % len(gpus)]."""
@@ -309,6 +310,7 @@ def spawn_ring(
         # The node processes share this machine's accelerator: keep each one's cache modest.
         "cache_limit_gb = 2",
         "busy_poll = " + {"on": "true", "off": "false"}.get(busy_poll, '"auto"'),
+        f"gates = {'true' if gates else 'false'}",
         "[api]",
         'host = "127.0.0.1"',
         "max_concurrent = 256",
@@ -396,10 +398,18 @@ def run(args: argparse.Namespace) -> int:
             work = Path(tempfile.mkdtemp(prefix="mlxring-bench-"))
             gpus = [g.strip() for g in args.gpus.split(",") if g.strip()]
             config, procs = spawn_ring(
-                model, args.nodes, args.prefill_chunk, work, args.one_process, gpus, args.busy_poll
+                model,
+                args.nodes,
+                args.prefill_chunk,
+                work,
+                args.one_process,
+                gpus,
+                args.busy_poll,
+                args.gates == "on",
             )
             out["gpus"] = gpus
             out["busy_poll"] = args.busy_poll
+            out["gates"] = args.gates
             out["logs"] = str(work)
         url = head_url(config)
         progress(f"waiting for the ring at {url} ...")

@@ -12,7 +12,7 @@ import sys
 import threading
 from collections.abc import Sequence
 
-from mlxring import makemodel
+from mlxring import gate, makemodel
 from mlxring.config import Config, ConfigError, load_config_or_exit
 from mlxring.log import setup_logging
 
@@ -91,6 +91,7 @@ async def _serve(config: Config, names: list[str]) -> int:
         nodes=names,
         plan=[list(r) for r in runtime.plan],
         busy_poll=runtime.busy_poll,
+        gates=runtime.config.cluster.gates and gate.works(),
     )
     await stop.wait()
     log.info("node_stopping")
@@ -202,6 +203,12 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
         choices=["auto", "on", "off"],
         default="auto",
         help="the spawned nodes' busy_poll (auto: on with 8 cores or more)",
+    )
+    p.add_argument(
+        "--gates",
+        choices=["on", "off"],
+        default="on",
+        help="the spawned nodes' gates (on: where MLX runs on CUDA; see mlxring/gate.py)",
     )
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
 

@@ -60,6 +60,10 @@ class ClusterConfig:
     # of sleeping until a frame comes: waking costs 50-400 µs a hop, polling costs a core.
     # None: on where the machine has BUSY_POLL_MIN_CORES cores or more.
     busy_poll: bool | None = None
+    # Where MLX runs on CUDA, launch a lone request's next decode step before its input comes,
+    # held on the GPU by a gate (`mlxring/gate.py`). Turn it off for several node processes
+    # on one GPU without CUDA MPS: their waiting gates then take turns with the working one.
+    gates: bool = True
 
     @property
     def max_frame_bytes(self) -> int:
@@ -161,6 +165,7 @@ def parse_config(text: str, source: str = "nodes.toml") -> Config:
 _CLUSTER_KEYS = (
     "name", "model", "secret", "strategy", "prefill_chunk", "heartbeat_s", "down_after_s",
     "request_timeout_s", "max_frame_mb", "interfaces", "max_batch", "cache_limit_gb", "busy_poll",
+    "gates",
 )  # fmt: skip
 _API_KEYS = ("host", "port", "api_key", "max_body_bytes", "max_concurrent", "max_queue")
 _NODE_KEYS = ("name", "host", "port", "api_port", "layers", "memory_gb", "compute")
@@ -193,6 +198,7 @@ def _parse_cluster(t: _Table) -> ClusterConfig:
         max_batch=t.integer("max_batch", 32, lo=1),
         cache_limit_gb=t.opt_number("cache_limit_gb", gt=0),
         busy_poll=_parse_busy_poll(t),
+        gates=_parse_bool(t, "gates", True),
     )
 
 
@@ -203,6 +209,13 @@ def _parse_busy_poll(t: _Table) -> bool | None:
     if value != "auto":
         raise t.error("busy_poll", f'expected true, false or "auto", got {_show(value)}')
     return None
+
+
+def _parse_bool(t: _Table, key: str, default: bool) -> bool:
+    value = t.get(key, default)
+    if not isinstance(value, bool):
+        raise t.error(key, f"expected true or false, got {_show(value)}")
+    return value
 
 
 def _parse_interfaces(t: _Table) -> tuple[str, ...]:

@@ -25,7 +25,7 @@ import structlog
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_lm.utils import load_config, load_tokenizer
 
-from mlxring import device, source
+from mlxring import device, gate, source
 from mlxring.aio import wait_for
 from mlxring.compute import Compute
 from mlxring.config import BUSY_POLL_MIN_CORES, Config, NodeConfig
@@ -310,6 +310,7 @@ class Runtime:
                 self.config.cluster.request_timeout_s,
                 self.config.cluster.max_batch,
                 self.facts.total_memory_bytes,
+                self.config.cluster.gates,
             )
             self.nodes[name] = node = LocalNode(self, self.config.node(name), actor)
             actor.start()
@@ -536,6 +537,9 @@ class Runtime:
                 )
                 t0 = time.perf_counter()
                 shard = await self.compute.run(load_shard, path, *rng)
+                if self.config.cluster.gates:
+                    # Compiles the gate kernel now, not on a first decode step (about 1.5 s).
+                    await self.compute.run(gate.works)
                 log.info(
                     "shard_loaded",
                     node=name,

@@ -28,7 +28,7 @@ from mlx_lm.sample_utils import (
     make_sampler,
 )
 
-from mlxring import ahead, wire
+from mlxring import ahead, gate, wire
 from mlxring.actor import Actor
 from mlxring.compute import Compute
 from mlxring.messages import (
@@ -217,6 +217,7 @@ class ShardActor(Actor[Message | Sweep | Reconfigure]):
         request_timeout_s: float = 600.0,
         max_batch: int = 32,
         total_memory: int = 0,
+        gates: bool = True,
     ) -> None:
         super().__init__(f"shard:{name}")
         self.node = name
@@ -226,12 +227,14 @@ class ShardActor(Actor[Message | Sweep | Reconfigure]):
         self.request_timeout_s = request_timeout_s
         self.max_batch = max_batch
         self.total_memory = total_memory
+        self.gates = gates  # launch steps built ahead behind a gate, where gates work
         self.requests: dict[str, RequestState] = {}
         self.convoys = Convoys()
         self.stages = 1
         self.next_local = False
         self._chunk_waited = False  # the prompt chunk in front has let decode steps pass once
-        self._ahead: ahead.Ahead | None = None  # the next decode step, built (see `ahead`)
+        # The next decode step, built or being launched behind a gate (see `ahead`, `gate`).
+        self._ahead: ahead.Ahead | ahead.Launch | None = None
         self.busy_s = 0.0
         self.steps = 0
         self.decode_busy_s = 0.0  # of busy_s, steps of one token per request (decode)
@@ -241,6 +244,9 @@ class ShardActor(Actor[Message | Sweep | Reconfigure]):
 
     async def handle(self, msg: Message | Sweep | Reconfigure) -> None:
         built, self._ahead = self._ahead, None  # only the very next message may use it
+        filled = False
+        if isinstance(built, ahead.Launch):
+            built, filled = await self._land(built, msg), True
         match msg:
             case Reconfigure():
                 if msg.model is not None:
@@ -255,7 +261,7 @@ class ShardActor(Actor[Message | Sweep | Reconfigure]):
                     await asyncio.sleep(0)  # let the rest of a convoy reach the mailbox
                     parts += self._take_decodes(_rows(msg), self.convoy_rows())
                 if len(parts) == 1 and isinstance(msg, Forward):
-                    if built is not None and self._fill(built, msg):
+                    if built is not None and (filled or self._fill(built.slot, msg)):
                         step = functools.partial(self.step_built, built=built)
                         out = await self.compute.run_here(self._timed, step, msg)
                     else:
@@ -490,19 +496,40 @@ class ShardActor(Actor[Message | Sweep | Reconfigure]):
         """A decode step whose graph was built ahead and whose input is in place."""
         model, st = self.model, self.requests[f.rid]
         assert model is not None
+        if built.status is not None:
+            mx.eval(built.h, built.status)
+            if built.status.item() != gate.OPEN:
+                # The gate gave up before the input came (the ring stalled): what the step
+                # computed is noise, and the request's own caches were never touched.
+                self.log.warning("gate_gave_up", rid=f.rid, seq=f.seq)
+                return self.step(f)
         st.last_used = time.monotonic()
         st.caches = built.caches
         return self._finish(f, model, st, built.h)
 
-    def _fill(self, built: ahead.Ahead, f: Forward) -> bool:
+    def _fill(self, slot: ahead.Slot, f: Forward) -> bool:
         m = self.model
         return (
             m is not None
-            and (f.rid, f.seq, f.layer) == (built.rid, built.seq, m.start)
+            and (f.rid, f.seq, f.layer) == (slot.rid, slot.seq, m.start)
             and f.is_decode
             and f.rid in self.requests
-            and ahead.fill(built, f, m.is_first)
+            and ahead.fill(slot, f, m.is_first)
         )
+
+    async def _land(self, launch: ahead.Launch, msg: object) -> ahead.Ahead | None:
+        """Open a launched step's gate: with its input when `msg` brings it, else to let it
+        run on nothing (it is dropped). Then wait for the launch, so that no other MLX work
+        overlaps it; opening first means a launch that waits for the device cannot stall."""
+        assert launch.slot.flag is not None
+        use = isinstance(msg, Forward) and self._fill(launch.slot, msg)
+        launch.slot.flag.open(gate.OPEN if use else gate.CANCEL)
+        try:
+            built = await launch.task
+        except Exception as e:  # noqa: BLE001 - the step is computed as if never built
+            self.log.warning("launch_failed", error=f"{type(e).__name__}: {e}")
+            return None
+        return built if use else None
 
     def _build_next(self, f: Forward) -> None:
         """Build `f`'s request's next decode step now, while nothing else waits: only for a
@@ -522,8 +549,16 @@ class ShardActor(Actor[Message | Sweep | Reconfigure]):
         ):
             return
         spec = ahead.input_of(f, m.is_first)
-        if spec is not None:
-            self._ahead = ahead.build(m, f.rid, f.seq + 1, st.caches, *spec)
+        if spec is None:
+            return
+        slot = ahead.place(f.rid, f.seq + 1, *spec, gated=self.gates and gate.works())
+        if slot.flag is None:
+            self._ahead = ahead.build(m, st.caches, slot)
+        else:
+            # Launching encodes the whole step (milliseconds on CUDA): on the compute thread,
+            # so that this one keeps reading frames and can open the gate.
+            task = asyncio.ensure_future(self.compute.run(ahead.build, m, st.caches, slot))
+            self._ahead = ahead.Launch(slot, task)
 
     def _finish(
         self, f: Forward, model: ShardModel, st: RequestState, h: mx.array

@@ -101,6 +101,7 @@ def test_defaults() -> None:
     assert (c.heartbeat_s, c.down_after_s, c.request_timeout_s) == (1.0, 5.0, 600.0)
     assert (c.max_frame_mb, c.max_frame_bytes, c.interfaces) == (256.0, 256 << 20, ())
     assert c.busy_poll is None  # "auto": decided by the machine's cores
+    assert c.gates is True  # used where they work (CUDA)
     assert (a.host, a.port, a.api_key) == ("0.0.0.0", 8100, "")
     assert (a.max_body_bytes, a.max_concurrent, a.max_queue) == (1 << 20, 64, 256)
     assert node == dataclasses.replace(node, host=None, api_port=None, layers=None)
@@ -121,6 +122,11 @@ def test_full_config_values() -> None:
 def test_busy_poll_values(value: str, parsed: bool | None) -> None:
     text = MINIMAL.replace('model = "demo"', f'model = "demo"\nbusy_poll = {value}')
     assert parse_config(text).cluster.busy_poll is parsed
+
+
+def test_gates_can_be_turned_off() -> None:
+    text = MINIMAL.replace('model = "demo"', 'model = "demo"\ngates = false')
+    assert parse_config(text).cluster.gates is False
 
 
 def test_manual_layers_parse() -> None:
@@ -157,6 +163,12 @@ def test_config_is_frozen() -> None:
             "cluster.busy_poll",
             'expected true, false or "auto", got "yes"',
             id="busy-poll-word",
+        ),
+        pytest.param(
+            BASE.replace('strategy = "memory"', 'gates = "auto"'),
+            "cluster.gates",
+            'expected true or false, got "auto"',
+            id="gates-word",
         ),
         pytest.param(
             BASE.replace('name = "mini1"', 'host_ = "x"'),

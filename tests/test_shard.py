@@ -3,6 +3,7 @@ no ring)."""
 
 import asyncio
 
+from mlxring import ahead
 from mlxring.compute import Compute
 from mlxring.messages import End, Forward, Message, SamplingParams, Token
 from mlxring.model import load_shard
@@ -183,7 +184,7 @@ async def test_a_lone_requests_next_decode_step_is_built_before_its_input_arrive
     placeholder input; filled in, it gives what building it on arrival gives, bit for bit, on
     a first-and-last shard (tokens in, tokens out) and on a middle one (activations in from
     this process or off the wire). Another request's message first drops the built step, and
-    the request goes on exactly."""
+    the request goes on exactly. (Launching built steps behind a gate is `test_gate`'s.)"""
     import mlx.core as mx
 
     path = tiny_model("qwen3")
@@ -197,12 +198,12 @@ async def test_a_lone_requests_next_decode_step_is_built_before_its_input_arrive
     async def keep(msg: Message) -> None:
         sent.append(msg)
 
-    whole = ShardActor("a", load_shard(path, 0, n_layers), keep, Compute())
+    whole = ShardActor("a", load_shard(path, 0, n_layers), keep, Compute(), gates=False)
     direct = ShardActor("b", load_shard(path, 0, n_layers), _nowhere, Compute())
     for f in prompt + decodes:
         await whole.handle(f)
         if f.is_decode:
-            assert whole._ahead is not None and whole._ahead.seq == f.seq + 1
+            assert isinstance(whole._ahead, ahead.Ahead) and whole._ahead.slot.seq == f.seq + 1
     assert sent == [direct.step(f) for f in prompt + decodes][1:]
 
     # A middle shard, fed the first layer's activations in this process or as wire bytes.
@@ -210,7 +211,7 @@ async def test_a_lone_requests_next_decode_step_is_built_before_its_input_arrive
     steps = [first.step(f) for f in prompt + decodes]
     for wired in (False, True):
         sent.clear()
-        mid = ShardActor("m", load_shard(path, 1, 2), keep, Compute())
+        mid = ShardActor("m", load_shard(path, 1, 2), keep, Compute(), gates=False)
         ref = ShardActor("d", load_shard(path, 1, 2), _nowhere, Compute())
         want = []
         for i, f in enumerate(steps):
@@ -242,7 +243,7 @@ async def test_a_shard_whose_next_node_is_in_its_process_does_not_build_ahead() 
     async def keep(msg: Message) -> None:
         sent.append(msg)
 
-    local = ShardActor("a", load_shard(path, 0, 1), keep, Compute())
+    local = ShardActor("a", load_shard(path, 0, 1), keep, Compute(), gates=False)
     await local.handle(Reconfigure(stages=2, next_local=True))
     direct = ShardActor("b", load_shard(path, 0, 1), _nowhere, Compute())
     for f in steps:
@@ -259,4 +260,4 @@ async def test_a_shard_whose_next_node_is_in_its_process_does_not_build_ahead() 
     await local.handle(Reconfigure(stages=2, next_local=False))
     await local.handle(Forward("s", 0, (5, 6), False))
     await local.handle(Forward("s", 1, (7,), True))
-    assert local._ahead is not None and local._ahead.seq == 2
+    assert isinstance(local._ahead, ahead.Ahead) and local._ahead.slot.seq == 2

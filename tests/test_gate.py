@@ -1,0 +1,106 @@
+"""Gates: a decode step launched before its input exists, held on the device until the host
+lets it run. They need MLX's CUDA backend, so these tests skip elsewhere (CI's CPU); they run
+on the GPU machine (`benchmarks/RESULTS.md` says when they last did)."""
+
+import asyncio
+import time
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from mlxring import ahead, gate
+from mlxring.compute import Compute
+from mlxring.messages import End, Forward, Message
+from mlxring.model import load_shard
+from mlxring.shard import ShardActor
+
+from .ringutil import tiny_model
+
+pytestmark = pytest.mark.skipif(not gate.works(), reason="gates need MLX's CUDA backend")
+
+
+def _slot(values: list[int]) -> mx.array:
+    slot = mx.array(np.array(values, np.int32))
+    mx.eval(slot)
+    return slot
+
+
+def test_a_gate_holds_its_step_until_opened_then_lets_the_hosts_bytes_through() -> None:
+    slot, flag = _slot([0, 0, 0]), gate.new_flag()
+    out, status = gate.gate(slot, flag, 5.0)
+    y = out * 2
+    mx.async_eval(y, status)
+    time.sleep(0.05)
+    np.array(slot, copy=False)[:] = (3, 4, 5)  # written after the launch
+    t0 = time.perf_counter()
+    flag.open(gate.OPEN)
+    mx.eval(y, status)
+    assert time.perf_counter() - t0 < 1.0
+    assert y.tolist() == [6, 8, 10] and status.item() == gate.OPEN
+
+
+def test_a_gate_nobody_opens_gives_up_after_its_limit_and_says_so() -> None:
+    slot, flag = _slot([1]), gate.new_flag()
+    out, status = gate.gate(slot, flag, 0.2)
+    t0 = time.perf_counter()
+    mx.eval(out, status)
+    assert 0.2 <= time.perf_counter() - t0 < 2.0
+    assert status.item() == gate.GAVE_UP
+
+
+def test_a_cancelled_gate_runs_at_once() -> None:
+    slot, flag = _slot([1]), gate.new_flag()
+    out, status = gate.gate(slot, flag, 5.0)
+    mx.async_eval(out, status)
+    flag.open(gate.CANCEL)
+    t0 = time.perf_counter()
+    mx.eval(status)
+    assert time.perf_counter() - t0 < 1.0 and status.item() == gate.CANCEL
+
+
+async def test_launched_steps_give_what_computing_them_on_arrival_gives(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A middle shard launches each next decode step behind a gate; its outputs equal those of
+    steps computed on arrival, bit for bit, also when another request's message comes first
+    (the launched step is cancelled) and when the input comes after the gate gave up (the step
+    is computed again)."""
+    path = tiny_model("qwen3")
+    prompt = Forward("r", 0, tuple(range(1, 9)), False)
+    decodes = [Forward("r", 1 + i, (t,), True) for i, t in enumerate((9, 4, 17, 2, 30, 8))]
+    first = ShardActor("f", load_shard(path, 0, 1), _nowhere, Compute())
+    steps = [first.step(f) for f in [prompt, *decodes]]
+    sent: list[Message] = []
+
+    async def keep(msg: Message) -> None:
+        sent.append(msg)
+
+    mid = ShardActor("m", load_shard(path, 1, 2), keep, Compute())
+    ref = ShardActor("d", load_shard(path, 1, 2), _nowhere, Compute())
+    want = []
+    for i, f in enumerate(steps):
+        assert isinstance(f, Forward)
+        want.append(ref.step(f))
+        if i == 3:  # another message first: the launched step is cancelled
+            assert isinstance(mid._ahead, ahead.Launch)
+            await mid.handle(End("someone-else"))
+            assert mid._ahead is None and sent.pop() == End("someone-else")
+        if i == 4:
+            monkeypatch.setattr(gate, "LIMIT_S", 0.05)  # the step launched next gives up early
+        if i == 5:  # its input comes after the gate gave up
+            assert isinstance(mid._ahead, ahead.Launch)
+            await mid._ahead.task
+            await asyncio.sleep(0.3)
+        await mid.handle(f)
+        if f.is_decode:
+            assert isinstance(mid._ahead, ahead.Launch) and mid._ahead.slot.seq == f.seq + 1
+    assert len(sent) == len(want)
+    for got, exp in zip(sent, want, strict=True):
+        assert isinstance(got, Forward) and isinstance(exp, Forward)
+        assert isinstance(got.h, mx.array) and isinstance(exp.h, mx.array)
+        assert mx.array_equal(got.h, exp.h), got.seq
+
+
+async def _nowhere(msg: Message) -> None:
+    raise AssertionError("nothing is sent")
