@@ -91,7 +91,7 @@ async def _serve(config: Config, names: list[str]) -> int:
         nodes=names,
         plan=[list(r) for r in runtime.plan],
         busy_poll=runtime.busy_poll,
-        gates=runtime.config.cluster.gates and gate.works(),
+        gates=runtime.gates and gate.works(),
     )
     await stop.wait()
     log.info("node_stopping")

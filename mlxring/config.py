@@ -60,9 +60,10 @@ class ClusterConfig:
     # of sleeping until a frame comes: waking costs 50-400 µs a hop, polling costs a core.
     # None: on where the machine has BUSY_POLL_MIN_CORES cores or more.
     busy_poll: bool | None = None
-    # Where MLX runs on CUDA, launch a lone request's next decode step before its input comes,
-    # held on the GPU by a gate (`mlxring/gate.py`). Turn it off for several node processes
-    # on one GPU without CUDA MPS: their waiting gates then take turns with the working one.
+    # Where MLX runs on CUDA, a process hosting one shard launches a lone request's next decode
+    # step before its input comes, held on the GPU by a gate (`mlxring/gate.py`). Turn it off
+    # for several node processes on one GPU without CUDA MPS: their waiting gates then take
+    # turns with the working one.
     gates: bool = True
 
     @property

@@ -254,6 +254,9 @@ class Runtime:
         self.compute = Compute()
         polls = config.cluster.busy_poll
         self.busy_poll = (os.cpu_count() or 1) >= BUSY_POLL_MIN_CORES if polls is None else polls
+        # A waiting gate holds the compute thread's stream, and any device-wide sync, until it
+        # opens: another shard of this process could wait on it for its own input.
+        self.gates = config.cluster.gates and len(self.names) == 1
         self.clock = StepClock()  # per-hop timing of decode steps passing this process
         self._tasks: list[asyncio.Task[None]] = []
         self._side_tasks: set[asyncio.Task[None]] = set()
@@ -310,7 +313,7 @@ class Runtime:
                 self.config.cluster.request_timeout_s,
                 self.config.cluster.max_batch,
                 self.facts.total_memory_bytes,
-                self.config.cluster.gates,
+                self.gates,
             )
             self.nodes[name] = node = LocalNode(self, self.config.node(name), actor)
             actor.start()
@@ -537,7 +540,7 @@ class Runtime:
                 )
                 t0 = time.perf_counter()
                 shard = await self.compute.run(load_shard, path, *rng)
-                if self.config.cluster.gates:
+                if self.gates:
                     # Compiles the gate kernel now, not on a first decode step (about 1.5 s).
                     await self.compute.run(gate.works)
                 log.info(

@@ -1,10 +1,11 @@
-"""Pure pieces of the node runtime: where the ring port listens, and plans over live nodes."""
+"""Pure pieces of the node runtime: where the ring port listens, plans over live nodes, and
+which processes use gates."""
 
 from __future__ import annotations
 
 from mlxring.config import parse_config
 from mlxring.model import ModelInfo
-from mlxring.node import make_plan, ring_bind_address
+from mlxring.node import Runtime, make_plan, ring_bind_address
 
 NODES = "\n".join(
     f'[[nodes]]\nname = "n{i}"\nport = {5000 + i}\nlayers = [{a}, {b}]'
@@ -36,3 +37,13 @@ def test_a_manual_plan_is_kept_whole_and_replaced_when_a_node_is_missing() -> No
         (0, 9),
         (9, 12),
     ]
+
+
+def test_only_a_process_hosting_one_shard_uses_gates() -> None:
+    """A waiting gate holds its process's compute stream: a second shard of the process could
+    wait on it for the very input that would open it."""
+    config = parse_config(f'[cluster]\nmodel = "demo"\nstrategy = "manual"\n{NODES}\n')
+    assert Runtime(config, ["n1"]).gates
+    assert not Runtime(config, ["n0", "n1"]).gates
+    off = parse_config(f'[cluster]\nmodel = "demo"\nstrategy = "manual"\ngates = false\n{NODES}\n')
+    assert not Runtime(off, ["n1"]).gates
