@@ -89,7 +89,7 @@ def through_prebuilt(
             t = time.perf_counter()
             spec = ahead.input_of(f, s.is_first)
             assert spec is not None
-            built = ahead.build(s, caches[i], ahead.place("r", k, *spec, gated=gated))
+            built = ahead.build(s, caches[i], ahead.place("r", k, caches[i], *spec, gated=gated))
             if gated:
                 time.sleep(0.0005)  # in a ring the input comes later: let the device reach the gate
             t_built = time.perf_counter()
@@ -101,7 +101,9 @@ def through_prebuilt(
                     # The launch waited for the device (MLX does on its first steps) until the
                     # gate gave up; a ring opens gates from another thread. Build it again.
                     print(f"gate gave up at step {k}, shard {i}", file=sys.stderr)
-                    built = ahead.build(s, caches[i], ahead.place("r", k, *spec, gated=False))
+                    ahead.take_back(built.caches, built.slot)
+                    slot = ahead.place("r", k, caches[i], *spec, gated=False)
+                    built = ahead.build(s, caches[i], slot)
                     assert ahead.fill(built.slot, f, s.is_first)
             caches[i] = built.caches
             if s.is_last:

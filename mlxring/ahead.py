@@ -11,7 +11,10 @@ they replace the originals (MLX then reuses the buffers). If anything else comes
 shadows are dropped and the originals were never touched.
 
 Where gates work (MLX on CUDA, `gate`), the step is also launched at once, held on the device
-until its input is in: then not even MLX's encoding of the step is left on the ring's path.
+until its input is in: then not even MLX's encoding of the step is left on the ring's path. A
+launched step runs on the request's own caches (shadows would be copied: the originals are
+still referenced when it runs); if it is not used, `take_back` returns the caches' offsets, and
+what it wrote past them the next step overwrites.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ class Slot:
 
     rid: str
     seq: int
+    offsets: tuple[int, ...]  # the request's caches' offsets before the step
     buf: mx.array  # the placeholder; the input is written into its buffer
     host: np.ndarray[Any, Any]  # the host's view of that buffer, taken before any launch
     dtype: mx.Dtype  # the input's dtype (the buffer holds its bits as a numpy-friendly dtype)
@@ -47,7 +51,7 @@ class Slot:
 @dataclass(frozen=True)
 class Ahead:
     slot: Slot
-    caches: list[Any]  # the shadow caches the graph updates
+    caches: list[Any]  # the caches the graph updates: shadows, or the request's own when gated
     h: mx.array  # the built output: unevaluated, or launched when gated
     status: mx.array | None  # the gate's status (gate.OPEN once it let the input through)
 
@@ -57,6 +61,7 @@ class Launch:
     """A gated step whose building and launch run on the compute thread."""
 
     slot: Slot
+    caches: list[Any]  # the request's own, which the step advances
     task: asyncio.Future[Ahead]
 
 
@@ -105,22 +110,31 @@ def input_of(f: Forward, first: bool) -> tuple[tuple[int, ...], mx.Dtype] | None
     return None
 
 
-def place(rid: str, seq: int, shape: Sequence[int], dtype: mx.Dtype, gated: bool) -> Slot:
+def place(
+    rid: str,
+    seq: int,
+    caches: Sequence[Any],
+    shape: Sequence[int],
+    dtype: mx.Dtype,
+    gated: bool,
+) -> Slot:
     """The placeholder for step `seq` of `rid`, made on the thread that will write into it."""
     np_dtype = wire.DTYPES[wire.dtype_name(dtype)][1]
     buf = _slot(shape, np_dtype)
     flag = gate.new_flag() if gated else None
-    return Slot(rid, seq, buf, _writable(buf), dtype, flag)
+    return Slot(rid, seq, tuple(c.offset for c in caches), buf, _writable(buf), dtype, flag)
 
 
 def build(model: ShardModel, caches: Sequence[Any], slot: Slot) -> Ahead:
     """The step on `slot`'s placeholder; with a flag, behind a gate and launched."""
-    shadows = []
-    for c in caches:
-        s = KVCache()
-        keys, values, offset = c.state
-        s.state = (mx.array(keys), mx.array(values), offset)
-        shadows.append(s)
+    shadows = list(caches)
+    if slot.flag is None:
+        shadows = []
+        for c in caches:
+            s = KVCache()
+            keys, values, offset = c.state
+            s.state = (mx.array(keys), mx.array(values), offset)
+            shadows.append(s)
     status = None
     inp = slot.buf
     if slot.flag is not None:
@@ -131,6 +145,13 @@ def build(model: ShardModel, caches: Sequence[Any], slot: Slot) -> Ahead:
     if status is not None:
         mx.async_eval(h, status)
     return Ahead(slot, shadows, h, status)
+
+
+def take_back(caches: Sequence[Any], slot: Slot) -> None:
+    """Undo a launched step's advance of the request's caches (cancelled, failed, or its gate
+    gave up)."""
+    for c, offset in zip(caches, slot.offsets, strict=True):
+        c.offset = offset
 
 
 def fill(slot: Slot, f: Forward, first: bool) -> bool:

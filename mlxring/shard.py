@@ -272,6 +272,8 @@ class ShardActor(Actor[Message | Sweep | Reconfigure]):
                         await self.send_next(out)
                     self._build_next(msg)
                 else:
+                    if filled and built is not None:  # launched with this input, but batched
+                        ahead.take_back(built.caches, built.slot)
                     outs = await self.compute.run_here(self._timed, self.step_batch, parts)
                     for o in outs:
                         await self.send_next(o)
@@ -500,8 +502,9 @@ class ShardActor(Actor[Message | Sweep | Reconfigure]):
             mx.eval(built.h, built.status)
             if built.status.item() != gate.OPEN:
                 # The gate gave up before the input came (the ring stalled): what the step
-                # computed is noise, and the request's own caches were never touched.
+                # computed is noise, written past the offsets that are now taken back.
                 self.log.warning("gate_gave_up", rid=f.rid, seq=f.seq)
+                ahead.take_back(built.caches, built.slot)
                 return self.step(f)
         st.last_used = time.monotonic()
         st.caches = built.caches
@@ -528,8 +531,11 @@ class ShardActor(Actor[Message | Sweep | Reconfigure]):
             built = await launch.task
         except Exception as e:  # noqa: BLE001 - the step is computed as if never built
             self.log.warning("launch_failed", error=f"{type(e).__name__}: {e}")
+            built = None
+        if built is None or not use:
+            ahead.take_back(launch.caches, launch.slot)
             return None
-        return built if use else None
+        return built
 
     def _build_next(self, f: Forward) -> None:
         """Build `f`'s request's next decode step now, while nothing else waits: only for a
@@ -551,14 +557,15 @@ class ShardActor(Actor[Message | Sweep | Reconfigure]):
         spec = ahead.input_of(f, m.is_first)
         if spec is None:
             return
-        slot = ahead.place(f.rid, f.seq + 1, *spec, gated=self.gates and gate.works())
+        gated = self.gates and gate.works()
+        slot = ahead.place(f.rid, f.seq + 1, st.caches, *spec, gated=gated)
         if slot.flag is None:
             self._ahead = ahead.build(m, st.caches, slot)
         else:
             # Launching encodes the whole step (milliseconds on CUDA): on the compute thread,
             # so that this one keeps reading frames and can open the gate.
             task = asyncio.ensure_future(self.compute.run(ahead.build, m, st.caches, slot))
-            self._ahead = ahead.Launch(slot, task)
+            self._ahead = ahead.Launch(slot, list(st.caches), task)
 
     def _finish(
         self, f: Forward, model: ShardModel, st: RequestState, h: mx.array
