@@ -127,24 +127,25 @@ def place(
 
 def build(model: ShardModel, caches: Sequence[Any], slot: Slot) -> Ahead:
     """The step on `slot`'s placeholder; with a flag, behind a gate and launched."""
-    shadows = list(caches)
+    inp, status = slot.buf, None
     if slot.flag is None:
-        shadows = []
-        for c in caches:
-            s = KVCache()
-            keys, values, offset = c.state
-            s.state = (mx.array(keys), mx.array(values), offset)
-            shadows.append(s)
-    status = None
-    inp = slot.buf
-    if slot.flag is not None:
+        updated = [_shadow(c) for c in caches]
+    else:
+        updated = list(caches)
         inp, status = gate.gate(inp, slot.flag)
     if inp.dtype != slot.dtype:
         inp = inp.view(slot.dtype)
-    h = model(inp, shadows, defer=True)
+    h = model(inp, updated, defer=True)
     if status is not None:
         mx.async_eval(h, status)
-    return Ahead(slot, shadows, h, status)
+    return Ahead(slot, updated, h, status)
+
+
+def _shadow(c: KVCache) -> KVCache:
+    s = KVCache()
+    keys, values, offset = c.state
+    s.state = (mx.array(keys), mx.array(values), offset)
+    return s
 
 
 def take_back(caches: Sequence[Any], slot: Slot) -> None:
