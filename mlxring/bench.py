@@ -4,7 +4,8 @@ Measures mlx-lm (`stream_generate`, whole model in this process) first, frees it
 (`--nodes N` local node processes) or attaches to (`--config`) a ring and drives it through its
 OpenAI API with streaming requests: prefill tok/s, decode tok/s, time to first token, per-hop
 latency (network time of decode steps, mlxring/hoptime.py), and aggregate decode tok/s at
-several concurrencies.
+several concurrencies, with what bounds each: how much of the time every shard computed, and
+how many requests a decode pass carried.
 """
 
 from __future__ import annotations
@@ -239,19 +240,29 @@ async def ring_bench(
             n: 1000 * (after[n][0] - prefilled[n][0]) / max(1, after[n][1] - prefilled[n][1])
             for n in set(prefilled) & set(after)
         }
-        aggregate = {}
+        aggregate, busy, batch = {}, {}, {}
+        short = prompt[: max(16, len(prompt) // 4)]
+        await stream_completion(s, url, short, 4, api_key)  # its shape's kernels, built once
+        before = node_work(await settled_status(s, url, api_key))
         for c in levels:
             progress(f"ring: {c} concurrent streams ...")
             t0 = time.perf_counter()
             rs = await asyncio.gather(
-                *(
-                    stream_completion(
-                        s, url, prompt[: max(16, len(prompt) // 4)], gen_tokens, api_key
-                    )
-                    for _ in range(c)
-                )
+                *(stream_completion(s, url, short, gen_tokens, api_key) for _ in range(c))
             )
-            aggregate[str(c)] = sum(r.tokens for r in rs) / (time.perf_counter() - t0)
+            wall = time.perf_counter() - t0
+            aggregate[str(c)] = sum(r.tokens for r in rs) / wall
+            after = node_work(await settled_status(s, url, api_key))
+            # How much of the wall time each shard computed, and how many requests a decode
+            # step carried: what bounds the aggregate (compute, or the ring between steps).
+            busy[str(c)] = {
+                n: (after[n][2] - before[n][2]) / wall for n in set(before) & set(after)
+            }
+            batch[str(c)] = {
+                n: sum(r.tokens for r in rs) / max(1, after[n][1] - before[n][1])
+                for n in set(before) & set(after)
+            }
+            before = after
         await asyncio.sleep(2.0)  # let idle probes measure the hops
         probes = [
             h * 1e6
@@ -274,6 +285,8 @@ async def ring_bench(
         # a running generation.
         "probe_hop_us_p50": pct(probes, 50),
         "aggregate_tok_s": aggregate,
+        "aggregate_shard_busy": busy,
+        "aggregate_requests_per_step": batch,
         **interleave,
     }
 
@@ -296,6 +309,7 @@ def spawn_ring(
     gpus: Sequence[str] = (),
     busy_poll: str = "auto",
     gates: bool = True,
+    convoys: str = "auto",
 ) -> tuple[Config, list[subprocess.Popen[bytes]]]:
     """N local nodes: N processes, or one process hosting all N shard actors. With `gpus`,
     process i sees only CUDA device gpus[i % len(gpus)]."""
@@ -311,6 +325,7 @@ def spawn_ring(
         "cache_limit_gb = 2",
         "busy_poll = " + {"on": "true", "off": "false"}.get(busy_poll, '"auto"'),
         f"gates = {'true' if gates else 'false'}",
+        "convoys = " + ('"auto"' if convoys == "auto" else convoys),
         "[api]",
         'host = "127.0.0.1"',
         "max_concurrent = 256",
@@ -406,10 +421,12 @@ def run(args: argparse.Namespace) -> int:
                 gpus,
                 args.busy_poll,
                 args.gates == "on",
+                args.convoys,
             )
             out["gpus"] = gpus
             out["busy_poll"] = args.busy_poll
             out["gates"] = args.gates
+            out["convoys"] = args.convoys
             out["logs"] = str(work)
         url = head_url(config)
         progress(f"waiting for the ring at {url} ...")

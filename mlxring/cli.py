@@ -210,7 +210,21 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
         default="on",
         help="the spawned nodes' gates (on: where MLX runs on CUDA; see mlxring/gate.py)",
     )
+    p.add_argument(
+        "--convoys",
+        type=_convoys,
+        default="auto",
+        help="the spawned nodes' convoys (auto: one per process; 1 where they share one GPU)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+
+
+def _convoys(value: str) -> str:
+    if value != "auto" and not (value.isdigit() and int(value) >= 1):
+        raise argparse.ArgumentTypeError(
+            f'expected "auto" or a whole number of at least 1, got {value!r}'
+        )
+    return value
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -65,6 +65,11 @@ class ClusterConfig:
     # for several node processes on one GPU without CUDA MPS: their waiting gates then take
     # turns with the working one.
     gates: bool = True
+    # How many convoys a shard's concurrent decodes split into, so that every stage has one to
+    # run while the others run theirs. None: one per process. Set 1 where the processes share
+    # one accelerator: they cannot compute at once, and one wide pass costs about what a
+    # narrow one does on a GPU (benchmarks/RESULTS.md).
+    convoys: int | None = None
 
     @property
     def max_frame_bytes(self) -> int:
@@ -166,7 +171,7 @@ def parse_config(text: str, source: str = "nodes.toml") -> Config:
 _CLUSTER_KEYS = (
     "name", "model", "secret", "strategy", "prefill_chunk", "heartbeat_s", "down_after_s",
     "request_timeout_s", "max_frame_mb", "interfaces", "max_batch", "cache_limit_gb", "busy_poll",
-    "gates",
+    "gates", "convoys",
 )  # fmt: skip
 _API_KEYS = ("host", "port", "api_key", "max_body_bytes", "max_concurrent", "max_queue")
 _NODE_KEYS = ("name", "host", "port", "api_port", "layers", "memory_gb", "compute")
@@ -200,6 +205,7 @@ def _parse_cluster(t: _Table) -> ClusterConfig:
         cache_limit_gb=t.opt_number("cache_limit_gb", gt=0),
         busy_poll=_parse_busy_poll(t),
         gates=_parse_bool(t, "gates", True),
+        convoys=_parse_convoys(t),
     )
 
 
@@ -210,6 +216,17 @@ def _parse_busy_poll(t: _Table) -> bool | None:
     if value != "auto":
         raise t.error("busy_poll", f'expected true, false or "auto", got {_show(value)}')
     return None
+
+
+def _parse_convoys(t: _Table) -> int | None:
+    value = t.get("convoys", "auto")
+    if value == "auto":
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise t.error(
+            "convoys", f'expected a whole number of at least 1 or "auto", got {_show(value)}'
+        )
+    return value
 
 
 def _parse_bool(t: _Table, key: str, default: bool) -> bool:

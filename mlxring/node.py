@@ -521,8 +521,10 @@ class Runtime:
             log.info("ring_plan", members=list(live), plan=[list(r) for r in self.plan])
             loop = asyncio.get_running_loop()
             # Nodes of this process share one process's compute; every other node is taken to
-            # be a process (a machine) of its own.
-            stages = sum(n not in self.nodes for n in live) + any(n in self.nodes for n in live)
+            # be a process (a machine) of its own, unless the config says how many compute.
+            stages = self.config.cluster.convoys or (
+                sum(n not in self.nodes for n in live) + any(n in self.nodes for n in live)
+            )
             for name, node in self.nodes.items():
                 rng = self.layout[name]
                 local = next_in_ring(live, name) in self.nodes
@@ -571,6 +573,7 @@ class Runtime:
             self.tokenizer.eos_token_ids,
             prefill_chunk=self.config.cluster.prefill_chunk,
             step_timeout_s=self.config.cluster.request_timeout_s,
+            one_convoy=self.config.cluster.convoys == 1,
         )
         expected = tuple((n, s, e) for n, (s, e) in self.layout.items())
         self.monitor = RingMonitor(

@@ -63,6 +63,11 @@ def test_bench_measures_mlx_lm_and_a_two_process_ring() -> None:
     assert set(r["aggregate_tok_s"]) == {"1", "3"} and all(
         v > 0 for v in r["aggregate_tok_s"].values()
     )
+    # One stream's decode steps carry one request each; three streams share some steps.
+    per_step = r["aggregate_requests_per_step"]
+    assert per_step["1"] == {"b0": 1.0, "b1": 1.0}, per_step
+    assert all(1.0 <= v <= 3.0 for v in per_step["3"].values()), per_step
+    assert all(0 < v <= 1.05 for c in ("1", "3") for v in r["aggregate_shard_busy"][c].values())
     for k in ("shard_step_ms", "shard_prefill_ms"):
         assert set(r[k]) == {"b0", "b1"} and all(v > 0 for v in r[k].values()), k
     assert sum(r["shard_prefill_ms"].values()) < 1000 * r["ttft_s"] * 1.5  # ttft is the best run

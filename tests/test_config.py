@@ -129,6 +129,12 @@ def test_gates_can_be_turned_off() -> None:
     assert parse_config(text).cluster.gates is False
 
 
+@pytest.mark.parametrize(("value", "parsed"), [('"auto"', None), ("1", 1), ("3", 3)])
+def test_convoys_values(value: str, parsed: int | None) -> None:
+    text = MINIMAL.replace('model = "demo"', f'model = "demo"\nconvoys = {value}')
+    assert parse_config(text).cluster.convoys == parsed
+
+
 def test_manual_layers_parse() -> None:
     config = parse_config(MANUAL.format(b_start=10))
     assert [n.layers for n in config.nodes] == [(0, 10), (10, 20), (20, 28)]
@@ -169,6 +175,12 @@ def test_config_is_frozen() -> None:
             "cluster.gates",
             'expected true or false, got "auto"',
             id="gates-word",
+        ),
+        pytest.param(
+            BASE.replace('strategy = "memory"', "convoys = 0"),
+            "cluster.convoys",
+            'expected a whole number of at least 1 or "auto", got 0',
+            id="convoys-zero",
         ),
         pytest.param(
             BASE.replace('name = "mini1"', 'host_ = "x"'),

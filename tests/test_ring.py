@@ -7,6 +7,7 @@ from pathlib import Path
 import mlx.core as mx
 import pytest
 
+from mlxring.aio import wait_for
 from mlxring.model import load_shard, model_info
 from mlxring.source import tensor_sizes
 
@@ -182,6 +183,51 @@ def test_concurrent_requests_split_into_one_convoy_per_process(
     assert got == want
     assert stages == 3
     assert batches > 0 and rows / batches <= 3, (batches, rows)
+
+
+def test_one_convoy_carries_every_stream_in_one_pass(tmp_path: Path) -> None:
+    """`convoys = 1` (processes that share one accelerator): the head sends the decode steps of
+    all streams together, so the three processes run one wide pass at a time, not ceil(8/3)
+    rows each; every stream stays exact."""
+    import asyncio
+
+    model = tiny_model("qwen3")
+    cfg_path = write_config(tmp_path, model, 3, extra_cluster="convoys = 1")
+    prompts = [encode(model, f"Stream {i} of the one-convoy test." * (1 + i % 3)) for i in range(8)]
+    want = [reference(model, p, 24) for p in prompts]
+
+    async def run() -> tuple[list[list[int]], int, int, int]:
+        async with local_ring(cfg_path, ["n0"]) as rt:
+            got = await asyncio.gather(*(ring_tokens(rt, p, 24) for p in prompts))
+            a = rt.nodes["n0"].actor
+            return list(got), a.stages, a.batches, a.batched_rows
+
+    with process_ring(cfg_path, ["n1", "n2"], tmp_path):
+        got, stages, batches, rows = asyncio.run(run())
+    assert got == want
+    assert stages == 1
+    # Prompts of three lengths finish prefilling apart; after that, all eight go together
+    # (23 decode passes of 8 rows here), where one convoy per process carries at most 3.
+    assert batches > 0 and rows / batches > 6, (batches, rows)
+
+
+async def test_one_convoy_does_not_wait_for_a_stream_nobody_reads(tmp_path: Path) -> None:
+    """A client that stops reading holds its stream's next step back; with `convoys = 1` the
+    others wait for it at most about a trip per step, and finish exact; so does it, later."""
+    import asyncio
+
+    model = tiny_model("qwen3")
+    prompts = [encode(model, f"Reader {i} of the one-convoy test.") for i in range(3)]
+    want = [reference(model, p, 16) for p in prompts]
+    cfg = write_config(tmp_path, model, 2, extra_cluster="convoys = 1")
+    async with local_ring(cfg) as rt:
+        assert rt.engine is not None
+        stalled = rt.engine.generate(prompts[0], max_tokens=16)
+        first = await anext(stalled)  # then nobody asks for the next token for a while
+        got = await wait_for(asyncio.gather(*(ring_tokens(rt, p, 16) for p in prompts[1:])), 30)
+        assert list(got) == want[1:]
+        rest = [g.token async for g in stalled]
+        assert [first.token, *rest] == want[0]
 
 
 def test_shards_know_whether_their_output_stays_in_their_process(tmp_path: Path) -> None:
