@@ -87,13 +87,15 @@ def through_prebuilt(
         f = Forward("r", k, (prompt[-1] if k == 0 else out[-1],), True, layer=0)
         for i, s in enumerate(shards):
             t = time.perf_counter()
-            spec = ahead.input_of(f, s.is_first)
+            spec = ahead.input_of(f, 1, s.is_first)
             assert spec is not None
-            built = ahead.build(s, caches[i], ahead.place("r", k, caches[i], *spec, gated=gated))
+            shape, dtype = spec
+            slot = ahead.place([("r", k)], caches[i], shape, dtype, gated=gated)
+            built = ahead.build(s, caches[i], slot)
             if gated:
                 time.sleep(0.0005)  # in a ring the input comes later: let the device reach the gate
             t_built = time.perf_counter()
-            assert ahead.fill(built.slot, f, s.is_first)
+            assert ahead.fill(built.slot, [f], s.is_first)
             if built.slot.flag is not None:
                 built.slot.flag.open(gate.OPEN)
                 mx.eval(built.h, built.status)
@@ -102,9 +104,9 @@ def through_prebuilt(
                     # gate gave up; a ring opens gates from another thread. Build it again.
                     print(f"gate gave up at step {k}, shard {i}", file=sys.stderr)
                     ahead.take_back(built.caches, built.slot)
-                    slot = ahead.place("r", k, caches[i], *spec, gated=False)
+                    slot = ahead.place([("r", k)], caches[i], shape, dtype, gated=False)
                     built = ahead.build(s, caches[i], slot)
-                    assert ahead.fill(built.slot, f, s.is_first)
+                    assert ahead.fill(built.slot, [f], s.is_first)
             caches[i] = built.caches
             if s.is_last:
                 logits = s.logits(built.h)

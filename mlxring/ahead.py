@@ -14,7 +14,9 @@ Where gates work (MLX on CUDA, `gate`), the step is also launched at once, held 
 until its input is in: then not even MLX's encoding of the step is left on the ring's path. A
 launched step runs on the request's own caches (shadows would be copied: the originals are
 still referenced when it runs); if it is not used, `take_back` returns the caches' offsets, and
-what it wrote past them the next step overwrites.
+what it wrote past them the next step overwrites. A convoy's next pass (several requests whose
+merged caches stay together, `shard.Convoys`) is launched the same way when it holds every
+request of the shard.
 """
 
 from __future__ import annotations
@@ -27,10 +29,10 @@ from typing import Any
 
 import mlx.core as mx
 import numpy as np
-from mlx_lm.models.cache import KVCache
+from mlx_lm.models.cache import BatchKVCache, KVCache
 
 from mlxring import gate, wire
-from mlxring.messages import Forward, Tensor
+from mlxring.messages import Forward, ForwardBatch, Tensor
 from mlxring.model import ShardModel
 
 
@@ -39,9 +41,8 @@ class Slot:
     """Where a step's input is to be written: the placeholder, and with a gate (`gate`) the
     flag that lets the launched step run."""
 
-    rid: str
-    seq: int
-    offsets: tuple[int, ...]  # the request's caches' offsets before the step
+    rows: tuple[tuple[str, int], ...]  # (request, step) of each row, in the caches' order
+    marks: tuple[Any, ...]  # where each cache stood before the step (see `take_back`)
     buf: mx.array  # the placeholder; the input is written into its buffer
     host: np.ndarray[Any, Any]  # the host's view of that buffer, taken before any launch
     dtype: mx.Dtype  # the input's dtype (the buffer holds its bits as a numpy-friendly dtype)
@@ -95,14 +96,18 @@ def placeholders_work() -> bool:
 
 
 def can_build(caches: Sequence[Any]) -> bool:
-    return bool(caches) and all(type(c) is KVCache and c.keys is not None for c in caches)
+    return bool(caches) and all(
+        type(c) in (KVCache, BatchKVCache) and c.keys is not None for c in caches
+    )
 
 
-def input_of(f: Forward, first: bool) -> tuple[tuple[int, ...], mx.Dtype] | None:
-    """The shape and dtype of the input that `f`'s next decode step brings to a shard (token
-    ids on the first); None when `f` carries no activations to go by."""
+def input_of(
+    f: Forward | ForwardBatch, rows: int, first: bool
+) -> tuple[tuple[int, ...], mx.Dtype] | None:
+    """The shape and dtype of the input that the next decode step of `f`'s `rows` requests
+    brings to a shard (token ids on the first); None when `f` carries no activations to go by."""
     if first:
-        return (1, 1), mx.int32
+        return (rows, 1), mx.int32
     if isinstance(f.h, Tensor):
         return f.h.shape, wire.DTYPES[f.h.dtype][0]
     if f.h is not None:
@@ -111,18 +116,24 @@ def input_of(f: Forward, first: bool) -> tuple[tuple[int, ...], mx.Dtype] | None
 
 
 def place(
-    rid: str,
-    seq: int,
+    rows: Sequence[tuple[str, int]],
     caches: Sequence[Any],
     shape: Sequence[int],
     dtype: mx.Dtype,
     gated: bool,
 ) -> Slot:
-    """The placeholder for step `seq` of `rid`, made on the thread that will write into it."""
+    """The placeholder for the step of `rows` ((request, step) pairs), made on the thread that
+    will write into it."""
     np_dtype = wire.DTYPES[wire.dtype_name(dtype)][1]
     buf = _slot(shape, np_dtype)
     flag = gate.new_flag() if gated else None
-    return Slot(rid, seq, tuple(c.offset for c in caches), buf, _writable(buf), dtype, flag)
+    return Slot(tuple(rows), tuple(map(_mark, caches)), buf, _writable(buf), dtype, flag)
+
+
+def _mark(c: Any) -> Any:
+    # A batch cache counts its steps in `_idx` beside its per-row offsets (an immutable array,
+    # so keeping it keeps its value).
+    return (c.offset, c.state[4]) if isinstance(c, BatchKVCache) else c.offset
 
 
 def build(model: ShardModel, caches: Sequence[Any], slot: Slot) -> Ahead:
@@ -151,19 +162,28 @@ def _shadow(c: KVCache) -> KVCache:
 def take_back(caches: Sequence[Any], slot: Slot) -> None:
     """Undo a launched step's advance of the request's caches (cancelled, failed, or its gate
     gave up)."""
-    for c, offset in zip(caches, slot.offsets, strict=True):
-        c.offset = offset
+    for c, mark in zip(caches, slot.marks, strict=True):
+        if isinstance(c, BatchKVCache):
+            keys, values, _, left_padding, _ = c.state
+            offset, idx = mark
+            c.state = (keys, values, offset, left_padding, idx)
+        else:
+            c.offset = mark
 
 
-def fill(slot: Slot, f: Forward, first: bool) -> bool:
-    """Write `f`'s input into the placeholder; False when it does not fit (then drop it)."""
+def fill(slot: Slot, parts: Sequence[Forward | ForwardBatch], first: bool) -> bool:
+    """Write the input of `parts` (the rows of `slot`) into the placeholder; False when it does
+    not fit (then drop it)."""
     view = slot.host
     if first:
-        if view.size != len(f.tokens):
+        tokens = [t for p in parts for r in _rows_of(p) for t in r.tokens]
+        if view.size != len(tokens):
             return False
-        view.reshape(-1)[:] = f.tokens
+        view.reshape(-1)[:] = tokens
         return True
-    h = f.h
+    if len(parts) != 1:  # activations of several messages: not launched for (see shard)
+        return False
+    h = parts[0].h
     if isinstance(h, Tensor):
         if h.dtype != wire.dtype_name(slot.dtype) or tuple(h.shape) != view.shape:
             return False
@@ -174,3 +194,7 @@ def fill(slot: Slot, f: Forward, first: bool) -> bool:
     bits = h.view(slot.buf.dtype) if h.dtype != slot.buf.dtype else h
     view[...] = np.array(bits, copy=False)
     return True
+
+
+def _rows_of(p: Forward | ForwardBatch) -> tuple[Forward, ...]:
+    return p.rows if isinstance(p, ForwardBatch) else (p,)

@@ -244,9 +244,11 @@ class ShardActor(Actor[Message | Sweep | Reconfigure]):
 
     async def handle(self, msg: Message | Sweep | Reconfigure) -> None:
         built, self._ahead = self._ahead, None  # only the very next message may use it
-        filled = False
+        if isinstance(msg, Forward | ForwardBatch):
+            await self._forward(msg, built)
+            return
         if isinstance(built, ahead.Launch):
-            built, filled = await self._land(built, msg), True
+            await self._land(built, [])
         match msg:
             case Reconfigure():
                 if msg.model is not None:
@@ -255,32 +257,6 @@ class ShardActor(Actor[Message | Sweep | Reconfigure]):
                 self.next_local = msg.next_local
                 self.requests.clear()
                 self.convoys.clear()
-            case Forward() | ForwardBatch():
-                parts: list[Forward | ForwardBatch] = [msg]
-                if self.max_batch > 1 and len(self.requests) > 1 and self._is_decode(msg):
-                    await asyncio.sleep(0)  # let the rest of a convoy reach the mailbox
-                    parts += self._take_decodes(_rows(msg), self.convoy_rows())
-                if len(parts) == 1 and isinstance(msg, Forward):
-                    if built is not None and (filled or self._fill(built.slot, msg)):
-                        step = functools.partial(self.step_built, built=built)
-                        out = await self.compute.run_here(self._timed, step, msg)
-                    else:
-                        short = len(msg.tokens) <= SHORT_CHUNK_TOKENS
-                        run = self.compute.run_here if short else self.compute.run
-                        out = await run(self._timed, self.step, msg)
-                    if out is not None:
-                        await self.send_next(out)
-                    self._build_next(msg)
-                else:
-                    if filled and built is not None:  # launched with this input, but batched
-                        ahead.take_back(built.caches, built.slot)
-                    outs = await self.compute.run_here(self._timed, self.step_batch, parts)
-                    for o in outs:
-                        await self.send_next(o)
-                if self.backlog:
-                    # A step on the loop's thread kept it from everything else: frames to read,
-                    # the other shards of this process, tokens for the engine. Give it a turn.
-                    await asyncio.sleep(0)
             case End():
                 self._forget(msg.rid)
                 if not self.requests:
@@ -305,6 +281,40 @@ class ShardActor(Actor[Message | Sweep | Reconfigure]):
                     self._forget(rid)
             case _:
                 self.log.warning("unexpected_message", message=type(msg).__name__)
+
+    async def _forward(
+        self, msg: Forward | ForwardBatch, built: ahead.Ahead | ahead.Launch | None
+    ) -> None:
+        parts: list[Forward | ForwardBatch] = [msg]
+        if self.max_batch > 1 and len(self.requests) > 1 and self._is_decode(msg):
+            await asyncio.sleep(0)  # let the rest of a convoy reach the mailbox
+            parts += self._take_decodes(_rows(msg), self.convoy_rows())
+        if isinstance(built, ahead.Launch):
+            built = await self._land(built, parts)
+        elif built is not None and not self._fill(built.slot, parts):
+            built = None
+        outs: list[Message | None]
+        if len(parts) == 1 and isinstance(msg, Forward):
+            if built is not None:
+                step = functools.partial(self.step_built, built=built)
+                outs = [await self.compute.run_here(self._timed, step, msg)]
+            else:
+                short = len(msg.tokens) <= SHORT_CHUNK_TOKENS
+                run = self.compute.run_here if short else self.compute.run
+                outs = [await run(self._timed, self.step, msg)]
+        elif built is not None:
+            step_batch = functools.partial(self.step_batch_built, built=built)
+            outs = list(await self.compute.run_here(self._timed, step_batch, parts))
+        else:
+            outs = list(await self.compute.run_here(self._timed, self.step_batch, parts))
+        for o in outs:
+            if o is not None:
+                await self.send_next(o)
+        self._build_next(parts)
+        if self.backlog:
+            # A step on the loop's thread kept it from everything else: frames to read, the
+            # other shards of this process, tokens for the engine. Give it a turn.
+            await asyncio.sleep(0)
 
     async def pass_probe(self, msg: Probe) -> None:
         """Add this node to a probe and pass it on. Nodes call this as a probe arrives, not
@@ -411,42 +421,60 @@ class ShardActor(Actor[Message | Sweep | Reconfigure]):
         """Decode steps of several requests as one forward pass."""
         model = self.model
         assert model is not None
-        rows = [r for p in parts for r in (p.rows if isinstance(p, ForwardBatch) else (p,))]
+        rows = self._batch_rows(parts)
         rids = tuple(r.rid for r in rows)
-        self.batches += 1
-        self.batched_rows += len(rows)
-        if len(set(rids)) != len(rids):
-            raise BatchError(rids, "a batch holds two steps of one request")
         try:
             if model.is_first:
                 x = mx.array([[r.tokens[0]] for r in rows], dtype=mx.int32)
             else:
                 hs = [_array(p.h) for p in parts]
                 x = hs[0] if len(hs) == 1 else mx.concatenate(hs, axis=0)
-            now = time.monotonic()
-            for rid in rids:
-                self.requests[rid].last_used = now
-            h = model(x, self.convoys.caches(rids, self.requests))
-            if not model.is_last:
-                mx.eval(h)
-                out = tuple(
-                    Forward(
-                        r.rid,
-                        r.seq,
-                        r.tokens,
-                        r.sample,
-                        layer=model.end,
-                        spent=r.spent,
-                        hops=r.hops,
-                    )
-                    for r in rows
-                )
-                return [ForwardBatch(out, h)]
-            return self._sample_batch(rows, model.logits(h))
+            return self._batch_out(model, rows, model(x, self.convoys.caches(rids, self.requests)))
         except BatchError:
             raise
         except Exception as e:
             raise BatchError(rids, f"{type(e).__name__}: {e}") from e
+
+    def step_batch_built(
+        self, parts: list[Forward | ForwardBatch], built: ahead.Ahead
+    ) -> list[Message]:
+        """A convoy's pass launched ahead (on its merged caches), its input in place."""
+        model = self.model
+        assert model is not None and built.status is not None
+        mx.eval(built.h, built.status)
+        if built.status.item() != gate.OPEN:
+            self.log.warning("gate_gave_up", rids=[r for r, _ in built.slot.rows])
+            ahead.take_back(built.caches, built.slot)
+            return self.step_batch(parts)
+        rows = self._batch_rows(parts)
+        try:
+            return self._batch_out(model, rows, built.h)
+        except Exception as e:
+            raise BatchError(tuple(r.rid for r in rows), f"{type(e).__name__}: {e}") from e
+
+    def _batch_rows(self, parts: list[Forward | ForwardBatch]) -> list[Forward]:
+        rows = [r for p in parts for r in (p.rows if isinstance(p, ForwardBatch) else (p,))]
+        rids = tuple(r.rid for r in rows)
+        self.batches += 1
+        self.batched_rows += len(rows)
+        if len(set(rids)) != len(rids):
+            raise BatchError(rids, "a batch holds two steps of one request")
+        now = time.monotonic()
+        for rid in rids:
+            if rid in self.requests:
+                self.requests[rid].last_used = now
+        return rows
+
+    def _batch_out(self, model: ShardModel, rows: list[Forward], h: mx.array) -> list[Message]:
+        """A pass's output: its activations on to the next shard, or its rows' tokens."""
+        if model.is_last:
+            return self._sample_batch(rows, model.logits(h))
+        mx.eval(h)
+        out = tuple(
+            Forward(r.rid, r.seq, r.tokens, r.sample, layer=model.end, spent=r.spent, hops=r.hops)
+            for r in rows
+        )
+        return [ForwardBatch(out, h)]
 
     def _sample_batch(self, rows: list[Forward], logits: mx.array) -> list[Message]:
         states = [self.requests[r.rid] for r in rows]
@@ -510,22 +538,25 @@ class ShardActor(Actor[Message | Sweep | Reconfigure]):
         st.caches = built.caches
         return self._finish(f, model, st, built.h)
 
-    def _fill(self, slot: ahead.Slot, f: Forward) -> bool:
+    def _fill(self, slot: ahead.Slot, parts: list[Forward | ForwardBatch]) -> bool:
+        """Write the input of `parts` into `slot` if they are the steps it was built for."""
         m = self.model
+        rows = [r for p in parts for r in (p.rows if isinstance(p, ForwardBatch) else (p,))]
         return (
             m is not None
-            and (f.rid, f.seq, f.layer) == (slot.rid, slot.seq, m.start)
-            and f.is_decode
-            and f.rid in self.requests
-            and ahead.fill(slot, f, m.is_first)
+            and tuple((r.rid, r.seq) for r in rows) == slot.rows
+            and all(r.layer == m.start and r.is_decode and r.rid in self.requests for r in rows)
+            and ahead.fill(slot, parts, m.is_first)
         )
 
-    async def _land(self, launch: ahead.Launch, msg: object) -> ahead.Ahead | None:
-        """Open a launched step's gate: with its input when `msg` brings it, else to let it
+    async def _land(
+        self, launch: ahead.Launch, parts: list[Forward | ForwardBatch]
+    ) -> ahead.Ahead | None:
+        """Open a launched step's gate: with its input when `parts` bring it, else to let it
         run on nothing (it is dropped). Then wait for the launch, so that no other MLX work
         overlaps it; opening first means a launch that waits for the device cannot stall."""
         assert launch.slot.flag is not None
-        use = isinstance(msg, Forward) and self._fill(launch.slot, msg)
+        use = self._fill(launch.slot, parts)
         launch.slot.flag.open(gate.OPEN if use else gate.CANCEL)
         try:
             built = await launch.task
@@ -537,35 +568,41 @@ class ShardActor(Actor[Message | Sweep | Reconfigure]):
             return None
         return built
 
-    def _build_next(self, f: Forward) -> None:
-        """Build `f`'s request's next decode step now, while nothing else waits: only for a
-        shard's one request, only while its output is on its way to another process, and only
-        where MLX lets the placeholder's bytes through."""
-        m, st = self.model, self.requests.get(f.rid)
+    def _build_next(self, parts: list[Forward | ForwardBatch]) -> None:
+        """Build the next decode step of the requests of `parts` now, while nothing else waits:
+        only when they are every request of the shard (one, or one convoy: that one launched
+        behind a gate only, as shadows would copy every cache), only while the output is on
+        its way to another process, and only where MLX lets the placeholder's bytes through."""
+        m = self.model
+        rows = [r for p in parts for r in (p.rows if isinstance(p, ForwardBatch) else (p,))]
+        rids = tuple(r.rid for r in rows)
+        gated = self.gates and gate.works()
         if (
             m is None
             or self.next_local
-            or st is None
-            or not f.is_decode
-            or len(self.requests) != 1
+            or not all(r.is_decode for r in rows)
+            or set(rids) != set(self.requests)
+            or len(rids) != len(self.requests)
+            or (len(rids) > 1 and not gated)
             or self.backlog
             or self.compute.queued
-            or not ahead.can_build(st.caches)
             or not ahead.placeholders_work()
         ):
             return
-        spec = ahead.input_of(f, m.is_first)
+        caches = self.requests[rids[0]].caches if len(rids) == 1 else self.convoys.merged.get(rids)
+        if caches is None or not ahead.can_build(caches):
+            return
+        spec = ahead.input_of(parts[0], len(rows), m.is_first) if len(parts) == 1 else None
         if spec is None:
             return
-        gated = self.gates and gate.works()
-        slot = ahead.place(f.rid, f.seq + 1, st.caches, *spec, gated=gated)
+        slot = ahead.place([(r.rid, r.seq + 1) for r in rows], caches, *spec, gated=gated)
         if slot.flag is None:
-            self._ahead = ahead.build(m, st.caches, slot)
+            self._ahead = ahead.build(m, caches, slot)
         else:
             # Launching encodes the whole step (milliseconds on CUDA): on the compute thread,
             # so that this one keeps reading frames and can open the gate.
-            task = asyncio.ensure_future(self.compute.run(ahead.build, m, st.caches, slot))
-            self._ahead = ahead.Launch(slot, list(st.caches), task)
+            task = asyncio.ensure_future(self.compute.run(ahead.build, m, caches, slot))
+            self._ahead = ahead.Launch(slot, list(caches), task)
 
     def _finish(
         self, f: Forward, model: ShardModel, st: RequestState, h: mx.array

@@ -11,7 +11,7 @@ import pytest
 
 from mlxring import ahead, gate
 from mlxring.compute import Compute
-from mlxring.messages import End, Forward, Message
+from mlxring.messages import End, Forward, ForwardBatch, Message
 from mlxring.model import load_shard
 from mlxring.shard import ShardActor
 
@@ -94,7 +94,8 @@ async def test_launched_steps_give_what_computing_them_on_arrival_gives(
             await asyncio.sleep(0.3)
         await mid.handle(f)
         if f.is_decode:
-            assert isinstance(mid._ahead, ahead.Launch) and mid._ahead.slot.seq == f.seq + 1
+            assert isinstance(mid._ahead, ahead.Launch)
+            assert mid._ahead.slot.rows == (("r", f.seq + 1),)
     assert len(sent) == len(want)
     for got, exp in zip(sent, want, strict=True):
         assert isinstance(got, Forward) and isinstance(exp, Forward)
@@ -104,3 +105,47 @@ async def test_launched_steps_give_what_computing_them_on_arrival_gives(
 
 async def _nowhere(msg: Message) -> None:
     raise AssertionError("nothing is sent")
+
+
+async def test_a_convoys_launched_passes_give_what_computing_them_on_arrival_gives() -> None:
+    """Two requests travelling as one convoy: a middle shard launches each next pass on their
+    merged caches behind a gate; its outputs equal passes computed on arrival, bit for bit,
+    also after one request ends while a pass is launched (it is cancelled and the merged
+    caches are taken back before the other request goes on alone)."""
+    path = tiny_model("qwen3")
+    first = ShardActor("f", load_shard(path, 0, 1), _nowhere, Compute())
+    sent: list[Message] = []
+
+    async def keep(msg: Message) -> None:
+        sent.append(msg)
+
+    mid = ShardActor("m", load_shard(path, 1, 2), keep, Compute())
+    ref = ShardActor("d", load_shard(path, 1, 2), _nowhere, Compute(), gates=False)
+    want: list[Message | None] = []
+    prompts = {"a": (1, 2, 3, 4, 5), "b": (7, 8, 9)}
+    for rid, tokens in prompts.items():
+        f = first.step(Forward(rid, 0, tokens, False))
+        assert isinstance(f, Forward)
+        want.append(ref.step(f))
+        await mid.handle(f)
+    for k, (ta, tb) in enumerate(((11, 12), (13, 14), (15, 16), (17, 18)), start=1):
+        (fb,) = first.step_batch([Forward("a", k, (ta,), True), Forward("b", k, (tb,), True)])
+        assert isinstance(fb, ForwardBatch)
+        want += ref.step_batch([fb])
+        await mid.handle(fb)
+        assert isinstance(mid._ahead, ahead.Launch)
+        assert mid._ahead.slot.rows == (("a", k + 1), ("b", k + 1))
+    await mid.handle(End("b"))  # a launched pass is cancelled, the convoy's caches taken back
+    sent.pop()
+    ref._forget("b")
+    for k, t in enumerate((19, 20), start=5):
+        f = first.step(Forward("a", k, (t,), True))
+        assert isinstance(f, Forward)
+        want.append(ref.step(f))
+        await mid.handle(f)
+    assert len(sent) == len(want)
+    for got, exp in zip(sent, want, strict=True):
+        assert type(got) is type(exp) and isinstance(got, Forward | ForwardBatch)
+        assert isinstance(exp, Forward | ForwardBatch)
+        assert isinstance(got.h, mx.array) and isinstance(exp.h, mx.array)
+        assert mx.array_equal(got.h, exp.h), got

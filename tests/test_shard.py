@@ -203,7 +203,8 @@ async def test_a_lone_requests_next_decode_step_is_built_before_its_input_arrive
     for f in prompt + decodes:
         await whole.handle(f)
         if f.is_decode:
-            assert isinstance(whole._ahead, ahead.Ahead) and whole._ahead.slot.seq == f.seq + 1
+            assert isinstance(whole._ahead, ahead.Ahead)
+            assert whole._ahead.slot.rows == (("r", f.seq + 1),)
     assert sent == [direct.step(f) for f in prompt + decodes][1:]
 
     # A middle shard, fed the first layer's activations in this process or as wire bytes.
@@ -260,4 +261,4 @@ async def test_a_shard_whose_next_node_is_in_its_process_does_not_build_ahead() 
     await local.handle(Reconfigure(stages=2, next_local=False))
     await local.handle(Forward("s", 0, (5, 6), False))
     await local.handle(Forward("s", 1, (7,), True))
-    assert isinstance(local._ahead, ahead.Ahead) and local._ahead.slot.seq == 2
+    assert isinstance(local._ahead, ahead.Ahead) and local._ahead.slot.rows == (("s", 2),)
