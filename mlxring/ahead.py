@@ -148,7 +148,10 @@ def build(model: ShardModel, caches: Sequence[Any], slot: Slot) -> Ahead:
         inp = inp.view(slot.dtype)
     h = model(inp, updated, defer=True)
     if status is not None:
-        mx.async_eval(h, status)
+        # Arrays belong to the stream of the thread that made them: everything the launch
+        # leaves in the caches (a batch cache's new offsets are not inputs of `h`) is
+        # scheduled with it, so the loop's thread may use them.
+        mx.async_eval(h, status, [c.state for c in updated if isinstance(c, BatchKVCache)])
     return Ahead(slot, updated, h, status)
 
 

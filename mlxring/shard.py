@@ -595,6 +595,10 @@ class ShardActor(Actor[Message | Sweep | Reconfigure]):
         spec = ahead.input_of(parts[0], len(rows), m.is_first) if len(parts) == 1 else None
         if spec is None:
             return
+        if len(rids) > 1:
+            # A pass leaves its merged caches' new offsets unevaluated on this thread's stream;
+            # the launch runs on the compute thread's.
+            mx.eval([c.state for c in caches])
         slot = ahead.place([(r.rid, r.seq + 1) for r in rows], caches, *spec, gated=gated)
         if slot.flag is None:
             self._ahead = ahead.build(m, caches, slot)
