@@ -6,7 +6,8 @@ compute thread (`compute` says why). MLX arrays are bound to the stream of the t
 scheduled them, so a prompt chunk leaves its request's arrays evaluated: the request's next
 step may run on the other thread. A shard's lone request has its next decode step built while
 its token travels the ring (`ahead`), when the shard's output goes to another process: in one
-process the next shard would wait for the build.
+process the next shard would wait for the build. Where gates work, so does a convoy that holds
+every request of the shard.
 """
 
 from __future__ import annotations
