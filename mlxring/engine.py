@@ -117,8 +117,8 @@ class Engine:
             await self._step(
                 Forward(rid, seq, (prompt[-1],), True, params=params if seq == 0 else None)
             )
-            if self.one_convoy:
-                self._out.add(rid)
+            # Not in the convoy yet: the others must not wait for a prompt still prefilling.
+            # Its first token's step waits for them, and from then on they go together.
             n = 0
             while True:
                 msg = await self._next(q, rid)
