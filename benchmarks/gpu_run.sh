@@ -9,14 +9,15 @@
 # 0, 10, 50 ms: how slowly this machine wakes them), wide (one hop of a 2048-token prompt
 # chunk's activations), copy (what crossing between host and device costs one shard:
 # benchmarks/device_copy.py). MPS=1 runs every step under CUDA MPS (with gates, several processes
-# on one GPU need it: see mlxring/gate.py); GATES=off turns gates off. Each writes JSON under $OUT
+# on one GPU need it: see mlxring/gate.py); GATES=off turns gates off; CONVOYS=1 runs all
+# requests as one convoy (for processes sharing the GPU: benchmarks/RESULTS.md). Each writes JSON under $OUT
 # (or /tmp/out).
 set -u
 out=${OUT:-/tmp/out}
 mkdir -p "$out"
 export MLXRING_CACHE=${MLXRING_CACHE:-/tmp/mlxring-cache}
 nvidia-smi -L > "$out/gpus.txt" 2>&1
-bench="python3 -m mlxring bench --preset qwen3-1.7b --nodes ${NODES:-3} --json --gates ${GATES:-on}"
+bench="python3 -m mlxring bench --preset qwen3-1.7b --nodes ${NODES:-3} --json --gates ${GATES:-on} --convoys ${CONVOYS:-auto}"
 mps_start() {
   export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps CUDA_MPS_LOG_DIRECTORY=/tmp/mps-log
   mkdir -p /tmp/mps /tmp/mps-log && nvidia-cuda-mps-control -d
