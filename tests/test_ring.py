@@ -233,6 +233,37 @@ async def test_one_convoy_does_not_wait_for_a_stream_nobody_reads(tmp_path: Path
         assert [first.token, *rest] == want[0]
 
 
+async def test_one_convoy_goes_on_when_a_stream_is_cancelled(tmp_path: Path) -> None:
+    """A client that goes away mid-generation (its task cancelled, as aiohttp does on a
+    disconnect) leaves the convoy: the others neither wait for it nor lose their steps."""
+    import asyncio
+
+    model = tiny_model("qwen3")
+    prompts = [encode(model, f"Cancelled {i} of the one-convoy test.") for i in range(3)]
+    want = [reference(model, p, 24) for p in prompts]
+    cfg = write_config(tmp_path, model, 2, extra_cluster="convoys = 1")
+    async with local_ring(cfg) as rt:
+        assert rt.engine is not None
+        seen: list[int] = []
+
+        async def doomed() -> None:
+            async for g in rt.engine.generate(prompts[0], max_tokens=24):  # type: ignore[union-attr]
+                seen.append(g.token)
+
+        victim = asyncio.create_task(doomed())
+        others = asyncio.gather(*(ring_tokens(rt, p, 24) for p in prompts[1:]))
+        while len(seen) < 5:
+            await asyncio.sleep(0.001)
+        victim.cancel()
+        got = await wait_for(others, 30)
+        assert list(got) == want[1:]
+        assert seen == want[0][: len(seen)]
+        assert not rt.engine._out and not rt.engine._ready  # nobody is waited for any more
+        await asyncio.sleep(0.05)  # End messages travel the ring after the last token
+        for node in rt.nodes.values():
+            assert node.actor.requests == {}, f"{node.name} still holds caches"
+
+
 def test_shards_know_whether_their_output_stays_in_their_process(tmp_path: Path) -> None:
     """n0 and n1 in one process, n2 in another: n0 hands its output to n1 in the same process
     (so it does not build steps ahead), n1 and n2 send theirs across; the ring stays exact."""
