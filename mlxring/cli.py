@@ -12,6 +12,8 @@ import sys
 import threading
 from collections.abc import Sequence
 
+import mlx.core as mx
+
 from mlxring import gate, makemodel
 from mlxring.config import Config, ConfigError, load_config_or_exit
 from mlxring.log import setup_logging
@@ -229,4 +231,6 @@ def _convoys(value: str) -> str:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    raise SystemExit(args.func(args))
+    code = args.func(args)
+    mx.clear_streams()  # this thread's MLX streams, before the interpreter ends (see `compute`)
+    raise SystemExit(code)

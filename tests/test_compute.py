@@ -3,7 +3,9 @@ only while the compute thread has nothing to do, so that the two never compute a
 
 import asyncio
 import threading
+import time
 
+import mlx.core as mx
 import pytest
 
 from mlxring.compute import Compute
@@ -61,3 +63,21 @@ async def test_an_error_reaches_the_caller_and_leaves_the_thread_idle() -> None:
         await compute.run_here(fail)
     assert await compute.run_here(threading.get_ident) == threading.get_ident()
     await compute.shutdown(5)
+
+
+async def test_shutdown_lets_the_running_job_finish_and_drops_the_queued_ones() -> None:
+    compute = Compute()
+    ran: list[str] = []
+
+    def job(name: str, seconds: float) -> None:
+        time.sleep(seconds)
+        mx.eval(mx.arange(4) + 1)  # MLX on the compute thread, whose streams shutdown frees
+        ran.append(name)
+
+    running = asyncio.ensure_future(compute.run(job, "running", 0.3))
+    queued = asyncio.ensure_future(compute.run(job, "queued", 0))
+    await asyncio.sleep(0.1)
+    await compute.shutdown(5)
+    assert await running is None and ran == ["running"]
+    with pytest.raises(asyncio.CancelledError):
+        await queued
