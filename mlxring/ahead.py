@@ -32,7 +32,7 @@ import numpy as np
 from mlx_lm.models.cache import BatchKVCache, KVCache
 
 from mlxring import gate, wire
-from mlxring.messages import Forward, ForwardBatch, Tensor
+from mlxring.messages import Forward, ForwardBatch, Tensor, rows_of
 from mlxring.model import ShardModel
 
 
@@ -179,7 +179,7 @@ def fill(slot: Slot, parts: Sequence[Forward | ForwardBatch], first: bool) -> bo
     not fit (then drop it)."""
     view = slot.host
     if first:
-        tokens = [t for p in parts for r in _rows_of(p) for t in r.tokens]
+        tokens = [t for r in rows_of(parts) for t in r.tokens]
         if view.size != len(tokens):
             return False
         view.reshape(-1)[:] = tokens
@@ -197,7 +197,3 @@ def fill(slot: Slot, parts: Sequence[Forward | ForwardBatch], first: bool) -> bo
     bits = h.view(slot.buf.dtype) if h.dtype != slot.buf.dtype else h
     view[...] = np.array(bits, copy=False)
     return True
-
-
-def _rows_of(p: Forward | ForwardBatch) -> tuple[Forward, ...]:
-    return p.rows if isinstance(p, ForwardBatch) else (p,)

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import mlx.core as mx
@@ -105,6 +106,11 @@ class ForwardBatch:
 
     rows: tuple[Forward, ...]
     h: mx.array | Tensor | None = None
+
+
+def rows_of(parts: Sequence[Forward | ForwardBatch]) -> list[Forward]:
+    """The request steps of a pass made of single steps and batches, in order."""
+    return [r for p in parts for r in (p.rows if isinstance(p, ForwardBatch) else (p,))]
 
 
 @dataclass(frozen=True)

@@ -43,6 +43,7 @@ from mlxring.messages import (
     SamplingParams,
     Tensor,
     Token,
+    rows_of,
 )
 from mlxring.model import ShardModel
 
@@ -454,7 +455,7 @@ class ShardActor(Actor[Message | Sweep | Reconfigure]):
             raise BatchError(tuple(r.rid for r in rows), f"{type(e).__name__}: {e}") from e
 
     def _batch_rows(self, parts: list[Forward | ForwardBatch]) -> list[Forward]:
-        rows = [r for p in parts for r in (p.rows if isinstance(p, ForwardBatch) else (p,))]
+        rows = rows_of(parts)
         rids = tuple(r.rid for r in rows)
         self.batches += 1
         self.batched_rows += len(rows)
@@ -542,7 +543,7 @@ class ShardActor(Actor[Message | Sweep | Reconfigure]):
     def _fill(self, slot: ahead.Slot, parts: list[Forward | ForwardBatch]) -> bool:
         """Write the input of `parts` into `slot` if they are the steps it was built for."""
         m = self.model
-        rows = [r for p in parts for r in (p.rows if isinstance(p, ForwardBatch) else (p,))]
+        rows = rows_of(parts)
         return (
             m is not None
             and tuple((r.rid, r.seq) for r in rows) == slot.rows
@@ -575,7 +576,7 @@ class ShardActor(Actor[Message | Sweep | Reconfigure]):
         behind a gate only, as shadows would copy every cache), only while the output is on
         its way to another process, and only where MLX lets the placeholder's bytes through."""
         m = self.model
-        rows = [r for p in parts for r in (p.rows if isinstance(p, ForwardBatch) else (p,))]
+        rows = rows_of(parts)
         rids = tuple(r.rid for r in rows)
         gated = self.gates and gate.works()
         if (
