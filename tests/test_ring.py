@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlx.core as mx
@@ -159,6 +160,33 @@ async def test_concurrent_requests_do_not_mix_caches(tmp_path: Path) -> None:
         assert all(node.actor.batches > 0 for node in rt.nodes.values())
 
 
+@dataclass(frozen=True)
+class HeadCounts:
+    busy_poll: bool
+    stages: int
+    batches: int
+    batched_rows: int
+
+
+def _streams_through_three_processes(
+    tmp_path: Path, model: Path, prompts: list[list[int]], extra_cluster: str
+) -> tuple[list[list[int]], HeadCounts]:
+    """24 greedy tokens of every prompt at once, the head (n0) here and n1, n2 as processes;
+    with what the head's process and shard counted."""
+    import asyncio
+
+    cfg_path = write_config(tmp_path, model, 3, extra_cluster=extra_cluster)
+
+    async def run() -> tuple[list[list[int]], HeadCounts]:
+        async with local_ring(cfg_path, ["n0"]) as rt:
+            got = await asyncio.gather(*(ring_tokens(rt, p, 24) for p in prompts))
+            a = rt.nodes["n0"].actor
+            return list(got), HeadCounts(rt.busy_poll, a.stages, a.batches, a.batched_rows)
+
+    with process_ring(cfg_path, ["n1", "n2"], tmp_path):
+        return asyncio.run(run())
+
+
 @pytest.mark.parametrize("busy_poll", [False, True])
 def test_concurrent_requests_split_into_one_convoy_per_process(
     tmp_path: Path, busy_poll: bool
@@ -166,24 +194,13 @@ def test_concurrent_requests_split_into_one_convoy_per_process(
     """Three processes compute at once: 8 streams travel as convoys of at most ceil(8/3) rows,
     so each stage has a convoy to run, and every stream stays exact, with the processes' loops
     polling or sleeping between frames."""
-    import asyncio
-
     model = tiny_model("qwen3")
-    poll = f"busy_poll = {str(busy_poll).lower()}"
-    cfg_path = write_config(tmp_path, model, 3, extra_cluster=poll)
     prompts = [encode(model, f"Stream {i} of the convoy test.") for i in range(8)]
-    want = [reference(model, p, 24) for p in prompts]
-
-    async def run() -> tuple[list[list[int]], int, int, int]:
-        async with local_ring(cfg_path, ["n0"]) as rt:
-            assert rt.busy_poll is busy_poll
-            got = await asyncio.gather(*(ring_tokens(rt, p, 24) for p in prompts))
-            a = rt.nodes["n0"].actor
-            return list(got), a.stages, a.batches, a.batched_rows
-
-    with process_ring(cfg_path, ["n1", "n2"], tmp_path):
-        got, stages, batches, rows = asyncio.run(run())
-    assert got == want
+    poll = f"busy_poll = {str(busy_poll).lower()}"
+    got, head = _streams_through_three_processes(tmp_path, model, prompts, poll)
+    assert got == [reference(model, p, 24) for p in prompts]
+    assert head.busy_poll is busy_poll
+    stages, batches, rows = head.stages, head.batches, head.batched_rows
     assert stages == 3
     assert batches > 0 and rows / batches <= 3, (batches, rows)
 
@@ -192,22 +209,11 @@ def test_one_convoy_carries_every_stream_in_one_pass(tmp_path: Path) -> None:
     """`convoys = 1` (processes that share one accelerator): the head sends the decode steps of
     all streams together, so the three processes run one wide pass at a time, not ceil(8/3)
     rows each; every stream stays exact."""
-    import asyncio
-
     model = tiny_model("qwen3")
-    cfg_path = write_config(tmp_path, model, 3, extra_cluster="convoys = 1")
     prompts = [encode(model, f"Stream {i} of the one-convoy test." * (1 + i % 3)) for i in range(8)]
-    want = [reference(model, p, 24) for p in prompts]
-
-    async def run() -> tuple[list[list[int]], int, int, int]:
-        async with local_ring(cfg_path, ["n0"]) as rt:
-            got = await asyncio.gather(*(ring_tokens(rt, p, 24) for p in prompts))
-            a = rt.nodes["n0"].actor
-            return list(got), a.stages, a.batches, a.batched_rows
-
-    with process_ring(cfg_path, ["n1", "n2"], tmp_path):
-        got, stages, batches, rows = asyncio.run(run())
-    assert got == want
+    got, head = _streams_through_three_processes(tmp_path, model, prompts, "convoys = 1")
+    assert got == [reference(model, p, 24) for p in prompts]
+    stages, batches, rows = head.stages, head.batches, head.batched_rows
     assert stages == 1
     # Prompts of three lengths finish prefilling apart; after that, all eight go together
     # (23 decode passes of 8 rows here), where one convoy per process carries at most 3.
