@@ -596,10 +596,13 @@ class ShardActor(Actor[Message | Sweep | Reconfigure]):
         caches = self.requests[rids[0]].caches if len(rids) == 1 else self.convoys.merged.get(rids)
         if caches is None or not ahead.can_build(caches):
             return
-        # One message brings the input (a convoy's activations come as one ForwardBatch). On
-        # the first shard a convoy's tokens come one message per request: launching there
-        # would work the same way but has not been measured on a GPU yet.
-        spec = ahead.input_of(parts[0], len(rows), m.is_first) if len(parts) == 1 else None
+        # A convoy's activations come as one ForwardBatch; on the first shard its tokens come
+        # one message per request, gathered into one pass as they are here.
+        spec = (
+            ahead.input_of(parts[0], len(rows), m.is_first)
+            if len(parts) == 1 or m.is_first
+            else None
+        )
         if spec is None:
             return
         if len(rids) > 1:

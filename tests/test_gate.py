@@ -149,3 +149,48 @@ async def test_a_convoys_launched_passes_give_what_computing_them_on_arrival_giv
         assert isinstance(exp, Forward | ForwardBatch)
         assert isinstance(got.h, mx.array) and isinstance(exp.h, mx.array)
         assert mx.array_equal(got.h, exp.h), got
+
+
+async def test_the_first_shard_launches_a_convoys_next_pass_from_its_tokens() -> None:
+    """On the first shard a convoy's tokens come one message per request: gathered into one
+    pass, they fill the pass launched behind a gate, and its outputs equal passes computed on
+    arrival, bit for bit. Steps that come in another order than the launched pass's rows do
+    not fill it: it is dropped and the pass computed on arrival."""
+    path = tiny_model("qwen3")
+    sent: list[Message] = []
+
+    async def keep(msg: Message) -> None:
+        sent.append(msg)
+
+    first = ShardActor("f", load_shard(path, 0, 1), keep, Compute())
+    ref = ShardActor("d", load_shard(path, 0, 1), _nowhere, Compute(), gates=False)
+    want: list[Message | None] = []
+    for rid, tokens in {"a": (1, 2, 3, 4, 5), "b": (7, 8, 9)}.items():
+        want.append(ref.step(Forward(rid, 0, tokens, False)))
+        await first.handle(Forward(rid, 0, tokens, False))
+    for k, (ta, tb) in enumerate(((11, 12), (13, 14), (15, 16), (17, 18)), start=1):
+        fa, fb = Forward("a", k, (ta,), True), Forward("b", k, (tb,), True)
+        want += ref.step_batch([fa, fb])
+        if k == 3:  # b's token first: not the launched pass's order
+            first.send(fa)
+            await first.handle(fb)
+        else:
+            first.send(fb)
+            await first.handle(fa)
+        assert not first.backlog
+        assert isinstance(first._ahead, ahead.Launch)
+        launched = first._ahead.slot.rows
+        assert sorted(launched) == [("a", k + 1), ("b", k + 1)]
+    assert len(sent) == len(want)
+    for got, exp in zip(sent, want, strict=True):
+        assert type(got) is type(exp) and isinstance(got, Forward | ForwardBatch)
+        assert isinstance(exp, Forward | ForwardBatch)
+        assert isinstance(got.h, mx.array) and isinstance(exp.h, mx.array)
+        if isinstance(got, ForwardBatch):
+            assert isinstance(exp, ForwardBatch)
+            order = [r.rid for r in exp.rows]
+            rows = {r.rid: i for i, r in enumerate(got.rows)}
+            got_h = got.h[mx.array([rows[rid] for rid in order])]
+            assert mx.array_equal(got_h, exp.h), got
+        else:
+            assert mx.array_equal(got.h, exp.h), got
