@@ -445,10 +445,7 @@ class ShardActor(Actor[Message | Sweep | Reconfigure]):
         """A convoy's pass launched ahead (on its merged caches), its input in place."""
         model = self.model
         assert model is not None and built.status is not None
-        mx.eval(built.h, built.status)
-        if built.status.item() != gate.OPEN:
-            self.log.warning("gate_gave_up", rids=[r for r, _ in built.slot.rows])
-            ahead.take_back(built.caches, built.slot)
+        if self._gave_up(built):
             return self.step_batch(parts)
         rows = self._batch_rows(parts)
         try:
@@ -530,17 +527,24 @@ class ShardActor(Actor[Message | Sweep | Reconfigure]):
         """A decode step whose graph was built ahead and whose input is in place."""
         model, st = self.model, self.requests[f.rid]
         assert model is not None
-        if built.status is not None:
-            mx.eval(built.h, built.status)
-            if built.status.item() != gate.OPEN:
-                # The gate gave up before the input came (the ring stalled): what the step
-                # computed is noise, written past the offsets that are now taken back.
-                self.log.warning("gate_gave_up", rid=f.rid, seq=f.seq)
-                ahead.take_back(built.caches, built.slot)
-                return self.step(f)
+        if self._gave_up(built):
+            return self.step(f)
         st.last_used = time.monotonic()
         st.caches = built.caches
         return self._finish(f, model, st, built.h)
+
+    def _gave_up(self, built: ahead.Ahead) -> bool:
+        """Whether the gate of a launched step gave up before its input came (the ring
+        stalled): what the step computed is noise, written past the offsets that are now taken
+        back. A step built but not launched has no gate."""
+        if built.status is None:
+            return False
+        mx.eval(built.h, built.status)
+        if built.status.item() == gate.OPEN:
+            return False
+        self.log.warning("gate_gave_up", rows=list(built.slot.rows))
+        ahead.take_back(built.caches, built.slot)
+        return True
 
     def _fill(self, slot: ahead.Slot, parts: list[Forward | ForwardBatch]) -> bool:
         """Write the input of `parts` into `slot` if they are the steps it was built for."""

@@ -313,6 +313,9 @@ def to_array(t: Tensor) -> mx.array:
     return arr.view(mx_dtype) if arr.dtype != mx_dtype else arr
 
 
+_NPY_MAGIC = b"\x93NUMPY\x01\x00"
+
+
 def load_array(t: Tensor) -> mx.array:
     """The tensor read by mx.load as an npy stream (as the wire's dtype, bf16 as uint16)."""
     descr = np.dtype(DTYPES[t.dtype][1]).newbyteorder("<").str
@@ -321,9 +324,6 @@ def load_array(t: Tensor) -> mx.array:
     header = fields + " " * pad + "\n"
     stream = _JoinedReader(_NPY_MAGIC + struct.pack("<H", len(header)) + header.encode(), t.data)
     return cast(mx.array, mx.load(cast(Any, stream), format="npy"))
-
-
-_NPY_MAGIC = b"\x93NUMPY\x01\x00"
 
 
 class _JoinedReader:
