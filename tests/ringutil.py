@@ -100,7 +100,7 @@ def write_config(
 
 
 @functools.lru_cache(maxsize=64)
-def _loaded(model: Path) -> tuple[nn.Module, TokenizerWrapper]:
+def loaded(model: Path) -> tuple[nn.Module, TokenizerWrapper]:
     m, tok = mlx_lm.load(str(model))[:2]
     return m, tok
 
@@ -110,7 +110,7 @@ def reference(
 ) -> list[int]:
     """The oracle: mlx-lm's own greedy generation with the whole model in this process, up to
     (not including) EOS, as mlx_lm.generate does."""
-    m, tok = _loaded(model)
+    m, tok = loaded(model)
     eos = tok.eos_token_ids
     out = []
     for token, _ in generate_step(
@@ -126,7 +126,7 @@ def reference(
 
 
 def encode(model: Path, text: str) -> list[int]:
-    _, tok = _loaded(model)
+    _, tok = loaded(model)
     return list(tok.encode(text))
 
 
@@ -259,12 +259,12 @@ async def serve_api(rt: Runtime) -> AsyncIterator[str]:
 
 def chat_ids(model: Path, messages: list[dict[str, str]]) -> list[int]:
     """The oracle's chat prompt: mlx-lm's tokenizer applying the model's chat template."""
-    _, tok = _loaded(model)
+    _, tok = loaded(model)
     return list(tok.apply_chat_template(messages, add_generation_prompt=True))
 
 
 def decode(model: Path, ids: Sequence[int]) -> str:
-    _, tok = _loaded(model)
+    _, tok = loaded(model)
     return str(tok.decode(list(ids)))
 
 

@@ -423,9 +423,9 @@ def test_stop_strings_never_leak_and_cut_at_the_first(text: str, stops: list[str
 @settings(max_examples=200, deadline=None)
 @given(ids=st.lists(st.integers(0, 511), max_size=30), ctx=st.lists(st.integers(3, 96)))
 def test_incremental_decoder_equals_decoding_at_once(ids: list[int], ctx: list[int]) -> None:
-    from .ringutil import _loaded
+    from .ringutil import loaded
 
-    _, tok = _loaded(MODEL)
+    _, tok = loaded(MODEL)
 
     def dec(x: list[int]) -> str:
         return str(tok.decode(x))  # type: ignore[attr-defined]

@@ -2,14 +2,18 @@
 no ring)."""
 
 import asyncio
+import itertools
+from typing import cast
+
+import pytest
 
 from mlxring import ahead
 from mlxring.compute import Compute
-from mlxring.messages import End, Forward, Message, SamplingParams, Token
+from mlxring.messages import End, Forward, ForwardBatch, Message, SamplingParams, Token
 from mlxring.model import load_shard
 from mlxring.shard import Reconfigure, ShardActor, make_request_state
 
-from .ringutil import tiny_model
+from .ringutil import encode, loaded, tiny_model
 
 
 async def _nowhere(msg: Message) -> None:
@@ -292,3 +296,67 @@ async def test_freed_buffers_stay_cached_between_requests_and_go_back_when_idle(
     await actor.handle(Sweep(0.0))
     assert mx.get_cache_memory() == 0
     assert [type(m) for m in sent] == [Forward, Forward, End, End]
+
+
+@pytest.mark.parametrize("split", [None, 1])
+def test_batched_passes_compute_what_mlx_lms_batch_generator_computes(split: int | None) -> None:
+    """The oracle for a batched pass is mlx-lm's own batched generation on the same batch,
+    where a batched kernel may round differently from a lone row's (a GPU's; on the CPU both
+    equal lone generation too, which tests/test_ring checks through the ring). Eight prompts
+    of 15-17 tokens are prefilled one at a time, then their last tokens and the decode steps
+    run as one batch (left-padded caches): the shard's passes, whole or split in two, give
+    mlx-lm's BatchGenerator's tokens, step for step."""
+    import mlx.core as mx
+    from mlx_lm.generate import BatchGenerator
+    from mlx_lm.models.cache import make_prompt_cache
+
+    path = tiny_model("qwen3")
+    m, _ = loaded(path)
+    # The prompts of test_ring's concurrent tests: on CUDA the third row's greedy token at step
+    # 17 differs between a batch of eight and a lone row, in mlx-lm as in the ring.
+    words = ["tea", "ring", "bytes", "Macs", "cables", "layers", "caches", "tokens"]
+    prompts = [encode(path, f"Request number {i} asks about {w}.") for i, w in enumerate(words)]
+    steps = 24
+
+    caches = []
+    for p in prompts:  # as mlx-lm's generate_step prefills: all but the last token
+        c = make_prompt_cache(m)
+        m(mx.array(p[:-1])[None], cache=c)
+        mx.eval([x.state for x in c])
+        caches.append(c)
+    gen = BatchGenerator(m, max_tokens=steps)
+    uids = gen.insert([p[-1:] for p in prompts], caches=caches)
+    want: dict[int, list[int]] = {u: [] for u in uids}
+    while any(len(v) < steps for v in want.values()):
+        for r in gen.next_generated():
+            want[r.uid].append(r.token)
+    gen.close()
+
+    n = load_shard(path, 0, 1).n_layers
+    bounds = [0, n] if split is None else [0, split, n]
+    shards = [
+        ShardActor(f"n{i}", load_shard(path, a, b), _nowhere, Compute(), gates=False)
+        for i, (a, b) in enumerate(itertools.pairwise(bounds))
+    ]
+    rids = [f"r{i}" for i in range(len(prompts))]
+    for rid, p in zip(rids, prompts, strict=True):
+        msg: Message | None = Forward(rid, 0, tuple(p[:-1]), False)
+        for s in shards:
+            assert isinstance(msg, Forward)
+            msg = s.step(msg)
+        assert msg is None  # a prompt chunk leaves the last shard nothing to send
+    got: list[list[int]] = [[] for _ in rids]
+    last = [p[-1] for p in prompts]
+    for i in range(steps):
+        parts: list[Message] = [
+            Forward(rid, 1 + i, (t,), True) for rid, t in zip(rids, last, strict=True)
+        ]
+        for s in shards:
+            assert all(isinstance(p, Forward | ForwardBatch) for p in parts)
+            parts = s.step_batch(cast(list[Forward | ForwardBatch], parts))
+        assert all(isinstance(t, Token) for t in parts)
+        last = [cast(Token, t).token for t in parts]
+        for row, t in zip(got, last, strict=True):
+            row.append(t)
+    assert got == [want[u] for u in uids]
+    assert all(s.batches == steps for s in shards)
