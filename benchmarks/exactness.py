@@ -1,7 +1,11 @@
 """Check on this machine (Mac, CUDA or CPU) that the ring's greedy output equals mlx-lm's.
 
 In-process rings of 1-4 nodes over several tiny models, then concurrent requests that the
-shards batch; prints one line per case and exits non-zero on any difference. Needs no pytest.
+shards batch; prints one line per case and exits non-zero on any difference. Where concurrent
+requests differ from lone generation, it also runs mlx-lm's own batched generation
+(BatchGenerator) on the same prompts: where that differs from lone generation too, at the same
+rows, the device's batched kernels round differently from lone rows (seen on CUDA). Needs no
+pytest.
 
     python benchmarks/exactness.py
 """
@@ -15,13 +19,25 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.ringutil import encode, local_ring, reference, ring_tokens, tiny_model, write_config  # noqa: E402
+from tests.ringutil import (  # noqa: E402
+    batch_reference,
+    encode,
+    local_ring,
+    reference,
+    ring_tokens,
+    tiny_model,
+    write_config,
+)
 
 PROMPTS = ["The ring carries activations.", "Batches of requests share a pass.", "x", "Macs!"]
+# test_ring's concurrent prompts: a batch of eight, where CUDA's batched kernels round
+# differently from lone rows.
+WORDS = ["tea", "ring", "bytes", "Macs", "cables", "layers", "caches", "tokens"]
+CONCURRENT = [f"Request number {i} asks about {w}." for i, w in enumerate(WORDS)]
 
 
 async def case(model: Path, n_nodes: int, concurrent: bool) -> bool:
-    prompts = [encode(model, p) for p in (PROMPTS if concurrent else PROMPTS[:1])]
+    prompts = [encode(model, p) for p in (CONCURRENT if concurrent else PROMPTS[:1])]
     want = [reference(model, p, 48) for p in prompts]
     with tempfile.TemporaryDirectory() as d:
         async with local_ring(write_config(Path(d), model, n_nodes)) as rt:
@@ -31,12 +47,27 @@ async def case(model: Path, n_nodes: int, concurrent: bool) -> bool:
     kind = f"{len(prompts)} concurrent ({batches} batched passes)" if concurrent else "1 stream"
     print(f"{'exact' if ok else 'DIFFERENT':>9}  {model.name:<28} {n_nodes} nodes  {kind}")
     if not ok:
-        for g, w in zip(got, want, strict=True):
+        for row, (g, w) in enumerate(zip(got, want, strict=True)):
             if g != w:
-                pairs = enumerate(zip(g, w, strict=False))
-                i = next((i for i, (a, b) in pairs if a != b), min(len(g), len(w)))
-                print(f"  first difference at token {i}: ring {g[i:][:4]}, mlx-lm {w[i:][:4]}")
+                i = first_difference(g, w)
+                print(
+                    f"  row {row} first differs at token {i}: ring {g[i:][:4]}, mlx-lm {w[i:][:4]}"
+                )
+        if concurrent:
+            batched = batch_reference(model, prompts, 48)
+            rows = [
+                f"row {row} at token {first_difference(b[: len(w)], w)}"
+                for row, (b, w) in enumerate(zip(batched, want, strict=True))
+                if b[: len(w)] != w
+            ]
+            print(f"  mlx-lm's batched generation against its lone: {', '.join(rows) or 'equal'}")
     return ok
+
+
+def first_difference(a: list[int], b: list[int]) -> int:
+    return next(
+        (i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b))
+    )
 
 
 async def main() -> int:

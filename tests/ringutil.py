@@ -18,7 +18,8 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 import mlx_lm
-from mlx_lm.generate import generate_step
+from mlx_lm.generate import BatchGenerator, generate_step
+from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from mlxring.bench import free_ports
@@ -123,6 +124,27 @@ def reference(
             break
         out.append(int(token))
     return out
+
+
+def batch_reference(model: Path, prompts: Sequence[Sequence[int]], steps: int) -> list[list[int]]:
+    """The oracle for batched decoding: mlx-lm's own BatchGenerator, greedy, every prompt
+    prefilled alone as generate_step does (all but its last token), then the last tokens and
+    `steps` - 1 decode steps as one batch. No stop tokens: every row gets `steps` tokens."""
+    m, _ = loaded(model)
+    caches = []
+    for p in prompts:
+        c = make_prompt_cache(m)
+        m(mx.array(list(p[:-1]))[None], cache=c)
+        mx.eval([x.state for x in c])
+        caches.append(c)
+    gen = BatchGenerator(m, max_tokens=steps)
+    uids = gen.insert([list(p[-1:]) for p in prompts], caches=caches)
+    got: dict[int, list[int]] = {u: [] for u in uids}
+    while any(len(v) < steps for v in got.values()):
+        for r in gen.next_generated():
+            got[r.uid].append(r.token)
+    gen.close()
+    return [got[u] for u in uids]
 
 
 def encode(model: Path, text: str) -> list[int]:

@@ -13,7 +13,7 @@ from mlxring.messages import End, Forward, ForwardBatch, Message, SamplingParams
 from mlxring.model import load_shard
 from mlxring.shard import Reconfigure, ShardActor, make_request_state
 
-from .ringutil import encode, loaded, tiny_model
+from .ringutil import batch_reference, encode, tiny_model
 
 
 async def _nowhere(msg: Message) -> None:
@@ -306,31 +306,13 @@ def test_batched_passes_compute_what_mlx_lms_batch_generator_computes(split: int
     of 15-17 tokens are prefilled one at a time, then their last tokens and the decode steps
     run as one batch (left-padded caches): the shard's passes, whole or split in two, give
     mlx-lm's BatchGenerator's tokens, step for step."""
-    import mlx.core as mx
-    from mlx_lm.generate import BatchGenerator
-    from mlx_lm.models.cache import make_prompt_cache
-
     path = tiny_model("qwen3")
-    m, _ = loaded(path)
     # The prompts of test_ring's concurrent tests: on CUDA the third row's greedy token at step
     # 17 differs between a batch of eight and a lone row, in mlx-lm as in the ring.
     words = ["tea", "ring", "bytes", "Macs", "cables", "layers", "caches", "tokens"]
     prompts = [encode(path, f"Request number {i} asks about {w}.") for i, w in enumerate(words)]
     steps = 24
-
-    caches = []
-    for p in prompts:  # as mlx-lm's generate_step prefills: all but the last token
-        c = make_prompt_cache(m)
-        m(mx.array(p[:-1])[None], cache=c)
-        mx.eval([x.state for x in c])
-        caches.append(c)
-    gen = BatchGenerator(m, max_tokens=steps)
-    uids = gen.insert([p[-1:] for p in prompts], caches=caches)
-    want: dict[int, list[int]] = {u: [] for u in uids}
-    while any(len(v) < steps for v in want.values()):
-        for r in gen.next_generated():
-            want[r.uid].append(r.token)
-    gen.close()
+    want = batch_reference(path, prompts, steps)
 
     n = load_shard(path, 0, 1).n_layers
     bounds = [0, n] if split is None else [0, split, n]
@@ -358,5 +340,5 @@ def test_batched_passes_compute_what_mlx_lms_batch_generator_computes(split: int
         last = [cast(Token, t).token for t in parts]
         for row, t in zip(got, last, strict=True):
             row.append(t)
-    assert got == [want[u] for u in uids]
+    assert got == want
     assert all(s.batches == steps for s in shards)
