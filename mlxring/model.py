@@ -160,6 +160,36 @@ class ShardModel:
                 mx.async_eval(h)
         return h
 
+    def warm_up(self) -> None:
+        """Run once, on throwaway caches, the kinds of pass a ring makes: a short prompt chunk,
+        a decode step, a decode pass of two rows, and greedy sampling on the last shard. MLX
+        builds some kernels on first use; on CUDA a quantized model's took 40-130 s on an H200.
+        Built while the shard loads (on the compute thread), they do not hold up a request's
+        first steps, which run on the event loop's thread with every frame and heartbeat."""
+        inner = self._model.model
+        tokens = mx.zeros((1, 1), dtype=mx.int32)
+        width = inner.embed_tokens(tokens)  # lazy: only its shape and dtype are read
+
+        def x(rows: int, n: int) -> mx.array:
+            if self.embed is not None:
+                return mx.zeros((rows, n), dtype=mx.int32)
+            return mx.zeros((rows, n, width.shape[-1]), dtype=width.dtype)
+
+        rows = [self.make_cache() for _ in range(2)]
+        outs = []
+        for caches in rows:
+            outs.append(self(x(1, 4), caches))
+            outs.append(self(x(1, 1), caches))
+        if all(hasattr(c, "merge") for c in rows[0]):
+            merged = [a.merge([a, b]) for a, b in zip(*rows, strict=True)]
+            outs.append(self(x(2, 1), merged))
+        if self.is_last:
+            logits = [self.logits(h) for h in outs[-2:]]
+            outs += [
+                mx.argmax(g - mx.logsumexp(g, axis=-1, keepdims=True), axis=-1) for g in logits
+            ]
+        mx.eval(outs)
+
     def logits(self, h: mx.array) -> mx.array:
         """Logits of the last position, [B, vocab] (the last shard only)."""
         assert self.norm is not None and self.head is not None

@@ -542,6 +542,7 @@ class Runtime:
                 )
                 t0 = time.perf_counter()
                 shard = await self.compute.run(load_shard, path, *rng)
+                await self.compute.run(shard.warm_up)
                 if self.gates:
                     # Compiles the gate kernel now, not on a first decode step (about 1.5 s).
                     await self.compute.run(gate.works)

@@ -1,8 +1,8 @@
 """The shard actor: runs its layer range for every request step, keeps per-request KV caches,
 and on the last shard samples the next token (mlx-lm samplers and logits processors).
 
-Decode steps and short prompts run on the event loop's thread, long prompt chunks on the
-compute thread (`compute` says why). MLX arrays are bound to the stream of the thread that
+Decode steps run on the event loop's thread, prompt chunks on the compute thread (`compute`
+says why). MLX arrays are bound to the stream of the thread that
 scheduled them, so a prompt chunk leaves its request's arrays evaluated: the request's next
 step may run on the other thread. A shard's lone request has its next decode step built while
 its token travels the ring (`ahead`), when the shard's output goes to another process: in one
@@ -49,9 +49,6 @@ from mlxring.model import ShardModel
 
 Send = Callable[[Message], Awaitable[None]]
 T = TypeVar("T")
-# Steps of up to this many tokens (decode steps, short prompts) run on the loop's thread: they
-# cost about as much as a decode step. Longer prompt chunks run on the compute thread.
-SHORT_CHUNK_TOKENS = 32
 
 
 def _rows(msg: Forward | ForwardBatch) -> int:
@@ -303,8 +300,10 @@ class ShardActor(Actor[Message | Sweep | Reconfigure]):
                 step = functools.partial(self.step_built, built=built)
                 outs = [await self.compute.run_here(self._timed, step, msg)]
             else:
-                short = len(msg.tokens) <= SHORT_CHUNK_TOKENS
-                run = self.compute.run_here if short else self.compute.run
+                # A prompt chunk of a new length may make MLX build kernels first: on CUDA, 15
+                # s for a quantized model's 16-token chunk after warm_up's 4-token one. Off the
+                # loop, frames and heartbeats go on meanwhile.
+                run = self.compute.run_here if msg.is_decode else self.compute.run
                 outs = [await run(self._timed, self.step, msg)]
         elif built is not None:
             step_batch = functools.partial(self.step_batch_built, built=built)
