@@ -12,7 +12,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 
 import mlx.core as mx
@@ -25,6 +25,7 @@ from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlxring.bench import free_ports
 from mlxring.config import Config, load_config
 from mlxring.makemodel import make_model
+from mlxring.messages import Message
 from mlxring.node import Runtime
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -145,6 +146,21 @@ def batch_reference(model: Path, prompts: Sequence[Sequence[int]], steps: int) -
             got[r.uid].append(r.token)
     gen.close()
     return [got[u] for u in uids]
+
+
+def recorder() -> tuple[list[Message], Callable[[Message], Awaitable[None]]]:
+    """A shard actor's send function that keeps what it is given, and the list it keeps."""
+    sent: list[Message] = []
+
+    async def keep(msg: Message) -> None:
+        sent.append(msg)
+
+    return sent, keep
+
+
+async def nowhere(msg: Message) -> None:
+    """A shard actor's send function for tests where it must send nothing."""
+    raise AssertionError(f"nothing is to be sent here, got {type(msg).__name__}")
 
 
 def encode(model: Path, text: str) -> list[int]:

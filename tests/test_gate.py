@@ -15,7 +15,7 @@ from mlxring.messages import End, Forward, ForwardBatch, Message
 from mlxring.model import load_shard
 from mlxring.shard import ShardActor
 
-from .ringutil import tiny_model
+from .ringutil import nowhere, recorder, tiny_model
 
 pytestmark = pytest.mark.skipif(not gate.works(), reason="gates need MLX's CUDA backend")
 
@@ -69,15 +69,12 @@ async def test_launched_steps_give_what_computing_them_on_arrival_gives(
     path = tiny_model("qwen3")
     prompt = Forward("r", 0, tuple(range(1, 9)), False)
     decodes = [Forward("r", 1 + i, (t,), True) for i, t in enumerate((9, 4, 17, 2, 30, 8))]
-    first = ShardActor("f", load_shard(path, 0, 1), _nowhere, Compute())
+    first = ShardActor("f", load_shard(path, 0, 1), nowhere, Compute())
     steps = [first.step(f) for f in [prompt, *decodes]]
-    sent: list[Message] = []
-
-    async def keep(msg: Message) -> None:
-        sent.append(msg)
+    sent, keep = recorder()
 
     mid = ShardActor("m", load_shard(path, 1, 2), keep, Compute())
-    ref = ShardActor("d", load_shard(path, 1, 2), _nowhere, Compute())
+    ref = ShardActor("d", load_shard(path, 1, 2), nowhere, Compute())
     want = []
     for i, f in enumerate(steps):
         assert isinstance(f, Forward)
@@ -103,24 +100,17 @@ async def test_launched_steps_give_what_computing_them_on_arrival_gives(
         assert mx.array_equal(got.h, exp.h), got.seq
 
 
-async def _nowhere(msg: Message) -> None:
-    raise AssertionError("nothing is sent")
-
-
 async def test_a_convoys_launched_passes_give_what_computing_them_on_arrival_gives() -> None:
     """Two requests travelling as one convoy: a middle shard launches each next pass on their
     merged caches behind a gate; its outputs equal passes computed on arrival, bit for bit,
     also after one request ends while a pass is launched (it is cancelled and the merged
     caches are taken back before the other request goes on alone)."""
     path = tiny_model("qwen3")
-    first = ShardActor("f", load_shard(path, 0, 1), _nowhere, Compute())
-    sent: list[Message] = []
-
-    async def keep(msg: Message) -> None:
-        sent.append(msg)
+    first = ShardActor("f", load_shard(path, 0, 1), nowhere, Compute())
+    sent, keep = recorder()
 
     mid = ShardActor("m", load_shard(path, 1, 2), keep, Compute())
-    ref = ShardActor("d", load_shard(path, 1, 2), _nowhere, Compute(), gates=False)
+    ref = ShardActor("d", load_shard(path, 1, 2), nowhere, Compute(), gates=False)
     want: list[Message | None] = []
     prompts = {"a": (1, 2, 3, 4, 5), "b": (7, 8, 9)}
     for rid, tokens in prompts.items():
@@ -157,13 +147,10 @@ async def test_the_first_shard_launches_a_convoys_next_pass_from_its_tokens() ->
     arrival, bit for bit. Steps that come in another order than the launched pass's rows do
     not fill it: it is dropped and the pass computed on arrival."""
     path = tiny_model("qwen3")
-    sent: list[Message] = []
-
-    async def keep(msg: Message) -> None:
-        sent.append(msg)
+    sent, keep = recorder()
 
     first = ShardActor("f", load_shard(path, 0, 1), keep, Compute())
-    ref = ShardActor("d", load_shard(path, 0, 1), _nowhere, Compute(), gates=False)
+    ref = ShardActor("d", load_shard(path, 0, 1), nowhere, Compute(), gates=False)
     want: list[Message | None] = []
     for rid, tokens in {"a": (1, 2, 3, 4, 5), "b": (7, 8, 9)}.items():
         want.append(ref.step(Forward(rid, 0, tokens, False)))

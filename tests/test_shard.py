@@ -13,16 +13,12 @@ from mlxring.messages import End, Forward, ForwardBatch, Message, SamplingParams
 from mlxring.model import load_shard
 from mlxring.shard import Reconfigure, ShardActor, make_request_state
 
-from .ringutil import batch_reference, encode, tiny_model
-
-
-async def _nowhere(msg: Message) -> None:
-    raise AssertionError("nothing is sent in these tests")
+from .ringutil import batch_reference, encode, nowhere, recorder, tiny_model
 
 
 def shard_with_requests(*rids: str) -> ShardActor:
     model = load_shard(tiny_model("qwen3"), 0, 3)
-    actor = ShardActor("n0", model, _nowhere, Compute())
+    actor = ShardActor("n0", model, nowhere, Compute())
     for rid in rids:
         actor.requests[rid] = make_request_state(model, None, 0.0)
     return actor
@@ -77,7 +73,7 @@ def test_convoys_taking_turns_keep_their_merged_caches() -> None:
     """Two convoys alternating on a shard (one per stage, or requests that started apart) each
     reuse their merged caches; merging anew every step copied every cache (c16 fell 2x)."""
     model = load_shard(tiny_model("qwen3"), 0, 3)
-    actor = ShardActor("n0", model, _nowhere, Compute())
+    actor = ShardActor("n0", model, nowhere, Compute())
     for rid in "abcd":
         actor.step(Forward(rid, 0, (1, 2, 3), True))  # a 3-token prompt
     actor.step_batch([decode("a", 1), decode("b", 1)])
@@ -94,10 +90,7 @@ def test_convoys_taking_turns_keep_their_merged_caches() -> None:
     assert [c.offset for c in actor.requests["b"].caches] == [5] * 3
     assert list(actor.convoys.merged) == [("c", "d")]
 
-    sent: list[Message] = []
-
-    async def keep(msg: Message) -> None:
-        sent.append(msg)
+    sent, keep = recorder()
 
     actor.send_next = keep
     asyncio.run(actor.handle(End("c")))
@@ -115,10 +108,7 @@ async def test_decode_steps_run_on_the_loop_thread_and_prompt_chunks_off_it() ->
     bound to the thread that scheduled them)."""
     import mlx.core as mx
 
-    sent: list[Message] = []
-
-    async def keep(msg: Message) -> None:
-        sent.append(msg)
+    sent, keep = recorder()
 
     model = load_shard(tiny_model("qwen3"), 0, 3)
     actor = ShardActor("n0", model, keep, Compute())
@@ -171,15 +161,12 @@ async def test_a_sampled_request_crosses_from_the_compute_thread_to_the_loop_cle
         Forward("r", 1, tuple(range(41, 81)), False),
     ]
     steps += [Forward("r", 2 + i, (t,), True) for i, t in enumerate((81, 5, 9, 11))]
-    sent: list[Message] = []
-
-    async def keep(msg: Message) -> None:
-        sent.append(msg)
+    sent, keep = recorder()
 
     actor = ShardActor("n0", load_shard(path, 0, n_layers), keep, Compute())
     for f in steps:
         await actor.handle(f)
-    direct = ShardActor("n1", load_shard(path, 0, n_layers), _nowhere, Compute())
+    direct = ShardActor("n1", load_shard(path, 0, n_layers), nowhere, Compute())
     want = [direct.step(f) for f in steps][2:]
     assert all(isinstance(t, Token) for t in sent) and len(sent) == 4
     assert sent == want
@@ -205,13 +192,10 @@ async def test_a_lone_requests_next_decode_step_is_built_before_its_input_arrive
     prompt = [Forward("r", 0, tuple(range(1, 9)), False, params=params)]
     decodes = [Forward("r", 1 + i, (t,), True) for i, t in enumerate((9, 4, 17, 2, 30))]
 
-    sent: list[Message] = []
-
-    async def keep(msg: Message) -> None:
-        sent.append(msg)
+    sent, keep = recorder()
 
     whole = ShardActor("a", load_shard(path, 0, n_layers), keep, Compute(), gates=False)
-    direct = ShardActor("b", load_shard(path, 0, n_layers), _nowhere, Compute())
+    direct = ShardActor("b", load_shard(path, 0, n_layers), nowhere, Compute())
     for f in prompt + decodes:
         await whole.handle(f)
         if f.is_decode:
@@ -220,12 +204,12 @@ async def test_a_lone_requests_next_decode_step_is_built_before_its_input_arrive
     assert sent == [direct.step(f) for f in prompt + decodes][1:]
 
     # A middle shard, fed the first layer's activations in this process or as wire bytes.
-    first = ShardActor("f", load_shard(path, 0, 1), _nowhere, Compute())
+    first = ShardActor("f", load_shard(path, 0, 1), nowhere, Compute())
     steps = [first.step(f) for f in prompt + decodes]
     for wired in (False, True):
         sent.clear()
         mid = ShardActor("m", load_shard(path, 1, 2), keep, Compute(), gates=False)
-        ref = ShardActor("d", load_shard(path, 1, 2), _nowhere, Compute())
+        ref = ShardActor("d", load_shard(path, 1, 2), nowhere, Compute())
         want = []
         for i, f in enumerate(steps):
             assert isinstance(f, Forward)
@@ -251,14 +235,11 @@ async def test_a_shard_whose_next_node_is_in_its_process_does_not_build_ahead() 
     steps = [Forward("r", 0, (1, 2, 3), False)] + [
         Forward("r", 1 + i, (t,), True) for i, t in enumerate((9, 4, 17))
     ]
-    sent: list[Message] = []
-
-    async def keep(msg: Message) -> None:
-        sent.append(msg)
+    sent, keep = recorder()
 
     local = ShardActor("a", load_shard(path, 0, 1), keep, Compute(), gates=False)
     await local.handle(Reconfigure(stages=2, next_local=True))
-    direct = ShardActor("b", load_shard(path, 0, 1), _nowhere, Compute())
+    direct = ShardActor("b", load_shard(path, 0, 1), nowhere, Compute())
     for f in steps:
         await local.handle(f)
         assert local._ahead is None
@@ -284,10 +265,7 @@ async def test_freed_buffers_stay_cached_between_requests_and_go_back_when_idle(
 
     from mlxring.shard import Sweep
 
-    sent: list[Message] = []
-
-    async def keep(msg: Message) -> None:
-        sent.append(msg)
+    sent, keep = recorder()
 
     model = load_shard(tiny_model("qwen3"), 0, 2)
     actor = ShardActor("n0", model, keep, Compute())
@@ -325,7 +303,7 @@ def test_batched_passes_compute_what_mlx_lms_batch_generator_computes(split: int
     n = load_shard(path, 0, 1).n_layers
     bounds = [0, n] if split is None else [0, split, n]
     shards = [
-        ShardActor(f"n{i}", load_shard(path, a, b), _nowhere, Compute(), gates=False)
+        ShardActor(f"n{i}", load_shard(path, a, b), nowhere, Compute(), gates=False)
         for i, (a, b) in enumerate(itertools.pairwise(bounds))
     ]
     rids = [f"r{i}" for i in range(len(prompts))]
@@ -374,7 +352,7 @@ def test_a_warmed_up_shard_computes_what_a_fresh_one_does(
             model = load_shard(path, a, b)
             if warm:
                 model.warm_up()
-            shards.append(ShardActor(f"n{i}", model, _nowhere, Compute(), gates=False))
+            shards.append(ShardActor(f"n{i}", model, nowhere, Compute(), gates=False))
         outs: list[Message | None] = []
         for f in steps:
             msg: Message | None = f
