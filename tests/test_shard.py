@@ -129,8 +129,11 @@ async def test_decode_steps_run_on_the_loop_thread_and_prompt_chunks_off_it() ->
     before = turns
     await actor.handle(Forward("a", 1, (7,), True))
     during_decode = turns - before
+    # A short chunk, to a shard with nothing else under way (no step built ahead to land,
+    # no compute queued): only a hand-off to the compute thread lets the loop turn.
+    fresh = ShardActor("n1", model, keep, Compute(), gates=False)
     before = turns
-    await actor.handle(Forward("s", 0, (3, 4), False))
+    await fresh.handle(Forward("s", 0, (3, 4), False))
     during_short = turns - before
     ticker.cancel()
     assert during_chunk > 5 and during_short > 0 and during_decode == 0, (
