@@ -23,6 +23,7 @@ from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from mlxring.bench import free_ports
+from mlxring.compute import Compute
 from mlxring.config import Config, load_config
 from mlxring.makemodel import make_model
 from mlxring.messages import Message
@@ -146,6 +147,23 @@ def batch_reference(model: Path, prompts: Sequence[Sequence[int]], steps: int) -
             got[r.uid].append(r.token)
     gen.close()
     return [got[u] for u in uids]
+
+
+_computes: list[Compute] = []
+
+
+def compute() -> Compute:
+    """A compute thread for a shard actor made in a test. After the test, `end_computes` ends
+    it as a node does, freeing its MLX streams: on CUDA a thread that ends without that may
+    abort the process (see mlxring/compute.py)."""
+    c = Compute()
+    _computes.append(c)
+    return c
+
+
+def end_computes() -> None:
+    while _computes:
+        asyncio.run(_computes.pop().shutdown(10))
 
 
 def recorder() -> tuple[list[Message], Callable[[Message], Awaitable[None]]]:

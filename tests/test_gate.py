@@ -10,12 +10,11 @@ import numpy as np
 import pytest
 
 from mlxring import ahead, gate
-from mlxring.compute import Compute
 from mlxring.messages import End, Forward, ForwardBatch, Message
 from mlxring.model import load_shard
 from mlxring.shard import ShardActor
 
-from .ringutil import nowhere, recorder, tiny_model
+from .ringutil import compute, nowhere, recorder, tiny_model
 
 pytestmark = pytest.mark.skipif(not gate.works(), reason="gates need MLX's CUDA backend")
 
@@ -69,12 +68,12 @@ async def test_launched_steps_give_what_computing_them_on_arrival_gives(
     path = tiny_model("qwen3")
     prompt = Forward("r", 0, tuple(range(1, 9)), False)
     decodes = [Forward("r", 1 + i, (t,), True) for i, t in enumerate((9, 4, 17, 2, 30, 8))]
-    first = ShardActor("f", load_shard(path, 0, 1), nowhere, Compute())
+    first = ShardActor("f", load_shard(path, 0, 1), nowhere, compute())
     steps = [first.step(f) for f in [prompt, *decodes]]
     sent, keep = recorder()
 
-    mid = ShardActor("m", load_shard(path, 1, 2), keep, Compute())
-    ref = ShardActor("d", load_shard(path, 1, 2), nowhere, Compute())
+    mid = ShardActor("m", load_shard(path, 1, 2), keep, compute())
+    ref = ShardActor("d", load_shard(path, 1, 2), nowhere, compute())
     want = []
     for i, f in enumerate(steps):
         assert isinstance(f, Forward)
@@ -106,11 +105,11 @@ async def test_a_convoys_launched_passes_give_what_computing_them_on_arrival_giv
     also after one request ends while a pass is launched (it is cancelled and the merged
     caches are taken back before the other request goes on alone)."""
     path = tiny_model("qwen3")
-    first = ShardActor("f", load_shard(path, 0, 1), nowhere, Compute())
+    first = ShardActor("f", load_shard(path, 0, 1), nowhere, compute())
     sent, keep = recorder()
 
-    mid = ShardActor("m", load_shard(path, 1, 2), keep, Compute())
-    ref = ShardActor("d", load_shard(path, 1, 2), nowhere, Compute(), gates=False)
+    mid = ShardActor("m", load_shard(path, 1, 2), keep, compute())
+    ref = ShardActor("d", load_shard(path, 1, 2), nowhere, compute(), gates=False)
     want: list[Message | None] = []
     prompts = {"a": (1, 2, 3, 4, 5), "b": (7, 8, 9)}
     for rid, tokens in prompts.items():
@@ -149,8 +148,8 @@ async def test_the_first_shard_launches_a_convoys_next_pass_from_its_tokens() ->
     path = tiny_model("qwen3")
     sent, keep = recorder()
 
-    first = ShardActor("f", load_shard(path, 0, 1), keep, Compute())
-    ref = ShardActor("d", load_shard(path, 0, 1), nowhere, Compute(), gates=False)
+    first = ShardActor("f", load_shard(path, 0, 1), keep, compute())
+    ref = ShardActor("d", load_shard(path, 0, 1), nowhere, compute(), gates=False)
     want: list[Message | None] = []
     for rid, tokens in {"a": (1, 2, 3, 4, 5), "b": (7, 8, 9)}.items():
         want.append(ref.step(Forward(rid, 0, tokens, False)))

@@ -8,17 +8,16 @@ from typing import cast
 import pytest
 
 from mlxring import ahead
-from mlxring.compute import Compute
 from mlxring.messages import End, Forward, ForwardBatch, Message, SamplingParams, Token
 from mlxring.model import load_shard
 from mlxring.shard import Reconfigure, ShardActor, make_request_state
 
-from .ringutil import batch_reference, encode, nowhere, recorder, tiny_model
+from .ringutil import batch_reference, compute, encode, nowhere, recorder, tiny_model
 
 
 def shard_with_requests(*rids: str) -> ShardActor:
     model = load_shard(tiny_model("qwen3"), 0, 3)
-    actor = ShardActor("n0", model, nowhere, Compute())
+    actor = ShardActor("n0", model, nowhere, compute())
     for rid in rids:
         actor.requests[rid] = make_request_state(model, None, 0.0)
     return actor
@@ -73,7 +72,7 @@ def test_convoys_taking_turns_keep_their_merged_caches() -> None:
     """Two convoys alternating on a shard (one per stage, or requests that started apart) each
     reuse their merged caches; merging anew every step copied every cache (c16 fell 2x)."""
     model = load_shard(tiny_model("qwen3"), 0, 3)
-    actor = ShardActor("n0", model, nowhere, Compute())
+    actor = ShardActor("n0", model, nowhere, compute())
     for rid in "abcd":
         actor.step(Forward(rid, 0, (1, 2, 3), True))  # a 3-token prompt
     actor.step_batch([decode("a", 1), decode("b", 1)])
@@ -111,7 +110,7 @@ async def test_decode_steps_run_on_the_loop_thread_and_prompt_chunks_off_it() ->
     sent, keep = recorder()
 
     model = load_shard(tiny_model("qwen3"), 0, 3)
-    actor = ShardActor("n0", model, keep, Compute())
+    actor = ShardActor("n0", model, keep, compute())
     turns = 0
 
     async def tick() -> None:
@@ -131,7 +130,7 @@ async def test_decode_steps_run_on_the_loop_thread_and_prompt_chunks_off_it() ->
     during_decode = turns - before
     # A short chunk, to a shard with nothing else under way (no step built ahead to land,
     # no compute queued): only a hand-off to the compute thread lets the loop turn.
-    fresh = ShardActor("n1", model, keep, Compute(), gates=False)
+    fresh = ShardActor("n1", model, keep, compute(), gates=False)
     before = turns
     await fresh.handle(Forward("s", 0, (3, 4), False))
     during_short = turns - before
@@ -166,10 +165,10 @@ async def test_a_sampled_request_crosses_from_the_compute_thread_to_the_loop_cle
     steps += [Forward("r", 2 + i, (t,), True) for i, t in enumerate((81, 5, 9, 11))]
     sent, keep = recorder()
 
-    actor = ShardActor("n0", load_shard(path, 0, n_layers), keep, Compute())
+    actor = ShardActor("n0", load_shard(path, 0, n_layers), keep, compute())
     for f in steps:
         await actor.handle(f)
-    direct = ShardActor("n1", load_shard(path, 0, n_layers), nowhere, Compute())
+    direct = ShardActor("n1", load_shard(path, 0, n_layers), nowhere, compute())
     want = [direct.step(f) for f in steps][2:]
     assert all(isinstance(t, Token) for t in sent) and len(sent) == 4
     assert sent == want
@@ -197,8 +196,8 @@ async def test_a_lone_requests_next_decode_step_is_built_before_its_input_arrive
 
     sent, keep = recorder()
 
-    whole = ShardActor("a", load_shard(path, 0, n_layers), keep, Compute(), gates=False)
-    direct = ShardActor("b", load_shard(path, 0, n_layers), nowhere, Compute())
+    whole = ShardActor("a", load_shard(path, 0, n_layers), keep, compute(), gates=False)
+    direct = ShardActor("b", load_shard(path, 0, n_layers), nowhere, compute())
     for f in prompt + decodes:
         await whole.handle(f)
         if f.is_decode:
@@ -207,12 +206,12 @@ async def test_a_lone_requests_next_decode_step_is_built_before_its_input_arrive
     assert sent == [direct.step(f) for f in prompt + decodes][1:]
 
     # A middle shard, fed the first layer's activations in this process or as wire bytes.
-    first = ShardActor("f", load_shard(path, 0, 1), nowhere, Compute())
+    first = ShardActor("f", load_shard(path, 0, 1), nowhere, compute())
     steps = [first.step(f) for f in prompt + decodes]
     for wired in (False, True):
         sent.clear()
-        mid = ShardActor("m", load_shard(path, 1, 2), keep, Compute(), gates=False)
-        ref = ShardActor("d", load_shard(path, 1, 2), nowhere, Compute())
+        mid = ShardActor("m", load_shard(path, 1, 2), keep, compute(), gates=False)
+        ref = ShardActor("d", load_shard(path, 1, 2), nowhere, compute())
         want = []
         for i, f in enumerate(steps):
             assert isinstance(f, Forward)
@@ -240,9 +239,9 @@ async def test_a_shard_whose_next_node_is_in_its_process_does_not_build_ahead() 
     ]
     sent, keep = recorder()
 
-    local = ShardActor("a", load_shard(path, 0, 1), keep, Compute(), gates=False)
+    local = ShardActor("a", load_shard(path, 0, 1), keep, compute(), gates=False)
     await local.handle(Reconfigure(stages=2, next_local=True))
-    direct = ShardActor("b", load_shard(path, 0, 1), nowhere, Compute())
+    direct = ShardActor("b", load_shard(path, 0, 1), nowhere, compute())
     for f in steps:
         await local.handle(f)
         assert local._ahead is None
@@ -271,7 +270,7 @@ async def test_freed_buffers_stay_cached_between_requests_and_go_back_when_idle(
     sent, keep = recorder()
 
     model = load_shard(tiny_model("qwen3"), 0, 2)
-    actor = ShardActor("n0", model, keep, Compute())
+    actor = ShardActor("n0", model, keep, compute())
     mx.clear_cache()
     await actor.handle(Forward("a", 0, tuple(range(1, 200)), False))
     await actor.handle(Forward("b", 0, tuple(range(1, 9)), False))
@@ -306,7 +305,7 @@ def test_batched_passes_compute_what_mlx_lms_batch_generator_computes(split: int
     n = load_shard(path, 0, 1).n_layers
     bounds = [0, n] if split is None else [0, split, n]
     shards = [
-        ShardActor(f"n{i}", load_shard(path, a, b), nowhere, Compute(), gates=False)
+        ShardActor(f"n{i}", load_shard(path, a, b), nowhere, compute(), gates=False)
         for i, (a, b) in enumerate(itertools.pairwise(bounds))
     ]
     rids = [f"r{i}" for i in range(len(prompts))]
@@ -355,7 +354,7 @@ def test_a_warmed_up_shard_computes_what_a_fresh_one_does(
             model = load_shard(path, a, b)
             if warm:
                 model.warm_up()
-            shards.append(ShardActor(f"n{i}", model, nowhere, Compute(), gates=False))
+            shards.append(ShardActor(f"n{i}", model, nowhere, compute(), gates=False))
         outs: list[Message | None] = []
         for f in steps:
             msg: Message | None = f
