@@ -1,4 +1,4 @@
-"""Where a process's MLX work runs: long work (loading a shard, a long prompt chunk) on one
+"""Where a process's MLX work runs: long work (loading a shard, a prompt chunk) on one
 compute thread, so that the event loop keeps moving frames and heartbeats meanwhile; short work
 (a decode step) on the loop's own thread, which saves two thread hand-offs a step, each a
 wake-up that costs as much as a network hop.
