@@ -2,9 +2,9 @@
 and on the last shard samples the next token (mlx-lm samplers and logits processors).
 
 Decode steps run on the event loop's thread, prompt chunks on the compute thread (`compute`
-says why). MLX arrays are bound to the stream of the thread that
-scheduled them, so a prompt chunk leaves its request's arrays evaluated: the request's next
-step may run on the other thread. A shard's lone request has its next decode step built while
+says why). MLX arrays are bound to the stream of the thread that scheduled them, so a prompt
+chunk leaves its request's arrays evaluated: the request's next step may run on the other
+thread. A shard's lone request has its next decode step built while
 its token travels the ring (`ahead`), when the shard's output goes to another process: in one
 process the next shard would wait for the build. Where gates work, so does a convoy that holds
 every request of the shard.
@@ -300,8 +300,8 @@ class ShardActor(Actor[Message | Sweep | Reconfigure]):
                 step = functools.partial(self.step_built, built=built)
                 outs = [await self.compute.run_here(self._timed, step, msg)]
             else:
-                # A prompt chunk of a new length may make MLX build kernels first: on CUDA, 15
-                # s for a quantized model's 16-token chunk after warm_up's 4-token one. Off the
+                # A prompt chunk of a new length may make MLX build kernels first (on CUDA, 19 s
+                # for a quantized model's 16-token chunk after warm_up's 4-token one): off the
                 # loop, frames and heartbeats go on meanwhile.
                 run = self.compute.run_here if msg.is_decode else self.compute.run
                 outs = [await run(self._timed, self.step, msg)]
