@@ -20,6 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tests.ringutil import (  # noqa: E402
+    CONCURRENT_TEXTS,
     batch_reference,
     encode,
     local_ring,
@@ -30,14 +31,10 @@ from tests.ringutil import (  # noqa: E402
 )
 
 PROMPTS = ["The ring carries activations.", "Batches of requests share a pass.", "x", "Macs!"]
-# test_ring's concurrent prompts: a batch of eight, where CUDA's batched kernels round
-# differently from lone rows.
-WORDS = ["tea", "ring", "bytes", "Macs", "cables", "layers", "caches", "tokens"]
-CONCURRENT = [f"Request number {i} asks about {w}." for i, w in enumerate(WORDS)]
 
 
 async def case(model: Path, n_nodes: int, concurrent: bool) -> bool:
-    prompts = [encode(model, p) for p in (CONCURRENT if concurrent else PROMPTS[:1])]
+    prompts = [encode(model, p) for p in (CONCURRENT_TEXTS if concurrent else PROMPTS[:1])]
     want = [reference(model, p, 48) for p in prompts]
     with tempfile.TemporaryDirectory() as d:
         async with local_ring(write_config(Path(d), model, n_nodes)) as rt:

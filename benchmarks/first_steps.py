@@ -12,23 +12,25 @@ how long, and the longest shard steps (seconds, node, rows, step):
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from mlxring import shard  # noqa: E402
-from mlxring.config import load_config  # noqa: E402
 from mlxring.messages import rows_of  # noqa: E402
-from mlxring.node import Runtime  # noqa: E402
-from tests.ringutil import encode, ring_tokens, tiny_model, write_config  # noqa: E402
+from tests.ringutil import (  # noqa: E402
+    CONCURRENT_TEXTS,
+    encode,
+    local_ring,
+    ring_tokens,
+    tiny_model,
+    write_config,
+)
 
-WORDS = ["tea", "ring", "bytes", "Macs", "cables", "layers", "caches", "tokens"]
 steps: list[tuple[float, str, int, str]] = []  # (seconds, node, rows, step) of each shard step
 
 
@@ -48,28 +50,14 @@ def record_steps() -> None:
     shard.ShardActor._timed = traced  # type: ignore[method-assign]
 
 
-@contextlib.asynccontextmanager
-async def ring(config: Path) -> AsyncIterator[Runtime]:
-    cfg = load_config(config)
-    rt = Runtime(cfg, cfg.names)
-    t0 = time.perf_counter()
-    try:
-        await rt.start()
-        if not await rt.wait_ready(900):
-            raise RuntimeError("the ring did not form within 900 s")
-        print(f"  ring ready in {time.perf_counter() - t0:.1f} s", flush=True)
-        yield rt
-    finally:
-        await rt.stop()
-
-
 async def case(model: Path, n: int) -> bool:
     steps.clear()
-    prompts = [encode(model, f"Request number {i} asks about {w}.") for i, w in enumerate(WORDS)]
+    prompts = [encode(model, t) for t in CONCURRENT_TEXTS]
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as d:
         try:
-            async with ring(write_config(Path(d), model, 3)) as rt:
+            async with local_ring(write_config(Path(d), model, 3), ready_s=900) as rt:
+                print(f"  ring ready in {time.perf_counter() - t0:.1f} s", flush=True)
                 await asyncio.gather(*(ring_tokens(rt, p, 24) for p in prompts[:n]))
             result = "finished"
         except Exception as e:  # noqa: BLE001 - reported, then the next case

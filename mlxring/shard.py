@@ -4,10 +4,9 @@ and on the last shard samples the next token (mlx-lm samplers and logits process
 Decode steps run on the event loop's thread, prompt chunks on the compute thread (`compute`
 says why). MLX arrays are bound to the stream of the thread that scheduled them, so a prompt
 chunk leaves its request's arrays evaluated: the request's next step may run on the other
-thread. A shard's lone request has its next decode step built while
-its token travels the ring (`ahead`), when the shard's output goes to another process: in one
-process the next shard would wait for the build. Where gates work, so does a convoy that holds
-every request of the shard.
+thread. A shard's lone request has its next decode step built while its token travels the ring
+(`ahead`), when the shard's output goes to another process: in one process the next shard would
+wait for the build. Where gates work, so does a convoy that holds every request of the shard.
 """
 
 from __future__ import annotations

@@ -181,6 +181,14 @@ async def nowhere(msg: Message) -> None:
     raise AssertionError(f"nothing is to be sent here, got {type(msg).__name__}")
 
 
+# Eight concurrent requests' prompts (test_ring, test_shard, benchmarks): on CUDA a batch of
+# them rounds differently from lone rows at row 2, token 17 (qwen3 tiny), in mlx-lm as in the ring.
+CONCURRENT_TEXTS = [
+    f"Request number {i} asks about {w}."
+    for i, w in enumerate(["tea", "ring", "bytes", "Macs", "cables", "layers", "caches", "tokens"])
+]
+
+
 def encode(model: Path, text: str) -> list[int]:
     _, tok = loaded(model)
     return list(tok.encode(text))
@@ -199,15 +207,16 @@ async def ring_tokens(rt: Runtime, prompt: Sequence[int], max_tokens: int = 64) 
 
 @contextlib.asynccontextmanager
 async def local_ring(
-    config: Config | Path, names: Sequence[str] | None = None
+    config: Config | Path, names: Sequence[str] | None = None, ready_s: float = 30
 ) -> AsyncIterator[Runtime]:
-    """A ring whose nodes (all, or `names`) run in this process; the head is ready on entry."""
+    """A ring whose nodes (all, or `names`) run in this process; the head is ready on entry
+    (within `ready_s`)."""
     cfg = config if isinstance(config, Config) else load_config(config)
     rt = Runtime(cfg, names or cfg.names)
     try:
         await rt.start()
         if rt.engine is not None:
-            assert await rt.wait_ready(30), rt.monitor.view if rt.monitor else None
+            assert await rt.wait_ready(ready_s), rt.monitor.view if rt.monitor else None
         yield rt
     finally:
         await rt.stop()

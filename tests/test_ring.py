@@ -13,6 +13,7 @@ from mlxring.model import load_shard, model_info
 from mlxring.source import tensor_sizes
 
 from .ringutil import (
+    CONCURRENT_TEXTS,
     encode,
     local_ring,
     process_ring,
@@ -143,12 +144,7 @@ async def test_concurrent_requests_do_not_mix_caches(tmp_path: Path) -> None:
     import asyncio
 
     model = tiny_model("qwen3")
-    prompts = [
-        encode(model, f"Request number {i} asks about {w}.")
-        for i, w in enumerate(
-            ["tea", "ring", "bytes", "Macs", "cables", "layers", "caches", "tokens"]
-        )
-    ]
+    prompts = [encode(model, t) for t in CONCURRENT_TEXTS]
     want = [reference(model, p, 24) for p in prompts]
     async with local_ring(write_config(tmp_path, model, 3)) as rt:
         got = await asyncio.gather(*(ring_tokens(rt, p, 24) for p in prompts))

@@ -12,7 +12,15 @@ from mlxring.messages import End, Forward, ForwardBatch, Message, SamplingParams
 from mlxring.model import load_shard
 from mlxring.shard import Reconfigure, ShardActor, make_request_state
 
-from .ringutil import batch_reference, compute, encode, nowhere, recorder, tiny_model
+from .ringutil import (
+    CONCURRENT_TEXTS,
+    batch_reference,
+    compute,
+    encode,
+    nowhere,
+    recorder,
+    tiny_model,
+)
 
 
 def shard_with_requests(*rids: str) -> ShardActor:
@@ -295,10 +303,7 @@ def test_batched_passes_compute_what_mlx_lms_batch_generator_computes(split: int
     run as one batch (left-padded caches): the shard's passes, whole or split in two, give
     mlx-lm's BatchGenerator's tokens, step for step."""
     path = tiny_model("qwen3")
-    # The prompts of test_ring's concurrent tests: on CUDA the third row's greedy token at step
-    # 17 differs between a batch of eight and a lone row, in mlx-lm as in the ring.
-    words = ["tea", "ring", "bytes", "Macs", "cables", "layers", "caches", "tokens"]
-    prompts = [encode(path, f"Request number {i} asks about {w}.") for i, w in enumerate(words)]
+    prompts = [encode(path, t) for t in CONCURRENT_TEXTS]
     steps = 24
     want = batch_reference(path, prompts, steps)
 
