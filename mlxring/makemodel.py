@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
-import importlib
 import io
 import json
 import math
@@ -32,12 +31,13 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
-from mlx_lm.utils import quantize_model, save_config, save_model
+from mlx_lm.utils import _get_classes, quantize_model, save_config, save_model
+
+from mlxring.families import MADE, Family, Shape
 
 __all__ = [
     "FAMILIES",
     "PRESETS",
-    "Family",
     "Preset",
     "add_arguments",
     "make_model",
@@ -65,24 +65,8 @@ CHAT_TEMPLATE = (
 )
 
 
-@dataclass(frozen=True)
-class Family:
-    """How one mlx-lm model family spells its config."""
-
-    model_type: str
-    architecture: str
-    module: str  # the mlx_lm.models module that implements it
-    tie: bool  # default tie_word_embeddings when the preset leaves it open
-    has_head_dim: bool  # qwen2 derives head_dim from hidden_size / heads instead
-
-
-FAMILIES: dict[str, Family] = {
-    "qwen3": Family("qwen3", "Qwen3ForCausalLM", "qwen3", tie=True, has_head_dim=True),
-    "qwen2": Family("qwen2", "Qwen2ForCausalLM", "qwen2", tie=True, has_head_dim=False),
-    "llama": Family("llama", "LlamaForCausalLM", "llama", tie=False, has_head_dim=True),
-    # mlx-lm maps model_type "mistral" onto its llama implementation.
-    "mistral": Family("mistral", "MistralForCausalLM", "llama", tie=False, has_head_dim=True),
-}
+#: make-model's families: every family the ring runs (mlxring.families), by name.
+FAMILIES = MADE
 
 
 @dataclass(frozen=True)
@@ -208,21 +192,17 @@ def _tokenizer_config(max_length: int) -> dict[str, Any]:
 
 
 def _model_config(
-    family: Family, preset: Preset, layers: int, tie: bool, vocab: int, eos_id: int
+    name: str, family: Family, preset: Preset, layers: int, tie: bool, vocab: int, eos_id: int
 ) -> dict[str, Any]:
     p = preset
-    if not family.has_head_dim and p.head_dim * p.num_attention_heads != p.hidden_size:
-        raise ValueError(
-            f"family {family.model_type!r} needs head_dim * heads == hidden_size "
-            f"({p.head_dim} * {p.num_attention_heads} != {p.hidden_size})"
-        )
-    config: dict[str, Any] = {
+    base: dict[str, Any] = {
         "architectures": [family.architecture],
-        "model_type": family.model_type,
+        "model_type": family.model_types[0] if family.model_types else name,
         "hidden_size": p.hidden_size,
         "num_hidden_layers": layers,
         "num_attention_heads": p.num_attention_heads,
         "num_key_value_heads": p.num_key_value_heads,
+        "head_dim": p.head_dim,
         "intermediate_size": p.intermediate_size,
         "vocab_size": vocab,
         "max_position_embeddings": p.max_position_embeddings,
@@ -231,26 +211,31 @@ def _model_config(
         "rms_norm_eps": p.rms_norm_eps,
         "tie_word_embeddings": tie,
         "hidden_act": "silu",
-        "torch_dtype": "bfloat16",
+        "torch_dtype": "float32" if family.moe else "bfloat16",
         "bos_token_id": None,
         "eos_token_id": eos_id,
     }
-    if family.has_head_dim:
-        config["head_dim"] = p.head_dim
-    if family.model_type in ("llama", "mistral"):
-        config["attention_bias"] = False
-        config["mlp_bias"] = False
-    return config
+    shape = Shape(
+        hidden_size=p.hidden_size,
+        num_attention_heads=p.num_attention_heads,
+        num_key_value_heads=p.num_key_value_heads,
+        head_dim=p.head_dim,
+        intermediate_size=p.intermediate_size,
+    )
+    return family.config(base, shape)
 
 
-def _build_module(config: dict[str, Any], family: Family) -> nn.Module:
-    arch = importlib.import_module(f"mlx_lm.models.{family.module}")
-    module: nn.Module = arch.Model(arch.ModelArgs.from_dict(config))
+def _build_module(config: dict[str, Any]) -> nn.Module:
+    model_class, args_class = _get_classes(config)
+    module: nn.Module = model_class(args_class.from_dict(config))
     return module
 
 
-def _normal(rng: np.random.Generator, shape: tuple[int, ...], std: float) -> mx.array:
-    """N(0, std) as bf16, drawn in row blocks so a 150k x 2k embedding never exists as f32."""
+def _normal(
+    rng: np.random.Generator, shape: tuple[int, ...], std: float, dtype: mx.Dtype
+) -> mx.array:
+    """N(0, std) in `dtype` (bf16, or f32 for MoE), drawn in row blocks so that a 150k x 2k
+    bf16 embedding never exists as f32."""
     rows = shape[0] if shape else 1
     row_size = math.prod(shape[1:])
     block = max(1, (1 << 24) // max(1, row_size))
@@ -259,7 +244,7 @@ def _normal(rng: np.random.Generator, shape: tuple[int, ...], std: float) -> mx.
         n = min(block, rows - start)
         draw = rng.standard_normal((n, *shape[1:]), dtype=np.float32)
         draw *= np.float32(std)
-        part = mx.array(draw).astype(mx.bfloat16)
+        part = mx.array(draw).astype(dtype)
         mx.eval(part)  # drop the f32 copy now rather than at save time
         parts.append(part)
     out = parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=0)
@@ -267,34 +252,43 @@ def _normal(rng: np.random.Generator, shape: tuple[int, ...], std: float) -> mx.
 
 
 def _init_tensor(
-    name: str, shape: tuple[int, ...], seed: int, scale: float, n_special: int, n_tokens: int
+    name: str,
+    fresh: mx.array,
+    seed: int,
+    scale: float,
+    n_special: int,
+    n_tokens: int,
+    dtype: mx.Dtype,
 ) -> mx.array:
     """One parameter, from its own stream so names, not visiting order, fix the values.
 
     Matrices are N(0, scale / sqrt(fan_in)): with scale > 1 each block writes more into the
     residual stream than the embedding holds, so the output depends on the whole context
     instead of echoing the last token (at scale <= 1 a tied model just repeats its input).
-    Layer norm scales are ones, as in a fresh mlx-lm model.
+    Layer norm scales are ones, and other vectors that a fresh mlx-lm model holds constant
+    (Gemma 4's layer scalars, expert-score biases) keep that value.
     """
+    shape = tuple(fresh.shape)
     if name.endswith(("q_norm.weight", "k_norm.weight")):
         # qwen3 normalises q and k per head, which would cap attention logits near 1 and blur
         # attention into an average; a gain of `scale` makes it as sharp as in qwen2/llama.
-        return mx.full(shape, scale, dtype=mx.bfloat16)
+        return mx.full(shape, scale, dtype=dtype)
     if name.endswith("norm.weight"):
-        return mx.ones(shape, dtype=mx.bfloat16)
+        return mx.ones(shape, dtype=dtype)
     rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
     if name.endswith(".bias"):
-        return _normal(rng, shape, 0.1 * scale)
-    if name.endswith(("embed_tokens.weight", "lm_head.weight")):
-        w = _normal(rng, shape, 1.0)
-    else:
-        return _normal(rng, shape, scale / math.sqrt(shape[-1]))
+        return _normal(rng, shape, 0.1 * scale, dtype)
+    if fresh.ndim <= 1 and mx.all(fresh == fresh.reshape(-1)[0]).item():
+        return fresh.astype(dtype)
+    if not name.endswith(("embed_tokens.weight", "lm_head.weight")) and name != "output.weight":
+        return _normal(rng, shape, scale / math.sqrt(shape[-1]), dtype)
     # Shrink the rows of the special tokens, so a random head rarely picks <|im_end|> and cuts
     # generation short, and of ids past the tokenizer (qwen3-1.7b's 151936-row head over our
     # small tokenizer), so generated ids almost always decode to text.
+    w = _normal(rng, shape, 1.0, dtype)
     ids = mx.arange(shape[0])[:, None]
     rows = (ids < n_special) | (ids >= n_tokens)
-    w = mx.where(rows, w * 0.25, w).astype(mx.bfloat16)
+    w = mx.where(rows, w * 0.25, w).astype(dtype)
     mx.eval(w)
     return w
 
@@ -331,13 +325,17 @@ def make_model(
     tok_size = _tokenizer_size(tok_json)
     vocab = pre.vocab_size if pre.vocab_size is not None else tok_size
     eos_id = SPECIAL_TOKENS.index(EOS_TOKEN)  # the trainer puts special tokens first
-    config = _model_config(fam, pre, n_layers, tied, vocab, eos_id)
+    config = _model_config(family, fam, pre, n_layers, tied, vocab, eos_id)
+    dtype = mx.float32 if fam.moe else mx.bfloat16
 
-    model = _build_module(config, fam)
-    # The module's own random init is lazy and is replaced before it is ever evaluated.
+    model = _build_module(config)
+    if tied and "lm_head" in model:
+        model.pop("lm_head")  # a family that always builds a head drops it when tied (gemma3)
+    # The module's own random init is lazy and is replaced before most of it is evaluated.
     shapes = cast(list[tuple[str, mx.array]], tree_flatten(model.parameters()))
+    n_special = len(SPECIAL_TOKENS)
     params = [
-        (name, _init_tensor(name, tuple(arr.shape), seed, gain, len(SPECIAL_TOKENS), tok_size))
+        (name, _init_tensor(name, arr, seed, gain, n_special, tok_size, dtype))
         for name, arr in shapes
     ]
     model.update(tree_unflatten(params))

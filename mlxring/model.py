@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -18,9 +17,9 @@ from typing import Any, cast
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
-from mlx_lm.models.base import create_attention_mask
-from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.utils import load_model
+
+from mlxring.families import Family, FamilyError, Kind, family_of, model_type
 
 _LAYER_KEY = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
@@ -75,8 +74,8 @@ def safetensors_sizes(path: Path) -> dict[str, int]:
 
 
 class ShardModel:
-    """Layers [start, end) of a model, plus the embedding on the first shard and norm + head
-    on the last."""
+    """Layers [start, end) of a model, plus what its family does before the first layer (on
+    the first shard) and after the last (on the last shard)."""
 
     def __init__(
         self,
@@ -85,13 +84,14 @@ class ShardModel:
         start: int,
         end: int,
         overlap_every: int | None = None,
+        family: Family | None = None,
     ) -> None:
-        inner = getattr(model, "model", None)
-        if inner is None or not all(hasattr(inner, a) for a in ("embed_tokens", "layers", "norm")):
-            raise ModelError(
-                f"model type {config.get('model_type')!r} has no model.embed_tokens / "
-                "model.layers / model.norm; it cannot be split into a ring"
-            )
+        self.family = family if family is not None else family_of(config)
+        try:
+            self.family.check(model)
+        except FamilyError as e:
+            raise ModelError(f"a {model_type(config)!r} model that cannot be split: {e}") from None
+        inner = self.family.inner(model)
         n_layers = len(inner.layers)
         if not 0 <= start < end <= n_layers:
             raise ModelError(f"layer range [{start}, {end}) is outside the model's {n_layers}")
@@ -101,17 +101,11 @@ class ShardModel:
         self.is_first = start == 0
         self.is_last = end == n_layers
         self.layers: list[nn.Module] = list(inner.layers[start:end])
-        self.embed: nn.Module | None = inner.embed_tokens if self.is_first else None
-        self.norm: nn.Module | None = inner.norm if self.is_last else None
-        self.head: Callable[[mx.array], mx.array] | None = None
-        if self.is_last:
-            lm_head = getattr(model, "lm_head", None)
-            self.head = lm_head if lm_head is not None else inner.embed_tokens.as_linear
-            self._head_module = lm_head if lm_head is not None else inner.embed_tokens
-        self.sliding_window: int | None = getattr(inner, "sliding_window", None)
+        # The mask kind of each of our layers, by its index in the whole model.
+        self.kinds: list[Kind] = [self.family.kind(model, i) for i in range(start, end)]
         # Decode steps hand the device work every this many layers (0: once, at the end). By
         # default three times a step: each hand-off costs ~0.15 ms on CUDA, and one per layer
-        # was 10% slower there than one per 3-4 layers (benchmarks/decode_profile.py).
+        # is slower there than one per 3-4 layers (benchmarks/decode_profile.py).
         self.overlap_every = (
             overlap_every if overlap_every is not None else -(-len(self.layers) // 3)
         )
@@ -119,13 +113,12 @@ class ShardModel:
     def modules(self) -> list[nn.Module]:
         """The modules whose parameters this shard holds."""
         mods = list(self.layers)
-        if self.embed is not None:
-            mods.append(self.embed)
+        ends = self.family.first_modules(self._model) if self.is_first else []
         if self.is_last:
-            assert self.norm is not None
-            mods.append(self.norm)
-            if self._head_module is not self.embed:
-                mods.append(self._head_module)
+            ends += self.family.last_modules(self._model)
+        for m in ends:  # a tied head is the embedding again
+            if not any(m is held for held in mods):
+                mods.append(m)
         return mods
 
     def parameters(self) -> list[mx.array]:
@@ -139,23 +132,23 @@ class ShardModel:
         return sum(a.nbytes for a in self.parameters())
 
     def make_cache(self) -> list[Any]:
-        """Fresh KV caches for this shard's layers, of the kinds the model itself would use."""
-        return make_prompt_cache(self._model)[self.start : self.end]
+        """Fresh caches for this shard's layers, of the kinds the model itself would use."""
+        return self.family.make_cache(self._model)[self.start : self.end]
 
     def __call__(self, x: mx.array, caches: list[Any], defer: bool = False) -> mx.array:
         """Token ids [B, L] on the first shard, hidden states [B, L, D] elsewhere. With
         `defer`, nothing is evaluated (the input is not there yet: see `ahead`)."""
-        h = self.embed(x) if self.embed is not None else x
+        family = self.family
+        h = family.embed(self._model, x) if self.is_first else x
         # A decode step cannot overlap with the next one as in mlx-lm (the next token comes
         # around the ring first), so overlap within the step: the device runs the first layers
         # while Python builds the next ones.
         every = self.overlap_every if h.shape[1] == 1 and not defer else 0
-        masks: dict[int | None, Any] = {}
-        for i, (layer, cache) in enumerate(zip(self.layers, caches, strict=True)):
-            window = self.sliding_window if getattr(layer, "use_sliding", False) else None
-            if window not in masks:
-                masks[window] = create_attention_mask(h, cache, window_size=window)
-            h = layer(h, masks[window], cache)
+        masks: dict[Kind, Any] = {}
+        for i, (layer, kind, cache) in enumerate(zip(self.layers, self.kinds, caches, strict=True)):
+            if kind not in masks:
+                masks[kind] = family.mask(kind, h, cache)
+            h = family.layer(layer, h, masks[kind], cache)
             if every and (i + 1) % every == 0:
                 mx.async_eval(h)
         return h
@@ -166,12 +159,11 @@ class ShardModel:
         builds some kernels on first use; on CUDA a quantized model's took 40-130 s on an H200.
         Built while the shard loads (on the compute thread), they do not hold up a request's
         first steps, which run on the event loop's thread with every frame and heartbeat."""
-        inner = self._model.model
         tokens = mx.zeros((1, 1), dtype=mx.int32)
-        width = inner.embed_tokens(tokens)  # lazy: only its shape and dtype are read
+        width = self.family.embed(self._model, tokens)  # lazy: only its shape and dtype are read
 
         def x(rows: int, n: int) -> mx.array:
-            if self.embed is not None:
+            if self.is_first:
                 return mx.zeros((rows, n), dtype=mx.int32)
             return mx.zeros((rows, n, width.shape[-1]), dtype=width.dtype)
 
@@ -192,16 +184,21 @@ class ShardModel:
 
     def logits(self, h: mx.array) -> mx.array:
         """Logits of the last position, [B, vocab] (the last shard only)."""
-        assert self.norm is not None and self.head is not None
-        return self.head(self.norm(h[:, -1:, :]))[:, -1, :]
+        assert self.is_last
+        x = self.family.inner(self._model).norm(h[:, -1:, :])
+        return self.family.project(self._model, x)[:, -1, :]
 
 
-def load_shard(path: Path, start: int, end: int) -> ShardModel:
+def load_shard(path: Path, start: int, end: int, allow_unverified: bool = False) -> ShardModel:
     """Build the model lazily and evaluate only this shard's parameters."""
     try:
         model, config = load_model(path, lazy=True, strict=False)
     except (FileNotFoundError, ValueError, KeyError) as e:
         raise ModelError(f"cannot load model from {path}: {e}") from None
-    shard = ShardModel(model, config, start, end)
+    try:
+        family = family_of(config, allow_unverified)
+    except FamilyError as e:
+        raise ModelError(str(e)) from None
+    shard = ShardModel(model, config, start, end, family=family)
     mx.eval(shard.parameters())
     return shard
