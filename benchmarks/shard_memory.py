@@ -44,7 +44,9 @@ def main() -> None:
     config = json.loads((path / "config.json").read_text())
     sizes = tensor_sizes(str(path), path)
     info = model_info(config, sizes)
-    fp = ModelFootprint(info.n_layers, info.layer_bytes, info.embed_bytes, info.head_bytes)
+    fp = ModelFootprint(
+        info.n_layers, info.layer_bytes, info.embed_bytes, info.head_bytes, info.layer_sizes
+    )
     plan = plan_layers("uniform", fp, [PlanNode(f"n{i}") for i in range(args.nodes)])
     total = sum(sizes.values())
     print(f"model {path.name}: {total / 1e9:.3f} GB in the checkpoint, {info.n_layers} layers")

@@ -72,6 +72,7 @@ async def _serve(config: Config, names: list[str]) -> int:
     import structlog
 
     from mlxring.api import start_api
+    from mlxring.model import ModelError
     from mlxring.node import Runtime
 
     log = structlog.get_logger()
@@ -84,6 +85,11 @@ async def _serve(config: Config, names: list[str]) -> int:
     try:
         await runtime.start()
         servers = await start_api(runtime)
+    except ModelError as e:  # a model this ring cannot run: the user's to fix, as config is
+        log.error("start_failed", error=str(e))
+        print(f"mlxring: {e}", file=sys.stderr)
+        await runtime.stop()
+        return 2
     except Exception as e:  # noqa: BLE001 - start-up failures end the process with one line
         log.error("start_failed", error=f"{type(e).__name__}: {e}")
         await runtime.stop()

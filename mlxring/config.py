@@ -70,6 +70,9 @@ class ClusterConfig:
     # one accelerator: they cannot compute at once, and one wide pass costs about what a
     # narrow one does on a GPU (benchmarks/RESULTS.md).
     convoys: int | None = None
+    # Run a model whose type is not verified exactly through the ring (mlxring/families), with
+    # the llama-style forward pass, at the user's risk: its output may silently differ.
+    allow_unverified: bool = False
 
     @property
     def max_frame_bytes(self) -> int:
@@ -171,7 +174,7 @@ def parse_config(text: str, source: str = "nodes.toml") -> Config:
 _CLUSTER_KEYS = (
     "name", "model", "secret", "strategy", "prefill_chunk", "heartbeat_s", "down_after_s",
     "request_timeout_s", "max_frame_mb", "interfaces", "max_batch", "cache_limit_gb", "busy_poll",
-    "gates", "convoys",
+    "gates", "convoys", "allow_unverified",
 )  # fmt: skip
 _API_KEYS = ("host", "port", "api_key", "max_body_bytes", "max_concurrent", "max_queue")
 _NODE_KEYS = ("name", "host", "port", "api_port", "layers", "memory_gb", "compute")
@@ -206,6 +209,7 @@ def _parse_cluster(t: _Table) -> ClusterConfig:
         busy_poll=_parse_busy_poll(t),
         gates=_parse_bool(t, "gates", True),
         convoys=_parse_convoys(t),
+        allow_unverified=_parse_bool(t, "allow_unverified", False),
     )
 
 

@@ -2,8 +2,8 @@
 
 The mlx-lm model object is built lazily (`load_model(lazy=True)`): every parameter is an
 unevaluated array backed by the safetensors file, so evaluating only the shard's own modules
-reads only their bytes. Any mlx-lm decoder whose inner model is `embed_tokens -> layers ->
-norm` (llama, mistral, qwen2, qwen3, ...) works; the per-layer call is the family's own block.
+reads only their bytes. What a model does before its first layer, for each layer and after its
+last is its family's (`mlxring.families`): the layers themselves are mlx-lm's own modules.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Any, cast
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
-from mlx_lm.utils import load_model
+from mlx_lm.utils import _get_classes, load_model
 
 from mlxring.families import Family, FamilyError, Kind, family_of, model_type
 
@@ -26,6 +26,27 @@ _LAYER_KEY = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 class ModelError(Exception):
     """A model that cannot be sharded (missing files, unsupported structure)."""
+
+
+# Tensors a checkpoint may carry that no text forward pass uses (the families' sanitize drops
+# them): vision towers and projectors of multimodal wrappers, multi-token-prediction layers.
+UNUSED_PREFIXES = (
+    "vision_tower.",
+    "vision_model.",
+    "multi_modal_projector.",
+    "mm_projector.",
+    "model.visual.",
+    "mtp.",
+)
+
+
+def is_unused(key: str) -> bool:
+    return key.startswith(UNUSED_PREFIXES)
+
+
+def is_head(key: str) -> bool:
+    """An output head's tensor (``lm_head``, or llama4's ``output``)."""
+    return "lm_head." in key or key == "output.weight" or key.startswith("output.")
 
 
 @dataclass(frozen=True)
@@ -37,16 +58,21 @@ class ModelInfo:
     embed_bytes: int
     head_bytes: int  # final norm + lm head (the embedding again when tied)
     model_type: str
+    # Each layer's bytes: dense layers before mixture-of-experts ones are much smaller.
+    layer_sizes: tuple[int, ...] = ()
 
 
 def model_info(config: dict[str, Any], sizes: dict[str, int]) -> ModelInfo:
     """Per-layer and end bytes from tensor sizes (safetensors headers; no tensor data)."""
-    n_layers = int(config.get("num_hidden_layers") or config["text_config"]["num_hidden_layers"])
+    text = config.get("text_config") or {}
+    n_layers = int(config.get("num_hidden_layers") or text["num_hidden_layers"])
     if not sizes:
         raise ModelError("the model has no weights")
     per_layer = [0] * n_layers
     embed = head = 0
     for key, n in sizes.items():
+        if is_unused(key):
+            continue
         m = _LAYER_KEY.search(key)
         if m is not None:
             layer = int(m.group(1))
@@ -56,9 +82,12 @@ def model_info(config: dict[str, Any], sizes: dict[str, int]) -> ModelInfo:
             embed += n
         else:
             head += n
-    if config.get("tie_word_embeddings", False) or not any("lm_head" in k for k in sizes):
+    tied = config.get("tie_word_embeddings", text.get("tie_word_embeddings", False))
+    if tied or not any(is_head(k) for k in sizes):
         head += embed
-    return ModelInfo(n_layers, max(per_layer), embed, head, str(config.get("model_type")))
+    return ModelInfo(
+        n_layers, max(per_layer), embed, head, str(config.get("model_type")), tuple(per_layer)
+    )
 
 
 def safetensors_sizes(path: Path) -> dict[str, int]:
@@ -187,6 +216,31 @@ class ShardModel:
         assert self.is_last
         x = self.family.inner(self._model).norm(h[:, -1:, :])
         return self.family.project(self._model, x)[:, -1, :]
+
+
+def check_model(config: dict[str, Any], allow_unverified: bool = False) -> Family:
+    """The family that runs this config.json's model, after building the model (no weights:
+    parameters stay lazy) and checking it has what the family's forward pass uses. Anything
+    else is one ModelError line: an unverified type, a config the family's code cannot build,
+    a structure the family does not expect."""
+    try:
+        family = family_of(config, allow_unverified)
+    except FamilyError as e:
+        raise ModelError(str(e)) from None
+    kind = model_type(config)
+    try:
+        model_class, args_class = _get_classes(config)
+        model = model_class(args_class.from_dict(config))
+    except Exception as e:  # noqa: BLE001 - whatever the family's code raises is one line
+        raise ModelError(
+            f"config.json does not describe a {kind!r} model mlx-lm can build: "
+            f"{type(e).__name__}: {e}"
+        ) from None
+    try:
+        family.check(model)
+    except FamilyError as e:
+        raise ModelError(f"a {kind!r} model that cannot be split: {e}") from None
+    return family
 
 
 def load_shard(path: Path, start: int, end: int, allow_unverified: bool = False) -> ShardModel:

@@ -43,7 +43,7 @@ from mlxring.messages import (
     Probe,
     Token,
 )
-from mlxring.model import ModelInfo, load_shard, model_info
+from mlxring.model import ModelInfo, check_model, load_shard, model_info
 from mlxring.plan import ModelFootprint, Plan, PlanError, PlanNode, plan_layers
 from mlxring.shard import Reconfigure, ShardActor, Sweep
 
@@ -100,7 +100,9 @@ def make_plan(
     strategy = config.cluster.strategy
     if strategy == "manual" and len(nodes) < len(config.nodes):
         strategy = "memory" if all(n.memory_bytes is not None for n in nodes) else "uniform"
-    footprint = ModelFootprint(info.n_layers, info.layer_bytes, info.embed_bytes, info.head_bytes)
+    footprint = ModelFootprint(
+        info.n_layers, info.layer_bytes, info.embed_bytes, info.head_bytes, info.layer_sizes
+    )
     return plan_layers(strategy, footprint, nodes)
 
 
@@ -299,6 +301,11 @@ class Runtime:
         meta = await loop.run_in_executor(None, source.resolve_metadata, spec)
         self.model_dir = meta
         self.model_config = load_config(meta)
+        # Refused here, on every node alike, before anything listens: a model whose family is
+        # not verified through the ring, or whose structure its family does not expect.
+        # On the compute thread: building the model makes MLX arrays, and MLX's per-thread
+        # streams must be freed by the thread that made them (the compute thread does).
+        await self.compute.run(check_model, self.model_config, self.config.cluster.allow_unverified)
         sizes = await loop.run_in_executor(None, source.tensor_sizes, spec, meta)
         self.info = model_info(self.model_config, sizes)
         self.tokenizer = load_tokenizer(meta, eos_token_ids=self.model_config.get("eos_token_id"))
@@ -541,7 +548,9 @@ class Runtime:
                     self.info.n_layers,
                 )
                 t0 = time.perf_counter()
-                shard = await self.compute.run(load_shard, path, *rng)
+                shard = await self.compute.run(
+                    load_shard, path, *rng, self.config.cluster.allow_unverified
+                )
                 await self.compute.run(shard.warm_up)
                 if self.gates:
                     # Compiles the gate kernel now, not on a first decode step (about 1.5 s).

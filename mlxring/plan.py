@@ -35,11 +35,17 @@ class ModelFootprint:
     layer_bytes: int  # one transformer layer
     embed_bytes: int = 0  # token embedding, held by the first node
     head_bytes: int = 0  # final norm + LM head, held by the last node (tied: the embedding again)
+    # Each layer's own bytes, where they differ (dense layers before mixture-of-experts ones);
+    # empty: every layer takes `layer_bytes`. Shares are still counted in `layer_bytes` (the
+    # largest), so a node's share never outgrows what the fit check allows.
+    layer_sizes: tuple[int, ...] = ()
 
     def shard_bytes(self, layers: tuple[int, int], *, first: bool, last: bool) -> int:
         """Weight bytes a node needs for ``layers`` at that ring position."""
         start, end = layers
         extra = (self.embed_bytes if first else 0) + (self.head_bytes if last else 0)
+        if self.layer_sizes:
+            return sum(self.layer_sizes[start:end]) + extra
         return (end - start) * self.layer_bytes + extra
 
 

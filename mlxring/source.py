@@ -84,8 +84,12 @@ def shard_files(
     weight_map: dict[str, str], start: int, end: int, first: bool, last: bool, tied: bool
 ) -> set[str]:
     """The safetensors files holding the tensors of layers [start, end) and the ends we hold."""
+    from mlxring.model import is_unused
+
     files = set()
     for key, f in weight_map.items():
+        if is_unused(key):
+            continue
         m = _LAYER_KEY.search(key)
         if m is not None:
             if start <= int(m.group(1)) < end:
@@ -104,15 +108,19 @@ def fetch_shard(spec: str, meta_dir: Path, start: int, end: int, n_layers: int) 
         return meta_dir
     index_file = meta_dir / "model.safetensors.index.json"
     if index_file.exists():
+        from mlxring.model import is_head
+
         weight_map = json.loads(index_file.read_text())["weight_map"]
         config = json.loads((meta_dir / "config.json").read_text())
+        text = config.get("text_config") or {}
+        tied = config.get("tie_word_embeddings", text.get("tie_word_embeddings", False))
         files = shard_files(
             weight_map,
             start,
             end,
             start == 0,
             end == n_layers,
-            bool(config.get("tie_word_embeddings", False)),
+            bool(tied) or not any(is_head(k) for k in weight_map),
         )
     else:
         files = {"model.safetensors"}

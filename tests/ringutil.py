@@ -14,6 +14,7 @@ import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -30,6 +31,7 @@ from mlxring.messages import Message
 from mlxring.node import Runtime
 
 ROOT = Path(__file__).resolve().parent.parent
+T = TypeVar("T")
 _MODELS = Path(tempfile.gettempdir()) / f"mlxring-test-models-{os.getuid()}"
 
 
@@ -296,6 +298,25 @@ def process_ring(
     finally:
         hung = [p.name for p in procs.values() if not p.stop()]
     assert not hung, f"{hung} did not exit within 10 s of SIGTERM"
+
+
+def head_here(
+    tmp_path: Path,
+    model: Path,
+    n_nodes: int,
+    body: Callable[[Runtime], Awaitable[T]],
+    extra_cluster: str = "",
+) -> T:
+    """`body` run against a ring of `n_nodes` whose head (n0) runs in this process and every
+    other node as an `mlxring node` process."""
+    cfg_path = write_config(tmp_path, model, n_nodes, extra_cluster=extra_cluster)
+
+    async def run() -> T:
+        async with local_ring(cfg_path, ["n0"]) as rt:
+            return await body(rt)
+
+    with process_ring(cfg_path, [f"n{i}" for i in range(1, n_nodes)], tmp_path):
+        return asyncio.run(run())
 
 
 async def wait_for(

@@ -10,11 +10,13 @@ import pytest
 
 from mlxring.aio import wait_for
 from mlxring.model import load_shard, model_info
+from mlxring.node import Runtime
 from mlxring.source import tensor_sizes
 
 from .ringutil import (
     CONCURRENT_TEXTS,
     encode,
+    head_here,
     local_ring,
     process_ring,
     reference,
@@ -171,16 +173,12 @@ def _streams_through_three_processes(
     with what the head's process and shard counted."""
     import asyncio
 
-    cfg_path = write_config(tmp_path, model, 3, extra_cluster=extra_cluster)
+    async def run(rt: Runtime) -> tuple[list[list[int]], HeadCounts]:
+        got = await asyncio.gather(*(ring_tokens(rt, p, 24) for p in prompts))
+        a = rt.nodes["n0"].actor
+        return list(got), HeadCounts(rt.busy_poll, a.stages, a.batches, a.batched_rows)
 
-    async def run() -> tuple[list[list[int]], HeadCounts]:
-        async with local_ring(cfg_path, ["n0"]) as rt:
-            got = await asyncio.gather(*(ring_tokens(rt, p, 24) for p in prompts))
-            a = rt.nodes["n0"].actor
-            return list(got), HeadCounts(rt.busy_poll, a.stages, a.batches, a.batched_rows)
-
-    with process_ring(cfg_path, ["n1", "n2"], tmp_path):
-        return asyncio.run(run())
+    return head_here(tmp_path, model, 3, run, extra_cluster)
 
 
 @pytest.mark.parametrize("busy_poll", [False, True])
