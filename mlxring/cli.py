@@ -85,8 +85,7 @@ async def _serve(config: Config, names: list[str]) -> int:
     try:
         await runtime.start()
         servers = await start_api(runtime)
-    except ModelError as e:  # a model this ring cannot run: the user's to fix, as config is
-        log.error("start_failed", error=str(e))
+    except ModelError as e:  # a model this ring cannot run: one line, as for a config mistake
         print(f"mlxring: {e}", file=sys.stderr)
         await runtime.stop()
         return 2

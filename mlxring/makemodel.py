@@ -364,7 +364,13 @@ def make_model(
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--family", choices=list(FAMILIES), default="qwen3")
+    parser.add_argument(
+        "--family",
+        choices=list(FAMILIES),
+        default="qwen3",
+        metavar="FAMILY",
+        help="model family: " + ", ".join(FAMILIES) + " (default qwen3)",
+    )
     parser.add_argument("--preset", choices=list(PRESETS), default="tiny")
     parser.add_argument("--layers", type=int, default=None, help="override the layer count")
     parser.add_argument(
@@ -401,14 +407,17 @@ def run(args: argparse.Namespace) -> int:
     )
     index = json.loads((out / "model.safetensors.index.json").read_text())
     config = json.loads((out / "config.json").read_text())
+    text = config.get("text_config") or config  # a multimodal wrapper keeps its text model's
     n_params = int(index["metadata"]["total_parameters"])
     n_bytes = sum(f.stat().st_size for f in out.glob("model*.safetensors"))
     quant = f"{config['quantization']['bits']}-bit" if "quantization" in config else "bf16"
+    if "quantization" not in config and text.get("torch_dtype") == "float32":
+        quant = "float32"
     print(out)
     print(
-        f"{args.family}/{args.preset}: {config['num_hidden_layers']} layers, "
-        f"hidden {config['hidden_size']}, vocab {config['vocab_size']}, "
-        f"tied={config['tie_word_embeddings']}, {quant}, {n_params:,} params, "
+        f"{args.family}/{args.preset}: {text['num_hidden_layers']} layers, "
+        f"hidden {text['hidden_size']}, vocab {text['vocab_size']}, "
+        f"tied={text['tie_word_embeddings']}, {quant}, {n_params:,} params, "
         f"{n_bytes:,} bytes ({_human(n_bytes)})"
     )
     return 0

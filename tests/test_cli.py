@@ -67,3 +67,60 @@ def test_a_bad_config_is_one_line_naming_the_key_and_exit_2(tmp_path: Path, case
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1, out.stderr
     assert key in lines[0] and str(path) in lines[0], lines[0]
+
+
+def _relabelled(tmp_path: Path, family: str, **changes: object) -> Path:
+    """A copy of a tiny model of `family` whose config.json says otherwise."""
+    import json
+    import shutil
+
+    from .ringutil import tiny_model
+
+    out = tmp_path / "model"
+    shutil.copytree(tiny_model(family), out)
+    config = json.loads((out / "config.json").read_text())
+    config.update(changes)
+    for key in [k for k, v in changes.items() if v is None]:
+        del config[key]
+    (out / "config.json").write_text(json.dumps(config))
+    return out
+
+
+REFUSED = {
+    # a type mlx-lm runs but the ring is not verified for
+    "unverified type": (("llama", {"model_type": "smollm3"}), ["'smollm3'", "allow_unverified"]),
+    # a supported type whose structure its family cannot split
+    "kv-shared gemma4": (
+        ("gemma4_text", {"num_kv_shared_layers": 2}),
+        ["'gemma4_text'", "keys and values"],
+    ),
+    # a supported type whose config mlx-lm cannot build
+    "qwen3 without head_dim": (("qwen3", {"head_dim": None}), ["'qwen3'", "head_dim"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(REFUSED))
+def test_a_model_the_ring_cannot_run_is_refused_in_one_line_with_exit_2(
+    tmp_path: Path, case: str
+) -> None:
+    from .ringutil import write_config
+
+    (family, changes), words = REFUSED[case]
+    config = write_config(tmp_path, _relabelled(tmp_path, family, **changes), 1)
+    out = mlxring("node", "--config", str(config))
+    assert out.returncode == 2, out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1, out.stderr
+    assert lines[0].startswith("mlxring: ") and all(w in lines[0] for w in words), lines[0]
+
+
+async def test_allow_unverified_runs_an_unverified_type(tmp_path: Path) -> None:
+    from .ringutil import encode, local_ring, reference, ring_tokens, write_config
+
+    model = _relabelled(tmp_path, "llama", model_type="smollm3")
+    prompt = encode(model, "An unverified family, at the user's risk.")
+    config = write_config(tmp_path, model, 2, extra_cluster="allow_unverified = true")
+    async with local_ring(config) as rt:
+        # smollm3 is llama with some layers unrotated: the llama-style defaults happen to
+        # run it exactly, which is what "unverified" cannot promise in general.
+        assert await ring_tokens(rt, prompt, 16) == reference(model, prompt, 16)

@@ -11,6 +11,7 @@ import pytest
 from mlxring.aio import wait_for
 from mlxring.model import load_shard, model_info
 from mlxring.node import Runtime
+from mlxring.plan import ModelFootprint
 from mlxring.source import tensor_sizes
 
 from .ringutil import (
@@ -285,21 +286,36 @@ def test_shards_know_whether_their_output_stays_in_their_process(tmp_path: Path)
     assert next_local == {"n0": True, "n1": False}
 
 
-@pytest.mark.parametrize("quantize", [None, 4])
-def test_shard_holds_only_its_own_weights(quantize: int | None) -> None:
-    model = tiny_model("qwen3", tie=False, quantize=quantize)
-    sizes = tensor_sizes(str(model), model)
-    info = model_info(load_config_json(model), sizes)
-    for start, end in [(0, 3), (3, 5), (5, 7)]:
+@pytest.mark.parametrize(
+    ("family", "tie", "quantize"),
+    [
+        ("qwen3", False, None),
+        ("qwen3", False, 4),
+        ("qwen3_moe", None, None),  # a dense layer 0, then MoE layers
+        ("deepseek_v3", None, 8),  # MLA, and a dense layer 0
+        ("kimi_k25", None, None),  # its layers and head inside a multimodal wrapper
+        ("llama4_text", False, None),  # its head is named `output`
+        ("gemma3_text", True, None),  # tied: the last shard holds the embedding again
+        ("qwen3_5_moe", None, None),  # linear-attention layers between attention ones
+    ],
+)
+def test_shard_holds_only_its_own_weights(
+    family: str, tie: bool | None, quantize: int | None
+) -> None:
+    """The planner's figure for each shard (from safetensors headers alone) is what the
+    shard holds once loaded, whatever its family keeps where."""
+    model = tiny_model(family, tie=tie, quantize=quantize)
+    info = model_info(load_config_json(model), tensor_sizes(str(model), model))
+    footprint = ModelFootprint(
+        info.n_layers, info.layer_bytes, info.embed_bytes, info.head_bytes, info.layer_sizes
+    )
+    if family in ("qwen3_moe", "deepseek_v3"):
+        assert info.layer_sizes[0] < info.layer_sizes[1] == info.layer_bytes
+    for start, end in [(0, 1), (1, 3), (3, 5), (5, 7)]:
         before = mx.get_active_memory()
         shard = load_shard(model, start, end)
-        expected = (
-            sum(n for k, n in sizes.items() if any(f"layers.{i}." in k for i in range(start, end)))
-            + (info.embed_bytes if start == 0 else 0)
-            + (info.head_bytes if end == 7 else 0)
-        )
-        held = shard.parameter_bytes()
-        assert abs(held - expected) <= 0.05 * expected, (start, end, held, expected)
+        expected = footprint.shard_bytes((start, end), first=start == 0, last=end == 7)
+        assert shard.parameter_bytes() == expected, (start, end)
         grew = mx.get_active_memory() - before
         # 64 KiB of slack for small non-weight buffers (rope tables and the like).
         assert grew <= 1.05 * expected + 65536, (

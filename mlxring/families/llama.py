@@ -49,7 +49,7 @@ class Mistral(Llama):
 class Ministral3(Family):
     model_types: tuple[str, ...] = ("ministral3",)
     architecture = "Ministral3ForCausalLM"
-    covers = "Ministral 3 (3B / 8B / 14B), Devstral Small 2"
+    covers = "Ministral 3 (3B / 8B / 14B)"
 
     def layer(self, layer: nn.Module, h: mx.array, mask: Any, cache: Any) -> mx.array:
         # The scale depends on the positions of this step's tokens, which start at the cache's

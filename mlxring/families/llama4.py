@@ -14,7 +14,7 @@ from mlxring.families.base import Family, Shape
 class Llama4Text(Family):
     model_types: tuple[str, ...] = ("llama4_text",)
     architecture = "Llama4ForCausalLM"
-    covers = "Llama 4 text decoders (llama4_text)"
+    covers = "Llama 4 text-only decoders"
 
     def head_module(self, model: nn.Module) -> nn.Module:
         if model.tie_word_embeddings:
