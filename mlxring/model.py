@@ -254,5 +254,32 @@ def load_shard(path: Path, start: int, end: int, allow_unverified: bool = False)
     except FamilyError as e:
         raise ModelError(str(e)) from None
     shard = ShardModel(model, config, start, end, family=family)
+    missing = _not_loaded(model, config, path, shard)
+    if missing:
+        raise ModelError(
+            f"{path} has no weights for {len(missing)} tensor(s) of layers [{start}, {end}) "
+            f"(such as {', '.join(missing[:3])}): not a {model_type(config)!r} checkpoint "
+            "in mlx-lm's layout"
+        )
     mx.eval(shard.parameters())
     return shard
+
+
+def _not_loaded(
+    model: nn.Module, config: dict[str, Any], path: Path, shard: ShardModel
+) -> list[str]:
+    """The shard's parameters that no checkpoint tensor filled. Loading is not strict (a node
+    has only its own layers' files), so these would keep their random initial values and the
+    ring would answer wrong. The family's own sanitize maps checkpoint names first, as in
+    mlx-lm's loading, on a fresh model (some sanitize methods change the model they run on).
+    Nothing is read but the files' headers: the arrays stay lazy."""
+    weights: dict[str, mx.array] = {}
+    for f in sorted(path.glob("model*.safetensors")):
+        weights.update(cast(dict[str, mx.array], mx.load(str(f))))
+    model_class, args_class = _get_classes(config)
+    fresh = model_class(args_class.from_dict(config))
+    if hasattr(fresh, "sanitize"):
+        weights = fresh.sanitize(weights)
+    flat = cast(list[tuple[str, mx.array]], tree_flatten(model.parameters()))
+    names = {id(a): n for n, a in flat}
+    return sorted(names[id(a)] for a in shard.parameters() if names[id(a)] not in weights)

@@ -124,3 +124,23 @@ async def test_allow_unverified_runs_an_unverified_type(tmp_path: Path) -> None:
         # smollm3 is llama with some layers unrotated: the llama-style defaults happen to
         # run it exactly, which is what "unverified" cannot promise in general.
         assert await ring_tokens(rt, prompt, 16) == reference(model, prompt, 16)
+
+
+def test_a_checkpoint_missing_a_layers_tensor_is_refused_in_one_line(tmp_path: Path) -> None:
+    """Loading is not strict (each node has only its own layers' files), so a tensor the
+    checkpoint lacks would keep its random initial value and the ring would answer wrong."""
+    import mlx.core as mx
+
+    from .ringutil import write_config
+
+    model = _relabelled(tmp_path, "qwen3_moe")
+    (weights_file,) = model.glob("model*.safetensors")
+    weights = dict(mx.load(str(weights_file)).items())
+    del weights["model.layers.4.mlp.switch_mlp.down_proj.weight"]
+    mx.save_safetensors(str(weights_file), weights, metadata={"format": "mlx"})
+    out = mlxring("node", "--config", str(write_config(tmp_path, model, 1)))
+    assert out.returncode == 2, out.stderr
+    assert "Traceback" not in out.stderr
+    # The node logged its plan before loading; the refusal is the last line.
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("mlxring: ") and "layers.4.mlp.switch_mlp.down_proj" in last, last
