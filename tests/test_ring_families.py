@@ -2,7 +2,8 @@
 runs the whole model: one request alone, then eight at once (their decode steps batched, the
 families' caches merged). The in-process splits of every family are in test_families.py.
 
-The ring at 2 and 4 nodes runs in the slow set (`bin/test -m slow`)."""
+Quantized models (4-bit) run in one process at 3 nodes; the ring at 2 and 4 nodes and 8-bit
+models run in the slow set (`bin/test -m slow`)."""
 
 from __future__ import annotations
 
@@ -54,12 +55,24 @@ def test_family_is_exact_through_three_processes(tmp_path: Path, family: str) ->
     assert got == want
 
 
+SLOW = pytest.mark.slow
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize(
-    "n_nodes", [1, pytest.param(2, marks=pytest.mark.slow), pytest.param(4, marks=pytest.mark.slow)]
+    ("n_nodes", "quantize"),
+    [
+        (1, None),
+        (3, 4),
+        pytest.param(2, None, marks=SLOW),
+        pytest.param(4, None, marks=SLOW),
+        pytest.param(3, 8, marks=SLOW),
+    ],
 )
-async def test_family_is_exact_in_one_process(tmp_path: Path, family: str, n_nodes: int) -> None:
-    model = tiny_model(family)
+async def test_family_is_exact_in_one_process(
+    tmp_path: Path, family: str, n_nodes: int, quantize: int | None
+) -> None:
+    model = tiny_model(family, quantize=quantize)
     lone = encode(model, PROMPT)
     concurrent = [encode(model, t) for t in CONCURRENT_TEXTS]
     async with local_ring(write_config(tmp_path, model, n_nodes)) as rt:
