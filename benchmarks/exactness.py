@@ -7,11 +7,14 @@ requests differ from lone generation, it also runs mlx-lm's own batched generati
 rows, the device's batched kernels round differently from lone rows (seen on CUDA). Needs no
 pytest.
 
-    python benchmarks/exactness.py
+    python benchmarks/exactness.py                      # qwen3, qwen2 and llama, bf16 and quantized
+    python benchmarks/exactness.py --families all       # every supported family (bf16)
+    python benchmarks/exactness.py --families gpt_oss,qwen3_next --quantize 4
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import sys
 import tempfile
@@ -68,12 +71,25 @@ def first_difference(a: list[int], b: list[int]) -> int:
 
 
 async def main() -> int:
-    models = [
-        tiny_model("qwen3"),
-        tiny_model("qwen3", tie=False, quantize=4),
-        tiny_model("qwen2", quantize=8),
-        tiny_model("llama"),
-    ]
+    from mlxring.families import MADE
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--families", help="comma-separated families, or all (default: four)")
+    parser.add_argument("--quantize", type=int, choices=[4, 8], default=None)
+    args = parser.parse_args()
+    if args.families:
+        names = sorted(MADE) if args.families == "all" else args.families.split(",")
+        unknown = [n for n in names if n not in MADE]
+        if unknown:
+            parser.error(f"unknown families {unknown}; choose from {', '.join(MADE)}")
+        models = [tiny_model(n, quantize=args.quantize) for n in names]
+    else:
+        models = [
+            tiny_model("qwen3"),
+            tiny_model("qwen3", tie=False, quantize=4),
+            tiny_model("qwen2", quantize=8),
+            tiny_model("llama"),
+        ]
     results = []
     for m in models:
         for n in (1, 3):
