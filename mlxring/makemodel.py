@@ -259,6 +259,7 @@ def _init_tensor(
     n_special: int,
     n_tokens: int,
     dtype: mx.Dtype,
+    embed_std: float = 1.0,
 ) -> mx.array:
     """One parameter, from its own stream so names, not visiting order, fix the values.
 
@@ -266,12 +267,20 @@ def _init_tensor(
     residual stream than the embedding holds, so the output depends on the whole context
     instead of echoing the last token (at scale <= 1 a tied model just repeats its input).
     Layer norm scales are ones, and other vectors that a fresh mlx-lm model holds constant
-    (Gemma 4's layer scalars, expert-score biases) keep that value.
+    (Gemma 4's layer scalars, expert-score biases) keep that value. The embedding is
+    N(0, embed_std): 1 / the family's own embedding gain, so every family's first layer gets
+    an input of RMS 1. Gemma multiplies the embedding by sqrt(hidden_size) (its trained rows
+    are that much smaller); rows of std 1 would outweigh all that its layers add through
+    their output norms, and the tied head would echo the input token.
     """
     shape = tuple(fresh.shape)
     if name.endswith(("q_norm.weight", "k_norm.weight")):
         # qwen3 normalises q and k per head, which would cap attention logits near 1 and blur
         # attention into an average; a gain of `scale` makes it as sharp as in qwen2/llama.
+        return mx.full(shape, scale, dtype=dtype)
+    if name.endswith("post_feedforward_layernorm.weight"):
+        # Families that normalise each block's output (gemma, olmo2) add no more than this
+        # gain per block, whatever `scale` gives its matrices; at 1 the embedding outweighs it.
         return mx.full(shape, scale, dtype=dtype)
     if name.endswith("norm.weight"):
         return mx.ones(shape, dtype=dtype)
@@ -285,12 +294,21 @@ def _init_tensor(
     # Shrink the rows of the special tokens, so a random head rarely picks <|im_end|> and cuts
     # generation short, and of ids past the tokenizer (qwen3-1.7b's 151936-row head over our
     # small tokenizer), so generated ids almost always decode to text.
-    w = _normal(rng, shape, 1.0, dtype)
+    w = _normal(rng, shape, embed_std if name.endswith("embed_tokens.weight") else 1.0, dtype)
     ids = mx.arange(shape[0])[:, None]
     rows = (ids < n_special) | (ids >= n_tokens)
     w = mx.where(rows, w * 0.25, w).astype(dtype)
     mx.eval(w)
     return w
+
+
+def _embedding_gain(family: Family, model: nn.Module) -> float:
+    """How much the family scales the embedding before the first layer (Gemma: by
+    sqrt(hidden_size); most families: not at all)."""
+    ids = mx.zeros((1, 1), dtype=mx.int32)
+    raw = family.inner(model).embed_tokens(ids).astype(mx.float32)
+    scaled = family.embed(model, ids).astype(mx.float32)
+    return cast(float, mx.sqrt(mx.sum(scaled * scaled) / mx.sum(raw * raw)).item())
 
 
 def make_model(
@@ -334,8 +352,9 @@ def make_model(
     # The module's own random init is lazy and is replaced before most of it is evaluated.
     shapes = cast(list[tuple[str, mx.array]], tree_flatten(model.parameters()))
     n_special = len(SPECIAL_TOKENS)
+    embed_std = 1.0 / _embedding_gain(fam, model)
     params = [
-        (name, _init_tensor(name, arr, seed, gain, n_special, tok_size, dtype))
+        (name, _init_tensor(name, arr, seed, gain, n_special, tok_size, dtype, embed_std))
         for name, arr in shapes
     ]
     model.update(tree_unflatten(params))

@@ -201,7 +201,7 @@ class ShardModel:
         for caches in rows:
             outs.append(self(x(1, 4), caches))
             outs.append(self(x(1, 1), caches))
-        if all(hasattr(c, "merge") for c in rows[0]):
+        if self.family.batches and all(hasattr(c, "merge") for c in rows[0]):
             merged = [a.merge([a, b]) for a, b in zip(*rows, strict=True)]
             outs.append(self(x(2, 1), merged))
         if self.is_last:

@@ -286,7 +286,7 @@ class ShardActor(Actor[Message | Sweep | Reconfigure]):
         self, msg: Forward | ForwardBatch, built: ahead.Ahead | ahead.Launch | None
     ) -> None:
         parts: list[Forward | ForwardBatch] = [msg]
-        if self.max_batch > 1 and len(self.requests) > 1 and self._is_decode(msg):
+        if self._batches() and len(self.requests) > 1 and self._is_decode(msg):
             await asyncio.sleep(0)  # let the rest of a convoy reach the mailbox
             parts += self._take_decodes(_rows(msg), self.convoy_rows())
         if isinstance(built, ahead.Launch):
@@ -372,6 +372,9 @@ class ShardActor(Actor[Message | Sweep | Reconfigure]):
         if isinstance(msg, ForwardBatch):
             return all(self._batchable(r) for r in msg.rows)
         return False
+
+    def _batches(self) -> bool:
+        return self.max_batch > 1 and self.model is not None and self.model.family.batches
 
     def convoy_rows(self) -> int:
         """How many requests one decode pass may carry. With several stages computing at once,

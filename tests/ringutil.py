@@ -43,8 +43,9 @@ def tiny_model(
     layers: int | None = None,
     seed: int = 0,
 ) -> Path:
-    """A tiny random model, made once per machine and reused (same args -> same bytes)."""
-    name = f"{family}-tie{tie}-q{quantize}-l{layers}-s{seed}"
+    """A tiny random model, made once per machine and reused (same args and same make-model
+    code -> same bytes)."""
+    name = f"{family}-tie{tie}-q{quantize}-l{layers}-s{seed}-{_maker_version()}"
     out = _MODELS / name
     if not (out / "config.json").exists():
         tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=_mkdir(_MODELS)))
@@ -54,6 +55,21 @@ def tiny_model(
         with contextlib.suppress(OSError):
             tmp.rename(out)
     return out
+
+
+@functools.cache
+def _maker_version() -> str:
+    """A digest of the code that makes models (make-model and the families' configs): a model
+    made before that code changed is not reused."""
+    import hashlib
+
+    import mlxring
+
+    package = Path(mlxring.__file__).parent
+    digest = hashlib.sha256()
+    for f in [package / "makemodel.py", *sorted((package / "families").glob("*.py"))]:
+        digest.update(f.read_bytes())
+    return digest.hexdigest()[:10]
 
 
 def _mkdir(p: Path) -> Path:

@@ -60,6 +60,8 @@ class Family:
     moe: bool = False
     #: tie the head to the embedding in a made model unless the preset says otherwise.
     tie: bool = False
+    #: concurrent requests' decode steps may run as one pass over merged caches.
+    batches: bool = True
 
     # --- structure --------------------------------------------------------------------------
 

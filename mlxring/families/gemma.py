@@ -21,6 +21,10 @@ class Gemma2(Family):
     architecture = "Gemma2ForCausalLM"
     covers = "Gemma 2 (2B / 9B / 27B)"
     tie = True
+    # Its attention groups query heads in five dimensions, where a batch's (B, 1, L, S) mask
+    # does not broadcast (mlx-lm's own batched generation fails the same way): concurrent
+    # requests take turns instead.
+    batches = False
 
     def embed(self, model: nn.Module, tokens: mx.array) -> mx.array:
         inner = self.inner(model)
@@ -35,15 +39,20 @@ class Gemma2(Family):
     def config(self, base: dict[str, Any], shape: Shape) -> dict[str, Any]:
         return base | {
             "attn_logit_softcapping": 50.0,
-            "final_logit_softcapping": 30.0,
-            "query_pre_attn_scalar": shape.head_dim,
+            # Near the tiny model's largest logits, so that the cap bends them: at Gemma's 30
+            # it would leave them almost as they are, and a head without it would pass.
+            "final_logit_softcapping": 10.0,
+            # Not head_dim, as in Gemma 2 27B (hidden_size / heads there), so that a pass
+            # scaling queries by head_dim differs; it also softens the tiny model's near
+            # one-hot attention, which varies its greedy output more.
+            "query_pre_attn_scalar": shape.hidden_size,
         }
 
 
 class Gemma3Text(Family):
     model_types: tuple[str, ...] = ("gemma3_text",)
     architecture = "Gemma3ForCausalLM"
-    covers = "Gemma 3 (1B text; the text part of 4B / 12B / 27B)"
+    covers = "Gemma 3 1B, and text-only conversions of Gemma 3 4B-27B"
     tie = True
 
     def embed(self, model: nn.Module, tokens: mx.array) -> mx.array:
@@ -62,7 +71,9 @@ class Gemma3Text(Family):
         return base | {
             "query_pre_attn_scalar": shape.head_dim,
             "rope_local_base_freq": 10000.0,
-            "sliding_window": 8,  # shorter than the test prompts, so the window matters
+            # Shorter than the test prompts, so the window matters; at 8 the tiny model's
+            # greedy output falls into repeating one token more often.
+            "sliding_window": 16,
             "sliding_window_pattern": 3,
         }
 
@@ -73,8 +84,11 @@ class Gemma4Text(Family):
 
     model_types: tuple[str, ...] = ("gemma4_text",)
     architecture = "Gemma4ForCausalLM"
-    covers = "Gemma 4 (26B-A4B, 31B; not E2B / E4B)"
+    covers = "Gemma 4 text decoders without per-layer embeddings or shared KV layers"
     tie = True
+    # The made model has 26B-A4B's structure (a dense MLP beside the experts in every layer,
+    # keys doubling as values), which runs every module the dense 31B has too.
+    moe = True
 
     def check(self, model: nn.Module) -> None:
         super().check(model)
@@ -108,14 +122,27 @@ class Gemma4Text(Family):
         return _softcap(super().project(model, x), model.final_logit_softcapping)
 
     def config(self, base: dict[str, Any], shape: Shape) -> dict[str, Any]:
+        n = base["num_hidden_layers"]
+        # Gemma 4 takes its rope from rope_parameters (mlx-lm's defaults); transformers, which
+        # reads this config for the tokenizer, warns of a rope_scaling key.
+        base = {k: v for k, v in base.items() if k != "rope_scaling"}
         return base | {
             "global_head_dim": shape.head_dim * 2,
             "num_global_key_value_heads": shape.num_key_value_heads,
             "num_kv_shared_layers": 0,
             "hidden_size_per_layer_input": 0,
             "vocab_size_per_layer_input": base["vocab_size"],
-            "sliding_window": 8,
-            "sliding_window_pattern": 3,
-            "final_logit_softcapping": 30.0,
+            "sliding_window": 8,  # shorter than the test prompts, so the window matters
+            # Every third layer global, counted back from the last, which Gemma 4 (and
+            # transformers, which reads this config for the tokenizer) wants global.
+            "layer_types": [
+                "full_attention" if (n - 1 - i) % 3 == 0 else "sliding_attention" for i in range(n)
+            ],
+            "final_logit_softcapping": 5.0,  # near the largest logits, as in Gemma2.config
             "use_double_wide_mlp": False,
+            "enable_moe_block": True,
+            "num_experts": 8,
+            "top_k_experts": 2,
+            "moe_intermediate_size": shape.intermediate_size // 2,
+            "attention_k_eq_v": True,
         }
