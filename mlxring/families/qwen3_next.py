@@ -12,6 +12,27 @@ import mlx.nn as nn
 from mlxring.families.base import FULL, Family, Kind, Shape
 
 LINEAR = Kind(linear=True)
+# A made model's linear-attention shapes, with full attention every third layer.
+HYBRID: dict[str, Any] = {
+    "linear_num_value_heads": 4,
+    "linear_num_key_heads": 2,
+    "linear_key_head_dim": 16,
+    "linear_value_head_dim": 16,
+    "linear_conv_kernel_dim": 4,
+    "full_attention_interval": 3,
+}
+
+
+def _experts(shape: Shape) -> dict[str, Any]:
+    """A made model's mixture of experts, with a shared expert."""
+    return {
+        "num_experts": 8,
+        "num_experts_per_tok": 2,
+        "decoder_sparse_step": 1,
+        "shared_expert_intermediate_size": shape.intermediate_size // 2,
+        "moe_intermediate_size": shape.intermediate_size // 2,
+        "norm_topk_prob": True,
+    }
 
 
 class Qwen3Next(Family):
@@ -27,22 +48,9 @@ class Qwen3Next(Family):
         return layer(h, mask=mask, cache=cache)
 
     def config(self, base: dict[str, Any], shape: Shape) -> dict[str, Any]:
-        return base | {
-            "linear_num_value_heads": 4,
-            "linear_num_key_heads": 2,
-            "linear_key_head_dim": 16,
-            "linear_value_head_dim": 16,
-            "linear_conv_kernel_dim": 4,
-            "num_experts": 8,
-            "num_experts_per_tok": 2,
-            "decoder_sparse_step": 1,
-            "shared_expert_intermediate_size": shape.intermediate_size // 2,
-            "mlp_only_layers": [],
-            "moe_intermediate_size": shape.intermediate_size // 2,
-            "norm_topk_prob": True,
-            "partial_rotary_factor": 0.25,
-            "full_attention_interval": 3,
-        }
+        return (
+            base | HYBRID | _experts(shape) | {"mlp_only_layers": [], "partial_rotary_factor": 0.25}
+        )
 
 
 class Qwen35(Qwen3Next):
@@ -67,20 +75,18 @@ class Qwen35(Qwen3Next):
         return lm.lm_head(x)
 
     def text_config(self, base: dict[str, Any], shape: Shape) -> dict[str, Any]:
-        return base | {
-            "linear_num_value_heads": 4,
-            "linear_num_key_heads": 2,
-            "linear_key_head_dim": 16,
-            "linear_value_head_dim": 16,
-            "linear_conv_kernel_dim": 4,
-            "full_attention_interval": 3,
-            "rope_parameters": {
-                "type": "default",
-                "mrope_section": [2, 1, 1],
-                "rope_theta": base["rope_theta"],
-                "partial_rotary_factor": 0.25,
-            },
-        }
+        return (
+            base
+            | HYBRID
+            | {
+                "rope_parameters": {
+                    "type": "default",
+                    "mrope_section": [2, 1, 1],
+                    "rope_theta": base["rope_theta"],
+                    "partial_rotary_factor": 0.25,
+                },
+            }
+        )
 
     def config(self, base: dict[str, Any], shape: Shape) -> dict[str, Any]:
         text = self.text_config(base, shape)
@@ -101,11 +107,4 @@ class Qwen35Moe(Qwen35):
     moe = True
 
     def text_config(self, base: dict[str, Any], shape: Shape) -> dict[str, Any]:
-        return super().text_config(base, shape) | {
-            "num_experts": 8,
-            "num_experts_per_tok": 2,
-            "decoder_sparse_step": 1,
-            "shared_expert_intermediate_size": shape.intermediate_size // 2,
-            "moe_intermediate_size": shape.intermediate_size // 2,
-            "norm_topk_prob": True,
-        }
+        return super().text_config(base, shape) | _experts(shape)
