@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-STRATEGIES = ("uniform", "memory", "compute", "manual")
+from mlxring.plan import STRATEGIES
+
 # busy_poll = "auto" polls on machines with this many cores or more: the polling loops of a
 # machine's node processes then leave cores to MLX and the OS (a 2-core VM ran 4x slower).
 BUSY_POLL_MIN_CORES = 8

@@ -6,10 +6,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 import mlx.core as mx
+
+#: Where an actor sends a message: the next node of the ring, a peer, a queue.
+Send = Callable[["Message"], Awaitable[None]]
 
 
 @dataclass(frozen=True)

@@ -8,8 +8,6 @@ last is its family's (`mlxring.families`): the layers themselves are mlx-lm's ow
 
 from __future__ import annotations
 
-import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -20,33 +18,11 @@ from mlx.utils import tree_flatten
 from mlx_lm.utils import _get_classes, load_model
 
 from mlxring.families import Family, FamilyError, Kind, family_of, model_type
-
-_LAYER_KEY = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+from mlxring.source import LAYER_KEY, is_head, is_unused
 
 
 class ModelError(Exception):
     """A model that cannot be sharded (missing files, unsupported structure)."""
-
-
-# Tensors a checkpoint may carry that no text forward pass uses (the families' sanitize drops
-# them): vision towers and projectors of multimodal wrappers, multi-token-prediction layers.
-UNUSED_PREFIXES = (
-    "vision_tower.",
-    "vision_model.",
-    "multi_modal_projector.",
-    "mm_projector.",
-    "model.visual.",
-    "mtp.",
-)
-
-
-def is_unused(key: str) -> bool:
-    return key.startswith(UNUSED_PREFIXES)
-
-
-def is_head(key: str) -> bool:
-    """An output head's tensor (``lm_head``, or llama4's ``output``)."""
-    return "lm_head." in key or key == "output.weight" or key.startswith("output.")
 
 
 @dataclass(frozen=True)
@@ -73,7 +49,7 @@ def model_info(config: dict[str, Any], sizes: dict[str, int]) -> ModelInfo:
     for key, n in sizes.items():
         if is_unused(key):
             continue
-        m = _LAYER_KEY.search(key)
+        m = LAYER_KEY.search(key)
         if m is not None:
             layer = int(m.group(1))
             if layer < n_layers:
@@ -88,18 +64,6 @@ def model_info(config: dict[str, Any], sizes: dict[str, int]) -> ModelInfo:
     return ModelInfo(
         n_layers, max(per_layer), embed, head, str(config.get("model_type")), tuple(per_layer)
     )
-
-
-def safetensors_sizes(path: Path) -> dict[str, int]:
-    """Tensor name -> bytes, read from a safetensors file's header only."""
-    with open(path, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(n))
-    return {
-        k: v["data_offsets"][1] - v["data_offsets"][0]
-        for k, v in header.items()
-        if k != "__metadata__"
-    }
 
 
 class ShardModel:

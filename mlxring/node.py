@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import os
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,6 +41,7 @@ from mlxring.messages import (
     Message,
     NodeStats,
     Probe,
+    Send,
     Token,
 )
 from mlxring.model import ModelInfo, check_model, load_shard, model_info
@@ -49,7 +50,6 @@ from mlxring.shard import Reconfigure, ShardActor, Sweep
 
 log = structlog.get_logger()
 
-Send = Callable[[Message], Awaitable[None]]
 COLD_START_WAIT_S = 30.0  # how long a starting node waits for the rest of the ring
 # How often the busy-poll task looks again while it rests: with no requests here (an idle node
 # wakes rarely), and while the compute thread works (a prompt chunk ends soon).

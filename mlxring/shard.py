@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar, cast
 
@@ -40,13 +40,13 @@ from mlxring.messages import (
     NodeStats,
     Probe,
     SamplingParams,
+    Send,
     Tensor,
     Token,
     rows_of,
 )
 from mlxring.model import ShardModel
 
-Send = Callable[[Message], Awaitable[None]]
 T = TypeVar("T")
 
 

@@ -1,5 +1,6 @@
 """Where a model's files come from: the embedded demo, a local directory, or a Hugging Face repo
-(downloading only the files a node's layer range needs)."""
+(downloading only the files a node's layer range needs); and which part of the model (a layer,
+the embedding, the head) each checkpoint tensor belongs to, read from names and headers alone."""
 
 from __future__ import annotations
 
@@ -26,7 +27,39 @@ _META_PATTERNS = [
     "*.tiktoken",
     "tiktoken.model",
 ]
-_LAYER_KEY = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+# A transformer layer's tensor, and its index: "model.layers.12.mlp.up_proj.weight".
+LAYER_KEY = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+# Tensors a checkpoint may carry that no text forward pass uses (the families' sanitize drops
+# them): vision towers and projectors of multimodal wrappers, multi-token-prediction layers.
+UNUSED_PREFIXES = (
+    "vision_tower.",
+    "vision_model.",
+    "multi_modal_projector.",
+    "mm_projector.",
+    "model.visual.",
+    "mtp.",
+)
+
+
+def is_unused(key: str) -> bool:
+    return key.startswith(UNUSED_PREFIXES)
+
+
+def is_head(key: str) -> bool:
+    """An output head's tensor (``lm_head``, or llama4's ``output``)."""
+    return "lm_head." in key or key.startswith("output.")
+
+
+def safetensors_sizes(path: Path) -> dict[str, int]:
+    """Tensor name -> bytes, read from a safetensors file's header only."""
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+    return {
+        k: v["data_offsets"][1] - v["data_offsets"][0]
+        for k, v in header.items()
+        if k != "__metadata__"
+    }
 
 
 class SourceError(Exception):
@@ -84,13 +117,11 @@ def shard_files(
     weight_map: dict[str, str], start: int, end: int, first: bool, last: bool, tied: bool
 ) -> set[str]:
     """The safetensors files holding the tensors of layers [start, end) and the ends we hold."""
-    from mlxring.model import is_unused
-
     files = set()
     for key, f in weight_map.items():
         if is_unused(key):
             continue
-        m = _LAYER_KEY.search(key)
+        m = LAYER_KEY.search(key)
         if m is not None:
             if start <= int(m.group(1)) < end:
                 files.add(f)
@@ -108,8 +139,6 @@ def fetch_shard(spec: str, meta_dir: Path, start: int, end: int, n_layers: int) 
         return meta_dir
     index_file = meta_dir / "model.safetensors.index.json"
     if index_file.exists():
-        from mlxring.model import is_head
-
         weight_map = json.loads(index_file.read_text())["weight_map"]
         config = json.loads((meta_dir / "config.json").read_text())
         text = config.get("text_config") or {}
@@ -130,8 +159,6 @@ def fetch_shard(spec: str, meta_dir: Path, start: int, end: int, n_layers: int) 
 def tensor_sizes(spec: str, meta_dir: Path) -> dict[str, int]:
     """Tensor name -> bytes, from local safetensors headers or, for a hub repo, from the hub's
     header reads (so planning needs no weights)."""
-    from mlxring.model import safetensors_sizes
-
     local = sorted(meta_dir.glob("model*.safetensors"))
     if local or is_local(spec):
         sizes: dict[str, int] = {}

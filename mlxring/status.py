@@ -11,8 +11,7 @@ import urllib.request
 from typing import Any
 
 from mlxring.config import Config, load_config_or_exit
-
-GB = 1 << 30
+from mlxring.plan import GB
 
 
 def fetch_status(config: Config, timeout: float = 3.0) -> dict[str, Any]:

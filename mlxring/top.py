@@ -19,9 +19,10 @@ from dataclasses import dataclass
 from typing import Any, TextIO
 
 from mlxring.config import Config, load_config_or_exit
+from mlxring.plan import GB
 from mlxring.status import fetch_status
 
-GB, MB = 1 << 30, 1 << 20
+MB = 1 << 20
 # Rates are taken against the oldest refresh this many seconds back: remote nodes' busy time
 # and steps arrive with the head's probe once a heartbeat, so a shorter span would jitter.
 RATE_SPAN_S = 5.0
