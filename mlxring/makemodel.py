@@ -31,9 +31,10 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
-from mlx_lm.utils import _get_classes, quantize_model, save_config, save_model
+from mlx_lm.utils import quantize_model, save_config, save_model
 
 from mlxring.families import MADE, Family, Shape
+from mlxring.model import build_model
 
 __all__ = [
     "FAMILIES",
@@ -225,12 +226,6 @@ def _model_config(
     return family.config(base, shape)
 
 
-def _build_module(config: dict[str, Any]) -> nn.Module:
-    model_class, args_class = _get_classes(config)
-    module: nn.Module = model_class(args_class.from_dict(config))
-    return module
-
-
 def _normal(
     rng: np.random.Generator, shape: tuple[int, ...], std: float, dtype: mx.Dtype
 ) -> mx.array:
@@ -346,7 +341,7 @@ def make_model(
     config = _model_config(family, fam, pre, n_layers, tied, vocab, eos_id)
     dtype = mx.float32 if fam.moe else mx.bfloat16
 
-    model = _build_module(config)
+    model = build_model(config)
     if tied and "lm_head" in model:
         model.pop("lm_head")  # a family that always builds a head drops it when tied (gemma3)
     # The module's own random init is lazy and is replaced before most of it is evaluated.

@@ -80,10 +80,7 @@ class ShardModel:
         family: Family | None = None,
     ) -> None:
         self.family = family if family is not None else family_of(config)
-        try:
-            self.family.check(model)
-        except FamilyError as e:
-            raise ModelError(f"a {model_type(config)!r} model that cannot be split: {e}") from None
+        _check_structure(self.family, model, config)
         inner = self.family.inner(model)
         n_layers = len(inner.layers)
         if not 0 <= start < end <= n_layers:
@@ -182,28 +179,42 @@ class ShardModel:
         return self.family.project(self._model, x)[:, -1, :]
 
 
-def check_model(config: dict[str, Any], allow_unverified: bool = False) -> Family:
-    """The family that runs this config.json's model, after building the model (no weights:
-    parameters stay lazy) and checking it has what the family's forward pass uses. Anything
-    else is one ModelError line: an unverified type, a config the family's code cannot build,
-    a structure the family does not expect."""
+def build_model(config: dict[str, Any]) -> nn.Module:
+    """The mlx-lm model a config.json describes, built without weights (its parameters stay
+    lazy: nothing is computed or read)."""
+    model_class, args_class = _get_classes(config)
+    model: nn.Module = model_class(args_class.from_dict(config))
+    return model
+
+
+def _family(config: dict[str, Any], allow_unverified: bool) -> Family:
     try:
-        family = family_of(config, allow_unverified)
+        return family_of(config, allow_unverified)
     except FamilyError as e:
         raise ModelError(str(e)) from None
-    kind = model_type(config)
-    try:
-        model_class, args_class = _get_classes(config)
-        model = model_class(args_class.from_dict(config))
-    except Exception as e:  # noqa: BLE001 - whatever the family's code raises is one line
-        raise ModelError(
-            f"config.json does not describe a {kind!r} model mlx-lm can build: "
-            f"{type(e).__name__}: {e}"
-        ) from None
+
+
+def _check_structure(family: Family, model: nn.Module, config: dict[str, Any]) -> None:
     try:
         family.check(model)
     except FamilyError as e:
-        raise ModelError(f"a {kind!r} model that cannot be split: {e}") from None
+        raise ModelError(f"a {model_type(config)!r} model that cannot be split: {e}") from None
+
+
+def check_model(config: dict[str, Any], allow_unverified: bool = False) -> Family:
+    """The family that runs this config.json's model, after building the model (no weights)
+    and checking it has what the family's forward pass uses. Anything else is one ModelError
+    line: an unverified type, a config the family's code cannot build, a structure the family
+    does not expect."""
+    family = _family(config, allow_unverified)
+    try:
+        model = build_model(config)
+    except Exception as e:  # noqa: BLE001 - whatever the family's code raises is one line
+        raise ModelError(
+            f"config.json does not describe a {model_type(config)!r} model mlx-lm can build: "
+            f"{type(e).__name__}: {e}"
+        ) from None
+    _check_structure(family, model, config)
     return family
 
 
@@ -213,11 +224,7 @@ def load_shard(path: Path, start: int, end: int, allow_unverified: bool = False)
         model, config = load_model(path, lazy=True, strict=False)
     except (FileNotFoundError, ValueError, KeyError) as e:
         raise ModelError(f"cannot load model from {path}: {e}") from None
-    try:
-        family = family_of(config, allow_unverified)
-    except FamilyError as e:
-        raise ModelError(str(e)) from None
-    shard = ShardModel(model, config, start, end, family=family)
+    shard = ShardModel(model, config, start, end, family=_family(config, allow_unverified))
     missing = _not_loaded(model, config, path, shard)
     if missing:
         raise ModelError(
@@ -240,8 +247,7 @@ def _not_loaded(
     weights: dict[str, mx.array] = {}
     for f in sorted(path.glob("model*.safetensors")):
         weights.update(cast(dict[str, mx.array], mx.load(str(f))))
-    model_class, args_class = _get_classes(config)
-    fresh = model_class(args_class.from_dict(config))
+    fresh = build_model(config)
     if hasattr(fresh, "sanitize"):
         weights = fresh.sanitize(weights)
     flat = cast(list[tuple[str, mx.array]], tree_flatten(model.parameters()))

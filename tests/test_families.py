@@ -6,9 +6,8 @@ Through rings of processes: test_ring_families.py."""
 
 from __future__ import annotations
 
-import functools
 import json
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import cast
@@ -22,10 +21,9 @@ from mlx_lm.generate import generate_step
 from mlx_lm.models.cache import make_prompt_cache
 
 from mlxring.families import MADE, Family, FamilyError, family_of
-from mlxring.makemodel import make_model
 from mlxring.model import ShardModel, load_shard
 
-from .ringutil import encode, loaded, reference
+from .ringutil import encode, loaded, reference, tiny_model
 
 FAMILIES = sorted(MADE)
 # 36 tokens: longer than the tiny models' sliding windows (8, 16) and DeepSeek V3.2's
@@ -47,20 +45,6 @@ CHUNKS = (None, 5)  # None: the prompt prefilled whole
 CHUNKED_SPLITS = ("thirds", "ends")  # the splits also run with the prompt in chunks
 QUANTIZED = ["deepseek_v3", "gemma3_text", "gpt_oss", "llama", "qwen3_moe", "qwen3_next"]
 EXPERT_COUNT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts")
-
-
-@pytest.fixture(scope="session")
-def made(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str, int | None], Path]:
-    """Tiny models, made afresh once per session (tens of milliseconds each): a model cached
-    across runs by name, as `ringutil.tiny_model` does, keeps an old config() after a family
-    module changes."""
-    root = tmp_path_factory.mktemp("families")
-
-    @functools.cache
-    def make(family: str, quantize: int | None = None) -> Path:
-        return make_model(root / f"{family}-q{quantize}", family=family, quantize=quantize)
-
-    return make
 
 
 def shards_of(path: Path, cuts: Sequence[int]) -> list[ShardModel]:
@@ -169,8 +153,8 @@ def layer_profiles(path: Path) -> list[tuple[object, bool]]:
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_splits_give_mlx_lms_tokens(made: Callable[..., Path], family: str) -> None:
-    path = made(family)
+def test_splits_give_mlx_lms_tokens(family: str) -> None:
+    path = tiny_model(family)
     # The cuts fall between layers of different kinds and between alike ones wherever this
     # family's own pattern of layers has them.
     profiles = layer_profiles(path)
@@ -183,10 +167,8 @@ def test_splits_give_mlx_lms_tokens(made: Callable[..., Path], family: str) -> N
 
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("family", QUANTIZED)
-def test_quantized_splits_give_mlx_lms_tokens(
-    made: Callable[..., Path], family: str, bits: int
-) -> None:
-    path = made(family, bits)
+def test_quantized_splits_give_mlx_lms_tokens(family: str, bits: int) -> None:
+    path = tiny_model(family, quantize=bits)
     whole = load_shard(path, 0, n_layers(path))
     quantized = [
         m
@@ -240,8 +222,8 @@ def without_expert(stacked: list[tuple[str, mx.array]], e: int) -> list[tuple[st
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_tiny_model_would_catch_a_wrong_ring(made: Callable[..., Path], family: str) -> None:
-    path = made(family)
+def test_tiny_model_would_catch_a_wrong_ring(family: str) -> None:
+    path = tiny_model(family)
     fam: Family = MADE[family]
     # A model of its own: the layers are changed in place, and `loaded`'s copy is shared.
     model, tokenizer = mlx_lm.load(str(path))[:2]

@@ -134,3 +134,15 @@ class Family:
     def config(self, base: dict[str, Any], shape: Shape) -> dict[str, Any]:
         """config.json for a made model: the llama-style ``base`` plus the family's own keys."""
         return base
+
+    def wrapper(self, text: dict[str, Any]) -> dict[str, Any]:
+        """config.json of a multimodal wrapper (this family's type) around the text model's
+        config `text`; the layer count and tying are repeated at the top, as real ones do."""
+        return {
+            "model_type": self.model_types[0],
+            "architectures": [self.architecture],
+            "text_config": text,
+            "num_hidden_layers": text["num_hidden_layers"],
+            "tie_word_embeddings": text["tie_word_embeddings"],
+            "eos_token_id": text.get("eos_token_id"),
+        }

@@ -79,12 +79,6 @@ class KimiK25(DeepseekV3):
         return model.language_model.lm_head(x)
 
     def config(self, base: dict[str, Any], shape: Shape) -> dict[str, Any]:
-        text = super().config(base, shape) | {"model_type": "kimi_k2"}
-        return {
-            "model_type": "kimi_k25",
-            "architectures": [self.architecture],
-            "text_config": text,
-            "num_hidden_layers": text["num_hidden_layers"],
-            "tie_word_embeddings": False,
-            "eos_token_id": base.get("eos_token_id"),
-        }
+        # Its language model always has its own head.
+        text = super().config(base, shape) | {"model_type": "kimi_k2", "tie_word_embeddings": False}
+        return self.wrapper(text)

@@ -89,15 +89,7 @@ class Qwen35(Qwen3Next):
         )
 
     def config(self, base: dict[str, Any], shape: Shape) -> dict[str, Any]:
-        text = self.text_config(base, shape)
-        return {
-            "model_type": self.model_types[0],
-            "architectures": [self.architecture],
-            "text_config": text,
-            "num_hidden_layers": text["num_hidden_layers"],
-            "tie_word_embeddings": text["tie_word_embeddings"],
-            "eos_token_id": base.get("eos_token_id"),
-        }
+        return self.wrapper(self.text_config(base, shape))
 
 
 class Qwen35Moe(Qwen35):
