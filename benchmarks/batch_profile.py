@@ -1,7 +1,7 @@
 """What a batched decode pass costs on this device, without sockets or processes.
 
 Three parts (`--parts`):
-- steps: one decode pass of B requests (merged KV caches, as `mlxring/shard.py`'s convoys) through
+- steps: one decode pass of B requests (merged KV caches, as `shard/actor.py`'s convoys) through
   the model split into shards run one after the other, and through it whole: the host's time
   building each shard's graph and the time evaluating it. What bounds the ring's aggregate.
 - ops: the ops a pass is made of as the batch grows: a bf16 matmul of M rows, attention over
@@ -27,9 +27,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import mlx.core as mx  # noqa: E402
 from mlx_lm import load  # noqa: E402
 
-from mlxring.bench import make_prompt  # noqa: E402
-from mlxring.model import ShardModel  # noqa: E402
-from mlxring.source import cache_dir  # noqa: E402
+from mlxring.commands.bench import make_prompt  # noqa: E402
+from mlxring.model.sharded import ShardModel  # noqa: E402
+from mlxring.model.source import cache_dir  # noqa: E402
 
 
 def steps(path: Path, n_shards: int, batches: list[int], prompt_tokens: int, n: int) -> None:
@@ -159,7 +159,7 @@ def main() -> int:
     if "steps" in parts:
         path = Path(args.model) if args.model else cache_dir() / f"bench-qwen3-{args.preset}"
         if not (path / "config.json").exists():
-            from mlxring.makemodel import make_model
+            from mlxring.model.make import make_model
 
             make_model(path, family="qwen3", preset=args.preset)
         batches = [int(b) for b in args.batches.split(",")]

@@ -6,8 +6,8 @@ one after the other, the way the ring runs them: each shard builds its layers, s
 output crosses the wire codec before the next shard starts. Variants hand work to the device
 every k layers (`ShardModel.overlap_every`), one chains all shards without syncing between
 them (what the boundaries cost), and "prebuilt" builds each shard's step before its input is
-there, as a ring of processes does (`mlxring/ahead.py`), timing only what is left on the ring's
-path; "gated" also launches it behind a gate (CUDA only, `mlxring/gate.py`). Every variant's
+there, as a ring of processes does (`backends/cuda/ahead.py`), timing what is left on the ring's
+path; "gated" also launches it behind a gate (CUDA only, `backends/cuda/gate.py`). Every variant's
 tokens are checked against the baseline's. MLX's own knobs (say MLX_MAX_OPS_PER_BUFFER) are
 read from the environment and reported.
 
@@ -30,11 +30,15 @@ import mlx.core as mx  # noqa: E402
 from mlx_lm import load  # noqa: E402
 from mlx_lm.generate import generate_step  # noqa: E402
 
-from mlxring import ahead, gate, wire  # noqa: E402
-from mlxring.bench import make_prompt  # noqa: E402
-from mlxring.messages import Forward, Tensor  # noqa: E402
-from mlxring.model import ShardModel  # noqa: E402
-from mlxring.source import cache_dir  # noqa: E402
+from mlxring.backends.cuda import (
+    ahead,  # noqa: E402
+    gate,  # noqa: E402
+)
+from mlxring.commands.bench import make_prompt  # noqa: E402
+from mlxring.model.sharded import ShardModel  # noqa: E402
+from mlxring.model.source import cache_dir  # noqa: E402
+from mlxring.protocol import codec as wire  # noqa: E402
+from mlxring.protocol.messages import Forward, Tensor  # noqa: E402
 
 
 def baseline(model: Any, prompt: list[int], n: int) -> tuple[list[int], float]:
@@ -73,7 +77,7 @@ def through_prebuilt(
 ) -> tuple[list[int], float, list[float], list[float]]:
     """Greedy decode as a ring of processes runs it with steps built ahead: each shard's graph
     is built on a placeholder before its input comes (untimed: in a ring it overlaps the other
-    shards' work), and with `gated` launched behind a gate too (`mlxring/gate.py`); timed is
+    shards' work), and with `gated` launched behind a gate too (`backends/cuda/gate.py`); timed is
     what stays on the ring's path: the input written in, the evaluation, the codec on the way
     out, and the last shard's logits and sampling. Returns tokens, seconds per token of the
     timed parts, per-shard seconds, per-shard build (and launch) seconds."""
@@ -178,7 +182,7 @@ def main() -> int:
     if args.model:
         path = Path(args.model)
     else:
-        from mlxring.makemodel import make_model
+        from mlxring.model.make import make_model
 
         path = cache_dir() / f"bench-qwen3-{args.preset}"
         if not (path / "config.json").exists():

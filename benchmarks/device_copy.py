@@ -33,10 +33,11 @@ import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
 from mlx_lm import load  # noqa: E402
 
-from mlxring import ahead, wire  # noqa: E402
-from mlxring.messages import Tensor  # noqa: E402
-from mlxring.model import ShardModel  # noqa: E402
-from mlxring.source import cache_dir  # noqa: E402
+from mlxring.backends.cuda import ahead  # noqa: E402
+from mlxring.model.sharded import ShardModel  # noqa: E402
+from mlxring.model.source import cache_dir  # noqa: E402
+from mlxring.protocol import codec as wire  # noqa: E402
+from mlxring.protocol.messages import Tensor  # noqa: E402
 
 
 def timed(fn: Callable[[], object], n: int) -> float:
@@ -181,7 +182,7 @@ def main() -> int:
     args = ap.parse_args()
     path = cache_dir() / f"bench-qwen3-{args.preset}"
     if not (path / "config.json").exists():
-        from mlxring.makemodel import make_model
+        from mlxring.model.make import make_model
 
         make_model(path, family="qwen3", preset=args.preset)
     model, _ = load(str(path))[:2]

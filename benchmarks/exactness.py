@@ -77,7 +77,7 @@ def first_difference(a: list[int], b: list[int]) -> int:
 
 
 async def main() -> int:
-    from mlxring.families import MADE
+    from mlxring.model.families import MADE
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--families", help="comma-separated families, or all (default: four)")

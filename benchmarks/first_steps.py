@@ -20,8 +20,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from mlxring import shard  # noqa: E402
-from mlxring.messages import rows_of  # noqa: E402
+from mlxring.protocol.messages import rows_of  # noqa: E402
+from mlxring.shard import actor as shard  # noqa: E402
 from tests.ringutil import (  # noqa: E402
     CONCURRENT_TEXTS,
     encode,

@@ -9,7 +9,7 @@
 # 0, 10, 50 ms: how slowly this machine wakes them), wide (one hop of a 2048-token prompt
 # chunk's activations), copy (what crossing between host and device costs one shard:
 # benchmarks/device_copy.py). MPS=1 runs every step under CUDA MPS (with gates, several processes
-# on one GPU need it: see mlxring/gate.py); GATES=off turns gates off; CONVOYS=1 runs all
+# on one GPU need it: see mlxring/backends/cuda/gate.py); GATES=off turns gates off; CONVOYS=1 runs all
 # requests as one convoy (for processes sharing the GPU: benchmarks/RESULTS.md). Each writes JSON under $OUT
 # (or /tmp/out).
 set -u

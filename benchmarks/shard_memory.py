@@ -15,15 +15,15 @@ import subprocess
 import sys
 from pathlib import Path
 
-from mlxring.makemodel import make_model
-from mlxring.model import model_info
-from mlxring.plan import ModelFootprint, PlanNode, plan_layers
-from mlxring.source import cache_dir, tensor_sizes
+from mlxring.model.make import make_model
+from mlxring.model.sharded import model_info
+from mlxring.model.source import cache_dir, tensor_sizes
+from mlxring.ring.plan import ModelFootprint, PlanNode, plan_layers
 
 CHILD = """
 import json, sys, mlx.core as mx
 from pathlib import Path
-from mlxring.model import load_shard
+from mlxring.model.sharded import load_shard
 path, start, end = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
 shard = load_shard(path, start, end)
 print(json.dumps({"held": shard.parameter_bytes(), "active": mx.get_active_memory(),

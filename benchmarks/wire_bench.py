@@ -18,10 +18,10 @@ import time
 
 import mlx.core as mx
 
-from mlxring import wire
-from mlxring.link import LinkSettings, Listener, Peer
 from mlxring.log import setup_logging
-from mlxring.messages import Forward, Message, Tensor
+from mlxring.protocol import codec as wire
+from mlxring.protocol.messages import Forward, Message, Tensor
+from mlxring.transport.link import LinkSettings, Listener, Peer
 
 
 def pct(xs: list[float], p: float) -> float:

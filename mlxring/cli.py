@@ -14,9 +14,10 @@ from collections.abc import Sequence
 
 import mlx.core as mx
 
-from mlxring import gate, makemodel
+from mlxring.backends.cuda import gate
 from mlxring.config import Config, ConfigError, load_config_or_exit
 from mlxring.log import setup_logging
+from mlxring.model import make as makemodel
 
 
 def local_addresses() -> set[str]:
@@ -71,9 +72,9 @@ def cmd_node(args: argparse.Namespace) -> int:
 async def _serve(config: Config, names: list[str]) -> int:
     import structlog
 
-    from mlxring.api import start_api
-    from mlxring.model import ModelError
-    from mlxring.node import Runtime
+    from mlxring.api.app import start_api
+    from mlxring.model.sharded import ModelError
+    from mlxring.ring.runtime import Runtime
 
     log = structlog.get_logger()
     runtime = Runtime(config, names)
@@ -153,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="show the ring: nodes, layers, up/down, memory, tok/s")
     status.add_argument("--config", default="nodes.toml")
     status.add_argument("--json", action="store_true", help="print JSON for scripts")
-    status.set_defaults(func=_lazy("mlxring.status", "run"))
+    status.set_defaults(func=_lazy("mlxring.commands.status", "run"))
 
     top = sub.add_parser("top", help="live view of the ring: layers, memory, busy share, tok/s")
     top.add_argument("--config", default="nodes.toml")
@@ -161,11 +162,11 @@ def build_parser() -> argparse.ArgumentParser:
     top.add_argument(
         "--interval", type=float, default=1.0, help="seconds between refreshes (default 1)"
     )
-    top.set_defaults(func=_lazy("mlxring.top", "run"))
+    top.set_defaults(func=_lazy("mlxring.commands.top", "run"))
 
     bench = sub.add_parser("bench", help="tokens/sec of the ring against single-process mlx-lm")
     add_bench_arguments(bench)
-    bench.set_defaults(func=_lazy("mlxring.bench", "run"))
+    bench.set_defaults(func=_lazy("mlxring.commands.bench", "run"))
 
     mm = sub.add_parser("make-model", help="write a random-weight model in mlx-lm's format")
     makemodel.add_arguments(mm)
@@ -215,7 +216,7 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
         "--gates",
         choices=["on", "off"],
         default="on",
-        help="the spawned nodes' gates (on: where MLX runs on CUDA; see mlxring/gate.py)",
+        help="the spawned nodes' gates (on: where MLX runs on CUDA; see backends/cuda/gate.py)",
     )
     p.add_argument(
         "--convoys",

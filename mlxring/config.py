@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mlxring.plan import STRATEGIES
+from mlxring.ring.plan import STRATEGIES
 
 # busy_poll = "auto" polls on machines with this many cores or more: the polling loops of a
 # machine's node processes then leave cores to MLX and the OS (a 2-core VM ran 4x slower).
@@ -62,7 +62,7 @@ class ClusterConfig:
     # None: on where the machine has BUSY_POLL_MIN_CORES cores or more.
     busy_poll: bool | None = None
     # Where MLX runs on CUDA, a process hosting one shard launches a lone request's next decode
-    # step before its input comes, held on the GPU by a gate (`mlxring/gate.py`). Turn it off
+    # step before its input comes, held on the GPU by a gate (`backends/cuda/gate.py`). Turn it off
     # for several node processes on one GPU without CUDA MPS: their waiting gates then take
     # turns with the working one.
     gates: bool = True
@@ -71,7 +71,7 @@ class ClusterConfig:
     # one accelerator: they cannot compute at once, and one wide pass costs about what a
     # narrow one does on a GPU (benchmarks/RESULTS.md).
     convoys: int | None = None
-    # Run a model whose type is not verified exactly through the ring (mlxring/families), with
+    # Run a model whose type is not verified exactly through the ring (mlxring/model/families), with
     # the llama-style forward pass, at the user's risk: its output may silently differ.
     allow_unverified: bool = False
 

@@ -23,12 +23,12 @@ from mlx_lm.generate import BatchGenerator, generate_step
 from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
-from mlxring.bench import free_ports
-from mlxring.compute import Compute
+from mlxring.commands.bench import free_ports
 from mlxring.config import Config, load_config
-from mlxring.makemodel import make_model
-from mlxring.messages import Message
-from mlxring.node import Runtime
+from mlxring.model.make import make_model
+from mlxring.protocol.messages import Message
+from mlxring.ring.runtime import Runtime
+from mlxring.shard.compute import Compute
 
 ROOT = Path(__file__).resolve().parent.parent
 T = TypeVar("T")
@@ -67,7 +67,8 @@ def _maker_version() -> str:
 
     package = Path(mlxring.__file__).parent
     digest = hashlib.sha256()
-    for f in [package / "makemodel.py", *sorted((package / "families").glob("*.py"))]:
+    families = sorted((package / "model" / "families").glob("*.py"))
+    for f in [package / "model" / "make.py", *families]:
         digest.update(f.read_bytes())
     return digest.hexdigest()[:10]
 
@@ -173,7 +174,7 @@ _computes: list[Compute] = []
 def compute() -> Compute:
     """A compute thread for a shard actor made in a test. After the test, `end_computes` ends
     it as a node does, freeing its MLX streams: on CUDA a thread that ends without that may
-    abort the process (see mlxring/compute.py)."""
+    abort the process (see mlxring/shard/compute.py)."""
     c = Compute()
     _computes.append(c)
     return c
@@ -349,7 +350,7 @@ async def wait_for(
 @contextlib.asynccontextmanager
 async def serve_api(rt: Runtime) -> AsyncIterator[str]:
     """The HTTP API of this process's nodes; yields the base URL of the first node's API."""
-    from mlxring.api import start_api
+    from mlxring.api.app import start_api
 
     runners = await start_api(rt)
     try:

@@ -16,8 +16,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mlxring.api import IncrementalDecoder, TextAssembler
-from mlxring.node import Runtime
+from mlxring.api.app import IncrementalDecoder, TextAssembler
+from mlxring.ring.runtime import Runtime
 
 from .ringutil import (
     chat_ids,

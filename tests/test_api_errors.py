@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from mlxring import aio
 from mlxring.config import load_config
-from mlxring.node import Runtime
+from mlxring.ring.runtime import Runtime
 
 from .ringutil import (
     encode,

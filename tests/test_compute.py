@@ -8,7 +8,7 @@ import time
 import mlx.core as mx
 import pytest
 
-from mlxring.compute import Compute
+from mlxring.shard.compute import Compute
 
 
 async def test_short_work_runs_here_and_long_work_on_the_compute_thread() -> None:

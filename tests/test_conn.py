@@ -7,9 +7,10 @@ import struct
 
 import mlx.core as mx
 
-from mlxring import aio, wire
-from mlxring.conn import ConnectionClosed, FrameConnection
-from mlxring.messages import End, Forward, Tensor
+from mlxring import aio
+from mlxring.protocol import codec as wire
+from mlxring.protocol.messages import End, Forward, Tensor
+from mlxring.transport.conn import ConnectionClosed, FrameConnection
 
 
 async def _frames_from(data: bytes, max_frame: int = wire.DEFAULT_MAX_FRAME) -> list[object]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import platform
 
-from mlxring.device import (
+from mlxring.ring.machine import (
     DeviceFacts,
     detect,
     parse_cpuinfo,

@@ -18,8 +18,8 @@ from typing import Any
 
 import pytest
 
-from mlxring.discovery import Discovery, PeerInfo, instance_name, resolve_interfaces
-from mlxring.wire import PROTOCOL_VERSION
+from mlxring.protocol.codec import PROTOCOL_VERSION
+from mlxring.transport.discovery import Discovery, PeerInfo, instance_name, resolve_interfaces
 from tests.netns import Netns, skip_reason
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -31,7 +31,7 @@ NODE_SCRIPT = textwrap.dedent(
     """
     import asyncio, dataclasses, json, sys
     sys.path.insert(0, sys.argv[2])
-    from mlxring.discovery import Discovery, PeerInfo
+    from mlxring.transport.discovery import Discovery, PeerInfo
     from mlxring.log import setup_logging
 
     setup_logging(json_logs=True, level="debug")  # logs to stderr; stdout is for reports

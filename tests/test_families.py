@@ -20,8 +20,8 @@ from mlx.utils import tree_flatten, tree_map, tree_unflatten
 from mlx_lm.generate import generate_step
 from mlx_lm.models.cache import make_prompt_cache
 
-from mlxring.families import MADE, Family, FamilyError, family_of
-from mlxring.model import ShardModel, load_shard
+from mlxring.model.families import MADE, Family, FamilyError, family_of
+from mlxring.model.sharded import ShardModel, load_shard
 
 from .ringutil import encode, loaded, reference, tiny_model
 

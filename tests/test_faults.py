@@ -8,8 +8,8 @@ import time
 from pathlib import Path
 
 from mlxring import aio
-from mlxring.engine import RingUnavailable
-from mlxring.node import Runtime
+from mlxring.engine.lifecycle import RingUnavailable
+from mlxring.ring.runtime import Runtime
 
 from .ringutil import (
     NodeProcess,
@@ -132,7 +132,7 @@ def test_a_long_prefill_does_not_look_like_a_dead_ring(tmp_path: Path) -> None:
     """Probes pass a node at once, not behind its compute: a prefill longer than down_after_s
     must finish (exactly) instead of failing the ring."""
     big = tmp_path / "model"
-    from mlxring.makemodel import make_model
+    from mlxring.model.make import make_model
 
     make_model(big, family="qwen3", preset="small", layers=4)
     prompt = encode(big, "The ring stays up while a long prompt fills it. " * 60)[:700]

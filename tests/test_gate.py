@@ -9,10 +9,10 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlxring import ahead, gate
-from mlxring.messages import End, Forward, ForwardBatch, Message
-from mlxring.model import load_shard
-from mlxring.shard import ShardActor
+from mlxring.backends.cuda import ahead, gate
+from mlxring.model.sharded import load_shard
+from mlxring.protocol.messages import End, Forward, ForwardBatch, Message
+from mlxring.shard.actor import ShardActor
 
 from .ringutil import compute, nowhere, recorder, tiny_model
 

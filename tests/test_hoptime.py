@@ -2,9 +2,9 @@ import time
 
 import mlx.core as mx
 
-from mlxring import hoptime
-from mlxring.hoptime import StepClock
-from mlxring.messages import End, Forward, ForwardBatch, Token
+from mlxring.protocol.messages import End, Forward, ForwardBatch, Token
+from mlxring.ring import hoptime
+from mlxring.ring.hoptime import StepClock
 
 
 def decode_step(rid: str, seq: int) -> Forward:

@@ -11,10 +11,11 @@ from pathlib import Path
 import msgpack
 import pytest
 
-from mlxring import aio, wire
-from mlxring.conn import connect
-from mlxring.link import LinkError, LinkSettings, Listener, Peer, handshake_connect
-from mlxring.messages import End, Forward, Message, Token
+from mlxring import aio
+from mlxring.protocol import codec as wire
+from mlxring.protocol.messages import End, Forward, Message, Token
+from mlxring.transport.conn import connect
+from mlxring.transport.link import LinkError, LinkSettings, Listener, Peer, handshake_connect
 
 from .ringutil import (
     encode,

@@ -1,4 +1,4 @@
-"""mlxring.makemodel: random-weight models that mlx-lm loads and generates from unchanged."""
+"""mlxring.model.make: random-weight models that mlx-lm loads and generates from unchanged."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import mlx.nn as nn
 import mlx_lm
 import pytest
 
-from mlxring import makemodel
-from mlxring.makemodel import FAMILIES, PRESETS, make_model
+from mlxring.model import make as makemodel
+from mlxring.model.make import FAMILIES, PRESETS, make_model
 
 PROMPTS = ("Hello there", "The network is down again.", "How do I cook rice?")
 

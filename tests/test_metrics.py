@@ -15,9 +15,9 @@ from prometheus_client.openmetrics.parser import (
 )
 from prometheus_client.parser import text_string_to_metric_families
 
+from mlxring.api.metrics import Metrics, QueueDepth, RateWindow, quantile
 from mlxring.config import load_config
-from mlxring.metrics import Metrics, QueueDepth, RateWindow, quantile
-from mlxring.node import Runtime
+from mlxring.ring.runtime import Runtime
 
 from .ringutil import local_ring, serve_api, tiny_model, wait_for, write_valid_config
 

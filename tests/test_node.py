@@ -4,8 +4,8 @@ which processes use gates."""
 from __future__ import annotations
 
 from mlxring.config import parse_config
-from mlxring.model import ModelInfo
-from mlxring.node import Runtime, make_plan, ring_bind_address
+from mlxring.model.sharded import ModelInfo
+from mlxring.ring.runtime import Runtime, make_plan, ring_bind_address
 
 NODES = "\n".join(
     f'[[nodes]]\nname = "n{i}"\nport = {5000 + i}\nlayers = [{a}, {b}]'

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mlxring.plan import (
+from mlxring.ring.plan import (
     GB,
     ModelFootprint,
     PlanError,

@@ -9,10 +9,10 @@ import mlx.core as mx
 import pytest
 
 from mlxring.aio import wait_for
-from mlxring.model import load_shard, model_info
-from mlxring.node import Runtime
-from mlxring.plan import ModelFootprint
-from mlxring.source import tensor_sizes
+from mlxring.model.sharded import load_shard, model_info
+from mlxring.model.source import tensor_sizes
+from mlxring.ring.plan import ModelFootprint
+from mlxring.ring.runtime import Runtime
 
 from .ringutil import (
     CONCURRENT_TEXTS,

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from mlxring.families import MADE
-from mlxring.node import Runtime
+from mlxring.model.families import MADE
+from mlxring.ring.runtime import Runtime
 
 from .ringutil import (
     CONCURRENT_TEXTS,

@@ -7,10 +7,10 @@ from typing import cast
 
 import pytest
 
-from mlxring import ahead
-from mlxring.messages import End, Forward, ForwardBatch, Message, SamplingParams, Token
-from mlxring.model import load_shard
-from mlxring.shard import Reconfigure, ShardActor, make_request_state
+from mlxring.backends.cuda import ahead
+from mlxring.model.sharded import load_shard
+from mlxring.protocol.messages import End, Forward, ForwardBatch, Message, SamplingParams, Token
+from mlxring.shard.actor import Reconfigure, ShardActor, make_request_state
 
 from .ringutil import (
     CONCURRENT_TEXTS,
@@ -183,7 +183,7 @@ async def test_a_sampled_request_crosses_from_the_compute_thread_to_the_loop_cle
 
 
 def _over_the_wire(msg: Message) -> Message:
-    from mlxring import wire
+    from mlxring.protocol import codec as wire
 
     return wire.decode(wire.encode_bytes(msg)[wire.PREFIX.size :])
 
@@ -273,7 +273,7 @@ async def test_freed_buffers_stay_cached_between_requests_and_go_back_when_idle(
     shard hands them back, and does not while a request is live."""
     import mlx.core as mx
 
-    from mlxring.shard import Sweep
+    from mlxring.shard.actor import Sweep
 
     sent, keep = recorder()
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from mlxring import aio
-from mlxring.top import Sample, Style, bar, busy_share, render, tokens_per_s
+from mlxring.commands.top import Sample, Style, bar, busy_share, render, tokens_per_s
 
 from .ringutil import ROOT, local_ring, serve_api, tiny_model, write_valid_config
 

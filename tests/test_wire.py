@@ -11,8 +11,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mlxring import wire
-from mlxring.messages import (
+from mlxring.protocol import codec as wire
+from mlxring.protocol.messages import (
     End,
     Failure,
     Forward,

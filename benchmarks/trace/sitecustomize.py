@@ -29,10 +29,10 @@ BIG = 100_000  # bytes: frames of prompt chunks, not of decode steps
 
 
 def _install() -> None:
-    import mlxring.conn as conn
-    import mlxring.engine as engine
-    import mlxring.shard as shard
-    import mlxring.wire as wire
+    import mlxring.engine.lifecycle as engine
+    import mlxring.protocol.codec as wire
+    import mlxring.shard.actor as shard
+    import mlxring.transport.conn as conn
 
     os.makedirs("/tmp/trace", exist_ok=True)
     out = open(f"/tmp/trace/{os.getpid()}.txt", "a", buffering=1)  # noqa: SIM115 - whole life

@@ -1,0 +1,1 @@
+"""The HTTP front: the OpenAI-compatible API, status, metrics and the web page."""

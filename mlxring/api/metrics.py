@@ -1,0 +1,413 @@
+"""Prometheus metrics of one node process, served at `GET /metrics`.
+
+Two kinds. Request metrics are recorded by the API as requests pass: counts by endpoint and
+status, prompt and generated tokens, time-to-first-token and per-token latency histograms, and
+prefill/decode throughput over a recent window. Ring metrics are read at scrape time from the
+objects that already count (shard actors, links, the head's engine and ring monitor), so the
+ring's hot paths carry no metrics code at all.
+
+Each process's API state owns its own registry (never prometheus_client's global one): several
+runtimes may live in one process, as in the tests.
+
+Names (all prefixed `mlxring_`; `{node}` is a ring node, `{peer}` the far end of a link):
+
+    http_requests_total{endpoint,method,status}   http_request_duration_seconds{endpoint}
+    generations_total{finish_reason}              prompt_tokens_total  generated_tokens_total
+    time_to_first_token_seconds                   time_per_output_token_seconds
+    prefill_tokens_per_second  decode_tokens_per_second  (gauges over RATE_WINDOW_S)
+    requests_running  requests_waiting            decode_trip_seconds{quantile}
+    decode_hop_seconds{quantile}
+    cluster_info{cluster,model,head}  ring_up  ring_members  ring_hop_seconds{quantile}
+    node_up{node}  node_member{node}  node_layer_start{node}  node_layer_end{node}
+    node_memory_{active,peak,total}_bytes{node}   node_kv_requests{node}  kv_cache_bytes{node}
+    shard_busy_seconds_total{node}  shard_steps_total{node}  shard_mailbox{node}
+    shard_batched_steps_total{node}  shard_batched_rows_total{node}
+    link_up{peer}  link_reconnects_total{peer}  link_rtt_seconds{peer}
+    link_rejected_total{node}
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import mlx.core as mx
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    ProcessCollector,
+    disable_created_metrics,
+)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from mlxring.ring.runtime import Runtime
+    from mlxring.shard.actor import ShardActor
+
+RATE_WINDOW_S = 10.0  # prefill/decode tokens per second are averaged over this many seconds
+QUANTILES = (0.5, 0.9, 0.99)
+RECENT = 256  # hop and trip samples the quantiles are taken over
+TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 1.0, 2.5)
+DURATION_BUCKETS = (0.005, 0.025, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
+
+
+@dataclass(frozen=True)
+class QueueDepth:
+    running: int  # requests generating
+    waiting: int  # requests waiting for a generation slot
+
+
+class RateWindow:
+    """Token counts of the last `span_s` seconds, as a rate per second."""
+
+    def __init__(self, span_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.span_s = span_s
+        self._clock = clock
+        self._started = clock()
+        self._events: deque[tuple[float, int]] = deque()
+        self._sum = 0
+
+    def add(self, n: int) -> None:
+        now = self._clock()
+        self._events.append((now, n))
+        self._sum += n
+        self._prune(now)  # here too, so a node nobody scrapes stays bounded
+
+    def rate(self) -> float:
+        now = self._clock()
+        self._prune(now)
+        # A node up for less than the window divides by its uptime (at least a second),
+        # so the first seconds after start do not read low.
+        elapsed = min(self.span_s, max(1.0, now - self._started))
+        return self._sum / elapsed
+
+    def _prune(self, now: float) -> None:
+        cutoff = now - self.span_s
+        while self._events and self._events[0][0] < cutoff:
+            self._sum -= self._events.popleft()[1]
+
+
+def quantile(samples: Sequence[float], q: float) -> float:
+    """The q-quantile of samples, nearest rank (samples must not be empty)."""
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
+
+
+class TokenTimer:
+    """Times one request's tokens as they come back: time to first token from the request's
+    arrival, then the gap before each later one."""
+
+    def __init__(self, metrics: Metrics, n_prompt: int, arrived: float) -> None:
+        self._m = metrics
+        self._n_prompt = n_prompt
+        self._last = arrived
+        self._first = True
+
+    def token(self) -> None:
+        now = time.monotonic()
+        m = self._m
+        if self._first:
+            self._first = False
+            m.ttft.observe(now - self._last)
+            m.prompt_tokens.inc(self._n_prompt)
+            m.prefill.add(self._n_prompt)
+        else:
+            m.per_token.observe(now - self._last)
+            m.decode.add(1)
+        m.generated_tokens.inc()
+        self._last = now
+
+
+class Metrics:
+    """The registry of one process's API, with the request metrics the handlers record."""
+
+    def __init__(self, runtime: Runtime, queue: Callable[[], QueueDepth]) -> None:
+        # No `_created` series: they double the exposition and Prometheus has no use for them
+        # in the text format (a process-wide switch, and this process exposes only these).
+        disable_created_metrics()
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "mlxring_http_requests",
+            "HTTP requests answered by this node, by route, method and status",
+            ["endpoint", "method", "status"],
+            registry=r,
+        )
+        self.duration = Histogram(
+            "mlxring_http_request_duration_seconds",
+            "Time from a request's arrival to the end of its answer (whole stream included)",
+            ["endpoint"],
+            buckets=DURATION_BUCKETS,
+            registry=r,
+        )
+        self.generations = Counter(
+            "mlxring_generations",
+            "Generation requests served by this node's head, by how they ended",
+            ["finish_reason"],
+            registry=r,
+        )
+        self.prompt_tokens = Counter(
+            "mlxring_prompt_tokens", "Prompt tokens prefilled by the ring", registry=r
+        )
+        self.generated_tokens = Counter(
+            "mlxring_generated_tokens",
+            "Tokens the ring sampled (EOS included, as usage.completion_tokens counts them)",
+            registry=r,
+        )
+        self.ttft = Histogram(
+            "mlxring_time_to_first_token_seconds",
+            "Time from a generation request's arrival to its first token",
+            buckets=TTFT_BUCKETS,
+            registry=r,
+        )
+        self.per_token = Histogram(
+            "mlxring_time_per_output_token_seconds",
+            "Time between consecutive tokens of one request",
+            buckets=TOKEN_BUCKETS,
+            registry=r,
+        )
+        self.prefill = RateWindow(RATE_WINDOW_S)
+        self.decode = RateWindow(RATE_WINDOW_S)
+        r.register(RingCollector(runtime, queue, self.prefill, self.decode))
+        ProcessCollector(registry=r)  # CPU, RSS, open fds (Linux only; absent on macOS)
+
+    def request_done(
+        self, endpoint: str, method: str, status: int, seconds: float, finish_reason: str | None
+    ) -> None:
+        self.requests.labels(endpoint, method, str(status)).inc()
+        self.duration.labels(endpoint).observe(seconds)
+        if finish_reason is not None:
+            self.generations.labels(finish_reason).inc()
+
+    def timer(self, n_prompt: int, arrived: float) -> TokenTimer:
+        return TokenTimer(self, n_prompt, arrived)
+
+    def render(self, accept: str = "") -> tuple[bytes, str]:
+        """The exposition (Prometheus text, or OpenMetrics if the scraper asks) and its type."""
+        encoder, content_type = choose_encoder(accept)
+        return encoder(self.registry), content_type
+
+
+def kv_cache_bytes(actor: ShardActor) -> int:
+    """Bytes held by a shard's KV caches: each request's own, plus the merged caches of its
+    convoys (read defensively: a long prompt chunk on the compute thread may add a request)."""
+    total = 0
+    try:
+        # list() copies in one C call, so a request added meanwhile cannot break the loop.
+        caches = [c for st in list(actor.requests.values()) for c in st.caches]
+        caches += [c for merged in list(actor.convoys.merged.values()) for c in merged]
+    except RuntimeError:  # a dict changed size during the copy: report nothing this time
+        return 0
+    for c in caches:
+        try:
+            total += int(c.nbytes)
+        except (AttributeError, NotImplementedError, TypeError):
+            continue  # a cache kind without nbytes (or not filled yet) counts as empty
+    return total
+
+
+class RingCollector(Collector):
+    """Ring metrics, read at scrape time from the runtime's own counters."""
+
+    def __init__(
+        self,
+        runtime: Runtime,
+        queue: Callable[[], QueueDepth],
+        prefill: RateWindow,
+        decode: RateWindow,
+    ) -> None:
+        self.rt = runtime
+        self.queue = queue
+        self.prefill = prefill
+        self.decode = decode
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self._requests()
+        yield from self._ring()
+        yield from self._nodes()
+        yield from self._links()
+
+    def _requests(self) -> Iterator[Metric]:
+        q = self.queue()
+        yield _gauge("mlxring_requests_running", "Requests generating now", q.running)
+        yield _gauge(
+            "mlxring_requests_waiting", "Requests waiting for a generation slot", q.waiting
+        )
+        yield _gauge(
+            "mlxring_prefill_tokens_per_second",
+            f"Prompt tokens prefilled per second over the last {RATE_WINDOW_S:g} s",
+            self.prefill.rate(),
+        )
+        yield _gauge(
+            "mlxring_decode_tokens_per_second",
+            f"Tokens decoded per second over the last {RATE_WINDOW_S:g} s",
+            self.decode.rate(),
+        )
+        engine = self.rt.engine
+        if engine is not None and engine.trip_s:
+            yield _quantiles(
+                "mlxring_decode_trip_seconds",
+                "Head-to-head time of one decode step around the ring (recent steps)",
+                engine.trip_s[-RECENT:],
+            )
+        if engine is not None and engine.hop_s:
+            yield _quantiles(
+                "mlxring_decode_hop_seconds",
+                "Network time of one hop of a decode step: its trip less the time it spent "
+                "inside processes, per hop (recent steps)",
+                engine.hop_s[-RECENT:],
+            )
+
+    def _ring(self) -> Iterator[Metric]:
+        rt = self.rt
+        info = GaugeMetricFamily(
+            "mlxring_cluster_info",
+            "The cluster, its model and its head as this node sees them",
+            labels=["cluster", "model", "head"],
+        )
+        info.add_metric([rt.config.cluster.name, rt.model_name, rt.head_name], 1)
+        yield info
+        yield _gauge(
+            "mlxring_ring_up",
+            "1 while this node's part of the ring can serve (on the head: the last probe came "
+            "back around the whole ring)",
+            0 if rt.serving_reason() else 1,
+        )
+        yield _gauge("mlxring_ring_members", "Live nodes in the ring", len(rt.members))
+        monitor = rt.monitor
+        if monitor is not None and monitor.hop_samples:
+            yield _quantiles(
+                "mlxring_ring_hop_seconds",
+                "Latency of one hop of the head's probe around the ring (recent probes)",
+                monitor.hop_samples[-RECENT:],
+            )
+
+    def _nodes(self) -> Iterator[Metric]:
+        rt = self.rt
+        names = rt.config.names
+        layout = rt.layout if len(rt.members) == len(rt.plan) else {}
+        reports = rt.monitor.stats if rt.monitor is not None else {}
+        labels = ["node"]
+        up = GaugeMetricFamily("mlxring_node_up", "1 while the node is reachable", labels=labels)
+        member = GaugeMetricFamily(
+            "mlxring_node_member", "1 while the node is in the live ring", labels=labels
+        )
+        start = GaugeMetricFamily(
+            "mlxring_node_layer_start", "First layer the node holds", labels=labels
+        )
+        end = GaugeMetricFamily(
+            "mlxring_node_layer_end", "One past the last layer the node holds", labels=labels
+        )
+        for n in names:
+            up.add_metric([n], 1 if rt.is_up(n) else 0)
+            member.add_metric([n], 1 if n in rt.members else 0)
+            if n in layout:
+                start.add_metric([n], layout[n][0])
+                end.add_metric([n], layout[n][1])
+        yield from (up, member, start, end)
+
+        active = GaugeMetricFamily(
+            "mlxring_node_memory_active_bytes",
+            "MLX memory in use by the process hosting the node (weights, KV caches, buffers); "
+            "other processes' nodes as the head's last probe found them",
+            labels=labels,
+        )
+        peak = GaugeMetricFamily(
+            "mlxring_node_memory_peak_bytes",
+            "Peak MLX memory of the process hosting the node",
+            labels=labels,
+        )
+        total = GaugeMetricFamily(
+            "mlxring_node_memory_total_bytes", "The node's machine memory", labels=labels
+        )
+        kv_requests = GaugeMetricFamily(
+            "mlxring_node_kv_requests", "Requests holding KV caches on the node", labels=labels
+        )
+        busy = CounterMetricFamily(
+            "mlxring_shard_busy_seconds", "Compute time of the node's shard", labels=labels
+        )
+        steps = CounterMetricFamily(
+            "mlxring_shard_steps", "Forward passes run by the node's shard", labels=labels
+        )
+        # Local nodes only: NodeStats carries none of these.
+        kv_bytes = GaugeMetricFamily(
+            "mlxring_kv_cache_bytes", "Bytes held by the node's KV caches", labels=labels
+        )
+        mailbox = GaugeMetricFamily(
+            "mlxring_shard_mailbox", "Messages waiting for the node's shard", labels=labels
+        )
+        batched = CounterMetricFamily(
+            "mlxring_shard_batched_steps",
+            "Forward passes that ran the decode steps of several requests at once",
+            labels=labels,
+        )
+        rows = CounterMetricFamily(
+            "mlxring_shard_batched_rows",
+            "Request steps run inside batched forward passes",
+            labels=labels,
+        )
+        rejected = CounterMetricFamily(
+            "mlxring_link_rejected",
+            "Connections or frames the node's listener refused",
+            labels=labels,
+        )
+        process_active, process_peak = mx.get_active_memory(), mx.get_peak_memory()
+        for n in names:
+            node = rt.nodes.get(n)
+            if node is not None:
+                actor = node.actor
+                active.add_metric([n], process_active)
+                peak.add_metric([n], process_peak)
+                total.add_metric([n], rt.facts.total_memory_bytes)
+                kv_requests.add_metric([n], len(actor.requests))
+                busy.add_metric([n], actor.busy_s)
+                steps.add_metric([n], actor.steps)
+                kv_bytes.add_metric([n], kv_cache_bytes(actor))
+                mailbox.add_metric([n], actor.backlog)
+                batched.add_metric([n], actor.batches)
+                rows.add_metric([n], actor.batched_rows)
+                rejected.add_metric([n], node.listener.rejected)
+            elif (st := reports.get(n)) is not None:
+                active.add_metric([n], st.active_bytes)
+                peak.add_metric([n], st.peak_bytes)
+                total.add_metric([n], st.total_bytes)
+                kv_requests.add_metric([n], st.requests)
+                busy.add_metric([n], st.busy_s)
+                steps.add_metric([n], st.steps)
+        yield from (active, peak, total, kv_requests, busy, steps)
+        yield from (kv_bytes, mailbox, batched, rows, rejected)
+
+    def _links(self) -> Iterator[Metric]:
+        labels = ["peer"]
+        up = GaugeMetricFamily(
+            "mlxring_link_up", "1 while the link to the peer is connected", labels=labels
+        )
+        reconnects = CounterMetricFamily(
+            "mlxring_link_reconnects", "Times the link to the peer was lost", labels=labels
+        )
+        rtt = GaugeMetricFamily(
+            "mlxring_link_rtt_seconds", "Last heartbeat round trip to the peer", labels=labels
+        )
+        for name, peer in self.rt.peers.items():
+            up.add_metric([name], 1 if peer.up else 0)
+            reconnects.add_metric([name], peer.reconnects)
+            rtt.add_metric([name], peer.rtt_s)
+        yield from (up, reconnects, rtt)
+
+
+def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
+    return GaugeMetricFamily(name, doc, value=value)
+
+
+def _quantiles(name: str, doc: str, samples: Sequence[float]) -> Metric:
+    g = GaugeMetricFamily(name, doc, labels=["quantile"])
+    for q in QUANTILES:
+        g.add_metric([f"{q:g}"], quantile(samples, q))
+    return g

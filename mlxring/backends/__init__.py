@@ -1,0 +1,1 @@
+"""Accelerator-specific machinery, chosen once at start; the Metal/CPU path needs none of it."""

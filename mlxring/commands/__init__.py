@@ -1,0 +1,1 @@
+"""The command-line tools beside `mlxring node`: status, top and bench."""

@@ -1,0 +1,87 @@
+"""`mlxring status`: ask any reachable node for /cluster/status and print the ring as a table
+(or the JSON itself with --json)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import urllib.error
+import urllib.request
+from typing import Any
+
+from mlxring.config import Config, load_config_or_exit
+from mlxring.ring.plan import GB
+
+
+def fetch_status(config: Config, timeout: float = 3.0) -> dict[str, Any]:
+    """The first answer of the nodes' APIs, tried in ring order."""
+    errors = []
+    for node in config.nodes:
+        host = node.host or "127.0.0.1"
+        url = f"http://{host}:{config.api_port(node.name)}/cluster/status"
+        req = urllib.request.Request(url)
+        if config.api.api_key:
+            req.add_header("Authorization", f"Bearer {config.api.api_key}")
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as resp:
+                body: dict[str, Any] = json.loads(resp.read())
+                return body
+        except (urllib.error.URLError, OSError, ValueError) as e:
+            errors.append(f"{node.name} ({url}): {getattr(e, 'reason', e)}")
+    raise ConnectionError("no node answered: " + "; ".join(errors))
+
+
+def _gb(n: Any) -> str:
+    return f"{n / GB:.1f}" if isinstance(n, int | float) else "-"
+
+
+def render(status: dict[str, Any]) -> str:
+    ring = status.get("ring") or {}
+    lines = [
+        f"cluster {status.get('cluster')}  model {status.get('model')}  head {status.get('head')}",
+        "ring: "
+        + ("up" if ring.get("ok") else f"DOWN ({ring.get('reason')})")
+        + (f"  hop {ring['hop_ms']:.2f} ms" if ring.get("hop_ms") is not None else "")
+        + (
+            f" (decoding {ring['decode_hop_ms']:.2f} ms)"
+            if ring.get("decode_hop_ms") is not None
+            else ""
+        ),
+    ]
+    requests = status.get("requests") or {}
+    if requests:
+        rate = requests.get("tokens_per_s")
+        lines.append(
+            f"requests: {requests.get('generating', 0)} generating, "
+            f"{requests.get('waiting', 0)} waiting"
+            + (f", {rate:.1f} tok/s" if isinstance(rate, int | float) else "")
+        )
+    header = (
+        f"{'node':<12} {'address':<22} {'layers':<10} {'state':<6} {'memory GB':<13} {'busy':>5}"
+    )
+    lines += ["", header, "-" * len(header)]
+    for n in status.get("nodes", []):
+        layers = n.get("layers")
+        span = f"[{layers[0]}, {layers[1]})" if layers else "-"
+        address = f"{n.get('address') or '?'}:{n.get('ring_port')}"
+        memory = f"{_gb(n.get('memory_active_bytes'))} / {_gb(n.get('memory_total_bytes'))}"
+        busy = n.get("busy_share")
+        name = n["name"] + (" *" if n.get("head") else "")
+        lines.append(
+            f"{name:<12} {address:<22} {span:<10} {'up' if n.get('up') else 'DOWN':<6} "
+            f"{memory:<13} {f'{busy:.0%}' if isinstance(busy, float) else '-':>5}"
+        )
+    lines.append("(* = head)")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    config = load_config_or_exit(args.config)
+    try:
+        status = fetch_status(config)
+    except ConnectionError as e:
+        print(f"mlxring: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps(status, indent=2) if args.json else render(status))
+    return 0 if (status.get("ring") or {}).get("ok") else 1

@@ -1,0 +1,217 @@
+"""The head's request lifecycle: prefill a prompt around the ring in chunks, then decode one
+token per trip until EOS, a stop token or max_tokens; tokens come out as an async iterator.
+
+The step schedule is mlx-lm's own (`generate_step`): the prompt but its last token in chunks,
+then the last token alone, then one token at a time, so greedy output is bit-identical to
+mlx-lm on one machine (with `prefill_step_size` equal to our chunk size).
+
+With `one_convoy` (the config's `convoys = 1`), a request's next decode step waits until every
+other decoding request's token is back, so that all go around as one wide pass, as mlx-lm's
+batch generator steps them: where the shards share one accelerator, one pass of 16 rows costs
+about what one of 5 does, and passes of several convoys cannot run at once anyway.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+import structlog
+
+from mlxring.aio import wait_for
+from mlxring.protocol.messages import End, Failure, Forward, Message, SamplingParams, Token
+
+log = structlog.get_logger()
+
+
+class RingUnavailable(Exception):
+    """The ring cannot serve this request (a node is down, a step failed or timed out)."""
+
+
+@dataclass(frozen=True)
+class GeneratedToken:
+    token: int
+    logprob: float
+    top_logprobs: tuple[tuple[int, float], ...]
+    finish_reason: str | None  # "stop" | "length" | None while generating
+
+
+class Engine:
+    def __init__(
+        self,
+        send_first: Callable[[Message], Awaitable[None]],
+        eos_token_ids: Iterable[int],
+        prefill_chunk: int = 512,
+        step_timeout_s: float = 30.0,
+        one_convoy: bool = False,
+    ) -> None:
+        self._send = send_first
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.prefill_chunk = prefill_chunk
+        self.step_timeout_s = step_timeout_s
+        self._streams: dict[str, asyncio.Queue[Token | Failure]] = {}
+        self.tokens_generated = 0
+        self.trip_s: list[float] = []  # recent head-to-head times of decode steps
+        self.hop_s: list[float] = []  # recent network latencies of one hop of a decode step
+        self._step_sent: dict[str, float] = {}  # when each request's decode step left
+        self.one_convoy = one_convoy
+        # One convoy: requests whose sampled step is out (or whose token is not handled yet),
+        # and the steps waiting for them to go along.
+        self._out: set[str] = set()
+        self._ready: list[Forward] = []
+        self._flushed = asyncio.Event()
+
+    @property
+    def active(self) -> int:
+        return len(self._streams)
+
+    def deliver(self, msg: Token | Failure) -> None:
+        """A token or failure for one of our requests came back around the ring."""
+        sent = self._step_sent.pop(msg.rid, None)
+        if sent is not None and isinstance(msg, Token):
+            trip = time.perf_counter() - sent
+            _keep(self.trip_s, trip)
+            if msg.hops:  # see mlxring/ring/hoptime.py
+                _keep(self.hop_s, (trip - msg.spent) / msg.hops)
+        q = self._streams.get(msg.rid)
+        if q is not None:
+            q.put_nowait(msg)
+
+    def fail_all(self, reason: str) -> None:
+        """The ring broke: every request in flight ends now with this reason."""
+        for rid, q in self._streams.items():
+            q.put_nowait(Failure(rid, reason, "ring"))
+
+    async def generate(
+        self,
+        prompt: Sequence[int],
+        params: SamplingParams | None = None,
+        max_tokens: int = 256,
+        stop_token_ids: Iterable[int] = (),
+        rid: str | None = None,
+        ignore_eos: bool = False,
+    ) -> AsyncIterator[GeneratedToken]:
+        if not prompt:
+            raise ValueError("the prompt has no tokens")
+        if max_tokens < 1:
+            return
+        rid = rid or uuid.uuid4().hex[:16]
+        params = params or SamplingParams()
+        stops = frozenset(stop_token_ids) | (frozenset() if ignore_eos else self.eos_token_ids)
+        q: asyncio.Queue[Token | Failure] = asyncio.Queue()
+        self._streams[rid] = q
+        bound = log.bind(rid=rid)
+        try:
+            seq = 0
+            head = list(prompt[:-1])
+            for i in range(0, len(head), self.prefill_chunk):
+                chunk = tuple(head[i : i + self.prefill_chunk])
+                await self._step(
+                    Forward(rid, seq, chunk, False, params=params if seq == 0 else None)
+                )
+                seq += 1
+            await self._step(
+                Forward(rid, seq, (prompt[-1],), True, params=params if seq == 0 else None)
+            )
+            # Not in the convoy yet: the others must not wait for a prompt still prefilling.
+            # Its first token's step waits for them, and from then on they go together.
+            n = 0
+            while True:
+                msg = await self._next(q, rid)
+                n += 1
+                self.tokens_generated += 1
+                finish = "stop" if msg.token in stops else "length" if n >= max_tokens else None
+                if finish is None:
+                    # The next step leaves before this token is handed out, so the ring
+                    # computes while the client writes.
+                    seq += 1
+                    await self._decode_step(Forward(rid, seq, (msg.token,), True))
+                else:
+                    await self._leave_convoy(rid)
+                yield GeneratedToken(msg.token, msg.logprob, msg.top_logprobs, finish)
+                if finish is not None:
+                    return
+        finally:
+            del self._streams[rid]
+            self._step_sent.pop(rid, None)
+            await self._leave_convoy(rid)
+            try:
+                await self._send(End(rid))
+            except Exception as e:  # noqa: BLE001 - the ring may be down; caches expire anyway
+                bound.warning("end_not_sent", error=str(e))
+
+    async def _decode_step(self, f: Forward) -> None:
+        if not self.one_convoy:
+            self._step_sent[f.rid] = time.perf_counter()
+            await self._step(f)
+            return
+        self._ready.append(f)
+        self._out.discard(f.rid)
+        if self._out:
+            # Wait for the others' tokens, but not longer than about one trip: a request whose
+            # client reads slowly, or whose prompt is still prefilling, joins a later pass.
+            flushed = self._flushed
+            wait = min(0.1, 2 * self.trip_s[-1]) if self.trip_s else 0.1
+            with contextlib.suppress(TimeoutError):
+                await wait_for(flushed.wait(), wait)
+            if flushed.is_set():
+                return
+        await self._flush()
+
+    async def _leave_convoy(self, rid: str) -> None:
+        """`rid` sends no more steps: the others need not wait for it."""
+        if rid not in self._out and not any(f.rid == rid for f in self._ready):
+            return
+        self._out.discard(rid)
+        self._ready = [f for f in self._ready if f.rid != rid]
+        if self._ready and not self._out:
+            await self._flush()
+
+    async def _flush(self) -> None:
+        """Send the steps that waited for each other, back to back (the first shard takes them
+        as one pass)."""
+        ready, self._ready = self._ready, []
+        flushed, self._flushed = self._flushed, asyncio.Event()
+        flushed.set()
+        self._out.update(f.rid for f in ready)
+        # Shielded: the others' steps still go if the request that sends them is cancelled.
+        await asyncio.shield(self._send_all(ready))
+
+    async def _send_all(self, steps: list[Forward]) -> None:
+        for f in steps:
+            self._step_sent[f.rid] = time.perf_counter()
+            try:
+                await self._send(f)
+            except Exception as e:  # noqa: BLE001 - the ring is down: fail the step's request
+                q = self._streams.get(f.rid)
+                if q is not None:
+                    q.put_nowait(Failure(f.rid, f"cannot reach the first shard: {e}", "ring"))
+
+    async def _step(self, f: Forward) -> None:
+        try:
+            await self._send(f)
+        except Exception as e:  # noqa: BLE001 - any send failure means the ring is down
+            raise RingUnavailable(f"cannot reach the first shard: {e}") from None
+
+    async def _next(self, q: asyncio.Queue[Token | Failure], rid: str) -> Token:
+        try:
+            msg = await wait_for(q.get(), self.step_timeout_s)
+        except TimeoutError:
+            raise RingUnavailable(
+                f"no token came back within {self.step_timeout_s:g} s (request {rid})"
+            ) from None
+        if isinstance(msg, Failure):
+            where = f" on {msg.origin}" if msg.origin else ""
+            raise RingUnavailable(f"request {rid} failed{where}: {msg.message}")
+        return msg
+
+
+def _keep(samples: list[float], x: float) -> None:
+    """Append to a list of recent samples that stays short."""
+    samples.append(x)
+    if len(samples) > 1024:
+        del samples[:512]

@@ -1,0 +1,1 @@
+"""What travels between nodes: the message types (messages) and their frame encoding (codec)."""

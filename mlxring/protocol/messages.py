@@ -1,0 +1,176 @@
+"""The messages that travel around the ring, as small frozen dataclasses.
+
+`wire` turns them into frames and back; inside a process they are passed as they are, so a
+`Forward` between two shard actors of one process carries the mx.array itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+
+import mlx.core as mx
+
+#: Where an actor sends a message: the next node of the ring, a peer, a queue.
+Send = Callable[["Message"], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """What the last shard needs to turn logits into a token (mlx-lm samplers and processors)."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: float | None = None
+    repetition_context_size: int = 20
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    seed: int | None = None
+    # Number of top log-probabilities to return with each token; None: no logprobs at all.
+    logprobs: int | None = None
+
+
+@dataclass(frozen=True)
+class Hello:
+    """First frame each way on a new link; `proof` is the HMAC of the peer's nonce."""
+
+    version: int
+    cluster: str
+    node: str
+    nonce: bytes
+    proof: bytes = b""
+
+
+@dataclass(frozen=True)
+class Proof:
+    """The connecting side's answer to the acceptor's nonce (third handshake frame)."""
+
+    proof: bytes
+
+
+@dataclass(frozen=True)
+class Ping:
+    sent: float
+
+
+@dataclass(frozen=True)
+class Pong:
+    sent: float
+
+
+@dataclass(frozen=True)
+class Tensor:
+    """Tensor bytes as they came off the wire; the shard that computes on them makes them an
+    mx.array (mx arrays belong to the stream of the thread that creates them)."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    data: bytes
+
+
+@dataclass(frozen=True)
+class Forward:
+    """One step of one request through one shard.
+
+    `tokens` are the token ids of the positions this step covers: the first shard embeds them,
+    the last shard appends them to the history its logits processors see. `h` is the hidden
+    state entering the receiving shard (None when it goes to the first shard). The last shard
+    samples only when `sample` is set (not for prompt chunks before the final token).
+    """
+
+    rid: str
+    seq: int
+    tokens: tuple[int, ...]
+    sample: bool
+    h: mx.array | Tensor | None = None
+    # The first layer the receiver must run: a step that reaches a shard holding other layers
+    # (the ring re-planned under it) fails instead of computing garbage.
+    layer: int = 0
+    params: SamplingParams | None = None  # sent once, with a request's first step
+    # Per-hop timing of decode steps (mlxring/ring/hoptime.py): seconds spent inside processes so
+    # far, and network hops taken.
+    spent: float = 0.0
+    hops: int = 0
+
+    @property
+    def is_decode(self) -> bool:
+        """One token in, one sampled out: a decode step (or a prompt's last token), not a
+        prompt chunk."""
+        return self.sample and len(self.tokens) == 1
+
+
+@dataclass(frozen=True)
+class ForwardBatch:
+    """Decode steps of several requests run as one forward pass: each row carries its
+    request's fields (with `h` None) and `h` is their hidden states, [B, 1, D] in row order."""
+
+    rows: tuple[Forward, ...]
+    h: mx.array | Tensor | None = None
+
+
+def rows_of(parts: Sequence[Forward | ForwardBatch]) -> list[Forward]:
+    """The request steps of a pass made of single steps and batches, in order."""
+    return [r for p in parts for r in (p.rows if isinstance(p, ForwardBatch) else (p,))]
+
+
+@dataclass(frozen=True)
+class Token:
+    """The last shard's sampled token, sent back to the head."""
+
+    rid: str
+    seq: int
+    token: int
+    logprob: float = 0.0
+    top_logprobs: tuple[tuple[int, float], ...] = ()
+    spent: float = 0.0  # the step's, carried home (see Forward)
+    hops: int = 0
+
+
+@dataclass(frozen=True)
+class End:
+    """A request is finished, cancelled or failed: every shard frees its caches for it."""
+
+    rid: str
+    reason: str = "done"
+
+
+@dataclass(frozen=True)
+class Failure:
+    """A shard could not run a step; travels on to the head, freeing caches on the way."""
+
+    rid: str
+    message: str
+    origin: str = ""
+
+
+@dataclass(frozen=True)
+class NodeStats:
+    """What a node reports of itself as a probe passes: memory and how busy its shard is."""
+
+    name: str
+    active_bytes: int  # MLX memory in use (weights + KV caches + buffers)
+    peak_bytes: int
+    total_bytes: int  # the machine's memory
+    busy_s: float  # compute time of its shard since start
+    steps: int
+    requests: int  # requests holding KV caches there
+    # The part of busy_s and steps that ran single-token steps (decode), for `mlxring bench`.
+    decode_busy_s: float = 0.0
+    decode_steps: int = 0
+
+
+@dataclass(frozen=True)
+class Probe:
+    """Sent by the head around the ring: each shard adds (node, start, end) and its stats; its
+    return proves the whole ring is up and shows the live layout."""
+
+    origin: str
+    sent: float
+    hops: tuple[tuple[str, int, int], ...] = ()
+    stats: tuple[NodeStats, ...] = ()
+
+
+Message = Hello | Proof | Ping | Pong | Forward | ForwardBatch | Token | End | Failure | Probe

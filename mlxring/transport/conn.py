@@ -1,0 +1,247 @@
+"""One TCP connection carrying `wire` frames, read straight into their buffers.
+
+asyncio's streams copy every byte in twice (into the stream's buffer, then out of it) and
+pause the socket every 128 KiB; a prompt chunk's activations are megabytes (2048 tokens of
+Qwen3-1.7B: 8 MiB). Here small frames are cut out of one receive buffer, and a large frame's
+body is received straight into a bytearray of its own. Once a link is up, frames go to a
+callback as they arrive, without a task switch per frame.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import cast
+
+import structlog
+
+from mlxring.aio import wait_for
+from mlxring.protocol import codec as wire
+from mlxring.protocol.messages import Message
+
+log = structlog.get_logger()
+
+_RECV = 256 * 1024  # the receive buffer small frames are cut from
+_BIG = 64 * 1024  # a frame body this large or larger is received into its own buffer
+
+
+class ConnectionClosed(ConnectionError):
+    """The other side closed the connection between frames."""
+
+
+class FrameConnection(asyncio.BufferedProtocol):
+    """The protocol of one connection: frames in (`read`, or `deliver` to a callback), frames
+    out (`send`, `drain`). A frame that cannot be decoded closes the connection; `error` then
+    says why."""
+
+    def __init__(
+        self,
+        max_frame: int = wire.DEFAULT_MAX_FRAME,
+        on_open: Callable[[FrameConnection], None] | None = None,
+    ) -> None:
+        self.max_frame = max_frame
+        self._on_open = on_open
+        self.transport: asyncio.Transport | None = None
+        self.peername: tuple[str, int] | None = None
+        self.error: Exception | None = None  # why the connection closed, if not a clean EOF
+        self.last_received = time.monotonic()
+        loop = asyncio.get_running_loop()
+        self.closed: asyncio.Future[None] = loop.create_future()
+        self._buf = bytearray(_RECV)
+        self._start = self._end = 0  # the unparsed bytes of _buf
+        self._big: memoryview | None = None  # a large frame's body while it arrives
+        # Large bodies are received into one buffer, kept: decoding copies the payload out, and
+        # fresh megabytes per frame cost page faults.
+        self._spare = bytearray()
+        self._got = 0
+        self._frames: deque[Message] = deque()
+        self._waiter: asyncio.Future[None] | None = None
+        self._on_message: Callable[[Message], None] | None = None
+        self._drained: asyncio.Future[None] | None = None
+
+    # --- asyncio.BufferedProtocol ------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        self.peername = transport.get_extra_info("peername")
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self._on_open is not None:
+            self._on_open(self)
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        if self._big is not None:
+            return self._big[self._got :]
+        return memoryview(self._buf)[self._end :]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if self._big is not None:
+            self._got += nbytes
+            if self._got == len(self._big):
+                body, self._big = self._big, None
+                self._frame(body)
+                body.release()
+            return
+        self._end += nbytes
+        self._parse()
+
+    def eof_received(self) -> bool | None:
+        return None  # close the transport
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.error is None:
+            if self._big is not None:
+                self.error = wire.FrameError(
+                    f"truncated frame: {self._got} of {len(self._big)} bytes"
+                )
+            elif self._end > self._start:
+                self.error = wire.FrameError(
+                    f"truncated frame: {self._end - self._start} bytes of a frame at the end"
+                )
+            elif exc is not None:
+                self.error = exc
+        self._wake()
+        if self._drained is not None and not self._drained.done():
+            self._drained.set_result(None)
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+    def pause_writing(self) -> None:
+        if self._drained is None or self._drained.done():
+            self._drained = asyncio.get_running_loop().create_future()
+
+    def resume_writing(self) -> None:
+        if self._drained is not None and not self._drained.done():
+            self._drained.set_result(None)
+
+    # --- frames in ---------------------------------------------------------------------------
+
+    def _parse(self) -> None:
+        buf = self._buf
+        while self._end - self._start >= wire.PREFIX.size and not self.closing:
+            (n,) = wire.PREFIX.unpack_from(buf, self._start)
+            if n > self.max_frame:
+                self.fail(
+                    wire.FrameError(f"frame of {n} bytes is over the maximum of {self.max_frame}")
+                )
+                return
+            if n == 0:
+                self.fail(wire.FrameError("empty frame"))
+                return
+            body_at = self._start + wire.PREFIX.size
+            have = self._end - body_at
+            if have >= n:
+                self._start = body_at + n
+                self._frame(bytes(buf[body_at : self._start]))
+                continue
+            if n >= _BIG:  # it will not fit: the rest of it goes straight into its own buffer
+                if len(self._spare) < n:
+                    self._spare = bytearray(n)
+                self._big = memoryview(self._spare)[:n]
+                self._big[:have] = buf[body_at : self._end]
+                self._got = have
+                self._start = self._end = 0
+                return
+            break
+        # Keep the partial frame at the front: a body under _BIG then always fits behind it.
+        if self._start:
+            rest = self._end - self._start
+            buf[:rest] = buf[self._start : self._end]
+            self._start, self._end = 0, rest
+
+    def _frame(self, body: bytes | memoryview) -> None:
+        self.last_received = time.monotonic()
+        try:
+            msg = wire.decode(body)
+        except wire.FrameError as e:
+            self.fail(e)
+            return
+        if self._on_message is None:
+            self._frames.append(msg)
+            self._wake()
+            return
+        try:
+            self._on_message(msg)
+        except Exception as e:  # noqa: BLE001 - a handler's bug closes this link, not the node
+            log.exception("frame_handler_failed", message=type(msg).__name__)
+            self.fail(e)
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    async def read(self, timeout: float) -> Message:
+        """The next frame. Raises FrameError (a bad frame), ConnectionClosed (the other side
+        closed between frames), TimeoutError."""
+        deadline = time.monotonic() + timeout
+        while not self._frames:
+            if self.closed.done():
+                if isinstance(self.error, wire.FrameError):
+                    raise self.error
+                raise ConnectionClosed(str(self.error) if self.error else "connection closed")
+            self._waiter = asyncio.get_running_loop().create_future()
+            await wait_for(asyncio.shield(self._waiter), max(0.0, deadline - time.monotonic()))
+        return self._frames.popleft()
+
+    def deliver(self, on_message: Callable[[Message], None]) -> None:
+        """From now on hand every frame to `on_message` as it arrives (those already read
+        first)."""
+        self._on_message = on_message
+        while self._frames and not self.closing:
+            self._on_message(self._frames.popleft())
+
+    # --- frames out, closing -----------------------------------------------------------------
+
+    @property
+    def closing(self) -> bool:
+        return self.transport is None or self.transport.is_closing()
+
+    def send(self, msg: Message) -> None:
+        """Queue one frame; its tensor payload is handed over as a view, not copied."""
+        if self.closing:
+            raise ConnectionClosed("connection closed")
+        assert self.transport is not None
+        self.transport.writelines(wire.encode(msg))
+
+    @property
+    def buffered(self) -> int:
+        """Bytes written but not yet taken by the socket."""
+        return 0 if self.transport is None else self.transport.get_write_buffer_size()
+
+    async def drain(self) -> None:
+        """Wait until the socket has taken most of what was written."""
+        if self._drained is not None:
+            await asyncio.shield(self._drained)
+        if self.closed.done():
+            raise ConnectionClosed("connection closed")
+
+    def fail(self, error: Exception) -> None:
+        """Close the connection because of `error`."""
+        if self.error is None:
+            self.error = error
+        self.close()
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+    async def wait_closed(self, timeout: float = 1.0) -> None:
+        self.close()
+        try:
+            await wait_for(asyncio.shield(self.closed), timeout)
+        except TimeoutError:
+            if self.transport is not None:
+                self.transport.abort()
+
+
+async def connect(host: str, port: int, max_frame: int, timeout: float) -> FrameConnection:
+    """Open a connection to `host:port` (OSError or TimeoutError when it cannot)."""
+    loop = asyncio.get_running_loop()
+    _, conn = await wait_for(
+        loop.create_connection(lambda: FrameConnection(max_frame), host, port), timeout
+    )
+    return conn

@@ -1,0 +1,305 @@
+"""TCP links between ring neighbours: handshake (version, cluster, name, HMAC proof of the
+cluster secret), heartbeats, reconnect with capped backoff, back-pressure.
+
+Data flows one way on a link (a node to the next one); the receiving side answers pings with
+pongs on the same socket, so each side can tell when the other went silent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import structlog
+
+from mlxring.aio import wait_for
+from mlxring.protocol import codec as wire
+from mlxring.protocol.messages import Hello, Message, Ping, Pong, Proof
+from mlxring.transport.conn import FrameConnection, connect
+
+log = structlog.get_logger()
+
+STOP_S = 2.0  # how long stop() waits for the reconnect loop to end
+# Frames before the handshake is done are small: a stranger must not make us allocate more.
+HANDSHAKE_MAX_FRAME = 64 * 1024
+HIGH_WATER = 4 * 1024 * 1024  # bytes queued in the transport before a sender waits for drain
+
+
+class LinkError(Exception):
+    """A handshake that failed (wrong cluster, version or secret) or a link that is down."""
+
+
+@dataclass(frozen=True)
+class LinkSettings:
+    cluster: str
+    node: str
+    secret: str = ""
+    heartbeat_s: float = 1.0
+    down_after_s: float = 5.0
+    max_frame: int = wire.DEFAULT_MAX_FRAME
+    connect_timeout_s: float = 3.0
+    max_backoff_s: float = 2.0
+
+
+def _proof(secret: str, nonce: bytes, role: bytes) -> bytes:
+    # The role prefix keeps one side's proof from being replayed as the other's.
+    return hmac.new(secret.encode(), role + nonce, hashlib.sha256).digest()
+
+
+def _check_hello(msg: Message, s: LinkSettings) -> Hello:
+    if not isinstance(msg, Hello):
+        raise LinkError(f"expected hello, got {type(msg).__name__}")
+    if msg.version != wire.PROTOCOL_VERSION:
+        raise LinkError(
+            f"peer {msg.node!r} speaks protocol {msg.version}, not {wire.PROTOCOL_VERSION}"
+        )
+    if msg.cluster != s.cluster:
+        raise LinkError(f"peer {msg.node!r} is in cluster {msg.cluster!r}, not {s.cluster!r}")
+    return msg
+
+
+async def handshake_connect(conn: FrameConnection, s: LinkSettings) -> str:
+    """The connecting side's handshake; returns the peer's node name."""
+    nonce = os.urandom(16)
+    conn.send(Hello(wire.PROTOCOL_VERSION, s.cluster, s.node, nonce))
+    reply = _check_hello(await conn.read(s.connect_timeout_s), s)
+    if not hmac.compare_digest(reply.proof, _proof(s.secret, nonce, b"acceptor")):
+        raise LinkError(f"peer {reply.node!r} does not know the cluster secret")
+    conn.send(Proof(_proof(s.secret, reply.nonce, b"connector")))
+    return reply.node
+
+
+async def handshake_accept(conn: FrameConnection, s: LinkSettings) -> str:
+    """The accepting side's handshake; returns the peer's node name."""
+    hello = _check_hello(await conn.read(s.connect_timeout_s), s)
+    nonce = os.urandom(16)
+    conn.send(
+        Hello(
+            wire.PROTOCOL_VERSION,
+            s.cluster,
+            s.node,
+            nonce,
+            _proof(s.secret, hello.nonce, b"acceptor"),
+        ),
+    )
+    answer = await conn.read(s.connect_timeout_s)
+    if not isinstance(answer, Proof) or not hmac.compare_digest(
+        answer.proof, _proof(s.secret, nonce, b"connector")
+    ):
+        raise LinkError(f"peer {hello.node!r} does not know the cluster secret")
+    return hello.node
+
+
+class Peer:
+    """The outbound link to the next node of the ring; reconnects on its own."""
+
+    def __init__(
+        self,
+        s: LinkSettings,
+        name: str,
+        address: Callable[[], tuple[str, int] | None],
+        on_state: Callable[[bool], None] = lambda up: None,
+    ) -> None:
+        self.s = s
+        self.name = name
+        self._address = address
+        self._on_state = on_state
+        self._conn: FrameConnection | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = False
+        self._up = asyncio.Event()
+        self.reconnects = 0
+        self.last_pong = 0.0
+        self.rtt_s = 0.0
+
+    @property
+    def up(self) -> bool:
+        return self._conn is not None
+
+    def start(self) -> None:
+        self._stopping = False
+        self._task = asyncio.get_running_loop().create_task(
+            self._maintain(), name=f"peer:{self.name}"
+        )
+
+    async def stop(self) -> None:
+        self._stopping = True  # the reconnect loop ends even if a cancel goes astray
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            await asyncio.wait({task}, timeout=STOP_S)
+            if task.done() and not task.cancelled():
+                task.exception()  # retrieved: its last error is of no interest now
+        if self._conn is not None:
+            await self._conn.wait_closed()
+            self._conn = None
+
+    async def wait_up(self, timeout: float) -> bool:
+        try:
+            await wait_for(self._up.wait(), timeout)
+            return True
+        except TimeoutError:
+            return False
+
+    async def send(self, msg: Message) -> None:
+        conn = self._conn
+        if conn is None:
+            raise LinkError(f"link to {self.name} is down")
+        try:
+            conn.send(msg)
+            if conn.buffered > HIGH_WATER:
+                await wait_for(conn.drain(), self.s.down_after_s)
+        except ConnectionError as e:
+            self._drop(conn, f"send failed: {e!r}")
+            raise LinkError(f"link to {self.name} is down") from None
+        except TimeoutError:
+            self._drop(conn, "send stalled")
+            raise LinkError(f"link to {self.name} stalled") from None
+
+    def _drop(self, conn: FrameConnection, why: str) -> None:
+        if self._conn is conn:
+            self._conn = None
+            self._up.clear()
+            log.warning("link_down", peer=self.name, reason=why)
+            self._on_state(False)
+        conn.close()
+
+    async def _maintain(self) -> None:
+        backoff = 0.05
+        while not self._stopping:
+            addr = self._address()
+            if addr is None:
+                await asyncio.sleep(self.s.heartbeat_s)
+                continue
+            try:
+                conn = await connect(*addr, HANDSHAKE_MAX_FRAME, self.s.connect_timeout_s)
+            except (OSError, TimeoutError):
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, self.s.max_backoff_s)
+                continue
+            try:
+                peer = await handshake_connect(conn, self.s)
+                if peer != self.name:
+                    raise LinkError(f"{addr[0]}:{addr[1]} is node {peer!r}, expected {self.name!r}")
+            except (LinkError, wire.FrameError, OSError, TimeoutError) as e:
+                log.warning(
+                    "handshake_failed", peer=self.name, address=f"{addr[0]}:{addr[1]}", error=str(e)
+                )
+                await conn.wait_closed()
+                await asyncio.sleep(max(backoff, 0.5))
+                backoff = min(backoff * 2, self.s.max_backoff_s)
+                continue
+            backoff = 0.05
+            conn.max_frame = self.s.max_frame
+            self._conn = conn
+            self.last_pong = time.monotonic()
+            conn.deliver(self._pong)
+            self._up.set()
+            log.info("link_up", peer=self.name, address=f"{addr[0]}:{addr[1]}")
+            self._on_state(True)
+            await self._watch(conn)
+            self.reconnects += 1
+
+    def _pong(self, msg: Message) -> None:
+        if isinstance(msg, Pong):
+            self.last_pong = time.monotonic()
+            self.rtt_s = self.last_pong - msg.sent
+
+    async def _watch(self, conn: FrameConnection) -> None:
+        """Ping every heartbeat; the link is down when pongs stop or the socket closes."""
+        while self._conn is conn and not conn.closed.done():
+            if time.monotonic() - self.last_pong > self.s.down_after_s:
+                self._drop(conn, "no heartbeat")
+                return
+            try:
+                conn.send(Ping(time.monotonic()))
+            except (ConnectionError, RuntimeError) as e:
+                self._drop(conn, repr(e))
+                return
+            await asyncio.wait({conn.closed}, timeout=self.s.heartbeat_s)
+        if conn.closed.done():
+            self._drop(conn, str(conn.error) if conn.error else "connection closed")
+
+
+class Listener:
+    """Accepts links from the previous node; hands every data frame to `on_message`."""
+
+    def __init__(
+        self,
+        s: LinkSettings,
+        host: str,
+        port: int,
+        on_message: Callable[[Message, str], None],
+    ) -> None:
+        self.s = s
+        self.host, self.port = host, port
+        self._on_message = on_message
+        self._server: asyncio.Server | None = None
+        self._conns: dict[FrameConnection, asyncio.Task[None]] = {}
+        self.rejected = 0
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            lambda: FrameConnection(HANDSHAKE_MAX_FRAME, self._accepted),
+            self.host,
+            self.port,
+            reuse_address=True,
+        )
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for conn in list(self._conns):
+            conn.close()
+        if self._server is not None:
+            try:
+                await wait_for(self._server.wait_closed(), 2.0)
+            except TimeoutError:
+                pass
+            self._server = None
+        if self._conns:
+            await asyncio.wait(list(self._conns.values()), timeout=2.0)
+
+    def _accepted(self, conn: FrameConnection) -> None:
+        task = asyncio.get_running_loop().create_task(self._serve(conn))
+        self._conns[conn] = task
+        task.add_done_callback(lambda _: self._conns.pop(conn, None))
+
+    async def _serve(self, conn: FrameConnection) -> None:
+        remote = conn.peername
+        where = f"{remote[0]}:{remote[1]}" if remote else "?"
+        try:
+            try:
+                peer = await handshake_accept(conn, self.s)
+            except (LinkError, wire.FrameError, TimeoutError, ConnectionError) as e:
+                self.rejected += 1
+                log.warning("peer_refused", address=where, error=str(e) or type(e).__name__)
+                return
+
+            def on_frame(msg: Message) -> None:
+                if isinstance(msg, Ping):
+                    conn.send(Pong(msg.sent))
+                elif isinstance(msg, Hello | Proof | Pong):
+                    conn.fail(wire.FrameError(f"unexpected {type(msg).__name__}"))
+                else:
+                    self._on_message(msg, peer)
+
+            conn.max_frame = self.s.max_frame
+            conn.deliver(on_frame)
+            # Pings come every heartbeat: a link silent for longer than down_after_s is dead.
+            while not conn.closed.done():
+                await asyncio.wait({conn.closed}, timeout=self.s.heartbeat_s)
+                if time.monotonic() - conn.last_received > self.s.down_after_s:
+                    log.warning("peer_silent", peer=peer, address=where)
+                    return
+            if isinstance(conn.error, wire.FrameError):
+                self.rejected += 1
+                log.error("bad_frame", peer=peer, address=where, error=str(conn.error))
+        finally:
+            await conn.wait_closed()
