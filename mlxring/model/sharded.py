@@ -146,8 +146,8 @@ class ShardModel:
     def warm_up(self) -> None:
         """Run once, on throwaway caches, the kinds of pass a ring makes: a short prompt chunk,
         a decode step, a decode pass of two rows, and greedy sampling on the last shard. MLX
-        builds some kernels on first use; on CUDA a quantized model's took 40-130 s on an H200.
-        Built while the shard loads (on the compute thread), they do not hold up a request's
+        builds some kernels on first use, which on CUDA takes minutes for a quantized model
+        (benchmarks/RESULTS.md, "First use of a quantized model's kernels"). Built while the shard loads (on the compute thread), they do not hold up a request's
         first steps, which run on the event loop's thread with every frame and heartbeat."""
         tokens = mx.zeros((1, 1), dtype=mx.int32)
         width = self.family.embed(self._model, tokens)  # lazy: only its shape and dtype are read
