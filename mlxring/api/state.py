@@ -80,6 +80,8 @@ class RateSampler:
 
 @dataclass
 class ApiState:
+    """What the apps of every API port of one process share, and their one view of the ring."""
+
     runtime: Runtime
     admission: Admission
     started: float = field(default_factory=time.time)
