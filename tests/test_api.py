@@ -16,7 +16,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mlxring.api.app import IncrementalDecoder, TextAssembler
+from mlxring.engine.text import IncrementalDecoder, TextAssembler
 from mlxring.ring.runtime import Runtime
 
 from .ringutil import (

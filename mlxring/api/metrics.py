@@ -2,9 +2,9 @@
 
 Two kinds. Request metrics are recorded by the API as requests pass: counts by endpoint and
 status, prompt and generated tokens, time-to-first-token and per-token latency histograms, and
-prefill/decode throughput over a recent window. Ring metrics are read at scrape time from the
-objects that already count (shard actors, links, the head's engine and ring monitor), so the
-ring's hot paths carry no metrics code at all.
+prefill/decode throughput over a recent window. Ring metrics are read at scrape time from one
+`mlxring.ring.snapshot` of the objects that already count (shard actors, links, the head's engine
+and ring monitor), so the ring's hot paths carry no metrics code at all.
 
 Each process's API state owns its own registry (never prometheus_client's global one): several
 runtimes may live in one process, as in the tests.
@@ -31,10 +31,8 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-import mlx.core as mx
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -46,22 +44,16 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 
+from mlxring.ring.snapshot import LinkRow, NodeRow, QueueDepth, RingSnapshot, take
+
 if TYPE_CHECKING:
     from mlxring.ring.runtime import Runtime
-    from mlxring.shard.actor import ShardActor
 
 RATE_WINDOW_S = 10.0  # prefill/decode tokens per second are averaged over this many seconds
 QUANTILES = (0.5, 0.9, 0.99)
-RECENT = 256  # hop and trip samples the quantiles are taken over
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 1.0, 2.5)
 DURATION_BUCKETS = (0.005, 0.025, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
-
-
-@dataclass(frozen=True)
-class QueueDepth:
-    running: int  # requests generating
-    waiting: int  # requests waiting for a generation slot
 
 
 class RateWindow:
@@ -195,26 +187,9 @@ class Metrics:
         return encoder(self.registry), content_type
 
 
-def kv_cache_bytes(actor: ShardActor) -> int:
-    """Bytes held by a shard's KV caches: each request's own, plus the merged caches of its
-    convoys (read defensively: a long prompt chunk on the compute thread may add a request)."""
-    total = 0
-    try:
-        # list() copies in one C call, so a request added meanwhile cannot break the loop.
-        caches = [c for st in list(actor.requests.values()) for c in st.caches]
-        caches += [c for merged in list(actor.convoys.merged.values()) for c in merged]
-    except RuntimeError:  # a dict changed size during the copy: report nothing this time
-        return 0
-    for c in caches:
-        try:
-            total += int(c.nbytes)
-        except (AttributeError, NotImplementedError, TypeError):
-            continue  # a cache kind without nbytes (or not filled yet) counts as empty
-    return total
-
-
 class RingCollector(Collector):
-    """Ring metrics, read at scrape time from the runtime's own counters."""
+    """Ring metrics, read at scrape time from one snapshot of the runtime (the same snapshot
+    /cluster/status renders)."""
 
     def __init__(
         self,
@@ -229,16 +204,16 @@ class RingCollector(Collector):
         self.decode = decode
 
     def collect(self) -> Iterator[Metric]:
-        yield from self._requests()
-        yield from self._ring()
-        yield from self._nodes()
-        yield from self._links()
+        snap = take(self.rt, self.queue())
+        yield from self._requests(snap)
+        yield from self._ring(snap)
+        yield from self._nodes(snap.nodes)
+        yield from self._links(snap.links)
 
-    def _requests(self) -> Iterator[Metric]:
-        q = self.queue()
-        yield _gauge("mlxring_requests_running", "Requests generating now", q.running)
+    def _requests(self, snap: RingSnapshot) -> Iterator[Metric]:
+        yield _gauge("mlxring_requests_running", "Requests generating now", snap.queue.running)
         yield _gauge(
-            "mlxring_requests_waiting", "Requests waiting for a generation slot", q.waiting
+            "mlxring_requests_waiting", "Requests waiting for a generation slot", snap.queue.waiting
         )
         yield _gauge(
             "mlxring_prefill_tokens_per_second",
@@ -250,50 +225,43 @@ class RingCollector(Collector):
             f"Tokens decoded per second over the last {RATE_WINDOW_S:g} s",
             self.decode.rate(),
         )
-        engine = self.rt.engine
-        if engine is not None and engine.trip_s:
+        if snap.decode_trip_samples_s:
             yield _quantiles(
                 "mlxring_decode_trip_seconds",
                 "Head-to-head time of one decode step around the ring (recent steps)",
-                engine.trip_s[-RECENT:],
+                snap.decode_trip_samples_s,
             )
-        if engine is not None and engine.hop_s:
+        if snap.decode_hop_samples_s:
             yield _quantiles(
                 "mlxring_decode_hop_seconds",
                 "Network time of one hop of a decode step: its trip less the time it spent "
                 "inside processes, per hop (recent steps)",
-                engine.hop_s[-RECENT:],
+                snap.decode_hop_samples_s,
             )
 
-    def _ring(self) -> Iterator[Metric]:
-        rt = self.rt
+    def _ring(self, snap: RingSnapshot) -> Iterator[Metric]:
         info = GaugeMetricFamily(
             "mlxring_cluster_info",
             "The cluster, its model and its head as this node sees them",
             labels=["cluster", "model", "head"],
         )
-        info.add_metric([rt.config.cluster.name, rt.model_name, rt.head_name], 1)
+        info.add_metric([snap.cluster, snap.model, snap.head], 1)
         yield info
         yield _gauge(
             "mlxring_ring_up",
             "1 while this node's part of the ring can serve (on the head: the last probe came "
             "back around the whole ring)",
-            0 if rt.serving_reason() else 1,
+            0 if snap.ring_down else 1,
         )
-        yield _gauge("mlxring_ring_members", "Live nodes in the ring", len(rt.members))
-        monitor = rt.monitor
-        if monitor is not None and monitor.hop_samples:
+        yield _gauge("mlxring_ring_members", "Live nodes in the ring", len(snap.members))
+        if snap.hop_samples_s:
             yield _quantiles(
                 "mlxring_ring_hop_seconds",
                 "Latency of one hop of the head's probe around the ring (recent probes)",
-                monitor.hop_samples[-RECENT:],
+                snap.hop_samples_s,
             )
 
-    def _nodes(self) -> Iterator[Metric]:
-        rt = self.rt
-        names = rt.config.names
-        layout = rt.layout if len(rt.members) == len(rt.plan) else {}
-        reports = rt.monitor.stats if rt.monitor is not None else {}
+    def _nodes(self, nodes: Sequence[NodeRow]) -> Iterator[Metric]:
         labels = ["node"]
         up = GaugeMetricFamily("mlxring_node_up", "1 while the node is reachable", labels=labels)
         member = GaugeMetricFamily(
@@ -305,12 +273,12 @@ class RingCollector(Collector):
         end = GaugeMetricFamily(
             "mlxring_node_layer_end", "One past the last layer the node holds", labels=labels
         )
-        for n in names:
-            up.add_metric([n], 1 if rt.is_up(n) else 0)
-            member.add_metric([n], 1 if n in rt.members else 0)
-            if n in layout:
-                start.add_metric([n], layout[n][0])
-                end.add_metric([n], layout[n][1])
+        for row in nodes:
+            up.add_metric([row.name], 1 if row.reachable else 0)
+            member.add_metric([row.name], 1 if row.member else 0)
+            if row.planned is not None:
+                start.add_metric([row.name], row.planned[0])
+                end.add_metric([row.name], row.planned[1])
         yield from (up, member, start, end)
 
         active = GaugeMetricFamily(
@@ -358,33 +326,31 @@ class RingCollector(Collector):
             "Connections or frames the node's listener refused",
             labels=labels,
         )
-        process_active, process_peak = mx.get_active_memory(), mx.get_peak_memory()
-        for n in names:
-            node = rt.nodes.get(n)
-            if node is not None:
-                actor = node.actor
-                active.add_metric([n], process_active)
-                peak.add_metric([n], process_peak)
-                total.add_metric([n], rt.facts.total_memory_bytes)
-                kv_requests.add_metric([n], len(actor.requests))
-                busy.add_metric([n], actor.busy_s)
-                steps.add_metric([n], actor.steps)
-                kv_bytes.add_metric([n], kv_cache_bytes(actor))
-                mailbox.add_metric([n], actor.backlog)
-                batched.add_metric([n], actor.batches)
-                rows.add_metric([n], actor.batched_rows)
-                rejected.add_metric([n], node.listener.rejected)
-            elif (st := reports.get(n)) is not None:
-                active.add_metric([n], st.active_bytes)
-                peak.add_metric([n], st.peak_bytes)
-                total.add_metric([n], st.total_bytes)
-                kv_requests.add_metric([n], st.requests)
-                busy.add_metric([n], st.busy_s)
-                steps.add_metric([n], st.steps)
+        for row in nodes:
+            n = [row.name]
+            if (here := row.local) is not None:
+                active.add_metric(n, here.active_bytes)
+                peak.add_metric(n, here.peak_bytes)
+                total.add_metric(n, here.total_bytes)
+                kv_requests.add_metric(n, here.requests)
+                busy.add_metric(n, here.busy_s)
+                steps.add_metric(n, here.steps)
+                kv_bytes.add_metric(n, here.kv_bytes)
+                mailbox.add_metric(n, here.mailbox)
+                batched.add_metric(n, here.batched_steps)
+                rows.add_metric(n, here.batched_rows)
+                rejected.add_metric(n, here.rejected)
+            elif (st := row.report) is not None:
+                active.add_metric(n, st.active_bytes)
+                peak.add_metric(n, st.peak_bytes)
+                total.add_metric(n, st.total_bytes)
+                kv_requests.add_metric(n, st.requests)
+                busy.add_metric(n, st.busy_s)
+                steps.add_metric(n, st.steps)
         yield from (active, peak, total, kv_requests, busy, steps)
         yield from (kv_bytes, mailbox, batched, rows, rejected)
 
-    def _links(self) -> Iterator[Metric]:
+    def _links(self, links: Sequence[LinkRow]) -> Iterator[Metric]:
         labels = ["peer"]
         up = GaugeMetricFamily(
             "mlxring_link_up", "1 while the link to the peer is connected", labels=labels
@@ -395,10 +361,10 @@ class RingCollector(Collector):
         rtt = GaugeMetricFamily(
             "mlxring_link_rtt_seconds", "Last heartbeat round trip to the peer", labels=labels
         )
-        for name, peer in self.rt.peers.items():
-            up.add_metric([name], 1 if peer.up else 0)
-            reconnects.add_metric([name], peer.reconnects)
-            rtt.add_metric([name], peer.rtt_s)
+        for link in links:
+            up.add_metric([link.peer], 1 if link.up else 0)
+            reconnects.add_metric([link.peer], link.reconnects)
+            rtt.add_metric([link.peer], link.rtt_s)
         yield from (up, reconnects, rtt)
 
 

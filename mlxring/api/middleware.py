@@ -1,0 +1,98 @@
+"""The middleware every request passes: its id, the API key, errors as OpenAI bodies, and one
+log line and one metrics record per request.
+
+With an API key set, every endpoint needs it but /health and the web page's files (they hold no
+data; the page asks for the key).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import re
+import time
+import uuid
+
+import structlog
+from aiohttp import web
+
+from mlxring.api.errors import ApiError, http_error, internal_error
+from mlxring.api.proxy import FORWARDED_RID
+from mlxring.api.state import ARRIVED, NOTES, RID, STATE, ApiState, Handler
+
+log = structlog.get_logger()
+
+_RID_OK = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+# Routes served without the API key: the web page and its files hold no data.
+PUBLIC_ROUTES = frozenset({"web-index", "web-file"})
+# Successful GETs of these routes log at debug: the web page polls status every second.
+QUIET_ROUTES = frozenset({"health", "cluster-status", "metrics", "web-index", "web-file"})
+
+
+@web.middleware
+async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    state = request.app[STATE]
+    rid = uuid.uuid4().hex[:16]
+    request[RID] = rid
+    upstream = request.headers.get(FORWARDED_RID, "")
+    t0 = time.perf_counter()
+    request[ARRIVED] = time.monotonic()
+    with structlog.contextvars.bound_contextvars(
+        rid=rid, **({"via_rid": upstream} if _RID_OK.match(upstream) else {})
+    ):
+        try:
+            _check_auth(request, state)
+            resp = await handler(request)
+        except ApiError as e:
+            resp = e.response()
+        except web.HTTPException as e:
+            if e.status < 400:
+                raise
+            resp = http_error(e, request, state.api.max_body_bytes).response()
+        except asyncio.CancelledError:
+            # The client hung up (aiohttp cancels its handler); 499 as nginx logs it.
+            _log_request(request, 499, t0)
+            raise
+        except Exception:  # never a traceback or a path in a body: details go to the log
+            log.exception("request_failed", method=request.method, path=request.path)
+            resp = internal_error().response()
+        if not resp.prepared:
+            resp.headers["X-Request-Id"] = rid
+        _log_request(request, resp.status, t0)
+        return resp
+
+
+def _log_request(request: web.Request, status: int, t0: float) -> None:
+    seconds = time.perf_counter() - t0
+    notes = request.get(NOTES, {})
+    route = request.match_info.route
+    resource = route.resource
+    endpoint = resource.canonical if resource is not None else "other"
+    request.app[STATE].metrics.request_done(
+        endpoint, request.method, status, seconds, notes.get("finish_reason")
+    )
+    quiet = status < 400 and route.name in QUIET_ROUTES
+    (log.debug if quiet else log.info)(
+        "http_request",
+        method=request.method,
+        path=request.path,
+        status=status,
+        ms=round(seconds * 1000, 1),
+        **notes,
+    )
+
+
+def _check_auth(request: web.Request, state: ApiState) -> None:
+    key = state.api.api_key
+    if not key or request.path == "/health" or request.match_info.route.name in PUBLIC_ROUTES:
+        return
+    header = request.headers.get("Authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise ApiError(
+            401,
+            "You didn't provide an API key. Send it as 'Authorization: Bearer YOUR_KEY'.",
+            code="invalid_api_key",
+        )
+    if not hmac.compare_digest(token.strip().encode(), key.encode()):
+        raise ApiError(401, "Incorrect API key provided.", code="invalid_api_key")

@@ -1,0 +1,421 @@
+"""What a generation request may say: parsing and checking its JSON into a GenerationRequest.
+
+Every field this server knows is checked here, and every error names its `param` as OpenAI's
+do; unknown fields are ignored, as OpenAI does. The body is read with its size limit
+(`read_body`) and parsed as strict JSON (`parse_json_body`) before `parse_generation` reads it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, Literal, TypeGuard
+
+from aiohttp import web
+
+from mlxring.api.errors import ApiError, body_too_large, invalid
+from mlxring.protocol.messages import SamplingParams
+
+Kind = Literal["chat", "completion"]
+
+MAX_STOP = 4
+MAX_TOP_LOGPROBS_CHAT = 20
+MAX_LOGPROBS_COMPLETION = 5
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
+
+
+@dataclass(frozen=True)
+class ChatMessage:
+    role: str
+    content: str
+    tool_call_id: str | None = None
+
+    def template_dict(self) -> dict[str, str]:
+        # "developer" is OpenAI's newer name for "system"; chat templates know only the latter.
+        role = "system" if self.role == "developer" else self.role
+        out = {"role": role, "content": self.content}
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
+        return out
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    kind: Kind
+    model: str | None
+    params: SamplingParams
+    max_tokens: int | None  # None: up to the end of the context
+    stop: tuple[str, ...]
+    stream: bool
+    include_usage: bool
+    messages: tuple[ChatMessage, ...] = ()  # chat
+    prompt_text: str | None = None  # completion, as text
+    prompt_ids: tuple[int, ...] | None = None  # completion, as token ids
+    # Extension (as in vLLM): keep generating past EOS, for benchmarks of fixed length.
+    ignore_eos: bool = False
+
+    @property
+    def prompt_param(self) -> str:
+        return "messages" if self.kind == "chat" else "prompt"
+
+
+def _type_name(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int):
+        return "an integer"
+    if isinstance(value, float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, dict):
+        return "an object"
+    return type(value).__name__
+
+
+def _wrong_type(param: str, expected: str, value: Any) -> ApiError:
+    return invalid(
+        param,
+        f"Invalid type for '{param}': expected {expected}, but got {_type_name(value)} instead.",
+        code="invalid_type",
+    )
+
+
+def _is_int(v: Any) -> TypeGuard[int]:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+class Fields:
+    """Typed access to one JSON object's fields; every error names its `param`.
+
+    A field that is absent or null reads as None (OpenAI treats null as "not given")."""
+
+    def __init__(self, data: dict[str, Any], prefix: str = "") -> None:
+        self.data = data
+        self.prefix = prefix
+
+    def name(self, key: str) -> str:
+        return f"{self.prefix}{key}"
+
+    def raw(self, key: str) -> Any:
+        return self.data.get(key)
+
+    def boolean(self, key: str, default: bool = False) -> bool:
+        v = self.data.get(key)
+        if v is None:
+            return default
+        if not isinstance(v, bool):
+            raise _wrong_type(self.name(key), "a boolean", v)
+        return v
+
+    def integer(self, key: str, *, lo: int | None = None, hi: int | None = None) -> int | None:
+        v = self.data.get(key)
+        if v is None:
+            return None
+        if not _is_int(v):
+            raise _wrong_type(self.name(key), "an integer", v)
+        _check_range(self.name(key), v, lo, hi)
+        return int(v)
+
+    def number(
+        self, key: str, *, lo: float, hi: float | None, lo_open: bool = False
+    ) -> float | None:
+        v = self.data.get(key)
+        if v is None:
+            return None
+        if isinstance(v, bool) or not isinstance(v, int | float):
+            raise _wrong_type(self.name(key), "a number", v)
+        x = float(v)
+        if (x <= lo if lo_open else x < lo) or (hi is not None and x > hi):
+            left = "(" if lo_open else "["
+            right = f"{hi:g}]" if hi is not None else "inf)"
+            raise invalid(
+                self.name(key),
+                f"Invalid value for '{self.name(key)}': {v} is not in {left}{lo:g}, {right}.",
+            )
+        return x
+
+    def string(self, key: str) -> str | None:
+        v = self.data.get(key)
+        if v is None:
+            return None
+        if not isinstance(v, str):
+            raise _wrong_type(self.name(key), "a string", v)
+        return v
+
+
+def _check_range(param: str, v: int, lo: int | None, hi: int | None) -> None:
+    if lo is not None and v < lo:
+        raise invalid(param, f"Invalid value for '{param}': {v} is below the minimum of {lo}.")
+    if hi is not None and v > hi:
+        raise invalid(param, f"Invalid value for '{param}': {v} is above the maximum of {hi}.")
+
+
+def parse_json_body(raw: bytes) -> dict[str, Any]:
+    def no_constants(name: str) -> Any:
+        raise ValueError(f"{name} is not valid JSON")
+
+    try:
+        data = json.loads(raw, parse_constant=no_constants)
+    except (ValueError, RecursionError):
+        raise invalid(
+            None,
+            "We could not parse the JSON body of your request. The body must be a JSON object.",
+            code="invalid_json",
+        ) from None
+    if not isinstance(data, dict):
+        raise invalid(
+            None, f"The request body must be a JSON object, not {_type_name(data)}.", "invalid_json"
+        )
+    return data
+
+
+def _parse_messages(value: Any) -> tuple[ChatMessage, ...]:
+    if value is None:
+        raise invalid("messages", "Missing required parameter: 'messages'.", "missing_required")
+    if not isinstance(value, list):
+        raise _wrong_type("messages", "an array", value)
+    if not value:
+        raise invalid("messages", "'messages' must be a non-empty array.", "empty_array")
+    out = []
+    for i, m in enumerate(value):
+        p = f"messages[{i}]"
+        if not isinstance(m, dict):
+            raise _wrong_type(p, "an object", m)
+        f = Fields(m, p + ".")
+        role = f.string("role")
+        if role is None:
+            raise invalid(f"{p}.role", f"Missing required parameter: '{p}.role'.")
+        if role not in CHAT_ROLES:
+            raise invalid(
+                f"{p}.role",
+                f"Invalid value for '{p}.role': {role!r}; supported: {', '.join(CHAT_ROLES)}.",
+            )
+        content = _parse_content(f"{p}.content", m.get("content"), role)
+        out.append(ChatMessage(role, content, f.string("tool_call_id")))
+    return tuple(out)
+
+
+def _parse_content(param: str, value: Any, role: str) -> str:
+    if value is None:
+        if role == "assistant":  # an assistant turn that only called tools
+            return ""
+        raise invalid(param, f"Missing required parameter: '{param}'.", "missing_required")
+    if isinstance(value, str):
+        return value
+    if not isinstance(value, list):
+        raise _wrong_type(param, "a string or an array of content parts", value)
+    parts = []
+    for j, part in enumerate(value):
+        pp = f"{param}[{j}]"
+        if not isinstance(part, dict):
+            raise _wrong_type(pp, "an object", part)
+        if part.get("type") != "text":
+            raise invalid(
+                f"{pp}.type",
+                f"Unsupported content part type {part.get('type')!r} in '{pp}': this server "
+                "serves a text model and accepts only parts of type 'text'.",
+            )
+        text = Fields(part, pp + ".").string("text")
+        if text is None:
+            raise invalid(f"{pp}.text", f"Missing required parameter: '{pp}.text'.")
+        parts.append(text)
+    return "".join(parts)
+
+
+def _parse_stop(value: Any) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list):
+        raise _wrong_type("stop", "a string or an array of strings", value)
+    if len(items) > MAX_STOP:
+        raise invalid("stop", f"'stop' may hold at most {MAX_STOP} strings, got {len(items)}.")
+    for i, s in enumerate(items):
+        if not isinstance(s, str):
+            raise _wrong_type(f"stop[{i}]", "a string", s)
+        if not s:
+            raise invalid(f"stop[{i}]", "Stop strings must not be empty.")
+    return tuple(items)
+
+
+def _parse_logit_bias(value: Any, vocab_size: int) -> tuple[tuple[int, float], ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, dict):
+        raise _wrong_type("logit_bias", "an object", value)
+    out = []
+    for key, bias in value.items():
+        try:
+            token = int(key)
+        except ValueError:
+            raise invalid(
+                "logit_bias", f"Invalid key {key!r} in 'logit_bias': keys are token ids."
+            ) from None
+        if not 0 <= token < vocab_size:
+            raise invalid(
+                "logit_bias",
+                f"Invalid key {key!r} in 'logit_bias': token ids are 0..{vocab_size - 1}.",
+            )
+        if isinstance(bias, bool) or not isinstance(bias, int | float):
+            raise _wrong_type(f"logit_bias.{key}", "a number", bias)
+        if not -100 <= bias <= 100:
+            raise invalid(
+                f"logit_bias.{key}",
+                f"Invalid value for 'logit_bias.{key}': {bias} is not in [-100, 100].",
+            )
+        out.append((token, float(bias)))
+    return tuple(out)
+
+
+def _parse_prompt(value: Any, vocab_size: int) -> tuple[str | None, tuple[int, ...] | None]:
+    """A completions prompt: a string, or token ids; a one-element batch of either."""
+    if value is None:
+        raise invalid("prompt", "Missing required parameter: 'prompt'.", "missing_required")
+    if isinstance(value, str):
+        return value, None
+    if not isinstance(value, list):
+        raise _wrong_type("prompt", "a string or an array", value)
+    if not value:
+        raise invalid("prompt", "'prompt' must not be empty.")
+    if all(_is_int(t) for t in value):
+        return None, _token_ids("prompt", value, vocab_size)
+    if len(value) != 1:
+        raise invalid("prompt", "This server takes one prompt per request, not a batch.")
+    (one,) = value
+    if isinstance(one, str):
+        return one, None
+    if isinstance(one, list) and one and all(_is_int(t) for t in one):
+        return None, _token_ids("prompt[0]", one, vocab_size)
+    raise _wrong_type("prompt[0]", "a string or an array of token ids", one)
+
+
+def _token_ids(param: str, ids: list[int], vocab_size: int) -> tuple[int, ...]:
+    for t in ids:
+        if not 0 <= t < vocab_size:
+            raise invalid(param, f"Token id {t} in '{param}' is not in 0..{vocab_size - 1}.")
+    return tuple(ids)
+
+
+def parse_generation(kind: Kind, data: dict[str, Any], vocab_size: int) -> GenerationRequest:
+    """Check every field this server knows; unknown fields are ignored, as OpenAI does."""
+    f = Fields(data)
+    model = f.string("model")
+    n = f.integer("n")
+    if n is not None and n != 1:
+        raise invalid("n", f"Only n=1 is supported (one choice per request), got n={n}.")
+    stream = f.boolean("stream")
+    include_usage = False
+    opts = data.get("stream_options")
+    if opts is not None:
+        if not isinstance(opts, dict):
+            raise _wrong_type("stream_options", "an object", opts)
+        include_usage = Fields(opts, "stream_options.").boolean("include_usage")
+
+    max_tokens = f.integer("max_tokens", lo=1)
+    if kind == "chat":
+        max_tokens = f.integer("max_completion_tokens", lo=1) or max_tokens
+
+    temperature = f.number("temperature", lo=0, hi=2)
+    top_p = f.number("top_p", lo=0, hi=1, lo_open=True)
+    top_k = f.integer("top_k", lo=0)
+    min_p = f.number("min_p", lo=0, hi=1)
+    repetition_penalty = f.number("repetition_penalty", lo=0, hi=10, lo_open=True)
+    repetition_context_size = f.integer("repetition_context_size", lo=1, hi=1 << 20)
+    presence_penalty = f.number("presence_penalty", lo=-2, hi=2)
+    frequency_penalty = f.number("frequency_penalty", lo=-2, hi=2)
+    seed = f.integer("seed", lo=-(1 << 63), hi=(1 << 64) - 1)
+    logit_bias = _parse_logit_bias(data.get("logit_bias"), vocab_size)
+    stop = _parse_stop(data.get("stop"))
+
+    logprobs: int | None
+    if kind == "chat":
+        want = f.boolean("logprobs")
+        top = f.integer("top_logprobs", lo=0, hi=MAX_TOP_LOGPROBS_CHAT)
+        if top is not None and not want:
+            raise invalid("top_logprobs", "'top_logprobs' requires 'logprobs' to be true.")
+        logprobs = (top or 0) if want else None
+    else:
+        logprobs = f.integer("logprobs", lo=0, hi=MAX_LOGPROBS_COMPLETION)
+
+    params = SamplingParams(
+        temperature=temperature if temperature is not None else 0.0,
+        top_p=top_p if top_p is not None else 1.0,
+        # mlx-lm refuses top_k >= vocab (and the failure would poison the shard's PRNG state);
+        # keeping that many tokens is no filter at all.
+        top_k=top_k if top_k is not None and top_k < vocab_size else 0,
+        min_p=min_p or 0.0,
+        repetition_penalty=repetition_penalty,
+        repetition_context_size=repetition_context_size or 20,
+        # 0 is OpenAI's "off"; None skips the logits processor altogether.
+        presence_penalty=presence_penalty or None,
+        frequency_penalty=frequency_penalty or None,
+        logit_bias=logit_bias,
+        # mx.random.key takes an unsigned 64-bit seed; negative seeds wrap around.
+        seed=seed % (1 << 64) if seed is not None else None,
+        logprobs=logprobs,
+    )
+    messages: tuple[ChatMessage, ...] = ()
+    text: str | None = None
+    ids: tuple[int, ...] | None = None
+    if kind == "chat":
+        tools = data.get("tools")
+        if tools:  # silently ignoring tools would answer a question the client did not ask
+            raise invalid("tools", "Tool calling is not supported by this server.")
+        fmt = data.get("response_format")
+        if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
+            raise invalid("response_format", "Only response_format type 'text' is supported.")
+        messages = _parse_messages(data.get("messages"))
+    else:
+        if f.boolean("echo"):
+            raise invalid("echo", "'echo' is not supported by this server.")
+        if f.string("suffix"):
+            raise invalid("suffix", "'suffix' is not supported by this server.")
+        best_of = f.integer("best_of")
+        if best_of is not None and best_of != 1:
+            raise invalid("best_of", f"Only best_of=1 is supported, got {best_of}.")
+        text, ids = _parse_prompt(data.get("prompt"), vocab_size)
+    return GenerationRequest(
+        kind=kind,
+        model=model,
+        params=params,
+        max_tokens=max_tokens,
+        stop=stop,
+        stream=stream,
+        include_usage=include_usage,
+        messages=messages,
+        prompt_text=text,
+        prompt_ids=ids,
+        ignore_eos=bool(f.boolean("ignore_eos")),
+    )
+
+
+async def read_body(request: web.Request, limit: int) -> bytes:
+    """The request's body; 413 for one over `limit` bytes, before reading it when it says so."""
+    if request.content_length is not None and request.content_length > limit:
+        raise body_too_large(limit)
+    try:
+        return await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise body_too_large(limit) from None
+
+
+def context_length(model_config: dict[str, Any]) -> int | None:
+    for cfg in (model_config, model_config.get("text_config") or {}):
+        for key in ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length"):
+            v = cfg.get(key)
+            if _is_int(v) and v > 0:
+                return int(v)
+    return None
+
+
+def vocab_size(model_config: dict[str, Any], tokenizer_size: int | None) -> int:
+    """The model's vocabulary size: its config's, else the tokenizer's, else no bound."""
+    v = model_config.get("vocab_size") or (model_config.get("text_config") or {}).get("vocab_size")
+    if _is_int(v) and v > 0:
+        return int(v)
+    return tokenizer_size if tokenizer_size is not None else 1 << 31
