@@ -1,1 +1,2 @@
-"""The head's request lifecycle: prefill and decode around the ring, tokens out."""
+"""The head's request lifecycle (lifecycle: prefill and decode around the ring, tokens out) and
+the text side of generation (text: detokenizing and stop strings)."""

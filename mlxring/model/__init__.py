@@ -1,2 +1,3 @@
 """The model on one node: its family adapter (families), the checkpoint on disk or on the hub
-(source), a shard of its layers (sharded), and random-weight test models (make)."""
+(source), what each checkpoint tensor belongs to (checkpoint), a shard of its layers (sharded),
+and random-weight test models (make)."""

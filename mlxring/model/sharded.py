@@ -17,8 +17,8 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 from mlx_lm.utils import _get_classes, load_model
 
+from mlxring.model.checkpoint import LAYER_KEY, is_head, is_unused
 from mlxring.model.families import Family, FamilyError, Kind, family_of, model_type
-from mlxring.model.source import LAYER_KEY, is_head, is_unused
 
 
 class ModelError(Exception):
@@ -147,8 +147,9 @@ class ShardModel:
         """Run once, on throwaway caches, the kinds of pass a ring makes: a short prompt chunk,
         a decode step, a decode pass of two rows, and greedy sampling on the last shard. MLX
         builds some kernels on first use, which on CUDA takes minutes for a quantized model
-        (benchmarks/RESULTS.md, "First use of a quantized model's kernels"). Built while the shard loads (on the compute thread), they do not hold up a request's
-        first steps, which run on the event loop's thread with every frame and heartbeat."""
+        (benchmarks/RESULTS.md, "First use of a quantized model's kernels"). Built while the
+        shard loads (on the compute thread), they do not hold up a request's first steps, which
+        run on the event loop's thread with every frame and heartbeat."""
         tokens = mx.zeros((1, 1), dtype=mx.int32)
         width = self.family.embed(self._model, tokens)  # lazy: only its shape and dtype are read
 

@@ -1,17 +1,17 @@
 """Where a model's files come from: the embedded demo, a local directory, or a Hugging Face repo
-(downloading only the files a node's layer range needs); and which part of the model (a layer,
-the embedding, the head) each checkpoint tensor belongs to, read from names and headers alone."""
+(downloading only the files a node's layer range needs)."""
 
 from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import tempfile
 from pathlib import Path
 
 import structlog
+
+from mlxring.model.checkpoint import LAYER_KEY, is_head, is_unused, safetensors_sizes
 
 log = structlog.get_logger()
 
@@ -27,41 +27,6 @@ _META_PATTERNS = [
     "*.tiktoken",
     "tiktoken.model",
 ]
-# A transformer layer's tensor, and its index: "model.layers.12.mlp.up_proj.weight".
-LAYER_KEY = re.compile(r"(?:^|\.)layers\.(\d+)\.")
-# Tensors a checkpoint may carry that no text forward pass uses (the families' sanitize drops
-# them): vision towers and projectors of multimodal wrappers, multi-token-prediction layers.
-UNUSED_PREFIXES = (
-    "vision_tower.",
-    "vision_model.",
-    "multi_modal_projector.",
-    "mm_projector.",
-    "model.visual.",
-    "mtp.",
-)
-
-
-def is_unused(key: str) -> bool:
-    return key.startswith(UNUSED_PREFIXES)
-
-
-def is_head(key: str) -> bool:
-    """An output head's tensor (``lm_head``, or llama4's ``output``)."""
-    return "lm_head." in key or key.startswith("output.")
-
-
-def safetensors_sizes(path: Path) -> dict[str, int]:
-    """Tensor name -> bytes, read from a safetensors file's header only."""
-    with open(path, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(n))
-    return {
-        k: v["data_offsets"][1] - v["data_offsets"][0]
-        for k, v in header.items()
-        if k != "__metadata__"
-    }
-
-
 class SourceError(Exception):
     """A model that cannot be found or fetched."""
 
