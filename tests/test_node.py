@@ -5,7 +5,9 @@ from __future__ import annotations
 
 from mlxring.config import parse_config
 from mlxring.model.sharded import ModelInfo
-from mlxring.ring.runtime import Runtime, make_plan, ring_bind_address
+from mlxring.ring.membership import make_plan
+from mlxring.ring.routing import ring_bind_address
+from mlxring.ring.runtime import Runtime
 
 NODES = "\n".join(
     f'[[nodes]]\nname = "n{i}"\nport = {5000 + i}\nlayers = [{a}, {b}]'
