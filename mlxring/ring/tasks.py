@@ -50,7 +50,8 @@ class TaskScope:
 
     def spawn(self, coro: Coroutine[Any, Any, None], name: str = "side") -> None:
         """Run a small side task in the group; its failure is logged and ends only itself."""
-        self.start(self._guarded(coro, name), name)
+        if self.start(self._guarded(coro, name), name) is None:
+            coro.close()
 
     async def close(self) -> None:
         """Cancel every task of the group and wait (up to CLOSE_S) until they have ended."""
