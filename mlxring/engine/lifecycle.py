@@ -17,8 +17,9 @@ import asyncio
 import contextlib
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import structlog
 
@@ -26,6 +27,13 @@ from mlxring.aio import wait_for
 from mlxring.protocol.messages import End, Failure, Forward, Message, SamplingParams, Token
 
 log = structlog.get_logger()
+
+
+class RingEntry(Protocol):
+    """Where the head's messages enter the ring: its own node, the first shard."""
+
+    async def enter(self, msg: Message) -> None:
+        """Hand `msg` to the first shard, as if it had arrived there."""
 
 
 class RingUnavailable(Exception):
@@ -41,15 +49,18 @@ class GeneratedToken:
 
 
 class Engine:
+    """One head's requests: each prompt's steps sent into the ring at `entry`, each returning
+    token handed back to the request that waits for it."""
+
     def __init__(
         self,
-        send_first: Callable[[Message], Awaitable[None]],
+        entry: RingEntry,
         eos_token_ids: Iterable[int],
         prefill_chunk: int = 512,
         step_timeout_s: float = 30.0,
         one_convoy: bool = False,
     ) -> None:
-        self._send = send_first
+        self._entry = entry
         self.eos_token_ids = frozenset(eos_token_ids)
         self.prefill_chunk = prefill_chunk
         self.step_timeout_s = step_timeout_s
@@ -140,7 +151,7 @@ class Engine:
             self._step_sent.pop(rid, None)
             await self._leave_convoy(rid)
             try:
-                await self._send(End(rid))
+                await self._entry.enter(End(rid))
             except Exception as e:  # noqa: BLE001 - the ring may be down; caches expire anyway
                 bound.warning("end_not_sent", error=str(e))
 
@@ -185,7 +196,7 @@ class Engine:
         for f in steps:
             self._step_sent[f.rid] = time.perf_counter()
             try:
-                await self._send(f)
+                await self._entry.enter(f)
             except Exception as e:  # noqa: BLE001 - the ring is down: fail the step's request
                 q = self._streams.get(f.rid)
                 if q is not None:
@@ -193,7 +204,7 @@ class Engine:
 
     async def _step(self, f: Forward) -> None:
         try:
-            await self._send(f)
+            await self._entry.enter(f)
         except Exception as e:  # noqa: BLE001 - any send failure means the ring is down
             raise RingUnavailable(f"cannot reach the first shard: {e}") from None
 

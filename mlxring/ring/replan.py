@@ -1,0 +1,154 @@
+"""Re-planning in one process: the membership watch, and carrying out each membership decision
+here (reload what a local node's new layer range needs, reconfigure the shard actors, start or
+stop the head's engine and monitor). What the decision is, is `membership.decide`'s to say."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+import structlog
+
+from mlxring.aio import wait_for
+from mlxring.config import Config
+from mlxring.engine.lifecycle import Engine
+from mlxring.ring.loading import ModelMeta, load_layers
+from mlxring.ring.membership import CannotPlan, NewRing, convoy_stages, decide, next_in_ring
+from mlxring.ring.monitor import RingMonitor
+from mlxring.ring.plan import Plan
+from mlxring.ring.routing import Router
+from mlxring.ring.tasks import TaskScope
+from mlxring.shard.actor import Reconfigure
+from mlxring.shard.compute import Compute
+
+log = structlog.get_logger()
+
+
+class Replanner:
+    """This process's view of the ring (the plan, why it cannot serve) and its changes; the
+    members, engine and monitor it sets are the router's, which routes by them."""
+
+    def __init__(
+        self,
+        config: Config,
+        router: Router,
+        compute: Compute,
+        tasks: TaskScope,
+        live: Callable[[], tuple[str, ...]],
+        memory_of: Callable[[str], int | None],
+        gates: bool,
+    ) -> None:
+        self.config = config
+        self.router = router
+        self.compute = compute
+        self.tasks = tasks
+        self.live = live  # the nodes up now, in config order
+        self.memory_of = memory_of  # a node's memory where known
+        self.gates = gates
+        self.convoys = config.cluster.convoys
+        self.meta: ModelMeta | None = None  # set before the first decision
+        self.plan: Plan = []  # one range per member
+        self.unavailable = "the ring has not formed yet"  # why the ring cannot serve, or ""
+        self._changed = asyncio.Event()
+        self._replanning = asyncio.Lock()
+        self._monitoring: asyncio.Task[None] | None = None
+
+    @property
+    def layout(self) -> dict[str, tuple[int, int]]:
+        """Each live member's layer range."""
+        return dict(zip(self.router.members, self.plan, strict=True))
+
+    def link_changed(self, up: bool) -> None:
+        """A link to another node went up or down: the watch looks again."""
+        self._changed.set()
+
+    def decide(self) -> NewRing | CannotPlan | None:
+        """What the ring becomes over the nodes live now (None: it stays as it is)."""
+        assert self.meta is not None
+        live = self.live()
+        memory = {n: m for n in live if (m := self.memory_of(n)) is not None}
+        decision = decide(self.config, self.meta.info, live, self.router.members, memory)
+        return decision if isinstance(decision, NewRing | CannotPlan) else None
+
+    async def watch(self) -> None:
+        """Re-plan when the live set changes and stays changed for a heartbeat (so that the
+        survivors, which notice at slightly different moments, settle on the same view)."""
+        settle = self.config.cluster.heartbeat_s
+        while True:
+            try:
+                await wait_for(self._changed.wait(), settle / 2)
+            except TimeoutError:
+                pass
+            self._changed.clear()
+            live = self.live()
+            if live == self.router.members:
+                continue
+            if self.router.engine is not None:
+                self.router.engine.fail_all(f"ring membership changed: live nodes are {list(live)}")
+            self.unavailable = "the ring is re-planning"
+            await asyncio.sleep(settle)
+            decision = self.decide()
+            if decision is not None:
+                await self.apply(decision)
+            else:  # it flapped back: nothing to re-plan
+                self.unavailable = ""
+
+    async def apply(self, decision: NewRing | CannotPlan) -> None:
+        """Carry out a membership decision: reload what changed, (re)start the head."""
+        async with self._replanning:
+            assert self.meta is not None
+            self._stop_head()
+            self.unavailable = "the ring is re-planning"
+            if isinstance(decision, CannotPlan):
+                self.plan, self.router.members = [], ()
+                self.unavailable = decision.reason
+                log.error("replan_failed", live=list(decision.live), error=decision.error)
+                return
+            old = self.layout
+            live = self.router.members = decision.members
+            self.plan = decision.plan
+            log.info("ring_plan", members=list(live), plan=[list(r) for r in self.plan])
+            nodes = self.router.nodes
+            stages = convoy_stages(self.convoys, live, nodes)
+            c = self.config.cluster
+            for name, node in nodes.items():
+                rng = self.layout[name]
+                local = next_in_ring(live, name) in nodes
+                if old.get(name) == rng and node.actor.model is not None:
+                    node.actor.send(Reconfigure(stages=stages, next_local=local))
+                    continue
+                shard = await load_layers(
+                    c.model, self.meta, name, rng, self.compute, c.allow_unverified, self.gates
+                )
+                node.actor.send(Reconfigure(shard, stages, local))
+            self.unavailable = ""
+            if live[0] in nodes:
+                self._start_head(live[0])
+            else:
+                self._stop_head()
+
+    def _start_head(self, name: str) -> None:
+        """Serve from local node `name`, the ring's first: its engine, and a monitor that
+        probes the ring (in the node's task group)."""
+        self._stop_head()
+        assert self.meta is not None
+        head = self.router.nodes[name]
+        c = self.config.cluster
+        engine = Engine(
+            head,
+            self.meta.tokenizer.eos_token_ids,
+            prefill_chunk=c.prefill_chunk,
+            step_timeout_s=c.request_timeout_s,
+            one_convoy=self.convoys == 1,
+        )
+        expected = tuple((n, s, e) for n, (s, e) in self.layout.items())
+        monitor = RingMonitor(self.config, name, expected, head, engine.fail_all)
+        self.router.engine, self.router.monitor = engine, monitor
+        self._monitoring = self.tasks.start(monitor.run(), "ring-monitor")
+
+    def _stop_head(self) -> None:
+        if self.router.engine is not None:
+            self.router.engine.fail_all("this node is no longer the head")
+        if self._monitoring is not None:
+            self._monitoring.cancel()
+        self.router.engine = self.router.monitor = self._monitoring = None
