@@ -7,6 +7,8 @@ import asyncio
 
 from mlxring.config import parse_config
 from mlxring.model.sharded import ModelInfo
+from mlxring.ring.directory import Directory
+from mlxring.ring.machine import DeviceFacts
 from mlxring.ring.membership import make_plan
 from mlxring.ring.routing import ring_bind_address
 from mlxring.ring.runtime import Runtime
@@ -89,3 +91,20 @@ async def test_a_failing_side_task_ends_alone_and_close_ends_the_rest() -> None:
     await scope.close()
     assert watch.cancelled()
     scope.spawn(asyncio.sleep(0))  # after close: not run, and no error
+
+
+def test_a_node_advertises_the_memory_it_plans_with() -> None:
+    """Peers plan with what a node advertises; the node plans with its own memory_of. Without
+    memory_gb both are the memory detected here, or plans would differ across the ring."""
+    config = parse_config(
+        '[cluster]\nmodel = "demo"\n[[nodes]]\nname = "a"\nport = 1\n'
+        '[[nodes]]\nname = "b"\nport = 2\nmemory_gb = 2\n'
+    )
+    facts = DeviceFacts(
+        total_memory_bytes=7 << 30, available_memory_bytes=None, chip="M9", gpu_cores=99,
+        system="Darwin",
+    )  # fmt: skip
+    here = Directory(config, ["a", "b"], facts)
+    a = here.advertised("a", "10.0.0.5")
+    assert (a.memory_bytes, a.address, a.chip) == (7 << 30, "10.0.0.5", "M9")
+    assert here.advertised("b", "10.0.0.5").memory_bytes == here.memory_of("b") == 2 << 30

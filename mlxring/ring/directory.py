@@ -36,23 +36,25 @@ class Directory:
             return
         self.discovery = Discovery(self.config.cluster.name, self.config.cluster.interfaces)
         await self.discovery.start()
-        facts = self.facts
+        address = self.discovery.addresses[0]
         await asyncio.gather(
-            *(
-                self.discovery.advertise(
-                    PeerInfo(
-                        name=n,
-                        cluster=self.config.cluster.name,
-                        address=self.config.node(n).host or self.discovery.addresses[0],
-                        ring_port=self.config.node(n).port,
-                        api_port=self.config.api_port(n),
-                        memory_bytes=self.config.node(n).memory_bytes,
-                        chip=facts.chip,
-                        gpu_cores=facts.gpu_cores,
-                    )
-                )
-                for n in self.names
-            )
+            *(self.discovery.advertise(self.advertised(n, address)) for n in self.names)
+        )
+
+    def advertised(self, name: str, address: str) -> PeerInfo:
+        """What this process tells the others about its node `name`: its memory is what this
+        node plans with (nodes.toml's memory_gb, else the memory detected here), so that every
+        node computes the same plan."""
+        node = self.config.node(name)
+        return PeerInfo(
+            name=name,
+            cluster=self.config.cluster.name,
+            address=node.host or address,
+            ring_port=node.port,
+            api_port=self.config.api_port(name),
+            memory_bytes=self.memory_of(name),
+            chip=self.facts.chip,
+            gpu_cores=self.facts.gpu_cores,
         )
 
     async def wait_for(self, remote: Sequence[str], timeout: float) -> None:
