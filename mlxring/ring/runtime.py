@@ -25,8 +25,8 @@ import structlog
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_lm.utils import load_config, load_tokenizer
 
+from mlxring import backends
 from mlxring.aio import wait_for
-from mlxring.backends.cuda import gate
 from mlxring.config import BUSY_POLL_MIN_CORES, Config, NodeConfig
 from mlxring.engine.lifecycle import Engine
 from mlxring.model import source
@@ -261,6 +261,7 @@ class Runtime:
         # A waiting gate holds the compute thread's stream, and any device-wide sync, until it
         # opens: another shard of this process could wait on it for its own input.
         self.gates = config.cluster.gates and len(self.names) == 1
+        self.backend: backends.Backend = backends.Plain()  # the one `start` picks
         self.clock = StepClock()  # per-hop timing of decode steps passing this process
         self._tasks: list[asyncio.Task[None]] = []
         self._side_tasks: set[asyncio.Task[None]] = set()
@@ -313,6 +314,8 @@ class Runtime:
         self.tokenizer = load_tokenizer(meta, eos_token_ids=self.model_config.get("eos_token_id"))
         if self._needs_discovery():
             await self._start_discovery()
+        # Finding out whether gates work compiles their kernel: on the compute thread.
+        self.backend = await self.compute.run(backends.pick, self.gates)
         for name in self.names:
             actor = ShardActor(
                 name,
@@ -322,7 +325,7 @@ class Runtime:
                 self.config.cluster.request_timeout_s,
                 self.config.cluster.max_batch,
                 self.facts.total_memory_bytes,
-                self.gates,
+                self.backend,
             )
             self.nodes[name] = node = LocalNode(self, self.config.node(name), actor)
             actor.start()
@@ -554,9 +557,6 @@ class Runtime:
                     load_shard, path, *rng, self.config.cluster.allow_unverified
                 )
                 await self.compute.run(shard.warm_up)
-                if self.gates:
-                    # Compiles the gate kernel now, not on a first decode step (about 1.5 s).
-                    await self.compute.run(gate.works)
                 log.info(
                     "shard_loaded",
                     node=name,
