@@ -112,7 +112,7 @@ class ShardActor(Actor[Message | Sweep | Reconfigure]):
                 if not self.requests:
                     # Hand freed buffers back once idle, so that processes sharing one GPU do
                     # not starve each other. Not at each request's end: the next one would
-                    # allocate its prompt's buffers anew (10-15 ms of a 2048-token TTFT on CUDA).
+                    # allocate its prompt's buffers anew, on its time to first token.
                     mx.clear_cache()
             case _:
                 self.log.warning("unexpected_message", message=type(msg).__name__)
@@ -131,9 +131,9 @@ class ShardActor(Actor[Message | Sweep | Reconfigure]):
         s = self.stepper
         outs: list[Message | None]
         if len(parts) == 1 and isinstance(msg, Forward):
-            # A prompt chunk of a new length may make MLX build kernels first (on CUDA, 19 s
-            # for a quantized model's 16-token chunk after warm_up's 4-token one): off the
-            # loop, frames and heartbeats go on meanwhile.
+            # A prompt chunk of a new length may make MLX build kernels first (seconds for a
+            # quantized model: `benchmarks/first_steps.py`): off the loop, frames and
+            # heartbeats go on meanwhile.
             run = self.compute.run_here if msg.is_decode else self.compute.run
             outs = [await run(self._timed, functools.partial(s.step, built=built), msg)]
         else:
