@@ -410,3 +410,21 @@ def test_a_process_picks_its_backend_from_the_device_and_the_gates_setting() -> 
     assert placeholders_work()
     assert isinstance(pick(gates=False), Placeholders) and not pick(gates=False).launches
     assert pick(gates=True).launches == gate.works()
+
+
+def test_a_large_tensor_read_through_mx_load_equals_the_plain_way() -> None:
+    """CUDA's backend reads a prompt chunk's activations through mx.load (one transfer to the
+    device); run here on the CPU, it gives the plain way's array, dtype and bits."""
+    import mlx.core as mx
+
+    from mlxring.backends.cuda import load
+    from mlxring.protocol import codec as wire
+    from mlxring.protocol.messages import Tensor
+
+    h = mx.random.normal((1, 300, 2048)).astype(mx.bfloat16)
+    dtype, shape, view = wire.tensor_view(h)
+    t = Tensor(dtype, shape, bytes(view))
+    assert len(t.data) >= load.LOAD_MIN_BYTES
+    got, plain = load.to_array(t), wire.to_array(t)
+    assert got.dtype == plain.dtype == mx.bfloat16 and got.shape == plain.shape
+    assert mx.array_equal(got.view(mx.uint16), plain.view(mx.uint16)).item()
