@@ -1,7 +1,7 @@
 """What a batched decode pass costs on this device, without sockets or processes.
 
 Three parts (`--parts`):
-- steps: one decode pass of B requests (merged KV caches, as `shard/actor.py`'s convoys) through
+- steps: one decode pass of B requests (merged KV caches, as `shard/convoys.py`'s) through
   the model split into shards run one after the other, and through it whole: the host's time
   building each shard's graph and the time evaluating it. What bounds the ring's aggregate.
 - ops: the ops a pass is made of as the batch grows: a bf16 matmul of M rows, attention over

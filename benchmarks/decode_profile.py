@@ -30,10 +30,8 @@ import mlx.core as mx  # noqa: E402
 from mlx_lm import load  # noqa: E402
 from mlx_lm.generate import generate_step  # noqa: E402
 
-from mlxring.backends.cuda import (
-    ahead,  # noqa: E402
-    gate,  # noqa: E402
-)
+from mlxring.backends import placeholder  # noqa: E402
+from mlxring.backends.cuda import ahead, gate  # noqa: E402
 from mlxring.commands.bench import make_prompt  # noqa: E402
 from mlxring.model.sharded import ShardModel  # noqa: E402
 from mlxring.model.source import cache_dir  # noqa: E402
@@ -91,26 +89,29 @@ def through_prebuilt(
         f = Forward("r", k, (prompt[-1] if k == 0 else out[-1],), True, layer=0)
         for i, s in enumerate(shards):
             t = time.perf_counter()
-            spec = ahead.input_of(f, 1, s.is_first)
+            spec = placeholder.input_of(f, 1, s.is_first)
             assert spec is not None
             shape, dtype = spec
-            slot = ahead.place([("r", k)], caches[i], shape, dtype, gated=gated)
-            built = ahead.build(s, caches[i], slot)
+            slot = placeholder.place([("r", k)], shape, dtype, s.is_first)
+            built: placeholder.Prebuilt | ahead.Launched
             if gated:
+                built = ahead.launch(s, caches[i], ahead.hold(slot, caches[i]))
                 time.sleep(0.0005)  # in a ring the input comes later: let the device reach the gate
+            else:
+                built = placeholder.build(s, caches[i], slot)
             t_built = time.perf_counter()
-            assert ahead.fill(built.slot, [f], s.is_first)
-            if built.slot.flag is not None:
-                built.slot.flag.open(gate.OPEN)
+            assert placeholder.fill(slot, [f])
+            if isinstance(built, ahead.Launched):
+                built.hold.flag.open(gate.OPEN)
                 mx.eval(built.h, built.status)
-                if built.status is None or built.status.item() != gate.OPEN:
+                if built.status.item() != gate.OPEN:
                     # The launch waited for the device (MLX does on its first steps) until the
                     # gate gave up; a ring opens gates from another thread. Build it again.
                     print(f"gate gave up at step {k}, shard {i}", file=sys.stderr)
-                    ahead.take_back(built.caches, built.slot)
-                    slot = ahead.place([("r", k)], caches[i], shape, dtype, gated=False)
-                    built = ahead.build(s, caches[i], slot)
-                    assert ahead.fill(built.slot, [f], s.is_first)
+                    ahead.take_back(built.caches, built.hold.marks)
+                    slot = placeholder.place([("r", k)], shape, dtype, s.is_first)
+                    built = placeholder.build(s, caches[i], slot)
+                    assert placeholder.fill(slot, [f])
             caches[i] = built.caches
             if s.is_last:
                 logits = s.logits(built.h)

@@ -14,7 +14,6 @@ from collections.abc import Sequence
 
 import mlx.core as mx
 
-from mlxring.backends.cuda import gate
 from mlxring.config import Config, ConfigError, load_config_or_exit
 from mlxring.log import setup_logging
 from mlxring.model import make as makemodel
@@ -99,7 +98,7 @@ async def _serve(config: Config, names: list[str]) -> int:
         nodes=names,
         plan=[list(r) for r in runtime.plan],
         busy_poll=runtime.busy_poll,
-        gates=runtime.gates and gate.works(),
+        gates=runtime.backend.launches,
     )
     await stop.wait()
     log.info("node_stopping")

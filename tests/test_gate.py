@@ -9,14 +9,26 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
+from mlxring.backends import pick
 from mlxring.backends.cuda import ahead, gate
-from mlxring.model.sharded import load_shard
-from mlxring.protocol.messages import End, Forward, ForwardBatch, Message
+from mlxring.model.sharded import ShardModel, load_shard
+from mlxring.protocol.messages import End, Forward, ForwardBatch, Message, Send
 from mlxring.shard.actor import ShardActor
+from mlxring.shard.step import Stepper
 
 from .ringutil import compute, nowhere, recorder, tiny_model
 
 pytestmark = pytest.mark.skipif(not gate.works(), reason="gates need MLX's CUDA backend")
+
+
+def shard(name: str, model: ShardModel, send: Send = nowhere, gates: bool = True) -> ShardActor:
+    """A shard actor with the backend its process would pick: gates, unless told not to."""
+    return ShardActor(name, model, send, compute(), backend=pick(gates))
+
+
+def stepper(name: str, model: ShardModel) -> Stepper:
+    """Steps computed on arrival, to compare with."""
+    return Stepper(name, model, pick(gates=False))
 
 
 def _slot(values: list[int]) -> mx.array:
@@ -68,30 +80,30 @@ async def test_launched_steps_give_what_computing_them_on_arrival_gives(
     path = tiny_model("qwen3")
     prompt = Forward("r", 0, tuple(range(1, 9)), False)
     decodes = [Forward("r", 1 + i, (t,), True) for i, t in enumerate((9, 4, 17, 2, 30, 8))]
-    first = ShardActor("f", load_shard(path, 0, 1), nowhere, compute())
+    first = stepper("f", load_shard(path, 0, 1))
     steps = [first.step(f) for f in [prompt, *decodes]]
     sent, keep = recorder()
 
-    mid = ShardActor("m", load_shard(path, 1, 2), keep, compute())
-    ref = ShardActor("d", load_shard(path, 1, 2), nowhere, compute())
+    mid = shard("m", load_shard(path, 1, 2), keep)
+    ref = stepper("d", load_shard(path, 1, 2))
     want = []
     for i, f in enumerate(steps):
         assert isinstance(f, Forward)
         want.append(ref.step(f))
         if i == 3:  # another message first: the launched step is cancelled
-            assert isinstance(mid._ahead, ahead.Launch)
+            assert isinstance(mid._built, ahead.Launch)
             await mid.handle(End("someone-else"))
-            assert mid._ahead is None and sent.pop() == End("someone-else")
+            assert mid._built is None and sent.pop() == End("someone-else")
         if i == 4:
             monkeypatch.setattr(gate, "LIMIT_S", 0.05)  # the step launched next gives up early
         if i == 5:  # its input comes after the gate gave up
-            assert isinstance(mid._ahead, ahead.Launch)
-            await mid._ahead.task
+            assert isinstance(mid._built, ahead.Launch)
+            await mid._built.task
             await asyncio.sleep(0.3)
         await mid.handle(f)
         if f.is_decode:
-            assert isinstance(mid._ahead, ahead.Launch)
-            assert mid._ahead.slot.rows == (("r", f.seq + 1),)
+            assert isinstance(mid._built, ahead.Launch)
+            assert mid._built.rows == (("r", f.seq + 1),)
     assert len(sent) == len(want)
     for got, exp in zip(sent, want, strict=True):
         assert isinstance(got, Forward) and isinstance(exp, Forward)
@@ -105,32 +117,32 @@ async def test_a_convoys_launched_passes_give_what_computing_them_on_arrival_giv
     also after one request ends while a pass is launched (it is cancelled and the merged
     caches are taken back before the other request goes on alone)."""
     path = tiny_model("qwen3")
-    first = ShardActor("f", load_shard(path, 0, 1), nowhere, compute())
+    first = stepper("f", load_shard(path, 0, 1))
     sent, keep = recorder()
 
-    mid = ShardActor("m", load_shard(path, 1, 2), keep, compute())
-    ref = ShardActor("d", load_shard(path, 1, 2), nowhere, compute(), gates=False)
+    mid = shard("m", load_shard(path, 1, 2), keep)
+    ref = shard("d", load_shard(path, 1, 2), gates=False)
     want: list[Message | None] = []
     prompts = {"a": (1, 2, 3, 4, 5), "b": (7, 8, 9)}
     for rid, tokens in prompts.items():
         f = first.step(Forward(rid, 0, tokens, False))
         assert isinstance(f, Forward)
-        want.append(ref.step(f))
+        want.append(ref.stepper.step(f))
         await mid.handle(f)
     for k, (ta, tb) in enumerate(((11, 12), (13, 14), (15, 16), (17, 18)), start=1):
         (fb,) = first.step_batch([Forward("a", k, (ta,), True), Forward("b", k, (tb,), True)])
         assert isinstance(fb, ForwardBatch)
-        want += ref.step_batch([fb])
+        want += ref.stepper.step_batch([fb])
         await mid.handle(fb)
-        assert isinstance(mid._ahead, ahead.Launch)
-        assert mid._ahead.slot.rows == (("a", k + 1), ("b", k + 1))
+        assert isinstance(mid._built, ahead.Launch)
+        assert mid._built.rows == (("a", k + 1), ("b", k + 1))
     await mid.handle(End("b"))  # a launched pass is cancelled, the convoy's caches taken back
     sent.pop()
     ref._forget("b")
     for k, t in enumerate((19, 20), start=5):
         f = first.step(Forward("a", k, (t,), True))
         assert isinstance(f, Forward)
-        want.append(ref.step(f))
+        want.append(ref.stepper.step(f))
         await mid.handle(f)
     assert len(sent) == len(want)
     for got, exp in zip(sent, want, strict=True):
@@ -148,8 +160,8 @@ async def test_the_first_shard_launches_a_convoys_next_pass_from_its_tokens() ->
     path = tiny_model("qwen3")
     sent, keep = recorder()
 
-    first = ShardActor("f", load_shard(path, 0, 1), keep, compute())
-    ref = ShardActor("d", load_shard(path, 0, 1), nowhere, compute(), gates=False)
+    first = shard("f", load_shard(path, 0, 1), keep)
+    ref = stepper("d", load_shard(path, 0, 1))
     want: list[Message | None] = []
     for rid, tokens in {"a": (1, 2, 3, 4, 5), "b": (7, 8, 9)}.items():
         want.append(ref.step(Forward(rid, 0, tokens, False)))
@@ -164,8 +176,8 @@ async def test_the_first_shard_launches_a_convoys_next_pass_from_its_tokens() ->
             first.send(fb)
             await first.handle(fa)
         assert not first.backlog
-        assert isinstance(first._ahead, ahead.Launch)
-        launched = first._ahead.slot.rows
+        assert isinstance(first._built, ahead.Launch)
+        launched = first._built.rows
         assert sorted(launched) == [("a", k + 1), ("b", k + 1)]
     assert len(sent) == len(want)
     for got, exp in zip(sent, want, strict=True):

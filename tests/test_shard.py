@@ -7,10 +7,21 @@ from typing import cast
 
 import pytest
 
-from mlxring.backends.cuda import ahead
-from mlxring.model.sharded import load_shard
-from mlxring.protocol.messages import End, Forward, ForwardBatch, Message, SamplingParams, Token
-from mlxring.shard.actor import Reconfigure, ShardActor, make_request_state
+from mlxring.backends import pick
+from mlxring.backends.placeholder import Prebuilt
+from mlxring.model.sharded import ShardModel, load_shard
+from mlxring.protocol.messages import (
+    End,
+    Forward,
+    ForwardBatch,
+    Message,
+    SamplingParams,
+    Send,
+    Token,
+)
+from mlxring.shard.actor import ShardActor
+from mlxring.shard.state import Reconfigure, make_request_state
+from mlxring.shard.step import Stepper
 
 from .ringutil import (
     CONCURRENT_TEXTS,
@@ -23,9 +34,19 @@ from .ringutil import (
 )
 
 
+def shard(name: str, model: ShardModel, send: Send = nowhere, gates: bool = True) -> ShardActor:
+    """A shard actor with the backend its process would pick (gates where they work)."""
+    return ShardActor(name, model, send, compute(), backend=pick(gates))
+
+
+def stepper(name: str, model: ShardModel) -> Stepper:
+    """Steps computed on arrival, to compare with."""
+    return Stepper(name, model, pick(gates=False))
+
+
 def shard_with_requests(*rids: str) -> ShardActor:
     model = load_shard(tiny_model("qwen3"), 0, 3)
-    actor = ShardActor("n0", model, nowhere, compute())
+    actor = shard("n0", model, nowhere)
     for rid in rids:
         actor.requests[rid] = make_request_state(model, None, 0.0)
     return actor
@@ -80,19 +101,19 @@ def test_convoys_taking_turns_keep_their_merged_caches() -> None:
     """Two convoys alternating on a shard (one per stage, or requests that started apart) each
     reuse their merged caches; merging anew every step copied every cache (c16 fell 2x)."""
     model = load_shard(tiny_model("qwen3"), 0, 3)
-    actor = ShardActor("n0", model, nowhere, compute())
+    actor = shard("n0", model, nowhere)
     for rid in "abcd":
-        actor.step(Forward(rid, 0, (1, 2, 3), True))  # a 3-token prompt
-    actor.step_batch([decode("a", 1), decode("b", 1)])
+        actor.stepper.step(Forward(rid, 0, (1, 2, 3), True))  # a 3-token prompt
+    actor.stepper.step_batch([decode("a", 1), decode("b", 1)])
     ab = actor.convoys.merged[("a", "b")]
-    actor.step_batch([decode("c", 1), decode("d", 1)])
+    actor.stepper.step_batch([decode("c", 1), decode("d", 1)])
     cd = actor.convoys.merged[("c", "d")]
-    actor.step_batch([decode("a", 2), decode("b", 2)])
-    actor.step_batch([decode("c", 2), decode("d", 2)])
+    actor.stepper.step_batch([decode("a", 2), decode("b", 2)])
+    actor.stepper.step_batch([decode("c", 2), decode("d", 2)])
     assert actor.convoys.merged[("a", "b")] is ab and actor.convoys.merged[("c", "d")] is cd
     assert actor.requests["a"].caches == []  # while merged, the convoy holds a's KV
 
-    actor.step(decode("a", 3))  # a alone: its convoy gives it its own caches back
+    actor.stepper.step(decode("a", 3))  # a alone: its convoy gives it its own caches back
     assert [c.offset for c in actor.requests["a"].caches] == [6] * 3  # 3 prompt + 3 steps
     assert [c.offset for c in actor.requests["b"].caches] == [5] * 3
     assert list(actor.convoys.merged) == [("c", "d")]
@@ -118,7 +139,7 @@ async def test_decode_steps_run_on_the_loop_thread_and_prompt_chunks_off_it() ->
     sent, keep = recorder()
 
     model = load_shard(tiny_model("qwen3"), 0, 3)
-    actor = ShardActor("n0", model, keep, compute())
+    actor = shard("n0", model, keep)
     turns = 0
 
     async def tick() -> None:
@@ -138,7 +159,7 @@ async def test_decode_steps_run_on_the_loop_thread_and_prompt_chunks_off_it() ->
     during_decode = turns - before
     # A short chunk, to a shard with nothing else under way (no step built ahead to land,
     # no compute queued): only a hand-off to the compute thread lets the loop turn.
-    fresh = ShardActor("n1", model, keep, compute(), gates=False)
+    fresh = shard("n1", model, keep, gates=False)
     before = turns
     await fresh.handle(Forward("s", 0, (3, 4), False))
     during_short = turns - before
@@ -149,7 +170,10 @@ async def test_decode_steps_run_on_the_loop_thread_and_prompt_chunks_off_it() ->
         during_decode,
     )
     # The same steps all at once on this thread give the same activations.
-    whole = [actor.step(Forward("b", 0, prompt, False)), actor.step(Forward("b", 1, (7,), True))]
+    whole = [
+        actor.stepper.step(Forward("b", 0, prompt, False)),
+        actor.stepper.step(Forward("b", 1, (7,), True)),
+    ]
     for got, want in zip(sent[:2], whole, strict=True):
         assert isinstance(got, Forward) and isinstance(want, Forward)
         assert isinstance(got.h, mx.array) and isinstance(want.h, mx.array)
@@ -173,10 +197,10 @@ async def test_a_sampled_request_crosses_from_the_compute_thread_to_the_loop_cle
     steps += [Forward("r", 2 + i, (t,), True) for i, t in enumerate((81, 5, 9, 11))]
     sent, keep = recorder()
 
-    actor = ShardActor("n0", load_shard(path, 0, n_layers), keep, compute())
+    actor = shard("n0", load_shard(path, 0, n_layers), keep)
     for f in steps:
         await actor.handle(f)
-    direct = ShardActor("n1", load_shard(path, 0, n_layers), nowhere, compute())
+    direct = stepper("n1", load_shard(path, 0, n_layers))
     want = [direct.step(f) for f in steps][2:]
     assert all(isinstance(t, Token) for t in sent) and len(sent) == 4
     assert sent == want
@@ -204,29 +228,29 @@ async def test_a_lone_requests_next_decode_step_is_built_before_its_input_arrive
 
     sent, keep = recorder()
 
-    whole = ShardActor("a", load_shard(path, 0, n_layers), keep, compute(), gates=False)
-    direct = ShardActor("b", load_shard(path, 0, n_layers), nowhere, compute())
+    whole = shard("a", load_shard(path, 0, n_layers), keep, gates=False)
+    direct = stepper("b", load_shard(path, 0, n_layers))
     for f in prompt + decodes:
         await whole.handle(f)
         if f.is_decode:
-            assert isinstance(whole._ahead, ahead.Ahead)
-            assert whole._ahead.slot.rows == (("r", f.seq + 1),)
+            assert isinstance(whole._built, Prebuilt)
+            assert whole._built.rows == (("r", f.seq + 1),)
     assert sent == [direct.step(f) for f in prompt + decodes][1:]
 
     # A middle shard, fed the first layer's activations in this process or as wire bytes.
-    first = ShardActor("f", load_shard(path, 0, 1), nowhere, compute())
+    first = stepper("f", load_shard(path, 0, 1))
     steps = [first.step(f) for f in prompt + decodes]
     for wired in (False, True):
         sent.clear()
-        mid = ShardActor("m", load_shard(path, 1, 2), keep, compute(), gates=False)
-        ref = ShardActor("d", load_shard(path, 1, 2), nowhere, compute())
+        mid = shard("m", load_shard(path, 1, 2), keep, gates=False)
+        ref = stepper("d", load_shard(path, 1, 2))
         want = []
         for i, f in enumerate(steps):
             assert isinstance(f, Forward)
             want.append(ref.step(f))
             if wired and i == 3:  # another request comes first: the built step is dropped
                 await mid.handle(Forward("s", 0, (5, 6), False, h=f.h, layer=1))
-                assert mid._ahead is None
+                assert mid._built is None
                 sent.pop()
                 ref.step(Forward("s", 0, (5, 6), False, h=f.h, layer=1))
             await mid.handle(_over_the_wire(f) if wired else f)
@@ -247,12 +271,12 @@ async def test_a_shard_whose_next_node_is_in_its_process_does_not_build_ahead() 
     ]
     sent, keep = recorder()
 
-    local = ShardActor("a", load_shard(path, 0, 1), keep, compute(), gates=False)
+    local = shard("a", load_shard(path, 0, 1), keep, gates=False)
     await local.handle(Reconfigure(stages=2, next_local=True))
-    direct = ShardActor("b", load_shard(path, 0, 1), nowhere, compute())
+    direct = stepper("b", load_shard(path, 0, 1))
     for f in steps:
         await local.handle(f)
-        assert local._ahead is None
+        assert local._built is None
     import mlx.core as mx
 
     for got, f in zip(sent, steps, strict=True):
@@ -264,7 +288,7 @@ async def test_a_shard_whose_next_node_is_in_its_process_does_not_build_ahead() 
     await local.handle(Reconfigure(stages=2, next_local=False))
     await local.handle(Forward("s", 0, (5, 6), False))
     await local.handle(Forward("s", 1, (7,), True))
-    assert isinstance(local._ahead, ahead.Ahead) and local._ahead.slot.rows == (("s", 2),)
+    assert isinstance(local._built, Prebuilt) and local._built.rows == (("s", 2),)
 
 
 async def test_freed_buffers_stay_cached_between_requests_and_go_back_when_idle() -> None:
@@ -273,12 +297,12 @@ async def test_freed_buffers_stay_cached_between_requests_and_go_back_when_idle(
     shard hands them back, and does not while a request is live."""
     import mlx.core as mx
 
-    from mlxring.shard.actor import Sweep
+    from mlxring.shard.state import Sweep
 
     sent, keep = recorder()
 
     model = load_shard(tiny_model("qwen3"), 0, 2)
-    actor = ShardActor("n0", model, keep, compute())
+    actor = shard("n0", model, keep)
     mx.clear_cache()
     await actor.handle(Forward("a", 0, tuple(range(1, 200)), False))
     await actor.handle(Forward("b", 0, tuple(range(1, 9)), False))
@@ -310,7 +334,7 @@ def test_batched_passes_compute_what_mlx_lms_batch_generator_computes(split: int
     n = load_shard(path, 0, 1).n_layers
     bounds = [0, n] if split is None else [0, split, n]
     shards = [
-        ShardActor(f"n{i}", load_shard(path, a, b), nowhere, compute(), gates=False)
+        stepper(f"n{i}", load_shard(path, a, b))
         for i, (a, b) in enumerate(itertools.pairwise(bounds))
     ]
     rids = [f"r{i}" for i in range(len(prompts))]
@@ -359,7 +383,7 @@ def test_a_warmed_up_shard_computes_what_a_fresh_one_does(
             model = load_shard(path, a, b)
             if warm:
                 model.warm_up()
-            shards.append(ShardActor(f"n{i}", model, nowhere, compute(), gates=False))
+            shards.append(stepper(f"n{i}", model))
         outs: list[Message | None] = []
         for f in steps:
             msg: Message | None = f
@@ -375,3 +399,32 @@ def test_a_warmed_up_shard_computes_what_a_fresh_one_does(
             assert isinstance(want.h, mx.array) and mx.array_equal(got.h, want.h)
         else:
             assert got == want
+
+
+def test_a_process_picks_its_backend_from_the_device_and_the_gates_setting() -> None:
+    """Steps are built ahead wherever placeholders work (the CPU, Apple silicon, CUDA) and
+    launched behind gates only where gates work and the process may use them."""
+    from mlxring.backends.cuda import gate
+    from mlxring.backends.placeholder import Placeholders, placeholders_work
+
+    assert placeholders_work()
+    assert isinstance(pick(gates=False), Placeholders) and not pick(gates=False).launches
+    assert pick(gates=True).launches == gate.works()
+
+
+def test_a_large_tensor_read_through_mx_load_equals_the_plain_way() -> None:
+    """CUDA's backend reads a prompt chunk's activations through mx.load (one transfer to the
+    device); run here on the CPU, it gives the plain way's array, dtype and bits."""
+    import mlx.core as mx
+
+    from mlxring.backends.cuda import load
+    from mlxring.protocol import codec as wire
+    from mlxring.protocol.messages import Tensor
+
+    h = mx.random.normal((1, 300, 2048)).astype(mx.bfloat16)
+    dtype, shape, view = wire.tensor_view(h)
+    t = Tensor(dtype, shape, bytes(view))
+    assert len(t.data) >= load.LOAD_MIN_BYTES
+    got, plain = load.to_array(t), wire.to_array(t)
+    assert got.dtype == plain.dtype == mx.bfloat16 and got.shape == plain.shape
+    assert mx.array_equal(got.view(mx.uint16), plain.view(mx.uint16)).item()

@@ -11,6 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from mlxring.backends.cuda.load import load_array
 from mlxring.protocol import codec as wire
 from mlxring.protocol.messages import (
     End,
@@ -63,7 +64,7 @@ def test_tensor_round_trip_is_bit_exact(dtype: str, shape: list[int], seed: int)
     assert arr.dtype == mx_dtype and tuple(arr.shape) == tuple(shape)
     assert np.array_equal(np.array(arr.view(raw_dtype)), bits)
     # The way large tensors reach a CUDA device (mx.load of an npy view), run here on the CPU.
-    loaded = wire.load_array(got.h)
+    loaded = load_array(got.h)
     assert tuple(loaded.shape) == tuple(shape)
     assert np.array_equal(np.array(loaded.view(raw_dtype)), bits)
 

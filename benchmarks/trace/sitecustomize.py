@@ -4,9 +4,10 @@ With this folder first on PYTHONPATH and MLXRING_TRACE=1, every Python process s
 bench and each node it spawns) wraps a few mlxring functions at start-up and appends one line
 per event, `unix-time event detail`, to /tmp/trace/<pid>.txt: a prompt chunk's compute on each
 shard, its encode and send, the frame's arrival and decode on the next node, the bytes' way to
-the device (`wire.to_array`), and each request's first token at the head. Small messages (decode
-steps) are left out unless they carry more than one token. `timeline.py` beside this file
-prints one request's events from all processes in time order:
+the device (`wire.to_array`; on CUDA a large tensor's `load.load_array`), and each request's
+first token at the head. Small messages (decode steps) are left out unless they carry more than
+one token. `timeline.py` beside this file prints one request's events from all processes in
+time order:
 
     rm -rf /tmp/trace
     MLXRING_TRACE=1 PYTHONPATH=benchmarks/trace:. python3 -m mlxring bench --preset qwen3-1.7b \
@@ -29,6 +30,7 @@ BIG = 100_000  # bytes: frames of prompt chunks, not of decode steps
 
 
 def _install() -> None:
+    import mlxring.backends.cuda.load as load
     import mlxring.engine.lifecycle as engine
     import mlxring.protocol.codec as wire
     import mlxring.shard.actor as shard
@@ -75,6 +77,7 @@ def _install() -> None:
     wrap(conn.FrameConnection, "send", "send", lambda self, msg: describe(msg))
     wrap(wire, "decode", "decode", big_bytes)
     wrap(wire, "to_array", "to_array", lambda t: big_bytes(t.data))
+    wrap(load, "load_array", "to_array", lambda t: big_bytes(t.data))  # large tensors on CUDA
     wrap(shard.ShardActor, "_timed", "compute", step)
 
     received = conn.FrameConnection.buffer_updated

@@ -1,1 +1,30 @@
-"""Accelerator-specific machinery, chosen once at start; the Metal/CPU path needs none of it."""
+"""Accelerator-specific machinery behind one seam (`base.Backend`), chosen once per process:
+`plain` (every step on arrival), `placeholder` (a lone request's next step built ahead: Apple
+silicon, the CPU) and `cuda` (steps launched ahead behind gates, tensors loaded in one
+transfer). A shard asks only the chosen backend, never which one it is."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+
+from mlxring.backends.base import Backend
+from mlxring.backends.cuda import gate, load
+from mlxring.backends.cuda.ahead import Gated
+from mlxring.backends.placeholder import Placeholders, placeholders_work
+from mlxring.backends.plain import Plain
+from mlxring.protocol import codec as wire
+
+__all__ = ["Backend", "Plain", "pick"]
+
+
+def pick(gates: bool) -> Backend:
+    """The backend of this process; `gates`: whether its shards may launch steps behind gates
+    (`config.cluster.gates`, in a process of one shard). Run it on the compute thread: finding
+    out whether gates work compiles their kernel (about 1.5 s on CUDA)."""
+    cuda = mx.default_device() == mx.gpu and mx.cuda.is_available()
+    to_array = load.to_array if cuda else wire.to_array
+    if not placeholders_work():
+        return Plain(to_array)
+    if cuda and gates and gate.works():
+        return Gated()
+    return Placeholders(to_array)

@@ -13,7 +13,6 @@ import structlog
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_lm.utils import load_config, load_tokenizer
 
-from mlxring.backends.cuda import gate
 from mlxring.model import source
 from mlxring.model.sharded import ModelInfo, ShardModel, check_model, load_shard, model_info
 from mlxring.shard.compute import Compute
@@ -53,7 +52,6 @@ async def load_layers(
     rng: tuple[int, int],
     compute: Compute,
     allow_unverified: bool,
-    gates: bool,
 ) -> ShardModel:
     """Node `node`'s layers `rng`: fetched where needed, loaded and warmed up on the compute
     thread."""
@@ -64,9 +62,6 @@ async def load_layers(
     t0 = time.perf_counter()
     shard = await compute.run(load_shard, path, *rng, allow_unverified)
     await compute.run(shard.warm_up)
-    if gates:
-        # Compiles the gate kernel now, not on a first decode step (about 1.5 s).
-        await compute.run(gate.works)
     log.info(
         "shard_loaded",
         node=node,

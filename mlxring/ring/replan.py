@@ -36,7 +36,6 @@ class Replanner:
         tasks: TaskScope,
         live: Callable[[], tuple[str, ...]],
         memory_of: Callable[[str], int | None],
-        gates: bool,
     ) -> None:
         self.config = config
         self.router = router
@@ -44,7 +43,6 @@ class Replanner:
         self.tasks = tasks
         self.live = live  # the nodes up now, in config order
         self.memory_of = memory_of  # a node's memory where known
-        self.gates = gates
         self.convoys = config.cluster.convoys
         self.meta: ModelMeta | None = None  # set before the first decision
         self.plan: Plan = []  # one range per member
@@ -118,7 +116,7 @@ class Replanner:
                     node.actor.send(Reconfigure(stages=stages, next_local=local))
                     continue
                 shard = await load_layers(
-                    c.model, self.meta, name, rng, self.compute, c.allow_unverified, self.gates
+                    c.model, self.meta, name, rng, self.compute, c.allow_unverified
                 )
                 node.actor.send(Reconfigure(shard, stages, local))
             self.unavailable = ""

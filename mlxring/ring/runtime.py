@@ -22,6 +22,7 @@ import mlx.core as mx
 import structlog
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
+from mlxring import backends
 from mlxring.config import Config
 from mlxring.engine.lifecycle import Engine
 from mlxring.model import source
@@ -60,13 +61,14 @@ class Runtime:
         # A waiting gate holds the compute thread's stream, and any device-wide sync, until it
         # opens: another shard of this process could wait on it for its own input.
         self.gates = config.cluster.gates and len(self.names) == 1
+        self.backend: backends.Backend = backends.Plain()  # the one `start` picks
         self.clock = StepClock()  # per-hop timing of decode steps passing this process
         self.facts = device.detect()
         self.tasks = TaskScope("runtime", self._failed)
         self.router = Router(self.clock, self.tasks)
         self.directory = Directory(config, self.names, self.facts)
         self.replanner = Replanner(
-            config, self.router, self.compute, self.tasks, self.live, self.memory_of, self.gates
+            config, self.router, self.compute, self.tasks, self.live, self.memory_of
         )
 
     # --- views ----------------------------------------------------------------------------
@@ -152,6 +154,8 @@ class Runtime:
         self.model_config, self.info, self.tokenizer = meta.config, meta.info, meta.tokenizer
         await self.tasks.open()
         await self.directory.start()
+        # Finding out whether gates work compiles their kernel: on the compute thread.
+        self.backend = await self.compute.run(backends.pick, self.gates)
         for name in self.names:
             node = LocalNode(self.router, self.config, self.config.node(name), self._shard_actor)
             self.nodes[name] = node
@@ -194,7 +198,7 @@ class Runtime:
             self.config.cluster.request_timeout_s,
             self.config.cluster.max_batch,
             self.facts.total_memory_bytes,
-            self.gates,
+            self.backend,
         )
 
     def _failed(self, reason: str) -> None:

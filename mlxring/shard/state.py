@@ -1,0 +1,77 @@
+"""What a shard keeps per request between its steps (KV caches, sampler, token history), and
+the local messages that change a shard's state from outside the ring (a re-plan, a sweep)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import mlx.core as mx
+from mlx_lm.sample_utils import make_logits_processors, make_sampler
+
+from mlxring.model.sharded import ShardModel
+from mlxring.protocol.messages import SamplingParams
+
+
+@dataclass(frozen=True)
+class Reconfigure:
+    """Local: the ring re-planned. Take the new layer range (or keep the model when None) and
+    drop every request's caches: requests in flight have been failed at the head. `stages` is
+    how many parts of the ring compute at the same time (processes, one per machine).
+    `next_local`: the next node of the ring is in this process, so a step's output is computed
+    on by this process's thread next, and building a step ahead would only delay it."""
+
+    model: ShardModel | None = None
+    stages: int = 1
+    next_local: bool = False
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """Local tick: drop the caches of requests idle for longer than the request timeout, and
+    MLX's buffer cache when no request is left."""
+
+    now: float
+
+
+@dataclass
+class RequestState:
+    caches: list[Any]
+    last_used: float
+    sampler: Callable[[mx.array], mx.array] | None = None
+    processors: list[Callable[[mx.array, mx.array], mx.array]] = field(default_factory=list)
+    history: mx.array | None = None
+    logprobs: int | None = None
+    key: mx.array | None = None  # per-request PRNG state when a seed was given
+    params: SamplingParams | None = None
+
+    def arrays(self) -> list[Any]:
+        """Every array this request keeps between steps."""
+        kept = [c.state for c in self.caches]
+        return kept + [a for a in (self.history, self.key) if a is not None]
+
+    def remember(self, tokens: tuple[int, ...]) -> None:
+        """Add a step's tokens to the history that the logits processors look at."""
+        toks = mx.array(list(tokens), dtype=mx.uint32)
+        self.history = toks if self.history is None else mx.concatenate([self.history, toks])
+
+
+def make_request_state(
+    model: ShardModel, params: SamplingParams | None, now: float
+) -> RequestState:
+    st = RequestState(caches=model.make_cache(), last_used=now)
+    if model.is_last:
+        p = params or SamplingParams()
+        st.sampler = make_sampler(temp=p.temperature, top_p=p.top_p, min_p=p.min_p, top_k=p.top_k)
+        st.processors = make_logits_processors(
+            logit_bias=dict(p.logit_bias) or None,
+            repetition_penalty=p.repetition_penalty,
+            repetition_context_size=p.repetition_context_size,
+            presence_penalty=p.presence_penalty,
+            frequency_penalty=p.frequency_penalty,
+        )
+        st.logprobs = p.logprobs
+        st.key = mx.random.key(p.seed) if p.seed is not None else None
+        st.params = p
+    return st

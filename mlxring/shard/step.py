@@ -1,0 +1,178 @@
+"""The forward pass of a shard: one request's step or a batched pass of several through this
+shard's layers, on the requests' KV caches, then on to the next shard or, on the last, sampled.
+Runs on whichever thread the actor gives it (`compute`); a step the backend built ahead (see
+`backends.base`) gives its output instead of being computed again."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import mlx.core as mx
+
+from mlxring.backends.base import Backend, Built
+from mlxring.model.sharded import ShardModel
+from mlxring.protocol.messages import Forward, ForwardBatch, Message, Tensor, rows_of
+from mlxring.shard.convoys import Convoys
+from mlxring.shard.sample import sample, sample_rows
+from mlxring.shard.state import RequestState, make_request_state
+
+
+class StepError(Exception):
+    """A step that cannot run (unknown request, bad input); fails only that request."""
+
+
+class BatchError(Exception):
+    """A batched step failed: every request in it fails."""
+
+    def __init__(self, rids: tuple[str, ...], message: str) -> None:
+        super().__init__(message)
+        self.rids = rids
+
+
+class Stepper:
+    """This shard's layers (`model`, None until loaded), the state of each request it has seen
+    (`requests`, `convoys`) and the steps that run through them."""
+
+    def __init__(self, node: str, model: ShardModel | None, backend: Backend) -> None:
+        self.node = node
+        self.model = model
+        self.backend = backend
+        self.requests: dict[str, RequestState] = {}
+        self.convoys = Convoys()
+        self.batches = 0  # forward passes that ran more than one request
+        self.batched_rows = 0
+
+    def reset(self, model: ShardModel | None) -> None:
+        """Drop every request's state; take `model` (None: keep the current one)."""
+        if model is not None:
+            self.model = model
+        self.requests.clear()
+        self.convoys.clear()
+
+    def idle(self, now: float, longer_than: float) -> list[str]:
+        """The requests whose last step ran more than `longer_than` seconds before `now`."""
+        return [rid for rid, st in self.requests.items() if now - st.last_used > longer_than]
+
+    def caches_of_all(self, rids: tuple[str, ...]) -> list[Any] | None:
+        """The caches of `rids` (one request's own, or their convoy's merged ones) when they
+        are every request of the shard; else None."""
+        if set(rids) != set(self.requests) or len(rids) != len(self.requests):
+            return None
+        return self.requests[rids[0]].caches if len(rids) == 1 else self.convoys.merged.get(rids)
+
+    def continues(self, f: Forward) -> bool:
+        """Whether `f` is a decode step of a request under way here, at this shard's first
+        layer: one that may join a batched pass, or fill a step built ahead."""
+        m = self.model
+        return m is not None and f.is_decode and f.layer == m.start and f.rid in self.requests
+
+    def _array(self, h: mx.array | Tensor | None) -> mx.array:
+        if h is None:
+            raise StepError("a step reached a shard without activations")
+        return h if isinstance(h, mx.array) else self.backend.to_array(h)
+
+    def step(self, f: Forward, built: Built | None = None) -> Message | None:
+        """One request's step through this shard's layers; `built`: the step built ahead,
+        its input in place."""
+        model = self.model
+        if model is None:
+            raise StepError(f"{self.node} has not loaded its layers yet")
+        out = None if built is None else self.backend.output(built)
+        if out is not None:
+            waiting = self.requests[f.rid]
+            waiting.last_used = time.monotonic()
+            waiting.caches = out[1]
+            return self._finish(f, model, waiting, out[0])
+        if f.layer != model.start:
+            raise StepError(
+                f"step {f.seq} of {f.rid} is for layer {f.layer} but {self.node} holds "
+                f"[{model.start}, {model.end}) (the ring re-planned)"
+            )
+        self.convoys.dissolve(f.rid, self.requests)
+        st = self.requests.get(f.rid)
+        if st is None:
+            if f.seq != 0:
+                raise StepError(f"no state for request {f.rid} at step {f.seq} on {self.node}")
+            st = self.requests[f.rid] = make_request_state(model, f.params, time.monotonic())
+        st.last_used = time.monotonic()
+        if model.is_first:
+            x = mx.array([list(f.tokens)], dtype=mx.int32)
+        else:
+            if f.h is None:
+                raise StepError(f"step {f.seq} of {f.rid} reached {self.node} without activations")
+            x = self._array(f.h)
+        return self._finish(f, model, st, model(x, st.caches))
+
+    def step_batch(
+        self, parts: list[Forward | ForwardBatch], built: Built | None = None
+    ) -> list[Message]:
+        """Decode steps of several requests as one forward pass; `built`: the pass built ahead
+        on their merged caches, its input in place."""
+        model = self.model
+        assert model is not None
+        out = None if built is None else self.backend.output(built)
+        rows = self._batch_rows(parts)
+        rids = tuple(r.rid for r in rows)
+        try:
+            if out is not None:
+                return self._batch_out(model, rows, out[0])
+            if model.is_first:
+                x = mx.array([[r.tokens[0]] for r in rows], dtype=mx.int32)
+            else:
+                hs = [self._array(p.h) for p in parts]
+                x = hs[0] if len(hs) == 1 else mx.concatenate(hs, axis=0)
+            return self._batch_out(model, rows, model(x, self.convoys.caches(rids, self.requests)))
+        except Exception as e:
+            raise BatchError(rids, f"{type(e).__name__}: {e}") from e
+
+    def _batch_rows(self, parts: list[Forward | ForwardBatch]) -> list[Forward]:
+        rows = rows_of(parts)
+        rids = tuple(r.rid for r in rows)
+        self.batches += 1
+        self.batched_rows += len(rows)
+        if len(set(rids)) != len(rids):
+            raise BatchError(rids, "a batch holds two steps of one request")
+        now = time.monotonic()
+        for rid in rids:
+            if rid in self.requests:
+                self.requests[rid].last_used = now
+        return rows
+
+    def _batch_out(self, model: ShardModel, rows: list[Forward], h: mx.array) -> list[Message]:
+        """A pass's output: its activations on to the next shard, or its rows' tokens."""
+        if model.is_last:
+            return sample_rows(rows, [self.requests[r.rid] for r in rows], model.logits(h))
+        mx.eval(h)
+        out = tuple(
+            Forward(r.rid, r.seq, r.tokens, r.sample, layer=model.end, spent=r.spent, hops=r.hops)
+            for r in rows
+        )
+        return [ForwardBatch(out, h)]
+
+    def _finish(
+        self, f: Forward, model: ShardModel, st: RequestState, h: mx.array
+    ) -> Message | None:
+        if model.is_last and st.processors:
+            st.remember(f.tokens)
+        # A prompt chunk leaves nothing of its request unevaluated: the request's next step
+        # may run on the other thread (`compute`). The last shard needs only the caches of a
+        # chunk, not its activations.
+        kept = [] if f.sample else st.arrays()
+        if not model.is_last:
+            mx.eval(h, kept)
+            return Forward(
+                f.rid,
+                f.seq,
+                f.tokens,
+                f.sample,
+                h=h,
+                layer=model.end,
+                params=f.params,
+                spent=f.spent,
+                hops=f.hops,
+            )
+        if not f.sample:
+            mx.eval(kept)
+            return None
+        return sample(f, st, model.logits(h))
