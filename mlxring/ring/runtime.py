@@ -209,6 +209,7 @@ class LocalNode:
             ring_bind_address(runtime.config, cfg),
             cfg.port,
             lambda msg, peer: self.received(msg),
+            inflow=actor,
         )
 
     def received(self, msg: Message) -> None:
