@@ -120,8 +120,8 @@ class FrameConnection(asyncio.BufferedProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.error is None:
-            if self._holds:
-                pass  # frames left unread on purpose, not a truncated one
+            if self._holds:  # frames left unread on purpose, not a truncated one
+                self.error = exc
             elif self._big is not None:
                 self.error = wire.FrameError(
                     f"truncated frame: {self._got} of {len(self._big)} bytes"
@@ -229,7 +229,7 @@ class FrameConnection(asyncio.BufferedProtocol):
         if not self._holds and self.transport is not None and not self.closing:
             self.transport.pause_reading()
             self.pauses += 1
-            log.info("reading_paused", peer=self._where(), reason=why, pauses=self.pauses)
+            log.info("reading_paused", peer=self.peername, reason=why, pauses=self.pauses)
         self._holds.add(why)
 
     def _release(self, why: str) -> None:
@@ -240,15 +240,12 @@ class FrameConnection(asyncio.BufferedProtocol):
             return
         # Silence while paused was ours, not the peer's.
         self.last_received = time.monotonic()
-        log.debug("reading_resumed", peer=self._where(), reason=why)
+        log.debug("reading_resumed", peer=self.peername, reason=why)
         if self._big is None and not self._parsing:
             self._parse()  # what waited in the buffer first; it may pause again
         if not self._holds and not self.closing:
             assert self.transport is not None
             self.transport.resume_reading()
-
-    def _where(self) -> str:
-        return f"{self.peername[0]}:{self.peername[1]}" if self.peername else "?"
 
     def _wake(self) -> None:
         if self._waiter is not None and not self._waiter.done():
