@@ -1,4 +1,5 @@
-"""Links: the handshake refuses strangers, junk on a ring port closes only that connection."""
+"""Links: the handshake refuses strangers, junk on a ring port closes only that connection, a
+link held back by its receiver stays up and delivers everything."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import random
 import struct
 from pathlib import Path
 
+import mlx.core as mx
 import msgpack
 import pytest
 
@@ -27,12 +29,47 @@ from .ringutil import (
     tiny_model,
     write_config,
 )
+from .test_conn import Box
 
 
 def settings(node: str, secret: str = "", cluster: str = "c") -> LinkSettings:
     return LinkSettings(
         cluster=cluster, node=node, secret=secret, heartbeat_s=0.2, down_after_s=1.0
     )
+
+
+async def test_a_link_held_back_longer_than_down_after_stays_up_and_loses_nothing() -> None:
+    port = free_port()
+    box = Box(room=10)
+    listener = Listener(
+        settings("b", "s3cret"), "127.0.0.1", port, lambda m, peer: box.put(m), inflow=box
+    )
+    await listener.start()
+    peer = Peer(settings("a", "s3cret"), "b", lambda: ("127.0.0.1", port))
+    peer.start()
+    chunk = mx.ones((1, 16, 512), mx.bfloat16)
+    n = 3000  # 48 MiB: past the sender's HIGH_WATER and the sockets' buffers
+    try:
+        assert await peer.wait_up(5)
+
+        async def flood() -> None:
+            for i in range(n):
+                await peer.send(Forward(f"r{i}", 0, (1,), False, h=chunk))
+
+        sending = asyncio.create_task(flood())
+        await asyncio.sleep(2.5)  # down_after_s is 1: the pongs while held keep the link up
+        assert box.peak == box.room and not sending.done()
+        assert peer.up and peer.reconnects == 0
+        got: list[object] = []
+        while len(got) < n:
+            await asyncio.sleep(0.005)
+            got += box.empty()
+        await aio.wait_for(sending, 10)
+        assert [f.rid for f in got] == [f"r{i}" for i in range(n)]  # type: ignore[attr-defined]
+        assert peer.up and peer.reconnects == 0 and listener.rejected == 0
+    finally:
+        await peer.stop()
+        await listener.stop()
 
 
 async def test_peer_with_the_secret_links_and_delivers() -> None:

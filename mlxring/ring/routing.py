@@ -65,8 +65,13 @@ class LocalNode:
         self.cfg = cfg
         self.name = cfg.name
         self.actor = make_actor(self)  # given `self.send_next`
+        # Reading from the previous node pauses while this node's mailbox is full.
         self.listener = Listener(
-            link_settings(config, cfg.name), ring_bind_address(config, cfg), cfg.port, self.received
+            link_settings(config, cfg.name),
+            ring_bind_address(config, cfg),
+            cfg.port,
+            self.received,
+            inflow=self.actor,
         )
 
     def received(self, msg: Message, peer: str) -> None:

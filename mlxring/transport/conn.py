@@ -5,6 +5,12 @@ pause the socket every 128 KiB; a prompt chunk's activations are megabytes (2048
 Qwen3-1.7B: 8 MiB). Here small frames are cut out of one receive buffer, and a large frame's
 body is received straight into a bytearray of its own. Once a link is up, frames go to a
 callback as they arrive, without a task switch per frame.
+
+Reading pauses (the socket is left unread, so TCP pushes back on the sender) while frames read
+but not yet taken pile up (`read`'s queue, bounded by `max_queued`), and while the `Inflow` the
+frames are delivered into has no room. Frames already in the receive buffer then wait there,
+unparsed: nothing that arrived is lost, and what one connection holds stays bounded by its
+buffer and one large frame.
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ import socket
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import cast
+from typing import Protocol, cast
 
 import structlog
 
@@ -26,6 +32,20 @@ log = structlog.get_logger()
 
 _RECV = 256 * 1024  # the receive buffer small frames are cut from
 _BIG = 64 * 1024  # a frame body this large or larger is received into its own buffer
+MAX_QUEUED = 64  # frames read but not taken (before `deliver`) at which reading pauses
+
+
+class Inflow(Protocol):
+    """Where delivered frames go (a shard's mailbox), telling a connection when to stop reading:
+    after a frame it delivered, `taken` moved on and `wants_more()` is False; it reads on when
+    the inflow calls the function it gave `when_relieved`."""
+
+    @property
+    def taken(self) -> int: ...
+
+    def wants_more(self) -> bool: ...
+
+    def when_relieved(self, resume: Callable[[], None]) -> None: ...
 
 
 class ConnectionClosed(ConnectionError):
@@ -41,8 +61,10 @@ class FrameConnection(asyncio.BufferedProtocol):
         self,
         max_frame: int = wire.DEFAULT_MAX_FRAME,
         on_open: Callable[[FrameConnection], None] | None = None,
+        max_queued: int = MAX_QUEUED,
     ) -> None:
         self.max_frame = max_frame
+        self.max_queued = max_queued
         self._on_open = on_open
         self.transport: asyncio.Transport | None = None
         self.peername: tuple[str, int] | None = None
@@ -60,6 +82,10 @@ class FrameConnection(asyncio.BufferedProtocol):
         self._frames: deque[Message] = deque()
         self._waiter: asyncio.Future[None] | None = None
         self._on_message: Callable[[Message], None] | None = None
+        self._inflow: Inflow | None = None
+        self._holds: set[str] = set()  # why reading is paused: "queue", "inflow"
+        self.pauses = 0  # times reading paused
+        self._parsing = False
         self._drained: asyncio.Future[None] | None = None
 
     # --- asyncio.BufferedProtocol ------------------------------------------------------------
@@ -94,7 +120,9 @@ class FrameConnection(asyncio.BufferedProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.error is None:
-            if self._big is not None:
+            if self._holds:  # frames left unread on purpose, not a truncated one
+                self.error = exc
+            elif self._big is not None:
                 self.error = wire.FrameError(
                     f"truncated frame: {self._got} of {len(self._big)} bytes"
                 )
@@ -121,8 +149,15 @@ class FrameConnection(asyncio.BufferedProtocol):
     # --- frames in ---------------------------------------------------------------------------
 
     def _parse(self) -> None:
+        self._parsing = True
+        try:
+            self._parse_buffer()
+        finally:
+            self._parsing = False
+
+    def _parse_buffer(self) -> None:
         buf = self._buf
-        while self._end - self._start >= wire.PREFIX.size and not self.closing:
+        while self._end - self._start >= wire.PREFIX.size and not self.closing and not self._holds:
             (n,) = wire.PREFIX.unpack_from(buf, self._start)
             if n > self.max_frame:
                 self.fail(
@@ -163,12 +198,54 @@ class FrameConnection(asyncio.BufferedProtocol):
         if self._on_message is None:
             self._frames.append(msg)
             self._wake()
+            if len(self._frames) >= self.max_queued:
+                self._hold("queue")
             return
+        self._hand(self._on_message, msg)
+
+    def _hand(self, on_message: Callable[[Message], None], msg: Message) -> None:
+        inflow = self._inflow
+        before = inflow.taken if inflow is not None else 0
         try:
-            self._on_message(msg)
+            on_message(msg)
         except Exception as e:  # noqa: BLE001 - a handler's bug closes this link, not the node
             log.exception("frame_handler_failed", message=type(msg).__name__)
             self.fail(e)
+            return
+        # Only a frame that went into the inflow pauses: heartbeats and tokens for the engine
+        # pass on a link whose node's mailbox is full.
+        if inflow is not None and inflow.taken != before and not inflow.wants_more():
+            if "inflow" not in self._holds:
+                self._hold("inflow")
+                inflow.when_relieved(lambda: self._release("inflow"))
+
+    # --- pausing -----------------------------------------------------------------------------
+
+    @property
+    def reading_paused(self) -> bool:
+        return bool(self._holds)
+
+    def _hold(self, why: str) -> None:
+        if not self._holds and self.transport is not None and not self.closing:
+            self.transport.pause_reading()
+            self.pauses += 1
+            log.info("reading_paused", peer=self.peername, reason=why, pauses=self.pauses)
+        self._holds.add(why)
+
+    def _release(self, why: str) -> None:
+        if why not in self._holds:
+            return
+        self._holds.discard(why)
+        if self._holds or self.closing:
+            return
+        # Silence while paused was ours, not the peer's.
+        self.last_received = time.monotonic()
+        log.debug("reading_resumed", peer=self.peername, reason=why)
+        if self._big is None and not self._parsing:
+            self._parse()  # what waited in the buffer first; it may pause again
+        if not self._holds and not self.closing:
+            assert self.transport is not None
+            self.transport.resume_reading()
 
     def _wake(self) -> None:
         if self._waiter is not None and not self._waiter.done():
@@ -185,14 +262,19 @@ class FrameConnection(asyncio.BufferedProtocol):
                 raise ConnectionClosed(str(self.error) if self.error else "connection closed")
             self._waiter = asyncio.get_running_loop().create_future()
             await wait_for(asyncio.shield(self._waiter), max(0.0, deadline - time.monotonic()))
-        return self._frames.popleft()
+        msg = self._frames.popleft()
+        if len(self._frames) < self.max_queued:
+            self._release("queue")
+        return msg
 
-    def deliver(self, on_message: Callable[[Message], None]) -> None:
+    def deliver(self, on_message: Callable[[Message], None], inflow: Inflow | None = None) -> None:
         """From now on hand every frame to `on_message` as it arrives (those already read
-        first)."""
+        first); with `inflow`, pause reading while it has no room."""
         self._on_message = on_message
+        self._inflow = inflow
         while self._frames and not self.closing:
-            self._on_message(self._frames.popleft())
+            self._hand(on_message, self._frames.popleft())
+        self._release("queue")
 
     # --- frames out, closing -----------------------------------------------------------------
 

@@ -13,9 +13,8 @@ import contextlib
 import hashlib
 import ipaddress
 import re
-from collections.abc import Coroutine, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import ifaddr
 import structlog
@@ -31,6 +30,7 @@ from zeroconf import (
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
 from mlxring.protocol.codec import PROTOCOL_VERSION
+from mlxring.transport.tasks import TaskOwner
 
 log = structlog.get_logger()
 
@@ -188,7 +188,8 @@ class Discovery:
         self._own: dict[str, tuple[PeerInfo, ServiceInfo]] = {}
         self._found: dict[str, PeerInfo] = {}  # lower-cased service name -> peer
         self._gen: dict[str, int] = {}  # per service: newer events void older resolutions
-        self._tasks: set[asyncio.Future[Any]] = set()
+        # Resolutions and announcements in flight: they end with stop().
+        self._tasks = TaskOwner()
         self._probing: set[str] = set()  # nodes wait_for is asking for right now
         self._changed = asyncio.Event()
 
@@ -218,6 +219,7 @@ class Discovery:
                     await zc.async_close()
             raise
         self._zc = zc
+        self._tasks = TaskOwner()
         self._browser = AsyncServiceBrowser(
             self._zc.zeroconf, [SERVICE_TYPE], handlers=[self._on_change]
         )
@@ -262,7 +264,7 @@ class Discovery:
             ) from None
         except BadTypeInNameException:
             raise ValueError(f"node name {me.name!r} is not usable in a service name") from None
-        self._keep(asyncio.ensure_future(announcing))
+        self._tasks.adopt(asyncio.ensure_future(announcing))
         self._own[me.name] = (me, info)
         self._notify()
         log.info("advertised", node=me.name, address=me.address, ring_port=me.ring_port)
@@ -298,11 +300,9 @@ class Discovery:
         zc, self._zc = self._zc, None
         if zc is None:
             return
-        for task in list(self._tasks):
-            task.cancel()
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(CLOSE_TIMEOUT):
-                await asyncio.gather(*self._tasks, return_exceptions=True)
+                await self._tasks.close(CLOSE_TIMEOUT)
                 if self._browser is not None:
                     await self._browser.async_cancel()
                 # async_close also unregisters every service (goodbye packets, TTL 0).
@@ -335,16 +335,7 @@ class Discovery:
                 log.info("peer left", node=peer.name, address=peer.address)
                 self._notify()
             return
-        self._spawn(self._resolve(zeroconf, name, key, gen, RESOLVE_TIMEOUT, quiet=False))
-
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Future[Any]:
-        return self._keep(asyncio.get_running_loop().create_task(coro))
-
-    def _keep(self, task: asyncio.Future[Any]) -> asyncio.Future[Any]:
-        # The loop holds tasks weakly: keep them until done, and cancel them on stop().
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return task
+        self._tasks.spawn(self._resolve(zeroconf, name, key, gen, RESOLVE_TIMEOUT, quiet=False))
 
     def _probe(self, node: str) -> None:
         """Ask for one node's service directly (at most one question in flight per node)."""
@@ -353,9 +344,10 @@ class Discovery:
         name = service_name(self.cluster, node)
         key = name.lower()
         gen = self._gen.get(key, 0)
-        self._probing.add(node)
-        task = self._spawn(self._resolve(self._zc.zeroconf, name, key, gen, PROBE_INTERVAL))
-        task.add_done_callback(lambda _: self._probing.discard(node))
+        task = self._tasks.spawn(self._resolve(self._zc.zeroconf, name, key, gen, PROBE_INTERVAL))
+        if task is not None:
+            self._probing.add(node)
+            task.add_done_callback(lambda _: self._probing.discard(node))
 
     async def _resolve(
         self, zeroconf: Zeroconf, name: str, key: str, gen: int, timeout: float, quiet: bool = True

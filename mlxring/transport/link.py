@@ -3,6 +3,12 @@ cluster secret), heartbeats, reconnect with capped backoff, back-pressure.
 
 Data flows one way on a link (a node to the next one); the receiving side answers pings with
 pongs on the same socket, so each side can tell when the other went silent.
+
+Back-pressure: a listener whose node's mailbox is full stops reading the link (see
+`conn.Inflow`); the sender's writes then wait for the socket (`Peer.send`). A paused link is
+not a dead one: while it holds back, the listener sends a `Pong(HOLDING)` every heartbeat, and
+the sender waits as long as pongs come. Every queue on a link has a limit: frames read but not
+taken (conn), bytes written but not sent (HIGH_WATER for data, PONG_LIMIT for heartbeats).
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ import structlog
 from mlxring.aio import wait_for
 from mlxring.protocol import codec as wire
 from mlxring.protocol.messages import Hello, Message, Ping, Pong, Proof
-from mlxring.transport.conn import FrameConnection, connect
+from mlxring.transport.conn import FrameConnection, Inflow, connect
 
 log = structlog.get_logger()
 
@@ -28,6 +34,9 @@ STOP_S = 2.0  # how long stop() waits for the reconnect loop to end
 # Frames before the handshake is done are small: a stranger must not make us allocate more.
 HANDSHAKE_MAX_FRAME = 64 * 1024
 HIGH_WATER = 4 * 1024 * 1024  # bytes queued in the transport before a sender waits for drain
+# Heartbeats are not queued behind more than this: a peer that does not read gets none.
+PONG_LIMIT = 64 * 1024
+HOLDING = -1.0  # a Pong's `sent` when it answers no ping: "alive, not reading for now"
 
 
 class LinkError(Exception):
@@ -153,13 +162,24 @@ class Peer:
         try:
             conn.send(msg)
             if conn.buffered > HIGH_WATER:
-                await wait_for(conn.drain(), self.s.down_after_s)
+                await self._drain(conn)
         except ConnectionError as e:
             self._drop(conn, f"send failed: {e!r}")
             raise LinkError(f"link to {self.name} is down") from None
         except TimeoutError:
             self._drop(conn, "send stalled")
             raise LinkError(f"link to {self.name} stalled") from None
+
+    async def _drain(self, conn: FrameConnection) -> None:
+        """Wait for the socket to take what was written, for as long as the peer shows it is
+        alive (a peer that pushes back keeps sending pongs); TimeoutError once it does not."""
+        while True:
+            try:
+                await wait_for(conn.drain(), self.s.heartbeat_s)
+                return
+            except TimeoutError:
+                if time.monotonic() - self.last_pong > self.s.down_after_s:
+                    raise
 
     def _drop(self, conn: FrameConnection, why: str) -> None:
         if self._conn is conn:
@@ -208,7 +228,8 @@ class Peer:
     def _pong(self, msg: Message) -> None:
         if isinstance(msg, Pong):
             self.last_pong = time.monotonic()
-            self.rtt_s = self.last_pong - msg.sent
+            if msg.sent != HOLDING:
+                self.rtt_s = self.last_pong - msg.sent
 
     async def _watch(self, conn: FrameConnection) -> None:
         """Ping every heartbeat; the link is down when pongs stop or the socket closes."""
@@ -217,7 +238,8 @@ class Peer:
                 self._drop(conn, "no heartbeat")
                 return
             try:
-                conn.send(Ping(time.monotonic()))
+                if conn.buffered < PONG_LIMIT:  # a peer holding back reads them later, or never
+                    conn.send(Ping(time.monotonic()))
             except (ConnectionError, RuntimeError) as e:
                 self._drop(conn, repr(e))
                 return
@@ -235,10 +257,12 @@ class Listener:
         host: str,
         port: int,
         on_message: Callable[[Message, str], None],
+        inflow: Inflow | None = None,
     ) -> None:
         self.s = s
         self.host, self.port = host, port
         self._on_message = on_message
+        self._inflow = inflow  # where the data frames go: reading pauses while it is full
         self._server: asyncio.Server | None = None
         self._conns: dict[FrameConnection, asyncio.Task[None]] = {}
         self.rejected = 0
@@ -284,17 +308,23 @@ class Listener:
 
             def on_frame(msg: Message) -> None:
                 if isinstance(msg, Ping):
-                    conn.send(Pong(msg.sent))
+                    if conn.buffered < PONG_LIMIT:
+                        conn.send(Pong(msg.sent))
                 elif isinstance(msg, Hello | Proof | Pong):
                     conn.fail(wire.FrameError(f"unexpected {type(msg).__name__}"))
                 else:
                     self._on_message(msg, peer)
 
             conn.max_frame = self.s.max_frame
-            conn.deliver(on_frame)
+            conn.deliver(on_frame, self._inflow)
             # Pings come every heartbeat: a link silent for longer than down_after_s is dead.
             while not conn.closed.done():
                 await asyncio.wait({conn.closed}, timeout=self.s.heartbeat_s)
+                if conn.reading_paused:
+                    # Not reading: the silence is ours. Tell the sender we are alive.
+                    if not conn.closing and conn.buffered < PONG_LIMIT:
+                        conn.send(Pong(HOLDING))
+                    continue
                 if time.monotonic() - conn.last_received > self.s.down_after_s:
                     log.warning("peer_silent", peer=peer, address=where)
                     return
