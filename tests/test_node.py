@@ -12,7 +12,7 @@ from mlxring.ring.machine import DeviceFacts
 from mlxring.ring.membership import make_plan
 from mlxring.ring.routing import ring_bind_address
 from mlxring.ring.runtime import Runtime
-from mlxring.ring.tasks import TaskScope
+from mlxring.tasks import TaskScope
 
 NODES = "\n".join(
     f'[[nodes]]\nname = "n{i}"\nport = {5000 + i}\nlayers = [{a}, {b}]'

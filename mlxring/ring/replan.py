@@ -17,9 +17,9 @@ from mlxring.ring.membership import CannotPlan, NewRing, convoy_stages, decide, 
 from mlxring.ring.monitor import RingMonitor
 from mlxring.ring.plan import Plan
 from mlxring.ring.routing import Router
-from mlxring.ring.tasks import TaskScope
 from mlxring.shard.actor import Reconfigure
 from mlxring.shard.compute import Compute
+from mlxring.tasks import TaskScope
 
 log = structlog.get_logger()
 

@@ -19,8 +19,8 @@ from mlxring.protocol.messages import End, Failure, Forward, ForwardBatch, Messa
 from mlxring.ring.hoptime import StepClock
 from mlxring.ring.membership import next_in_ring
 from mlxring.ring.monitor import RingMonitor
-from mlxring.ring.tasks import TaskScope
 from mlxring.shard.actor import ShardActor
+from mlxring.tasks import TaskScope
 from mlxring.transport.discovery import resolve_interfaces
 from mlxring.transport.link import LinkError, LinkSettings, Listener, Peer
 

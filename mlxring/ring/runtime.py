@@ -36,9 +36,9 @@ from mlxring.ring.plan import Plan
 from mlxring.ring.poll import busy_poll, polls
 from mlxring.ring.replan import Replanner
 from mlxring.ring.routing import LocalNode, Router, link_settings
-from mlxring.ring.tasks import TaskScope
 from mlxring.shard.actor import ShardActor, Sweep
 from mlxring.shard.compute import Compute
+from mlxring.tasks import TaskScope
 from mlxring.transport.discovery import Discovery
 from mlxring.transport.link import Peer
 

@@ -30,7 +30,7 @@ from zeroconf import (
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
 from mlxring.protocol.codec import PROTOCOL_VERSION
-from mlxring.transport.tasks import TaskOwner
+from mlxring.tasks import TaskScope
 
 log = structlog.get_logger()
 
@@ -169,6 +169,11 @@ def parse_service(info: ServiceInfo) -> PeerInfo:
         raise ValueError(f"malformed TXT {props}: {e}") from None
 
 
+def _tasks_failed(reason: str) -> None:
+    # Discovery runs only side tasks, each of which logs its own failure; none ends the rest.
+    log.warning("discovery_tasks_failed", reason=reason)
+
+
 class Discovery:
     """Advertise this process's nodes and track the other nodes of one cluster.
 
@@ -189,7 +194,7 @@ class Discovery:
         self._found: dict[str, PeerInfo] = {}  # lower-cased service name -> peer
         self._gen: dict[str, int] = {}  # per service: newer events void older resolutions
         # Resolutions and announcements in flight: they end with stop().
-        self._tasks = TaskOwner()
+        self._tasks = TaskScope("discovery", _tasks_failed)
         self._probing: set[str] = set()  # nodes wait_for is asking for right now
         self._changed = asyncio.Event()
 
@@ -219,7 +224,8 @@ class Discovery:
                     await zc.async_close()
             raise
         self._zc = zc
-        self._tasks = TaskOwner()
+        self._tasks = TaskScope("discovery", _tasks_failed)
+        await self._tasks.open()
         self._browser = AsyncServiceBrowser(
             self._zc.zeroconf, [SERVICE_TYPE], handlers=[self._on_change]
         )
@@ -264,7 +270,7 @@ class Discovery:
             ) from None
         except BadTypeInNameException:
             raise ValueError(f"node name {me.name!r} is not usable in a service name") from None
-        self._tasks.adopt(asyncio.ensure_future(announcing))
+        self._tasks.spawn(announcing, "announce")
         self._own[me.name] = (me, info)
         self._notify()
         log.info("advertised", node=me.name, address=me.address, ring_port=me.ring_port)
@@ -335,7 +341,9 @@ class Discovery:
                 log.info("peer left", node=peer.name, address=peer.address)
                 self._notify()
             return
-        self._tasks.spawn(self._resolve(zeroconf, name, key, gen, RESOLVE_TIMEOUT, quiet=False))
+        self._tasks.spawn(
+            self._resolve(zeroconf, name, key, gen, RESOLVE_TIMEOUT, quiet=False), "resolve"
+        )
 
     def _probe(self, node: str) -> None:
         """Ask for one node's service directly (at most one question in flight per node)."""
@@ -344,7 +352,9 @@ class Discovery:
         name = service_name(self.cluster, node)
         key = name.lower()
         gen = self._gen.get(key, 0)
-        task = self._tasks.spawn(self._resolve(self._zc.zeroconf, name, key, gen, PROBE_INTERVAL))
+        task = self._tasks.spawn(
+            self._resolve(self._zc.zeroconf, name, key, gen, PROBE_INTERVAL), "probe"
+        )
         if task is not None:
             self._probing.add(node)
             task.add_done_callback(lambda _: self._probing.discard(node))

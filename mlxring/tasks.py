@@ -1,16 +1,17 @@
-"""A node's tasks as structured concurrency: one `asyncio.TaskGroup` held open from `open()` to
-`close()`, so that every task of the node starts inside it and none outlives it.
+"""Tasks as structured concurrency: one `asyncio.TaskGroup` held open from `open()` to `close()`,
+so that every task of its owner (a node runtime, discovery) starts inside it and none outlives it.
 
 A long-lived task (`start`) that fails ends the whole group: a node whose membership watch or
 busy-poll died is not half alive; the failure is logged with its cause and reported to
-`on_failure`. A side task (`spawn`, e.g. passing one probe on) that fails is logged and ends
-alone: one lost probe must not take the node's tasks down.
+`on_failure`. A side task (`spawn`: passing one probe on, resolving one peer) that fails is
+logged and ends alone: one lost probe must not take the node's tasks down. The group lives in a
+host task of its own, so a failing child never cancels the caller that opened it.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 import structlog
@@ -21,8 +22,8 @@ CLOSE_S = 10.0  # how long close() waits for the tasks to end once cancelled
 
 
 class TaskScope:
-    """The task group of one node runtime, hosted by a task of its own (the runtime's start and
-    stop are separate calls, and `async with` cannot span them)."""
+    """The task group of one owner, hosted by a task of its own (the owner's start and stop are
+    separate calls, and `async with` cannot span them)."""
 
     def __init__(self, name: str, on_failure: Callable[[str], None]) -> None:
         self.name = name
@@ -48,21 +49,24 @@ class TaskScope:
             coro.close()
             return None
 
-    def spawn(self, coro: Coroutine[Any, Any, None], name: str = "side") -> None:
-        """Run a small side task in the group; its failure is logged and ends only itself."""
-        if self.start(self._guarded(coro, name), name) is None:
+    def spawn(self, coro: Awaitable[None], name: str = "side") -> asyncio.Task[None] | None:
+        """Run a small side task in the group; its failure is logged and ends only itself. None
+        (and `coro` is not run) when the group is closed."""
+        task = self.start(self._guarded(coro, name), name)
+        if task is None and isinstance(coro, Coroutine):
             coro.close()
+        return task
 
-    async def close(self) -> None:
-        """Cancel every task of the group and wait (up to CLOSE_S) until they have ended."""
+    async def close(self, timeout: float = CLOSE_S) -> None:
+        """Cancel every task of the group and wait (up to `timeout`) until they have ended."""
         host, self._host = self._host, None
         self._group = None
         if host is None:
             return
         host.cancel()
-        await asyncio.wait({host}, timeout=CLOSE_S)
+        await asyncio.wait({host}, timeout=timeout)
         if not host.done():
-            log.warning("tasks_still_running", scope=self.name, after_s=CLOSE_S)
+            log.warning("tasks_still_running", scope=self.name, after_s=timeout)
 
     async def _hold(self, opened: asyncio.Event) -> None:
         try:
@@ -78,7 +82,7 @@ class TaskScope:
                 "a task of this node failed: " + "; ".join(_describe(e) for e in failed.exceptions)
             )
 
-    async def _guarded(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+    async def _guarded(self, coro: Awaitable[None], name: str) -> None:
         try:
             await coro
         except Exception as e:  # noqa: BLE001 - a side task's failure ends only itself
