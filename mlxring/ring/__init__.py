@@ -1,4 +1,4 @@
-"""The ring as a whole. `runtime` is one node process (its tasks in one task group, `mlxring/tasks.py`);
+"""The ring as a whole. `runtime` is one node process (its tasks in one group: mlxring/tasks.py);
 `routing` says where each message goes next; `membership` decides, as pure transitions, who is in
 the ring and which layers each holds (`plan`), and `replan` carries the decision out (`loading`);
 `monitor` watches a probe go round; `directory` knows where every node is; `snapshot` is one
