@@ -256,11 +256,11 @@ class Runtime:
         self.plan: Plan = []  # one range per member
         self.unavailable = "the ring has not formed yet"  # why the ring cannot serve, or ""
         self.compute = Compute()
-        polls = config.cluster.busy_poll
+        polls = config.tuning.busy_poll
         self.busy_poll = (os.cpu_count() or 1) >= BUSY_POLL_MIN_CORES if polls is None else polls
         # A waiting gate holds the compute thread's stream, and any device-wide sync, until it
         # opens: another shard of this process could wait on it for its own input.
-        self.gates = config.cluster.gates and len(self.names) == 1
+        self.gates = config.tuning.gates and len(self.names) == 1
         self.clock = StepClock()  # per-hop timing of decode steps passing this process
         self._tasks: list[asyncio.Task[None]] = []
         self._side_tasks: set[asyncio.Task[None]] = set()
@@ -297,8 +297,8 @@ class Runtime:
         """Load the model's metadata, start listeners and links, wait a moment for the other
         nodes, then plan and load this process's shards."""
         loop = asyncio.get_running_loop()
-        if self.config.cluster.cache_limit_gb is not None:
-            mx.set_cache_limit(int(self.config.cluster.cache_limit_gb * (1 << 30)))
+        if self.config.tuning.cache_limit_gb is not None:
+            mx.set_cache_limit(int(self.config.tuning.cache_limit_gb * (1 << 30)))
         spec = self.config.cluster.model
         meta = await loop.run_in_executor(None, source.resolve_metadata, spec)
         self.model_dir = meta
@@ -320,7 +320,7 @@ class Runtime:
                 self._sender(name),
                 self.compute,
                 self.config.cluster.request_timeout_s,
-                self.config.cluster.max_batch,
+                self.config.tuning.max_batch,
                 self.facts.total_memory_bytes,
                 self.gates,
             )
@@ -531,7 +531,7 @@ class Runtime:
             loop = asyncio.get_running_loop()
             # Nodes of this process share one process's compute; every other node is taken to
             # be a process (a machine) of its own, unless the config says how many compute.
-            stages = self.config.cluster.convoys or (
+            stages = self.config.tuning.convoys or (
                 sum(n not in self.nodes for n in live) + any(n in self.nodes for n in live)
             )
             for name, node in self.nodes.items():
@@ -585,7 +585,7 @@ class Runtime:
             self.tokenizer.eos_token_ids,
             prefill_chunk=self.config.cluster.prefill_chunk,
             step_timeout_s=self.config.cluster.request_timeout_s,
-            one_convoy=self.config.cluster.convoys == 1,
+            one_convoy=self.config.tuning.convoys == 1,
         )
         expected = tuple((n, s, e) for n, (s, e) in self.layout.items())
         self.monitor = RingMonitor(
