@@ -16,7 +16,7 @@ import json
 import math
 import re
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 #: What a getter expected, for the dialect to word ("finite number": a bounded number).
 Kind = Literal["string", "integer", "number", "finite number", "boolean", "list", "table", "bytes"]
@@ -26,6 +26,7 @@ REQUIRED: Any = object()
 
 NAME_RE = re.compile(r"[A-Za-z0-9_.-]+")
 _BARE_KEY_RE = re.compile(r"[A-Za-z0-9_-]+")
+_INT = frozenset((int,))
 _EXPECTED: dict[str, str] = {
     "string": "a string",
     "integer": "an integer",
@@ -78,14 +79,32 @@ class Fields:
     when the key is absent (`integer("port", 8100)`); `opt_*` getters return None then. A
     list is read through `elements(key)`: a Fields over its items, keyed by index."""
 
-    __slots__ = ("data", "errors", "prefix")
+    __slots__ = ("_at", "_prefix", "data", "errors")
 
     def __init__(self, data: Mapping[Any, Any], errors: FieldErrors, prefix: str = "") -> None:
         self.data = data
         self.errors = errors
-        self.prefix = prefix
+        self._prefix: str | None = prefix
+        self._at: tuple[Fields, str | int] | None = None
+
+    def child(self, key: str | int, data: Mapping[Any, Any]) -> Fields:
+        """A reader over `data`, found at `key` here: its paths start with this key's."""
+        sub = Fields(data, self.errors)
+        # The path is worked out only for an error message: frames are read far more often
+        # than they are wrong.
+        sub._prefix, sub._at = None, (self, key)
+        return sub
 
     # --- paths and errors -----------------------------------------------------------------
+
+    @property
+    def prefix(self) -> str:
+        """The path of this reader's data (`cluster`, `nodes[1]`, `stats[0]`; "": the top)."""
+        if self._prefix is None:
+            assert self._at is not None
+            parent, key = self._at
+            self._prefix = parent.path(key)
+        return self._prefix
 
     def path(self, key: str | int) -> str:
         """The key's full name in messages: `cluster.port`, `nodes[1]`, `"odd key"`."""
@@ -122,38 +141,26 @@ class Fields:
         return self._absent(key, default) if value is None else value
 
     # --- scalars --------------------------------------------------------------------------
-
-    def opt_string(self, key: str | int, *, nonempty: bool = False) -> str | None:
-        value = self.data.get(key)
-        if value is None:
-            return None
-        if type(value) is not str:
-            raise self.errors.wrong_type(self.path(key), "string", value)
-        if nonempty and not value:
-            raise self.error(key, "must not be empty")
-        return value
+    # Each getter tests the common case first: frames are decoded on every hop of every token.
 
     def string(self, key: str | int, default: str = REQUIRED, *, nonempty: bool = False) -> str:
-        value = self.opt_string(key, nonempty=nonempty)
-        return self._absent(key, default) if value is None else value
+        value = self.data.get(key)
+        if type(value) is str:
+            if nonempty and not value:
+                raise self.error(key, "must not be empty")
+            return value
+        if value is None:
+            return cast(str, self._absent(key, default))
+        raise self.errors.wrong_type(self.path(key), "string", value)
+
+    def opt_string(self, key: str | int, *, nonempty: bool = False) -> str | None:
+        return None if self.data.get(key) is None else self.string(key, nonempty=nonempty)
 
     def name(self, key: str | int, default: str = REQUIRED) -> str:
         """A non-empty name of letters, digits, '_', '.' and '-' (a node's, a cluster's)."""
         value = self.string(key, default, nonempty=True)
         if not NAME_RE.fullmatch(value):
             raise self.error(key, f"expected letters, digits, '_', '.' or '-', got {show(value)}")
-        return value
-
-    def opt_integer(
-        self, key: str | int, *, lo: int | None = None, hi: int | None = None
-    ) -> int | None:
-        value = self.data.get(key)
-        if value is None:
-            return None
-        if type(value) is not int:  # bool is an int to Python; a flag is never a count here
-            raise self.errors.wrong_type(self.path(key), "integer", value)
-        if (lo is not None and value < lo) or (hi is not None and value > hi):
-            raise self.errors.out_of_range(self.path(key), "integer", value, lo, hi, False)
         return value
 
     def integer(
@@ -164,36 +171,19 @@ class Fields:
         lo: int | None = None,
         hi: int | None = None,
     ) -> int:
-        value = self.opt_integer(key, lo=lo, hi=hi)
-        return self._absent(key, default) if value is None else value
-
-    def opt_number(
-        self,
-        key: str | int,
-        *,
-        lo: float | None = None,
-        hi: float | None = None,
-        lo_open: bool = False,
-        gt: float | None = None,
-    ) -> float | None:
-        """A float (an integer is taken as one). `gt=x` is `lo=x, lo_open=True`; a bounded
-        number must be finite."""
         value = self.data.get(key)
+        if type(value) is int:  # not bool, an int to Python: a flag is never a count here
+            if (lo is None or value >= lo) and (hi is None or value <= hi):
+                return value
+            raise self.errors.out_of_range(self.path(key), "integer", value, lo, hi, False)
         if value is None:
-            return None
-        if type(value) is not float and type(value) is not int:
-            raise self.errors.wrong_type(self.path(key), "number", value)
-        if gt is not None:
-            lo, lo_open = gt, True
-        if lo is None and hi is None:
-            return float(value)
-        if not math.isfinite(value):
-            raise self.errors.wrong_type(self.path(key), "finite number", value)
-        if (lo is not None and (value <= lo if lo_open else value < lo)) or (
-            hi is not None and value > hi
-        ):
-            raise self.errors.out_of_range(self.path(key), "number", value, lo, hi, lo_open)
-        return float(value)
+            return cast(int, self._absent(key, default))
+        raise self.errors.wrong_type(self.path(key), "integer", value)
+
+    def opt_integer(
+        self, key: str | int, *, lo: int | None = None, hi: int | None = None
+    ) -> int | None:
+        return None if self.data.get(key) is None else self.integer(key, lo=lo, hi=hi)
 
     def number(
         self,
@@ -205,47 +195,76 @@ class Fields:
         lo_open: bool = False,
         gt: float | None = None,
     ) -> float:
-        value = self.opt_number(key, lo=lo, hi=hi, lo_open=lo_open, gt=gt)
-        return float(self._absent(key, default)) if value is None else value
+        """A float (an integer is taken as one). `gt=x` is `lo=x, lo_open=True`; a bounded
+        number must be finite."""
+        value = self.data.get(key)
+        if type(value) is float or type(value) is int:
+            if gt is not None:
+                lo, lo_open = gt, True
+            if lo is None and hi is None:
+                return float(value)
+            if not math.isfinite(value):
+                raise self.errors.wrong_type(self.path(key), "finite number", value)
+            if (lo is None or (value > lo if lo_open else value >= lo)) and (
+                hi is None or value <= hi
+            ):
+                return float(value)
+            raise self.errors.out_of_range(self.path(key), "number", value, lo, hi, lo_open)
+        if value is None:
+            return float(self._absent(key, default))
+        raise self.errors.wrong_type(self.path(key), "number", value)
+
+    def opt_number(
+        self,
+        key: str | int,
+        *,
+        lo: float | None = None,
+        hi: float | None = None,
+        lo_open: bool = False,
+        gt: float | None = None,
+    ) -> float | None:
+        if self.data.get(key) is None:
+            return None
+        return self.number(key, lo=lo, hi=hi, lo_open=lo_open, gt=gt)
 
     def boolean(self, key: str | int, default: bool = REQUIRED) -> bool:
         value = self.data.get(key)
+        if value is True or value is False:
+            return value
         if value is None:
             return bool(self._absent(key, default))
-        if value is not True and value is not False:
-            raise self.errors.wrong_type(self.path(key), "boolean", value)
-        return value
+        raise self.errors.wrong_type(self.path(key), "boolean", value)
 
     def binary(self, key: str | int, default: bytes = REQUIRED) -> bytes:
         value = self.data.get(key)
+        if type(value) is bytes:
+            return value
         if value is None:
             return bytes(self._absent(key, default))
-        if type(value) is not bytes:
-            raise self.errors.wrong_type(self.path(key), "bytes", value)
-        return value
+        raise self.errors.wrong_type(self.path(key), "bytes", value)
 
     # --- containers -----------------------------------------------------------------------
 
     def array(self, key: str | int, default: list[Any] = REQUIRED) -> list[Any]:
         """A list, its items unchecked (see `elements` and `integers`)."""
         value = self.data.get(key)
+        if type(value) is list:
+            return value
         if value is None:
             return list(self._absent(key, default))
-        if type(value) is not list:
-            raise self.errors.wrong_type(self.path(key), "list", value)
-        return value
+        raise self.errors.wrong_type(self.path(key), "list", value)
 
     def integers(self, key: str | int, *, lo: int | None = None) -> tuple[int, ...]:
         """A list of integers, all >= lo."""
         value = self.array(key)
         # map/set/min run in C: a 2 048-token prompt chunk is checked in microseconds.
-        if value and (set(map(type, value)) != {int} or (lo is not None and min(value) < lo)):
+        if value and (set(map(type, value)) != _INT or (lo is not None and min(value) < lo)):
             raise self.error(key, "expected integers" + ("" if lo is None else f" >= {lo}"))
         return tuple(value)
 
     def elements(self, key: str | int) -> Fields:
         """A reader over the list at `key`, keyed by index (paths `key[0]`, `key[1]`, ...)."""
-        return Fields(dict(enumerate(self.array(key))), self.errors, self.path(key))
+        return self.child(key, dict(enumerate(self.array(key))))
 
     def table(self, key: str | int, default: Mapping[str, Any] = REQUIRED) -> Fields:
         """A reader over the mapping at `key` (a TOML table, a nested map or JSON object)."""
@@ -254,7 +273,7 @@ class Fields:
             value = self._absent(key, default)
         if not isinstance(value, dict):
             raise self.errors.wrong_type(self.path(key), "table", value)
-        return Fields(value, self.errors, self.path(key))
+        return self.child(key, value)
 
 
 def bounds(lo: float | None, hi: float | None, lo_open: bool) -> str:
