@@ -79,20 +79,19 @@ class Fields:
     when the key is absent (`integer("port", 8100)`); `opt_*` getters return None then. A
     list is read through `elements(key)`: a Fields over its items, keyed by index."""
 
-    __slots__ = ("_at", "_prefix", "data", "errors")
+    __slots__ = ("_where", "data", "errors")
 
     def __init__(self, data: Mapping[Any, Any], errors: FieldErrors, prefix: str = "") -> None:
         self.data = data
         self.errors = errors
-        self._prefix: str | None = prefix
-        self._at: tuple[Fields, str | int] | None = None
+        # The path of `data`, or (the parent reader, the key it is under) until a message
+        # needs the path: frames are read far more often than they are wrong.
+        self._where: str | tuple[Fields, str | int] = prefix
 
     def child(self, key: str | int, data: Mapping[Any, Any]) -> Fields:
         """A reader over `data`, found at `key` here: its paths start with this key's."""
         sub = Fields(data, self.errors)
-        # The path is worked out only for an error message: frames are read far more often
-        # than they are wrong.
-        sub._prefix, sub._at = None, (self, key)
+        sub._where = (self, key)
         return sub
 
     # --- paths and errors -----------------------------------------------------------------
@@ -100,11 +99,11 @@ class Fields:
     @property
     def prefix(self) -> str:
         """The path of this reader's data (`cluster`, `nodes[1]`, `stats[0]`; "": the top)."""
-        if self._prefix is None:
-            assert self._at is not None
-            parent, key = self._at
-            self._prefix = parent.path(key)
-        return self._prefix
+        where = self._where
+        if isinstance(where, tuple):
+            parent, key = where
+            where = self._where = parent.path(key)
+        return where
 
     def path(self, key: str | int) -> str:
         """The key's full name in messages: `cluster.port`, `nodes[1]`, `"odd key"`."""

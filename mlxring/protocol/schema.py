@@ -24,81 +24,88 @@ from mlxring.protocol.messages import AtLeast, Tensor
 Read = Callable[[Fields, Any], Any]
 
 
-@dataclasses.dataclass(frozen=True)
 class Schema:
-    """How one dataclass travels: a reader per field, the fields encoding converts (nested
-    dataclasses) or leaves out when None, and the field holding a tensor (sent as
-    dtype/shape/data after the map's other keys)."""
+    """How one dataclass travels: `to_map(obj, tag)` is its map for msgpack, `read(r, tensor)`
+    the object a map read through `r` holds. `tensor` names the field holding a tensor, which
+    the codec sends as dtype/shape/data after the map's other keys."""
 
-    cls: type
-    names: tuple[str, ...]
-    reads: tuple[Read, ...]  # one per name
-    convert: tuple[tuple[str, Callable[[Any], Any]], ...]
-    optional: tuple[str, ...]
-    tensor: str | None
+    __slots__ = ("cls", "read", "tensor", "to_map")
 
-    def to_map(self, obj: Any, tag: str | None = None) -> dict[str, Any]:
+    def __init__(self, cls: type) -> None:
+        if hasattr(cls, "__post_init__") or hasattr(cls, "__slots__"):
+            raise TypeError(f"{cls.__name__}: decoding fills __dict__ without running __init__")
+        hints = get_type_hints(cls, include_extras=True)
+        reads: list[tuple[str, Read]] = []
+        convert: list[tuple[str, Callable[[Any], Any]]] = []
+        optional: list[str] = []
+        self.cls, self.tensor = cls, None
+        for f in dataclasses.fields(cls):
+            hint = hints[f.name]
+            if Tensor in get_args(hint):
+                self.tensor = f.name
+                reads.append((f.name, lambda r, k: None))  # filled in by `read`'s tensor
+                continue
+            inner = _without_none(hint)
+            if inner is not hint:
+                optional.append(f.name)
+            reads.append((f.name, _reader(hint)))
+            to_wire = _converter(inner)
+            if to_wire is not None:
+                convert.append((f.name, to_wire))
+        # Closures over locals, not methods reading attributes: a frame's map is built and
+        # read on every hop of every token.
+        self.to_map = _to_map(self.tensor, tuple(optional), tuple(convert))
+        self.read = _read(cls, tuple(reads), self.tensor)
+
+
+schema = functools.cache(Schema)
+"""The wire form of dataclass `cls`, derived once from its fields and their type hints."""
+
+
+def _to_map(
+    tensor: str | None,
+    optional: tuple[str, ...],
+    convert: tuple[tuple[str, Callable[[Any], Any]], ...],
+) -> Callable[..., dict[str, Any]]:
+    def to_map(obj: Any, tag: str | None = None) -> dict[str, Any]:
         # A frozen dataclass's __dict__ holds its fields in order: copied in C, not per field.
-        m = {"type": tag, **obj.__dict__} if tag is not None else dict(obj.__dict__)
-        if self.tensor is not None:
-            del m[self.tensor]
-        for name in self.optional:
+        m = obj.__dict__.copy() if tag is None else {"type": tag, **obj.__dict__}
+        if tensor is not None:
+            del m[tensor]
+        for name in optional:
             if m[name] is None:
                 del m[name]
-        for name, convert in self.convert:
+        for name, to_wire in convert:
             value = m.get(name)
             if value is not None:
-                m[name] = convert(value)
+                m[name] = to_wire(value)
         return m
 
-    def read(self, r: Fields, tensor: Callable[[Fields], Any] | None = None) -> Any:
+    return to_map
+
+
+def _read(
+    cls: type, reads: tuple[tuple[str, Read], ...], tensor_field: str | None
+) -> Callable[..., Any]:
+    names = tuple(name for name, _ in reads)
+    readers = tuple(read for _, read in reads)
+    new, call, repeat = object.__new__, operator.call, itertools.repeat
+
+    def read(r: Fields, tensor: Callable[[Fields], Any] | None = None) -> Any:
         """The object `r` holds; `tensor` reads its tensor field from the same map (a nested
         map, a batch's row, carries none)."""
         # Built as pickle builds an object: the fields' values go into a new instance's
-        # __dict__, not through a frozen dataclass's __init__, whose object.__setattr__ per field
-        # is a large part of a small frame's decoding (benchmarks/wire_bench.py); map runs
-        # read(r, name) per field in C.
-        obj: Any = object.__new__(self.cls)
+        # __dict__, not through a frozen dataclass's __init__, whose object.__setattr__ per
+        # field is a large part of a small frame's decoding (benchmarks/wire_bench.py); map
+        # runs read(r, name) per field in C.
+        obj: Any = new(cls)
         fields = obj.__dict__
-        fields.update(
-            zip(
-                self.names,
-                map(operator.call, self.reads, itertools.repeat(r), self.names),
-                strict=True,
-            )
-        )
-        if tensor is not None and self.tensor is not None:
-            fields[self.tensor] = tensor(r)
+        fields.update(zip(names, map(call, readers, repeat(r), names), strict=True))
+        if tensor is not None and tensor_field is not None:
+            fields[tensor_field] = tensor(r)
         return obj
 
-
-@functools.cache
-def schema(cls: type) -> Schema:
-    """The wire form of dataclass `cls`, derived once from its fields and their type hints."""
-    if hasattr(cls, "__post_init__") or hasattr(cls, "__slots__"):
-        raise TypeError(f"{cls.__name__}: decoding fills __dict__ without running __init__")
-    hints = get_type_hints(cls, include_extras=True)
-    reads: list[tuple[str, Read]] = []
-    convert: list[tuple[str, Callable[[Any], Any]]] = []
-    optional: list[str] = []
-    tensor = None
-    for f in dataclasses.fields(cls):
-        hint = hints[f.name]
-        if Tensor in get_args(hint):
-            tensor = f.name
-            reads.append((f.name, lambda r, k: None))  # see Schema.read
-            continue
-        inner = _without_none(hint)
-        if inner is not hint:
-            optional.append(f.name)
-        reads.append((f.name, _reader(hint)))
-        to_wire = _converter(inner)
-        if to_wire is not None:
-            convert.append((f.name, to_wire))
-    names = tuple(name for name, _ in reads)
-    return Schema(
-        cls, names, tuple(read for _, read in reads), tuple(convert), tuple(optional), tensor
-    )
+    return read
 
 
 _PLAIN: dict[Any, Read] = {
@@ -132,8 +139,8 @@ def _reader(hint: Any) -> Read:
         readers = tuple(_reader(a) for a in args)
         return lambda r, k: _fixed(r.elements(k), readers)
     if dataclasses.is_dataclass(hint):
-        nested = schema(cast(type, hint))
-        return lambda r, k: nested.read(r.table(k))
+        read_nested = schema(cast(type, hint)).read
+        return lambda r, k: read_nested(r.table(k))
     if hint not in _PLAIN:
         raise TypeError(f"no wire form for {hint!r}")
     return _PLAIN[hint]
@@ -146,7 +153,7 @@ def _converter(hint: Any) -> Callable[[Any], Any] | None:
     args = get_args(hint)
     if get_origin(hint) is tuple and args and dataclasses.is_dataclass(args[0]):
         to_map = schema(cast(type, args[0])).to_map
-        return lambda values: [to_map(v) for v in values]
+        return lambda values: list(map(to_map, values))
     return None
 
 
