@@ -278,10 +278,10 @@ def decode(body: bytes | bytearray | memoryview) -> Message:
     if form is None:
         raise FrameError(f"unknown frame type {kind!r}")
     try:
-        msg = form.read(Fields(m, _ERRORS), _tensor)
+        msg: Message = form.read(Fields(m, _ERRORS), _tensor)
         if isinstance(msg, ForwardBatch):
             _check_batch(msg)
-        return cast(Message, msg)
+        return msg
     except FrameError as e:
         raise FrameError(f"{kind} frame: {e}") from None
     except (ValueError, TypeError, OverflowError) as e:

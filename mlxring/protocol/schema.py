@@ -134,10 +134,10 @@ def _reader(hint: Any) -> Read:
             item_lo = _bound(args[0])
             return lambda r, k: r.integers(k, lo=item_lo)
         each = _reader(args[0])
-        return lambda r, k: _items(r, k, each)
+        return _items(each)
     if get_origin(hint) is tuple:
         readers = tuple(_reader(a) for a in args)
-        return lambda r, k: _fixed(r.elements(k), readers)
+        return _fixed(readers)
     if dataclasses.is_dataclass(hint):
         read_nested = schema(cast(type, hint)).read
         return lambda r, k: read_nested(r.table(k))
@@ -175,15 +175,26 @@ def _bound(hint: Any) -> int | None:
     return next((m.bound for m in get_args(hint)[1:] if isinstance(m, AtLeast)), None)
 
 
-def _items(r: Fields, key: str, each: Read) -> tuple[Any, ...]:
-    values = r.array(key)
-    if not values:
-        return ()
-    e = r.child(key, dict(enumerate(values)))
-    return tuple([each(e, i) for i in range(len(values))])
+def _items(each: Read) -> Read:
+    """The reader of a list whose items `each` reads (`tuple[X, ...]`)."""
+
+    def read(r: Fields, key: str) -> tuple[Any, ...]:
+        values = r.array(key)
+        if not values:
+            return ()
+        e = r.child(key, dict(enumerate(values)))
+        return tuple([each(e, i) for i in range(len(values))])
+
+    return read
 
 
-def _fixed(e: Fields, readers: tuple[Read, ...]) -> tuple[Any, ...]:
-    if len(e.data) != len(readers):
-        raise e.errors.invalid(e.prefix, f"expected {len(readers)} items, got {len(e.data)}")
-    return tuple([read(e, i) for i, read in enumerate(readers)])
+def _fixed(readers: tuple[Read, ...]) -> Read:
+    """The reader of a list of len(readers) items, each read by its own (`tuple[A, B]`)."""
+
+    def read(r: Fields, key: str) -> tuple[Any, ...]:
+        e = r.elements(key)
+        if len(e.data) != len(readers):
+            raise e.errors.invalid(e.prefix, f"expected {len(readers)} items, got {len(e.data)}")
+        return tuple([item(e, i) for i, item in enumerate(readers)])
+
+    return read
