@@ -7,17 +7,14 @@ every Mac and a typo must stop the node at start-up, not surface later as a hung
 
 from __future__ import annotations
 
-import difflib
 import ipaddress
-import json
-import math
 import re
 import sys
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
+from mlxring.fields import FieldErrors, Fields, show
 from mlxring.ring.plan import STRATEGIES
 
 # busy_poll = "auto" polls on machines with this many cores or more: the polling loops of a
@@ -26,11 +23,7 @@ BUSY_POLL_MIN_CORES = 8
 GIB = 1 << 30
 MIB = 1 << 20
 
-_NAME_RE = re.compile(r"[A-Za-z0-9_.-]+")
-_BARE_KEY_RE = re.compile(r"[A-Za-z0-9_-]+")
 _TOML_POS_RE = re.compile(r"\s*\(at (?:line (\d+), column (\d+)|end of document)\)$")
-# Sentinel for "no default: the key is required". Typed Any so it can stand in for any default.
-_REQUIRED: Any = object()
 
 
 class ConfigError(ValueError):
@@ -39,6 +32,16 @@ class ConfigError(ValueError):
     def __init__(self, message: str) -> None:
         # Values are quoted when shown, so this only guards against a future careless message.
         super().__init__(" ".join(message.splitlines()))
+
+
+class _ConfigErrors(FieldErrors):
+    """The fields reader's mistakes as ConfigErrors: `<file>: <key>: <what is wrong>`."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+
+    def invalid(self, path: str, message: str) -> ConfigError:
+        return ConfigError(f"{self.source}: {path}: {message}")
 
 
 @dataclass(frozen=True)
@@ -53,6 +56,20 @@ class ClusterConfig:
     request_timeout_s: float = 600.0
     max_frame_mb: float = 256.0
     interfaces: tuple[str, ...] = ()
+    # Run a model whose type is not verified exactly through the ring (mlxring/model/families), with
+    # the llama-style forward pass, at the user's risk: its output may silently differ.
+    allow_unverified: bool = False
+
+    @property
+    def max_frame_bytes(self) -> int:
+        return int(self.max_frame_mb * MIB)
+
+
+@dataclass(frozen=True)
+class TuningConfig:
+    """How one process uses its machine. Nodes of a ring may set these differently, and none
+    changes a token of the output: `[tuning]`, apart from the ring facts of `[cluster]`."""
+
     max_batch: int = 32  # decode steps of concurrent requests run as one forward pass; 1 = off
     # MLX's buffer cache per process (None: MLX's default, about all memory). Lower it when
     # several node processes share one GPU, or they starve each other of memory.
@@ -62,8 +79,8 @@ class ClusterConfig:
     # None: on where the machine has BUSY_POLL_MIN_CORES cores or more.
     busy_poll: bool | None = None
     # Where MLX runs on CUDA, a process hosting one shard launches a lone request's next decode
-    # step before its input comes, held on the GPU by a gate (`backends/cuda/gate.py`). Turn it off
-    # for several node processes on one GPU without CUDA MPS: their waiting gates then take
+    # step before its input comes, held on the GPU by a gate (`backends/cuda/gate.py`). Turn it
+    # off for several node processes on one GPU without CUDA MPS: their waiting gates then take
     # turns with the working one.
     gates: bool = True
     # How many convoys a shard's concurrent decodes split into, so that every stage has one to
@@ -71,13 +88,6 @@ class ClusterConfig:
     # one accelerator: they cannot compute at once, and one wide pass costs about what a
     # narrow one does on a GPU (benchmarks/RESULTS.md).
     convoys: int | None = None
-    # Run a model whose type is not verified exactly through the ring (mlxring/model/families), with
-    # the llama-style forward pass, at the user's risk: its output may silently differ.
-    allow_unverified: bool = False
-
-    @property
-    def max_frame_bytes(self) -> int:
-        return int(self.max_frame_mb * MIB)
 
 
 @dataclass(frozen=True)
@@ -115,6 +125,10 @@ class Config:
     api: ApiConfig
     nodes: tuple[NodeConfig, ...]
     source: str = "nodes.toml"
+    tuning: TuningConfig = field(default_factory=TuningConfig)
+    # One line each: what the file does that still works but should change (a tuning key in
+    # [cluster]). `load_config_or_exit` prints them.
+    warnings: tuple[str, ...] = ()
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -150,10 +164,13 @@ def load_config(path: str | Path) -> Config:
 def load_config_or_exit(path: str | Path) -> Config:
     """For commands: a bad config is one line on stderr and exit status 2."""
     try:
-        return load_config(path)
+        config = load_config(path)
     except ConfigError as e:
         print(f"mlxring: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+    for warning in config.warnings:
+        print(f"mlxring: warning: {warning}", file=sys.stderr)
+    return config
 
 
 def parse_config(text: str, source: str = "nodes.toml") -> Config:
@@ -162,26 +179,30 @@ def parse_config(text: str, source: str = "nodes.toml") -> Config:
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{source}: {_toml_error(str(e), text)}") from None
 
-    top = _Table(source, "", data, ("cluster", "api", "nodes"))
-    cluster = _parse_cluster(_Table.sub(top, "cluster", _CLUSTER_KEYS))
-    api = _parse_api(_Table.sub(top, "api", _API_KEYS))
+    top = Fields(data, _ConfigErrors(source)).only(("cluster", "api", "tuning", "nodes"))
+    cluster_table = top.table("cluster", {}).only(_CLUSTER_KEYS + _TUNING_KEYS)
+    cluster = _parse_cluster(cluster_table)
+    warnings: list[str] = []
+    tuning_table = top.table("tuning", {}).only(_TUNING_KEYS)
+    tuning = _parse_tuning(source, cluster_table, tuning_table, warnings)
+    api = _parse_api(top.table("api", {}).only(_API_KEYS))
     nodes = _parse_nodes(top, cluster.strategy)
     _check_unique(source, nodes, api)
     if cluster.strategy == "manual":
         _check_manual_layers(source, nodes)
-    return Config(cluster=cluster, api=api, nodes=nodes, source=source)
+    return Config(cluster, api, nodes, source, tuning, tuple(warnings))
 
 
 _CLUSTER_KEYS = (
     "name", "model", "secret", "strategy", "prefill_chunk", "heartbeat_s", "down_after_s",
-    "request_timeout_s", "max_frame_mb", "interfaces", "max_batch", "cache_limit_gb", "busy_poll",
-    "gates", "convoys", "allow_unverified",
+    "request_timeout_s", "max_frame_mb", "interfaces", "allow_unverified",
 )  # fmt: skip
+_TUNING_KEYS = ("max_batch", "cache_limit_gb", "busy_poll", "gates", "convoys")
 _API_KEYS = ("host", "port", "api_key", "max_body_bytes", "max_concurrent", "max_queue")
 _NODE_KEYS = ("name", "host", "port", "api_port", "layers", "memory_gb", "compute")
 
 
-def _parse_cluster(t: _Table) -> ClusterConfig:
+def _parse_cluster(t: Fields) -> ClusterConfig:
     strategy = t.string("strategy", "memory")
     if strategy not in STRATEGIES:
         raise t.error(
@@ -192,7 +213,7 @@ def _parse_cluster(t: _Table) -> ClusterConfig:
     if down_after_s <= heartbeat_s:
         raise t.error(
             "down_after_s",
-            f"must be greater than {t.key('heartbeat_s')} ({heartbeat_s:g}), got {down_after_s:g}",
+            f"must be greater than {t.path('heartbeat_s')} ({heartbeat_s:g}), got {down_after_s:g}",
         )
     return ClusterConfig(
         name=t.name("name", "mlxring"),
@@ -205,51 +226,65 @@ def _parse_cluster(t: _Table) -> ClusterConfig:
         request_timeout_s=t.number("request_timeout_s", 600.0, gt=0),
         max_frame_mb=t.number("max_frame_mb", 256.0, gt=0),
         interfaces=_parse_interfaces(t),
-        max_batch=t.integer("max_batch", 32, lo=1),
-        cache_limit_gb=t.opt_number("cache_limit_gb", gt=0),
-        busy_poll=_parse_busy_poll(t),
-        gates=_parse_bool(t, "gates", True),
-        convoys=_parse_convoys(t),
-        allow_unverified=_parse_bool(t, "allow_unverified", False),
+        allow_unverified=t.boolean("allow_unverified", False),
     )
 
 
-def _parse_busy_poll(t: _Table) -> bool | None:
+def _parse_tuning(
+    source: str, cluster: Fields, tuning: Fields, warnings: list[str]
+) -> TuningConfig:
+    """[tuning], where a key may also come from [cluster] (files written before [tuning]
+    existed keep working) with a warning naming its place."""
+
+    def at(key: str) -> Fields:
+        if key not in cluster.data:
+            return tuning
+        if key in tuning.data:
+            raise cluster.error(key, f"set in [tuning] too; keep only {tuning.path(key)}")
+        warnings.append(
+            f"{source}: {cluster.path(key)}: a per-process setting; "
+            f"move it to [tuning] ({tuning.path(key)})"
+        )
+        return cluster
+
+    return TuningConfig(
+        max_batch=at("max_batch").integer("max_batch", 32, lo=1),
+        cache_limit_gb=at("cache_limit_gb").opt_number("cache_limit_gb", gt=0),
+        busy_poll=_parse_busy_poll(at("busy_poll")),
+        gates=at("gates").boolean("gates", True),
+        convoys=_parse_convoys(at("convoys")),
+    )
+
+
+def _parse_busy_poll(t: Fields) -> bool | None:
     value = t.get("busy_poll", "auto")
     if isinstance(value, bool):
         return value
     if value != "auto":
-        raise t.error("busy_poll", f'expected true, false or "auto", got {_show(value)}')
+        raise t.error("busy_poll", f'expected true, false or "auto", got {show(value)}')
     return None
 
 
-def _parse_convoys(t: _Table) -> int | None:
+def _parse_convoys(t: Fields) -> int | None:
     value = t.get("convoys", "auto")
     if value == "auto":
         return None
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise t.error(
-            "convoys", f'expected a whole number of at least 1 or "auto", got {_show(value)}'
+            "convoys", f'expected a whole number of at least 1 or "auto", got {show(value)}'
         )
     return value
 
 
-def _parse_bool(t: _Table, key: str, default: bool) -> bool:
-    value = t.get(key, default)
-    if not isinstance(value, bool):
-        raise t.error(key, f"expected true or false, got {_show(value)}")
-    return value
-
-
-def _parse_interfaces(t: _Table) -> tuple[str, ...]:
+def _parse_interfaces(t: Fields) -> tuple[str, ...]:
     value = t.get("interfaces", [])
     if not isinstance(value, list):
-        raise t.error("interfaces", f"expected a list of strings, got {_show(value)}")
+        raise t.error("interfaces", f"expected a list of strings, got {show(value)}")
     out = []
     for i, item in enumerate(value):
         key = f"interfaces[{i}]"
         if not isinstance(item, str) or not item or any(c.isspace() for c in item):
-            raise t.error(key, f"expected an IPv4 address or interface name, got {_show(item)}")
+            raise t.error(key, f"expected an IPv4 address or interface name, got {show(item)}")
         # Something that looks like an address must be one; a typo'd IP is not an interface.
         if re.fullmatch(r"[0-9.]+", item):
             _ipv4(t, key, item)
@@ -257,7 +292,7 @@ def _parse_interfaces(t: _Table) -> tuple[str, ...]:
     return tuple(out)
 
 
-def _parse_api(t: _Table) -> ApiConfig:
+def _parse_api(t: Fields) -> ApiConfig:
     return ApiConfig(
         host=t.string("host", "0.0.0.0", nonempty=True),
         port=t.integer("port", 8100, lo=1, hi=65535),
@@ -268,15 +303,15 @@ def _parse_api(t: _Table) -> ApiConfig:
     )
 
 
-def _parse_nodes(top: _Table, strategy: str) -> tuple[NodeConfig, ...]:
+def _parse_nodes(top: Fields, strategy: str) -> tuple[NodeConfig, ...]:
     raw = top.get("nodes", [])
     if not isinstance(raw, list) or not all(isinstance(x, dict) for x in raw):
-        raise top.error("nodes", f"expected an array of tables ([[nodes]]), got {_show(raw)}")
+        raise top.error("nodes", f"expected an array of tables ([[nodes]]), got {show(raw)}")
     if not raw:
         raise top.error("nodes", "at least one [[nodes]] table is required")
     nodes = []
     for i, table in enumerate(raw):
-        t = _Table(top.source, f"nodes[{i}]", table, _NODE_KEYS)
+        t = Fields(table, top.errors, f"nodes[{i}]").only(_NODE_KEYS)
         name = t.name("name")
         host = t.opt_string("host")
         if host is not None:
@@ -302,7 +337,7 @@ def _parse_nodes(top: _Table, strategy: str) -> tuple[NodeConfig, ...]:
     return tuple(nodes)
 
 
-def _parse_layers(t: _Table) -> tuple[int, int]:
+def _parse_layers(t: Fields) -> tuple[int, int]:
     if "layers" not in t.data:
         raise t.error(
             "layers", 'missing required key (every node needs one with strategy "manual")'
@@ -313,10 +348,10 @@ def _parse_layers(t: _Table) -> tuple[int, int]:
         and len(value) == 2
         and all(isinstance(x, int) and not isinstance(x, bool) for x in value)
     ):
-        raise t.error("layers", f"expected [start, end] with two integers, got {_show(value)}")
+        raise t.error("layers", f"expected [start, end] with two integers, got {show(value)}")
     start, end = value
     if not 0 <= start < end:
-        raise t.error("layers", f"expected 0 <= start < end, got {_show(value)}")
+        raise t.error("layers", f"expected 0 <= start < end, got {show(value)}")
     return start, end
 
 
@@ -370,118 +405,14 @@ def _check_manual_layers(source: str, nodes: tuple[NodeConfig, ...]) -> None:
         prev_start, prev_end, prev_name = start, end, node.name
 
 
-def _ipv4(t: _Table, key: str, value: str) -> str:
+def _ipv4(t: Fields, key: str, value: str) -> str:
     try:
         addr = ipaddress.IPv4Address(value)
     except ValueError:
-        raise t.error(key, f"expected an IPv4 address, got {_show(value)}") from None
+        raise t.error(key, f"expected an IPv4 address, got {show(value)}") from None
     if addr.is_unspecified or addr.is_multicast:
         raise t.error(key, f"{value} cannot address a peer")
     return str(addr)
-
-
-class _Table:
-    """One TOML table being read: knows its key path for error messages, rejects unknown keys."""
-
-    def __init__(self, source: str, path: str, data: dict[str, Any], allowed: tuple[str, ...]):
-        self.source, self.path, self.data = source, path, data
-        for key in data:
-            if key not in allowed:
-                close = difflib.get_close_matches(key, allowed, n=1)
-                hint = f"; did you mean {close[0]!r}?" if close else ""
-                raise self.error(key, f"unknown key (expected one of: {', '.join(allowed)}){hint}")
-
-    @staticmethod
-    def sub(parent: _Table, key: str, allowed: tuple[str, ...]) -> _Table:
-        value = parent.get(key, {})
-        if not isinstance(value, dict):
-            raise parent.error(key, f"expected a table ([{key}]), got {_show(value)}")
-        return _Table(parent.source, parent.key(key), value, allowed)
-
-    def key(self, key: str) -> str:
-        shown = key if _BARE_KEY_RE.fullmatch(key) or "[" in key else json.dumps(key)
-        return f"{self.path}.{shown}" if self.path else shown
-
-    def error(self, key: str, message: str) -> ConfigError:
-        return ConfigError(f"{self.source}: {self.key(key)}: {message}")
-
-    def get(self, key: str, default: Any = _REQUIRED) -> Any:
-        if key in self.data:
-            return self.data[key]
-        if default is _REQUIRED:
-            raise self.error(key, "missing required key")
-        return default
-
-    def opt_string(self, key: str, *, nonempty: bool = False) -> str | None:
-        if key not in self.data:
-            return None
-        value = self.data[key]
-        if not isinstance(value, str):
-            raise self.error(key, f"expected a string, got {_show(value)}")
-        if nonempty and not value:
-            raise self.error(key, "must not be empty")
-        return value
-
-    def string(self, key: str, default: str = _REQUIRED, *, nonempty: bool = False) -> str:
-        value = self.opt_string(key, nonempty=nonempty)
-        return self.get(key, default) if value is None else value
-
-    def name(self, key: str, default: str = _REQUIRED) -> str:
-        value = self.string(key, default, nonempty=True)
-        if not _NAME_RE.fullmatch(value):
-            raise self.error(key, f"expected letters, digits, '_', '.' or '-', got {_show(value)}")
-        return value
-
-    def opt_integer(self, key: str, *, lo: int | None = None, hi: int | None = None) -> int | None:
-        if key not in self.data:
-            return None
-        value = self.data[key]
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise self.error(key, f"expected an integer, got {_show(value)}")
-        if lo is not None and hi is not None and not lo <= value <= hi:
-            raise self.error(key, f"must be between {lo} and {hi}, got {value}")
-        if lo is not None and value < lo:
-            raise self.error(key, f"must be >= {lo}, got {value}")
-        if hi is not None and value > hi:
-            raise self.error(key, f"must be <= {hi}, got {value}")
-        return value
-
-    def integer(
-        self, key: str, default: int = _REQUIRED, *, lo: int | None = None, hi: int | None = None
-    ) -> int:
-        value = self.opt_integer(key, lo=lo, hi=hi)
-        return self.get(key, default) if value is None else value
-
-    def opt_number(self, key: str, *, gt: float) -> float | None:
-        if key not in self.data:
-            return None
-        value = self.data[key]
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise self.error(key, f"expected a number, got {_show(value)}")
-        if not math.isfinite(value):
-            raise self.error(key, f"expected a finite number, got {_show(value)}")
-        if value <= gt:
-            raise self.error(key, f"must be > {gt:g}, got {value:g}")
-        return float(value)
-
-    def number(self, key: str, default: float = _REQUIRED, *, gt: float) -> float:
-        value = self.opt_number(key, gt=gt)
-        return float(self.get(key, default)) if value is None else value
-
-
-def _show(value: Any) -> str:
-    """A value as TOML would spell it, short and on one line."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, dict):
-        return "a table"
-    if isinstance(value, str):
-        text = json.dumps(value)  # escapes newlines and non-ASCII: stays one line
-    elif isinstance(value, list):
-        text = "[" + ", ".join(_show(v) for v in value) + "]"
-    else:
-        text = str(value)
-    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _toml_error(message: str, text: str) -> str:

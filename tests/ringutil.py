@@ -91,6 +91,7 @@ def write_config(
     strategy: str = "uniform",
     cluster: str = "test",
     extra_cluster: str = "",
+    tuning: str = "",
     api: str = "",
     node_extra: Sequence[str] | None = None,
 ) -> Path:
@@ -104,6 +105,7 @@ def write_config(
         f'model = "{model}"',
         f'strategy = "{strategy}"',
         extra_cluster,
+        *(["[tuning]", tuning] if tuning else []),
         "[api]",
         'host = "127.0.0.1"',
         api,

@@ -36,6 +36,15 @@ BAD = {
         "[cluster]\nmodel = 'demo'\nstrategy = 'fast'\n[[nodes]]\nname = 'a'\nport = 1\n",
         "cluster.strategy",
     ),
+    "bad tuning value": (
+        "[cluster]\nmodel = 'demo'\n[tuning]\nbusy_poll = 'yes'\n[[nodes]]\nname = 'a'\nport = 1\n",
+        "tuning.busy_poll",
+    ),
+    "tuning key in both tables": (
+        "[cluster]\nmodel = 'demo'\nconvoys = 1\n[tuning]\nconvoys = 2\n"
+        "[[nodes]]\nname = 'a'\nport = 1\n",
+        "cluster.convoys",
+    ),
 }
 
 
@@ -67,6 +76,22 @@ def test_a_bad_config_is_one_line_naming_the_key_and_exit_2(tmp_path: Path, case
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1, out.stderr
     assert key in lines[0] and str(path) in lines[0], lines[0]
+
+
+def test_a_tuning_key_in_cluster_is_one_warning_line(tmp_path: Path) -> None:
+    """A file from before [tuning] still loads, and says where the key belongs (`status` loads
+    the config as `node` does, then finds no node to ask)."""
+    path = tmp_path / "nodes.toml"
+    path.write_text(
+        "[cluster]\nmodel = 'demo'\ngates = false\n"
+        "[[nodes]]\nname = 'a'\nhost = '127.0.0.1'\nport = 1\napi_port = 9\n"
+    )
+    out = mlxring("status", "--config", str(path))
+    warnings = [line for line in out.stderr.splitlines() if "warning" in line]
+    assert warnings == [
+        f"mlxring: warning: {path}: cluster.gates: a per-process setting; move it to [tuning] "
+        "(tuning.gates)"
+    ], out.stderr
 
 
 def _relabelled(tmp_path: Path, family: str, **changes: object) -> Path:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from mlxring.config import Config, ConfigError, load_config, parse_config
+from mlxring.config import Config, ConfigError, load_config, load_config_or_exit, parse_config
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -100,8 +100,11 @@ def test_defaults() -> None:
     assert (c.name, c.secret, c.strategy, c.prefill_chunk) == ("mlxring", "", "memory", 512)
     assert (c.heartbeat_s, c.down_after_s, c.request_timeout_s) == (1.0, 5.0, 600.0)
     assert (c.max_frame_mb, c.max_frame_bytes, c.interfaces) == (256.0, 256 << 20, ())
-    assert c.busy_poll is None  # "auto": decided by the machine's cores
-    assert c.gates is True  # used where they work (CUDA)
+    t = config.tuning
+    assert t.busy_poll is None  # "auto": decided by the machine's cores
+    assert t.gates is True  # used where they work (CUDA)
+    assert (t.max_batch, t.cache_limit_gb, t.convoys) == (32, None, None)
+    assert config.warnings == ()
     assert (a.host, a.port, a.api_key) == ("0.0.0.0", 8100, "")
     assert (a.max_body_bytes, a.max_concurrent, a.max_queue) == (1 << 20, 64, 256)
     assert node == dataclasses.replace(node, host=None, api_port=None, layers=None)
@@ -118,21 +121,58 @@ def test_full_config_values() -> None:
     assert isinstance(config, Config)
 
 
+def tuned(setting: str, table: str = "tuning") -> str:
+    """MINIMAL with one tuning line, in [tuning] or (as older files do) in [cluster]."""
+    if table == "cluster":
+        return MINIMAL.replace('model = "demo"', f'model = "demo"\n{setting}')
+    return MINIMAL + f"\n[tuning]\n{setting}\n"
+
+
+@pytest.mark.parametrize("table", ["tuning", "cluster"])
 @pytest.mark.parametrize(("value", "parsed"), [("true", True), ("false", False), ('"auto"', None)])
-def test_busy_poll_values(value: str, parsed: bool | None) -> None:
-    text = MINIMAL.replace('model = "demo"', f'model = "demo"\nbusy_poll = {value}')
-    assert parse_config(text).cluster.busy_poll is parsed
+def test_busy_poll_values(table: str, value: str, parsed: bool | None) -> None:
+    assert parse_config(tuned(f"busy_poll = {value}", table)).tuning.busy_poll is parsed
 
 
-def test_gates_can_be_turned_off() -> None:
-    text = MINIMAL.replace('model = "demo"', 'model = "demo"\ngates = false')
-    assert parse_config(text).cluster.gates is False
+@pytest.mark.parametrize("table", ["tuning", "cluster"])
+def test_gates_can_be_turned_off(table: str) -> None:
+    assert parse_config(tuned("gates = false", table)).tuning.gates is False
 
 
+@pytest.mark.parametrize("table", ["tuning", "cluster"])
 @pytest.mark.parametrize(("value", "parsed"), [('"auto"', None), ("1", 1), ("3", 3)])
-def test_convoys_values(value: str, parsed: int | None) -> None:
-    text = MINIMAL.replace('model = "demo"', f'model = "demo"\nconvoys = {value}')
-    assert parse_config(text).cluster.convoys == parsed
+def test_convoys_values(table: str, value: str, parsed: int | None) -> None:
+    assert parse_config(tuned(f"convoys = {value}", table)).tuning.convoys == parsed
+
+
+@pytest.mark.parametrize("table", ["tuning", "cluster"])
+def test_max_batch_and_cache_limit(table: str) -> None:
+    t = parse_config(tuned("max_batch = 4\ncache_limit_gb = 2", table)).tuning
+    assert (t.max_batch, t.cache_limit_gb) == (4, 2.0)
+
+
+def test_tuning_in_cluster_warns_naming_the_new_place() -> None:
+    """A file from before [tuning] keeps working, and says once per key where it belongs."""
+    config = parse_config(tuned("busy_poll = true\nconvoys = 1", "cluster"))
+    assert config.warnings == (
+        "nodes.toml: cluster.busy_poll: a per-process setting; move it to [tuning] "
+        "(tuning.busy_poll)",
+        "nodes.toml: cluster.convoys: a per-process setting; move it to [tuning] (tuning.convoys)",
+    )
+    assert parse_config(tuned("busy_poll = true")).warnings == ()
+
+
+def test_load_config_or_exit_prints_the_warnings(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "nodes.toml"
+    path.write_text(tuned("gates = false", "cluster"))
+    assert load_config_or_exit(path).tuning.gates is False
+    err = capsys.readouterr().err
+    assert (
+        err == f"mlxring: warning: {path}: cluster.gates: a per-process setting; move it to "
+        "[tuning] (tuning.gates)\n"
+    )
 
 
 def test_manual_layers_parse() -> None:
@@ -348,6 +388,33 @@ def test_config_is_frozen() -> None:
             id="api-port-equals-ring-port",
         ),
         pytest.param('cluster = "x"\n', "cluster", "expected a table", id="cluster-not-table"),
+        pytest.param(
+            BASE + '\n[tuning]\nbusy_poll = "yes"\n',
+            "tuning.busy_poll",
+            'expected true, false or "auto", got "yes"',
+            id="tuning-busy-poll-word",
+        ),
+        pytest.param(
+            BASE + "\n[tuning]\nmax_batch = 0\n", "tuning.max_batch", ">= 1", id="max-batch-zero"
+        ),
+        pytest.param(
+            BASE + "\n[tuning]\ncache_limit_gb = -2\n",
+            "tuning.cache_limit_gb",
+            "must be > 0",
+            id="negative-cache-limit",
+        ),
+        pytest.param(
+            BASE + "\n[tuning]\nprefill_chunk = 4\n",
+            "tuning.prefill_chunk",
+            "unknown key",
+            id="ring-fact-in-tuning",
+        ),
+        pytest.param(
+            BASE.replace('strategy = "memory"', "gates = false") + "\n[tuning]\ngates = true\n",
+            "cluster.gates",
+            "set in [tuning] too; keep only tuning.gates",
+            id="tuning-key-in-both-tables",
+        ),
     ],
 )
 def test_invalid_config_names_key(text: str, key: str, words: str) -> None:

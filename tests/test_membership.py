@@ -121,4 +121,4 @@ def test_convoys_are_one_per_process_unless_configured() -> None:
     assert convoy_stages(None, ("n1", "n2"), {"n0"}) == 2  # this process is not in the ring
     assert convoy_stages(1, ALL, {"n0"}) == 1
     config = ring("uniform", "convoys = 2")
-    assert convoy_stages(config.cluster.convoys, ALL, {"n0"}) == 2
+    assert convoy_stages(config.tuning.convoys, ALL, {"n0"}) == 2

@@ -113,7 +113,9 @@ async def test_a_long_prompt_lets_running_generations_through_between_its_chunks
     want_running = reference(model, running, 200, prefill_step=16)
     want_long = reference(model, long, 4, prefill_step=16)
     assert len(want_running) == 200, "the oracle stopped early; the test would prove little"
-    cfg = write_config(tmp_path, model, 3, extra_cluster=f"prefill_chunk = 16\nconvoys = {convoys}")
+    cfg = write_config(
+        tmp_path, model, 3, extra_cluster="prefill_chunk = 16", tuning=f"convoys = {convoys}"
+    )
     async with local_ring(cfg) as rt:
         assert rt.engine is not None
         got: list[int] = []
@@ -223,7 +225,7 @@ async def test_one_convoy_does_not_wait_for_a_stream_nobody_reads(tmp_path: Path
     model = tiny_model("qwen3")
     prompts = [encode(model, f"Reader {i} of the one-convoy test.") for i in range(3)]
     want = [reference(model, p, 16) for p in prompts]
-    cfg = write_config(tmp_path, model, 2, extra_cluster="convoys = 1")
+    cfg = write_config(tmp_path, model, 2, tuning="convoys = 1")
     async with local_ring(cfg) as rt:
         assert rt.engine is not None
         stalled = rt.engine.generate(prompts[0], max_tokens=16)
@@ -242,7 +244,7 @@ async def test_one_convoy_goes_on_when_a_stream_is_cancelled(tmp_path: Path) -> 
     model = tiny_model("qwen3")
     prompts = [encode(model, f"Cancelled {i} of the one-convoy test.") for i in range(3)]
     want = [reference(model, p, 24) for p in prompts]
-    cfg = write_config(tmp_path, model, 2, extra_cluster="convoys = 1")
+    cfg = write_config(tmp_path, model, 2, tuning="convoys = 1")
     async with local_ring(cfg) as rt:
         assert rt.engine is not None
         seen: list[int] = []

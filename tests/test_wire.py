@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import struct
 
 import mlx.core as mx
@@ -115,6 +116,42 @@ def test_message_round_trips(
         assert roundtrip(msg) == msg
 
 
+def fields_of(cls: type) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls)}
+
+
+def test_messages_travel_as_maps_of_their_own_fields() -> None:
+    """One definition per field: a frame's keys are its dataclass's field names, nested
+    dataclasses (NodeStats, SamplingParams) are maps of theirs, and a None field is left out."""
+    stats = NodeStats("n0", 10, 20, 30, 0.5, 7, 1, 0.25, 3)
+    probe = msgpack.unpackb(wire.encode_bytes(Probe("n0", 1.0, (("n0", 0, 3),), (stats,)))[4:])
+    assert probe == {
+        "type": "probe",
+        "origin": "n0",
+        "sent": 1.0,
+        "hops": [["n0", 0, 3]],
+        "stats": [dataclasses.asdict(stats)],
+    }
+    params = SamplingParams(seed=3)
+    fwd = msgpack.unpackb(wire.encode_bytes(Forward("r", 1, (5,), True, params=params))[4:])
+    assert set(fwd) == {"type"} | fields_of(Forward) - {"h"}
+    unset = {k for k, v in dataclasses.asdict(params).items() if v is None}
+    assert set(fwd["params"]) == fields_of(SamplingParams) - unset
+    tok = msgpack.unpackb(wire.encode_bytes(Token("r", 1, 2))[4:])
+    assert set(tok) == {"type"} | fields_of(Token)
+
+
+def test_a_batch_carries_one_tensor_row_per_row() -> None:
+    h = mx.arange(8, dtype=mx.float32).reshape(2, 1, 4)
+    rows = (Forward("a", 1, (1,), True, layer=2), Forward("b", 1, (2,), True, layer=2))
+    parts = wire.encode(ForwardBatch(rows, h))
+    assert len(parts) == 2  # the payload is its own buffer
+    got = wire.decode(b"".join(bytes(p) for p in parts)[4:])
+    assert isinstance(got, ForwardBatch) and got.rows == rows
+    assert isinstance(got.h, Tensor) and got.h.shape == (2, 1, 4)
+    assert mx.array_equal(wire.to_array(got.h), h).item()
+
+
 @settings(max_examples=300, deadline=None)
 @given(st.binary(max_size=200))
 def test_junk_bodies_raise_frame_error_only(body: bytes) -> None:
@@ -127,7 +164,7 @@ def test_junk_bodies_raise_frame_error_only(body: bytes) -> None:
 # A well-formed fwd and tok map; each bad case below breaks exactly one thing.
 FWD = {"type": "fwd", "rid": "r", "seq": 0, "tokens": [], "sample": True, "layer": 0,
        "spent": 0.0, "hops": 0}  # fmt: skip
-TOK = {"type": "tok", "rid": "r", "seq": 0, "token": 1, "logprob": 0.0, "top": [],
+TOK = {"type": "tok", "rid": "r", "seq": 0, "token": 1, "logprob": 0.0, "top_logprobs": [],
        "spent": 0.0, "hops": 0}  # fmt: skip
 TENSOR = {"dtype": "bfloat16", "shape": [1, 4], "data": b"\x00" * 8}
 
@@ -143,17 +180,34 @@ def test_the_base_maps_decode() -> None:
     [
         ([1, 2, 3], "not a map"),
         ({"type": "nope"}, "unknown"),
-        ({"type": "fwd", "rid": "r"}, "without"),
-        ({**FWD, "rid": 5}, "'rid' has type int"),
-        ({**FWD, "tokens": [-1]}, "non-negative"),
-        ({**FWD, "sample": 1}, "'sample' has type int"),
-        ({**FWD, "spent": -1.0}, "negative spent"),
-        ({**FWD, "hops": -2}, "negative spent or hops"),
+        ({"type": "fwd", "rid": "r"}, "fwd frame: 'seq' is missing"),
+        ({**FWD, "rid": None}, "fwd frame: 'rid' is missing"),
+        ({**FWD, "rid": 5}, "fwd frame: 'rid' has type int"),
+        ({**FWD, "tokens": [-1]}, r"fwd frame: 'tokens': expected integers >= 0"),
+        ({**FWD, "tokens": [1, True]}, r"fwd frame: 'tokens': expected integers >= 0"),
+        ({**FWD, "sample": 1}, "fwd frame: 'sample' has type int"),
+        ({**FWD, "spent": -1.0}, "fwd frame: 'spent': must be >= 0, got -1"),
+        ({**FWD, "spent": float("nan")}, "fwd frame: 'spent': expected a finite number"),
+        ({**FWD, "hops": -2}, "fwd frame: 'hops': must be >= 0, got -2"),
+        ({**FWD, "params": {"temperature": 0.0}}, "fwd frame: 'params.top_p' is missing"),
+        ({**FWD, "params": [1]}, "fwd frame: 'params' has type list"),
         ({**FWD, **TENSOR, "data": b"\x00" * 6}, "bytes"),
         ({**FWD, **TENSOR, "dtype": "complex64"}, "unknown dtype"),
-        ({**TOK, "top": [[1]]}, "pairs"),
-        ({**TOK, "hops": -1}, "negative"),
-        ({"type": "probe", "origin": "a", "sent": 0.0, "hops": [["a", 0]]}, "triples"),
+        ({**FWD, **TENSOR, "shape": [1, -4]}, "'shape': expected integers >= 0"),
+        ({**TOK, "top_logprobs": [[1]]}, r"tok frame: 'top_logprobs\[0\]': expected 2 items"),
+        ({**TOK, "top_logprobs": [[1, "x"]]}, r"'top_logprobs\[0\]\[1\]' has type str"),
+        ({**TOK, "hops": -1}, "tok frame: 'hops': must be >= 0"),
+        (
+            {"type": "probe", "origin": "a", "sent": 0.0, "hops": [["a", 0]], "stats": []},
+            r"probe frame: 'hops\[0\]': expected 3 items, got 2",
+        ),
+        (
+            {"type": "probe", "origin": "a", "sent": 0.0, "hops": [], "stats": [{"name": "a"}]},
+            r"probe frame: 'stats\[0\].active_bytes' is missing",
+        ),
+        ({"type": "fwdb", "rows": []}, "fwdb frame: 'rows' must not be empty"),
+        ({"type": "fwdb", "rows": [FWD], **TENSOR}, r"1 rows but a tensor of shape \[1, 4\]"),
+        ({"type": "fwdb", "rows": [{**FWD, "seq": "x"}]}, r"'rows\[0\].seq' has type str"),
     ],
 )
 def test_malformed_maps_are_rejected(obj: object, why: str) -> None:

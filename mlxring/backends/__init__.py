@@ -19,7 +19,7 @@ __all__ = ["Backend", "Plain", "pick"]
 
 def pick(gates: bool) -> Backend:
     """The backend of this process; `gates`: whether its shards may launch steps behind gates
-    (`config.cluster.gates`, in a process of one shard). Run it on the compute thread: finding
+    (`config.tuning.gates`, in a process of one shard). Run it on the compute thread: finding
     out whether gates work compiles their kernel (about 1.5 s on CUDA)."""
     cuda = mx.default_device() == mx.gpu and mx.cuda.is_available()
     to_array = load.to_array if cuda else wire.to_array

@@ -321,6 +321,7 @@ def spawn_ring(
         f"prefill_chunk = {prefill_chunk}",
         "heartbeat_s = 0.2",
         "down_after_s = 10.0",
+        "[tuning]",
         # The node processes share this machine's accelerator: keep each one's cache modest.
         "cache_limit_gb = 2",
         "busy_poll = " + {"on": "true", "off": "false"}.get(busy_poll, '"auto"'),

@@ -27,6 +27,8 @@ _META_PATTERNS = [
     "*.tiktoken",
     "tiktoken.model",
 ]
+
+
 class SourceError(Exception):
     """A model that cannot be found or fetched."""
 

@@ -1,6 +1,7 @@
 """The messages that travel around the ring, as small frozen dataclasses.
 
-`wire` turns them into frames and back; inside a process they are passed as they are, so a
+`codec` turns them into frames and back, reading each field's name and type hint here: a field
+is defined once, in its dataclass. Inside a process messages are passed as they are, so a
 `Forward` between two shard actors of one process carries the mx.array itself.
 """
 
@@ -8,11 +9,23 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from typing import Annotated
 
 import mlx.core as mx
 
 #: Where an actor sends a message: the next node of the ring, a peer, a queue.
 Send = Callable[["Message"], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class AtLeast:
+    """The least value the codec accepts for a number it receives (`Annotated[int, AtLeast(0)]`)."""
+
+    bound: int
+
+
+NonNegInt = Annotated[int, AtLeast(0)]
+NonNegFloat = Annotated[float, AtLeast(0)]
 
 
 @dataclass(frozen=True)
@@ -83,7 +96,7 @@ class Forward:
 
     rid: str
     seq: int
-    tokens: tuple[int, ...]
+    tokens: tuple[NonNegInt, ...]
     sample: bool
     h: mx.array | Tensor | None = None
     # The first layer the receiver must run: a step that reaches a shard holding other layers
@@ -92,8 +105,8 @@ class Forward:
     params: SamplingParams | None = None  # sent once, with a request's first step
     # Per-hop timing of decode steps (mlxring/ring/hoptime.py): seconds spent inside processes so
     # far, and network hops taken.
-    spent: float = 0.0
-    hops: int = 0
+    spent: NonNegFloat = 0.0
+    hops: NonNegInt = 0
 
     @property
     def is_decode(self) -> bool:
@@ -105,7 +118,8 @@ class Forward:
 @dataclass(frozen=True)
 class ForwardBatch:
     """Decode steps of several requests run as one forward pass: each row carries its
-    request's fields (with `h` None) and `h` is their hidden states, [B, 1, D] in row order."""
+    request's fields (with `h` None) and `h` is their hidden states, [B, 1, D] in row order.
+    A received batch has at least one row and a tensor of one row per row (codec checks)."""
 
     rows: tuple[Forward, ...]
     h: mx.array | Tensor | None = None
@@ -125,8 +139,8 @@ class Token:
     token: int
     logprob: float = 0.0
     top_logprobs: tuple[tuple[int, float], ...] = ()
-    spent: float = 0.0  # the step's, carried home (see Forward)
-    hops: int = 0
+    spent: NonNegFloat = 0.0  # the step's, carried home (see Forward)
+    hops: NonNegInt = 0
 
 
 @dataclass(frozen=True)

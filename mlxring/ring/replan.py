@@ -43,7 +43,7 @@ class Replanner:
         self.tasks = tasks
         self.live = live  # the nodes up now, in config order
         self.memory_of = memory_of  # a node's memory where known
-        self.convoys = config.cluster.convoys
+        self.convoys = config.tuning.convoys
         self.meta: ModelMeta | None = None  # set before the first decision
         self.plan: Plan = []  # one range per member
         self.unavailable = "the ring has not formed yet"  # why the ring cannot serve, or ""

@@ -57,10 +57,10 @@ class Runtime:
         self.model_config: dict[str, Any] = {}
         self.info: ModelInfo | None = None
         self.compute = Compute()
-        self.busy_poll = polls(config.cluster.busy_poll)
+        self.busy_poll = polls(config.tuning.busy_poll)
         # A waiting gate holds the compute thread's stream, and any device-wide sync, until it
         # opens: another shard of this process could wait on it for its own input.
-        self.gates = config.cluster.gates and len(self.names) == 1
+        self.gates = config.tuning.gates and len(self.names) == 1
         self.backend: backends.Backend = backends.Plain()  # the one `start` picks
         self.clock = StepClock()  # per-hop timing of decode steps passing this process
         self.facts = device.detect()
@@ -147,8 +147,8 @@ class Runtime:
     async def start(self, settle_s: float | None = None) -> None:
         """Load the model's metadata, start listeners and links, wait a moment for the other
         nodes, then plan and load this process's shards."""
-        if self.config.cluster.cache_limit_gb is not None:
-            mx.set_cache_limit(int(self.config.cluster.cache_limit_gb * (1 << 30)))
+        if self.config.tuning.cache_limit_gb is not None:
+            mx.set_cache_limit(int(self.config.tuning.cache_limit_gb * (1 << 30)))
         c = self.config.cluster
         self.replanner.meta = meta = await load_metadata(c.model, self.compute, c.allow_unverified)
         self.model_config, self.info, self.tokenizer = meta.config, meta.info, meta.tokenizer
@@ -196,7 +196,7 @@ class Runtime:
             node.send_next,
             self.compute,
             self.config.cluster.request_timeout_s,
-            self.config.cluster.max_batch,
+            self.config.tuning.max_batch,
             self.facts.total_memory_bytes,
             self.backend,
         )
