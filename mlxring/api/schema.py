@@ -14,6 +14,8 @@ from typing import Any, Literal, TypeGuard
 from aiohttp import web
 
 from mlxring.api.errors import ApiError, body_too_large, invalid
+from mlxring.fields import FieldErrors, Fields
+from mlxring.fields import Kind as FieldKind
 from mlxring.protocol.messages import SamplingParams
 
 Kind = Literal["chat", "completion"]
@@ -89,70 +91,54 @@ def _is_int(v: Any) -> TypeGuard[int]:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-class Fields:
-    """Typed access to one JSON object's fields; every error names its `param`.
+_API_KINDS: dict[FieldKind, str] = {
+    "string": "a string",
+    "integer": "an integer",
+    "number": "a number",
+    "finite number": "a finite number",
+    "boolean": "a boolean",
+    "list": "an array",
+    "table": "an object",
+    "bytes": "a string",
+}
 
-    A field that is absent or null reads as None (OpenAI treats null as "not given")."""
 
-    def __init__(self, data: dict[str, Any], prefix: str = "") -> None:
-        self.data = data
-        self.prefix = prefix
+class ApiFieldErrors(FieldErrors):
+    """The typed-field reader's mistakes as OpenAI words them: a 400 naming the `param`."""
 
-    def name(self, key: str) -> str:
-        return f"{self.prefix}{key}"
+    def invalid(self, path: str, message: str) -> ApiError:
+        return invalid(path, message)
 
-    def raw(self, key: str) -> Any:
-        return self.data.get(key)
+    def missing(self, path: str) -> ApiError:
+        return invalid(path, f"Missing required parameter: '{path}'.", "missing_required")
 
-    def boolean(self, key: str, default: bool = False) -> bool:
-        v = self.data.get(key)
-        if v is None:
-            return default
-        if not isinstance(v, bool):
-            raise _wrong_type(self.name(key), "a boolean", v)
-        return v
+    def wrong_type(self, path: str, kind: FieldKind, value: Any) -> ApiError:
+        return _wrong_type(path, _API_KINDS[kind], value)
 
-    def integer(self, key: str, *, lo: int | None = None, hi: int | None = None) -> int | None:
-        v = self.data.get(key)
-        if v is None:
-            return None
-        if not _is_int(v):
-            raise _wrong_type(self.name(key), "an integer", v)
-        _check_range(self.name(key), v, lo, hi)
-        return int(v)
-
-    def number(
-        self, key: str, *, lo: float, hi: float | None, lo_open: bool = False
-    ) -> float | None:
-        v = self.data.get(key)
-        if v is None:
-            return None
-        if isinstance(v, bool) or not isinstance(v, int | float):
-            raise _wrong_type(self.name(key), "a number", v)
-        x = float(v)
-        if (x <= lo if lo_open else x < lo) or (hi is not None and x > hi):
-            left = "(" if lo_open else "["
-            right = f"{hi:g}]" if hi is not None else "inf)"
-            raise invalid(
-                self.name(key),
-                f"Invalid value for '{self.name(key)}': {v} is not in {left}{lo:g}, {right}.",
+    def out_of_range(
+        self,
+        path: str,
+        kind: FieldKind,
+        value: float,
+        lo: float | None,
+        hi: float | None,
+        lo_open: bool,
+    ) -> ApiError:
+        if kind == "integer":
+            if lo is not None and value < lo:
+                return invalid(
+                    path, f"Invalid value for '{path}': {value} is below the minimum of {lo}."
+                )
+            return invalid(
+                path, f"Invalid value for '{path}': {value} is above the maximum of {hi}."
             )
-        return x
-
-    def string(self, key: str) -> str | None:
-        v = self.data.get(key)
-        if v is None:
-            return None
-        if not isinstance(v, str):
-            raise _wrong_type(self.name(key), "a string", v)
-        return v
+        left = "(" if lo_open else "["
+        right = f"{hi:g}]" if hi is not None else "inf)"
+        low = f"{lo:g}" if lo is not None else "-inf"
+        return invalid(path, f"Invalid value for '{path}': {value} is not in {left}{low}, {right}.")
 
 
-def _check_range(param: str, v: int, lo: int | None, hi: int | None) -> None:
-    if lo is not None and v < lo:
-        raise invalid(param, f"Invalid value for '{param}': {v} is below the minimum of {lo}.")
-    if hi is not None and v > hi:
-        raise invalid(param, f"Invalid value for '{param}': {v} is above the maximum of {hi}.")
+API = ApiFieldErrors()
 
 
 def parse_json_body(raw: bytes) -> dict[str, Any]:
@@ -186,8 +172,8 @@ def _parse_messages(value: Any) -> tuple[ChatMessage, ...]:
         p = f"messages[{i}]"
         if not isinstance(m, dict):
             raise _wrong_type(p, "an object", m)
-        f = Fields(m, p + ".")
-        role = f.string("role")
+        f = Fields(m, API, p)
+        role = f.opt_string("role")
         if role is None:
             raise invalid(f"{p}.role", f"Missing required parameter: '{p}.role'.")
         if role not in CHAT_ROLES:
@@ -196,7 +182,7 @@ def _parse_messages(value: Any) -> tuple[ChatMessage, ...]:
                 f"Invalid value for '{p}.role': {role!r}; supported: {', '.join(CHAT_ROLES)}.",
             )
         content = _parse_content(f"{p}.content", m.get("content"), role)
-        out.append(ChatMessage(role, content, f.string("tool_call_id")))
+        out.append(ChatMessage(role, content, f.opt_string("tool_call_id")))
     return tuple(out)
 
 
@@ -220,7 +206,7 @@ def _parse_content(param: str, value: Any, role: str) -> str:
                 f"Unsupported content part type {part.get('type')!r} in '{pp}': this server "
                 "serves a text model and accepts only parts of type 'text'.",
             )
-        text = Fields(part, pp + ".").string("text")
+        text = Fields(part, API, pp).opt_string("text")
         if text is None:
             raise invalid(f"{pp}.text", f"Missing required parameter: '{pp}.text'.")
         parts.append(text)
@@ -303,44 +289,44 @@ def _token_ids(param: str, ids: list[int], vocab_size: int) -> tuple[int, ...]:
 
 def parse_generation(kind: Kind, data: dict[str, Any], vocab_size: int) -> GenerationRequest:
     """Check every field this server knows; unknown fields are ignored, as OpenAI does."""
-    f = Fields(data)
-    model = f.string("model")
-    n = f.integer("n")
+    f = Fields(data, API)
+    model = f.opt_string("model")
+    n = f.opt_integer("n")
     if n is not None and n != 1:
         raise invalid("n", f"Only n=1 is supported (one choice per request), got n={n}.")
-    stream = f.boolean("stream")
+    stream = f.boolean("stream", False)
     include_usage = False
     opts = data.get("stream_options")
     if opts is not None:
         if not isinstance(opts, dict):
             raise _wrong_type("stream_options", "an object", opts)
-        include_usage = Fields(opts, "stream_options.").boolean("include_usage")
+        include_usage = Fields(opts, API, "stream_options").boolean("include_usage", False)
 
-    max_tokens = f.integer("max_tokens", lo=1)
+    max_tokens = f.opt_integer("max_tokens", lo=1)
     if kind == "chat":
-        max_tokens = f.integer("max_completion_tokens", lo=1) or max_tokens
+        max_tokens = f.opt_integer("max_completion_tokens", lo=1) or max_tokens
 
-    temperature = f.number("temperature", lo=0, hi=2)
-    top_p = f.number("top_p", lo=0, hi=1, lo_open=True)
-    top_k = f.integer("top_k", lo=0)
-    min_p = f.number("min_p", lo=0, hi=1)
-    repetition_penalty = f.number("repetition_penalty", lo=0, hi=10, lo_open=True)
-    repetition_context_size = f.integer("repetition_context_size", lo=1, hi=1 << 20)
-    presence_penalty = f.number("presence_penalty", lo=-2, hi=2)
-    frequency_penalty = f.number("frequency_penalty", lo=-2, hi=2)
-    seed = f.integer("seed", lo=-(1 << 63), hi=(1 << 64) - 1)
+    temperature = f.opt_number("temperature", lo=0, hi=2)
+    top_p = f.opt_number("top_p", lo=0, hi=1, lo_open=True)
+    top_k = f.opt_integer("top_k", lo=0)
+    min_p = f.opt_number("min_p", lo=0, hi=1)
+    repetition_penalty = f.opt_number("repetition_penalty", lo=0, hi=10, lo_open=True)
+    repetition_context_size = f.opt_integer("repetition_context_size", lo=1, hi=1 << 20)
+    presence_penalty = f.opt_number("presence_penalty", lo=-2, hi=2)
+    frequency_penalty = f.opt_number("frequency_penalty", lo=-2, hi=2)
+    seed = f.opt_integer("seed", lo=-(1 << 63), hi=(1 << 64) - 1)
     logit_bias = _parse_logit_bias(data.get("logit_bias"), vocab_size)
     stop = _parse_stop(data.get("stop"))
 
     logprobs: int | None
     if kind == "chat":
-        want = f.boolean("logprobs")
-        top = f.integer("top_logprobs", lo=0, hi=MAX_TOP_LOGPROBS_CHAT)
+        want = f.boolean("logprobs", False)
+        top = f.opt_integer("top_logprobs", lo=0, hi=MAX_TOP_LOGPROBS_CHAT)
         if top is not None and not want:
             raise invalid("top_logprobs", "'top_logprobs' requires 'logprobs' to be true.")
         logprobs = (top or 0) if want else None
     else:
-        logprobs = f.integer("logprobs", lo=0, hi=MAX_LOGPROBS_COMPLETION)
+        logprobs = f.opt_integer("logprobs", lo=0, hi=MAX_LOGPROBS_COMPLETION)
 
     params = SamplingParams(
         temperature=temperature if temperature is not None else 0.0,
@@ -371,11 +357,11 @@ def parse_generation(kind: Kind, data: dict[str, Any], vocab_size: int) -> Gener
             raise invalid("response_format", "Only response_format type 'text' is supported.")
         messages = _parse_messages(data.get("messages"))
     else:
-        if f.boolean("echo"):
+        if f.boolean("echo", False):
             raise invalid("echo", "'echo' is not supported by this server.")
-        if f.string("suffix"):
+        if f.opt_string("suffix"):
             raise invalid("suffix", "'suffix' is not supported by this server.")
-        best_of = f.integer("best_of")
+        best_of = f.opt_integer("best_of")
         if best_of is not None and best_of != 1:
             raise invalid("best_of", f"Only best_of=1 is supported, got {best_of}.")
         text, ids = _parse_prompt(data.get("prompt"), vocab_size)
@@ -390,7 +376,7 @@ def parse_generation(kind: Kind, data: dict[str, Any], vocab_size: int) -> Gener
         messages=messages,
         prompt_text=text,
         prompt_ids=ids,
-        ignore_eos=bool(f.boolean("ignore_eos")),
+        ignore_eos=bool(f.boolean("ignore_eos", False)),
     )
 
 
