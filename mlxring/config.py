@@ -18,7 +18,8 @@ from mlxring.fields import FieldErrors, Fields, show
 from mlxring.ring.plan import STRATEGIES
 
 # busy_poll = "auto" polls on machines with this many cores or more: the polling loops of a
-# machine's node processes then leave cores to MLX and the OS (a 2-core VM ran 4x slower).
+# machine's node processes then leave cores to MLX and the OS (on 2 cores polling halves the
+# tiny preset's decode ratio: benchmarks/RESULTS.md, CPU).
 BUSY_POLL_MIN_CORES = 8
 GIB = 1 << 30
 MIB = 1 << 20

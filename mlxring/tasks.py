@@ -25,7 +25,7 @@ class TaskScope:
     """The task group of one owner, hosted by a task of its own (the owner's start and stop are
     separate calls, and `async with` cannot span them)."""
 
-    def __init__(self, name: str, on_failure: Callable[[str], None]) -> None:
+    def __init__(self, name: str, on_failure: Callable[[str], None] | None = None) -> None:
         self.name = name
         self._on_failure = on_failure
         self._group: asyncio.TaskGroup | None = None
@@ -78,9 +78,9 @@ class TaskScope:
             self._group = None
             for e in failed.exceptions:
                 log.error("task_failed", scope=self.name, error=_describe(e), exc_info=e)
-            self._on_failure(
-                "a task of this node failed: " + "; ".join(_describe(e) for e in failed.exceptions)
-            )
+            if self._on_failure is not None:
+                causes = "; ".join(_describe(e) for e in failed.exceptions)
+                self._on_failure(f"a task of this node failed: {causes}")
 
     async def _guarded(self, coro: Awaitable[None], name: str) -> None:
         try:

@@ -328,25 +328,22 @@ class RingCollector(Collector):
         )
         for row in nodes:
             n = [row.name]
+            # This process's shards are read here; the others' from their last probe report.
+            st = row.local if row.local is not None else row.report
+            if st is None:
+                continue
+            active.add_metric(n, st.active_bytes)
+            peak.add_metric(n, st.peak_bytes)
+            total.add_metric(n, st.total_bytes)
+            kv_requests.add_metric(n, st.requests)
+            busy.add_metric(n, st.busy_s)
+            steps.add_metric(n, st.steps)
             if (here := row.local) is not None:
-                active.add_metric(n, here.active_bytes)
-                peak.add_metric(n, here.peak_bytes)
-                total.add_metric(n, here.total_bytes)
-                kv_requests.add_metric(n, here.requests)
-                busy.add_metric(n, here.busy_s)
-                steps.add_metric(n, here.steps)
                 kv_bytes.add_metric(n, here.kv_bytes)
                 mailbox.add_metric(n, here.mailbox)
                 batched.add_metric(n, here.batched_steps)
                 rows.add_metric(n, here.batched_rows)
                 rejected.add_metric(n, here.rejected)
-            elif (st := row.report) is not None:
-                active.add_metric(n, st.active_bytes)
-                peak.add_metric(n, st.peak_bytes)
-                total.add_metric(n, st.total_bytes)
-                kv_requests.add_metric(n, st.requests)
-                busy.add_metric(n, st.busy_s)
-                steps.add_metric(n, st.steps)
         yield from (active, peak, total, kv_requests, busy, steps)
         yield from (kv_bytes, mailbox, batched, rows, rejected)
 

@@ -70,7 +70,7 @@ def _writable(buf: mx.array) -> np.ndarray[Any, Any]:
 def placeholders_work() -> bool:
     """Whether bytes written into an array's buffer after a graph was built on it reach that
     graph. They do on the CPU, on Apple silicon's shared memory and in CUDA's managed memory
-    (measured on an H200); wherever they do not, no step is built ahead."""
+    (tests/test_gate.py checks it on CUDA); wherever they do not, no step is built ahead."""
     try:
         buf = _buffer((2,), np.int32)
         out = buf + 1

@@ -48,6 +48,83 @@ class Inflow(Protocol):
     def when_relieved(self, resume: Callable[[], None]) -> None: ...
 
 
+class FrameCutter:
+    """Cuts length-prefixed frame bodies out of a byte stream: small ones out of one receive
+    buffer, a large one received straight into a buffer of its own (kept for the next one:
+    decoding copies the payload out, and fresh megabytes per frame cost page faults)."""
+
+    def __init__(self, max_frame: int) -> None:
+        self.max_frame = max_frame
+        self._buf = bytearray(_RECV)
+        self._start = self._end = 0  # the unparsed bytes of _buf
+        self._big: memoryview | None = None  # a large frame's body while it arrives
+        self._spare = bytearray()
+        self._got = 0
+
+    @property
+    def in_big(self) -> bool:
+        """Whether a large frame's body is arriving into its own buffer."""
+        return self._big is not None
+
+    def buffer(self) -> memoryview:
+        """Where the next bytes from the socket go."""
+        if self._big is not None:
+            return self._big[self._got :]
+        return memoryview(self._buf)[self._end :]
+
+    def received(self, nbytes: int) -> memoryview | None:
+        """Count `nbytes` written into `buffer()`; a large frame's body once it is whole (the
+        caller releases it), else None."""
+        if self._big is None:
+            self._end += nbytes
+            return None
+        self._got += nbytes
+        if self._got < len(self._big):
+            return None
+        body, self._big = self._big, None
+        return body
+
+    def next(self) -> bytes | None:
+        """The next whole small frame's body; None when more bytes are needed (a large frame's
+        body then goes on arriving into its own buffer). Raises FrameError."""
+        if self._end - self._start < wire.PREFIX.size:
+            return None
+        buf = self._buf
+        (n,) = wire.PREFIX.unpack_from(buf, self._start)
+        if n > self.max_frame:
+            raise wire.FrameError(f"frame of {n} bytes is over the maximum of {self.max_frame}")
+        if n == 0:
+            raise wire.FrameError("empty frame")
+        body_at = self._start + wire.PREFIX.size
+        have = self._end - body_at
+        if have >= n:
+            self._start = body_at + n
+            return bytes(buf[body_at : self._start])
+        if n >= _BIG:  # it will not fit: the rest of it goes straight into its own buffer
+            if len(self._spare) < n:
+                self._spare = bytearray(n)
+            self._big = memoryview(self._spare)[:n]
+            self._big[:have] = buf[body_at : self._end]
+            self._got = have
+            self._start = self._end = 0
+        return None
+
+    def compact(self) -> None:
+        """Keep a partial frame at the front: a body under _BIG then always fits behind it."""
+        if self._start:
+            rest = self._end - self._start
+            self._buf[:rest] = self._buf[self._start : self._end]
+            self._start, self._end = 0, rest
+
+    def truncated(self) -> str | None:
+        """What the stream ended inside of, if it ended inside a frame."""
+        if self._big is not None:
+            return f"truncated frame: {self._got} of {len(self._big)} bytes"
+        if self._end > self._start:
+            return f"truncated frame: {self._end - self._start} bytes of a frame at the end"
+        return None
+
+
 class ConnectionClosed(ConnectionError):
     """The other side closed the connection between frames."""
 
@@ -72,13 +149,7 @@ class FrameConnection(asyncio.BufferedProtocol):
         self.last_received = time.monotonic()
         loop = asyncio.get_running_loop()
         self.closed: asyncio.Future[None] = loop.create_future()
-        self._buf = bytearray(_RECV)
-        self._start = self._end = 0  # the unparsed bytes of _buf
-        self._big: memoryview | None = None  # a large frame's body while it arrives
-        # Large bodies are received into one buffer, kept: decoding copies the payload out, and
-        # fresh megabytes per frame cost page faults.
-        self._spare = bytearray()
-        self._got = 0
+        self._cut = FrameCutter(max_frame)
         self._frames: deque[Message] = deque()
         self._waiter: asyncio.Future[None] | None = None
         self._on_message: Callable[[Message], None] | None = None
@@ -100,36 +171,26 @@ class FrameConnection(asyncio.BufferedProtocol):
             self._on_open(self)
 
     def get_buffer(self, sizehint: int) -> memoryview:
-        if self._big is not None:
-            return self._big[self._got :]
-        return memoryview(self._buf)[self._end :]
+        return self._cut.buffer()
 
     def buffer_updated(self, nbytes: int) -> None:
-        if self._big is not None:
-            self._got += nbytes
-            if self._got == len(self._big):
-                body, self._big = self._big, None
-                self._frame(body)
-                body.release()
-            return
-        self._end += nbytes
-        self._parse()
+        body = self._cut.received(nbytes)
+        if body is not None:
+            self._frame(body)
+            body.release()
+        elif not self._cut.in_big:
+            self._parse()
 
     def eof_received(self) -> bool | None:
         return None  # close the transport
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.error is None:
+            truncated = self._cut.truncated()
             if self._holds:  # frames left unread on purpose, not a truncated one
                 self.error = exc
-            elif self._big is not None:
-                self.error = wire.FrameError(
-                    f"truncated frame: {self._got} of {len(self._big)} bytes"
-                )
-            elif self._end > self._start:
-                self.error = wire.FrameError(
-                    f"truncated frame: {self._end - self._start} bytes of a frame at the end"
-                )
+            elif truncated is not None:
+                self.error = wire.FrameError(truncated)
             elif exc is not None:
                 self.error = exc
         self._wake()
@@ -156,37 +217,16 @@ class FrameConnection(asyncio.BufferedProtocol):
             self._parsing = False
 
     def _parse_buffer(self) -> None:
-        buf = self._buf
-        while self._end - self._start >= wire.PREFIX.size and not self.closing and not self._holds:
-            (n,) = wire.PREFIX.unpack_from(buf, self._start)
-            if n > self.max_frame:
-                self.fail(
-                    wire.FrameError(f"frame of {n} bytes is over the maximum of {self.max_frame}")
-                )
+        while not self.closing and not self._holds:
+            try:
+                body = self._cut.next()
+            except wire.FrameError as e:
+                self.fail(e)
                 return
-            if n == 0:
-                self.fail(wire.FrameError("empty frame"))
-                return
-            body_at = self._start + wire.PREFIX.size
-            have = self._end - body_at
-            if have >= n:
-                self._start = body_at + n
-                self._frame(bytes(buf[body_at : self._start]))
-                continue
-            if n >= _BIG:  # it will not fit: the rest of it goes straight into its own buffer
-                if len(self._spare) < n:
-                    self._spare = bytearray(n)
-                self._big = memoryview(self._spare)[:n]
-                self._big[:have] = buf[body_at : self._end]
-                self._got = have
-                self._start = self._end = 0
-                return
-            break
-        # Keep the partial frame at the front: a body under _BIG then always fits behind it.
-        if self._start:
-            rest = self._end - self._start
-            buf[:rest] = buf[self._start : self._end]
-            self._start, self._end = 0, rest
+            if body is None:
+                break
+            self._frame(body)
+        self._cut.compact()
 
     def _frame(self, body: bytes | memoryview) -> None:
         self.last_received = time.monotonic()
@@ -241,7 +281,7 @@ class FrameConnection(asyncio.BufferedProtocol):
         # Silence while paused was ours, not the peer's.
         self.last_received = time.monotonic()
         log.debug("reading_resumed", peer=self.peername, reason=why)
-        if self._big is None and not self._parsing:
+        if not self._cut.in_big and not self._parsing:
             self._parse()  # what waited in the buffer first; it may pause again
         if not self._holds and not self.closing:
             assert self.transport is not None

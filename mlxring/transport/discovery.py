@@ -169,10 +169,6 @@ def parse_service(info: ServiceInfo) -> PeerInfo:
         raise ValueError(f"malformed TXT {props}: {e}") from None
 
 
-def _tasks_failed(reason: str) -> None:
-    # Discovery runs only side tasks, each of which logs its own failure; none ends the rest.
-    log.warning("discovery_tasks_failed", reason=reason)
-
 
 class Discovery:
     """Advertise this process's nodes and track the other nodes of one cluster.
@@ -194,7 +190,7 @@ class Discovery:
         self._found: dict[str, PeerInfo] = {}  # lower-cased service name -> peer
         self._gen: dict[str, int] = {}  # per service: newer events void older resolutions
         # Resolutions and announcements in flight: they end with stop().
-        self._tasks = TaskScope("discovery", _tasks_failed)
+        self._tasks = TaskScope("discovery")
         self._probing: set[str] = set()  # nodes wait_for is asking for right now
         self._changed = asyncio.Event()
 
@@ -224,7 +220,7 @@ class Discovery:
                     await zc.async_close()
             raise
         self._zc = zc
-        self._tasks = TaskScope("discovery", _tasks_failed)
+        self._tasks = TaskScope("discovery")
         await self._tasks.open()
         self._browser = AsyncServiceBrowser(
             self._zc.zeroconf, [SERVICE_TYPE], handlers=[self._on_change]

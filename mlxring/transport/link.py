@@ -26,6 +26,7 @@ import structlog
 from mlxring.aio import wait_for
 from mlxring.protocol import codec as wire
 from mlxring.protocol.messages import Hello, Message, Ping, Pong, Proof
+from mlxring.tasks import TaskScope
 from mlxring.transport.conn import FrameConnection, Inflow, connect
 
 log = structlog.get_logger()
@@ -248,6 +249,7 @@ class Peer:
             self._drop(conn, str(conn.error) if conn.error else "connection closed")
 
 
+
 class Listener:
     """Accepts links from the previous node; hands every data frame to `on_message`."""
 
@@ -264,11 +266,14 @@ class Listener:
         self._on_message = on_message
         self._inflow = inflow  # where the data frames go: reading pauses while it is full
         self._server: asyncio.Server | None = None
-        self._conns: dict[FrameConnection, asyncio.Task[None]] = {}
+        self._conns: set[FrameConnection] = set()
+        # One task per accepted connection, each ending with it; all end with the listener.
+        self._tasks = TaskScope(f"listener:{port}")
         self.rejected = 0
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
+        await self._tasks.open()
         self._server = await loop.create_server(
             lambda: FrameConnection(HANDSHAKE_MAX_FRAME, self._accepted),
             self.host,
@@ -287,13 +292,13 @@ class Listener:
             except TimeoutError:
                 pass
             self._server = None
-        if self._conns:
-            await asyncio.wait(list(self._conns.values()), timeout=2.0)
+        await self._tasks.close(2.0)
 
     def _accepted(self, conn: FrameConnection) -> None:
-        task = asyncio.get_running_loop().create_task(self._serve(conn))
-        self._conns[conn] = task
-        task.add_done_callback(lambda _: self._conns.pop(conn, None))
+        self._conns.add(conn)
+        if self._tasks.spawn(self._serve(conn), "serve") is None:
+            conn.close()  # the listener is stopping
+            self._conns.discard(conn)
 
     async def _serve(self, conn: FrameConnection) -> None:
         remote = conn.peername
@@ -333,3 +338,4 @@ class Listener:
                 log.error("bad_frame", peer=peer, address=where, error=str(conn.error))
         finally:
             await conn.wait_closed()
+            self._conns.discard(conn)

@@ -1,12 +1,12 @@
 """A gate: a CUDA kernel that holds a launched decode step on the device until its input is in.
 
 On MLX's CUDA backend most of a decode step's host time is MLX encoding its ops into CUDA graphs
-(about 1.5 ms for 10 layers of qwen3-1.7b on an H200), and the device runs nothing of the step
-until that is done. mlx-lm hides it behind the previous token's device time; a shard cannot, as
-its input comes around the ring. With a gate it can: the step is built on the gate's output and
-launched before the input exists; the gate spins on a flag in managed memory, which the host
-sets once the input's bytes are in the placeholder, and then copies them through. Only the
-device's own time stays on the ring's path.
+(about 1.5 ms for 10 layers of qwen3-1.7b: benchmarks/decode_profile.py), and the device runs
+nothing of the step until that is done. mlx-lm hides it behind the previous token's device time;
+a shard cannot, as its input comes around the ring. With a gate it can: the step is built on the
+gate's output and launched before the input exists; the gate spins on a flag in managed memory,
+which the host sets once the input's bytes are in the placeholder, and then copies them through.
+Only the device's own time stays on the ring's path.
 
 A gate gives up after `LIMIT_S` (status GAVE_UP) so that a lost input never holds the device;
 a step whose gate gave up is computed again. Apple silicon and the CPU have no such kernel:
