@@ -95,6 +95,31 @@ async def test_peer_with_the_secret_links_and_delivers() -> None:
         await listener.stop()
 
 
+async def test_once_linked_frames_up_to_the_rings_limit_pass() -> None:
+    """The handshake takes small frames only; after it the ring's max_frame holds, so a prompt
+    chunk's activations (megabytes) pass."""
+    port = free_port()
+    got: list[Message] = []
+    listener = Listener(settings("b", "s3cret"), "127.0.0.1", port, lambda m, peer: got.append(m))
+    await listener.start()
+    peer = Peer(settings("a", "s3cret"), "b", lambda: ("127.0.0.1", port))
+    peer.start()
+    h = mx.arange(512 * 1024, dtype=mx.float32).reshape(1, 1024, 512)  # 2 MiB
+    try:
+        assert await peer.wait_up(5)
+        await peer.send(Forward("r1", 0, (), False, h))
+        for _ in range(300):
+            if got:
+                break
+            await asyncio.sleep(0.01)
+        assert len(got) == 1 and isinstance(got[0], Forward) and got[0].h is not None
+        assert mx.array_equal(wire.to_array(got[0].h), h).item()
+        assert peer.up
+    finally:
+        await peer.stop()
+        await listener.stop()
+
+
 @pytest.mark.parametrize(
     ("theirs", "cluster"), [("wrong", "c"), ("", "c"), ("s3cret", "other-cluster")]
 )

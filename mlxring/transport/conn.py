@@ -140,7 +140,6 @@ class FrameConnection(asyncio.BufferedProtocol):
         on_open: Callable[[FrameConnection], None] | None = None,
         max_queued: int = MAX_QUEUED,
     ) -> None:
-        self.max_frame = max_frame
         self.max_queued = max_queued
         self._on_open = on_open
         self.transport: asyncio.Transport | None = None
@@ -158,6 +157,15 @@ class FrameConnection(asyncio.BufferedProtocol):
         self.pauses = 0  # times reading paused
         self._parsing = False
         self._drained: asyncio.Future[None] | None = None
+
+    @property
+    def max_frame(self) -> int:
+        """The largest frame body accepted: small during a handshake, the ring's limit after."""
+        return self._cut.max_frame
+
+    @max_frame.setter
+    def max_frame(self, n: int) -> None:
+        self._cut.max_frame = n
 
     # --- asyncio.BufferedProtocol ------------------------------------------------------------
 
@@ -269,7 +277,9 @@ class FrameConnection(asyncio.BufferedProtocol):
         if not self._holds and self.transport is not None and not self.closing:
             self.transport.pause_reading()
             self.pauses += 1
-            log.info("reading_paused", peer=self.peername, reason=why, pauses=self.pauses)
+            # A full read queue is the reader's own pace (a handshake reads frame by frame).
+            say = log.debug if why == "queue" else log.info
+            say("reading_paused", peer=self.peername, reason=why, pauses=self.pauses)
         self._holds.add(why)
 
     def _release(self, why: str) -> None:
@@ -296,16 +306,19 @@ class FrameConnection(asyncio.BufferedProtocol):
         closed between frames), TimeoutError."""
         deadline = time.monotonic() + timeout
         while not self._frames:
+            # Only now, with every frame read taken, does what waits in the buffer get parsed:
+            # a handshake's frames are then each read before the next frame's size is checked
+            # against the limit that the handshake's end raises.
+            self._release("queue")
+            if self._frames:
+                break
             if self.closed.done():
                 if isinstance(self.error, wire.FrameError):
                     raise self.error
                 raise ConnectionClosed(str(self.error) if self.error else "connection closed")
             self._waiter = asyncio.get_running_loop().create_future()
             await wait_for(asyncio.shield(self._waiter), max(0.0, deadline - time.monotonic()))
-        msg = self._frames.popleft()
-        if len(self._frames) < self.max_queued:
-            self._release("queue")
-        return msg
+        return self._frames.popleft()
 
     def deliver(self, on_message: Callable[[Message], None], inflow: Inflow | None = None) -> None:
         """From now on hand every frame to `on_message` as it arrives (those already read

@@ -275,7 +275,9 @@ class Listener:
         loop = asyncio.get_running_loop()
         await self._tasks.open()
         self._server = await loop.create_server(
-            lambda: FrameConnection(HANDSHAKE_MAX_FRAME, self._accepted),
+            # One frame at a time until the handshake ends: the frames behind the proof are
+            # measured against the ring's limit, not the handshake's.
+            lambda: FrameConnection(HANDSHAKE_MAX_FRAME, self._accepted, max_queued=1),
             self.host,
             self.port,
             reuse_address=True,
