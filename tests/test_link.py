@@ -4,9 +4,11 @@ link held back by its receiver stays up and delivers everything."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import random
 import struct
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import mlx.core as mx
@@ -72,52 +74,50 @@ async def test_a_link_held_back_longer_than_down_after_stays_up_and_loses_nothin
         await listener.stop()
 
 
-async def test_peer_with_the_secret_links_and_delivers() -> None:
+@contextlib.asynccontextmanager
+async def linked(secret: str) -> AsyncIterator[tuple[Peer, list[Message]]]:
+    """A link from node a to node b, up; yields a's peer and what b's listener received."""
     port = free_port()
     got: list[Message] = []
-    listener = Listener(settings("b", "s3cret"), "127.0.0.1", port, lambda m, peer: got.append(m))
+    listener = Listener(settings("b", secret), "127.0.0.1", port, lambda m, peer: got.append(m))
     await listener.start()
-    peer = Peer(settings("a", "s3cret"), "b", lambda: ("127.0.0.1", port))
+    peer = Peer(settings("a", secret), "b", lambda: ("127.0.0.1", port))
     peer.start()
     try:
         assert await peer.wait_up(5)
-        await peer.send(End("r1"))
-        await peer.send(Token("r1", 0, 42))
-        for _ in range(100):
-            if len(got) == 2:
-                break
-            await asyncio.sleep(0.01)
-        assert got == [End("r1"), Token("r1", 0, 42)]
-        await asyncio.sleep(0.5)  # heartbeats keep a quiet link up
-        assert peer.up and peer.rtt_s > 0
+        yield peer, got
     finally:
         await peer.stop()
         await listener.stop()
+
+
+async def received(got: list[Message], n: int, timeout: float = 3.0) -> None:
+    for _ in range(int(timeout / 0.01)):
+        if len(got) >= n:
+            return
+        await asyncio.sleep(0.01)
+
+
+async def test_peer_with_the_secret_links_and_delivers() -> None:
+    async with linked("s3cret") as (peer, got):
+        await peer.send(End("r1"))
+        await peer.send(Token("r1", 0, 42))
+        await received(got, 2)
+        assert got == [End("r1"), Token("r1", 0, 42)]
+        await asyncio.sleep(0.5)  # heartbeats keep a quiet link up
+        assert peer.up and peer.rtt_s > 0
 
 
 async def test_once_linked_frames_up_to_the_rings_limit_pass() -> None:
     """The handshake takes small frames only; after it the ring's max_frame holds, so a prompt
-    chunk's activations (megabytes) pass."""
-    port = free_port()
-    got: list[Message] = []
-    listener = Listener(settings("b", "s3cret"), "127.0.0.1", port, lambda m, peer: got.append(m))
-    await listener.start()
-    peer = Peer(settings("a", "s3cret"), "b", lambda: ("127.0.0.1", port))
-    peer.start()
+    chunk's activations (megabytes), sent right behind the handshake, pass."""
     h = mx.arange(512 * 1024, dtype=mx.float32).reshape(1, 1024, 512)  # 2 MiB
-    try:
-        assert await peer.wait_up(5)
+    async with linked("s3cret") as (peer, got):
         await peer.send(Forward("r1", 0, (), False, h))
-        for _ in range(300):
-            if got:
-                break
-            await asyncio.sleep(0.01)
+        await received(got, 1)
         assert len(got) == 1 and isinstance(got[0], Forward) and got[0].h is not None
         assert mx.array_equal(wire.to_array(got[0].h), h).item()
         assert peer.up
-    finally:
-        await peer.stop()
-        await listener.stop()
 
 
 @pytest.mark.parametrize(
