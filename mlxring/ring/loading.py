@@ -14,10 +14,22 @@ from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_lm.utils import load_config, load_tokenizer
 
 from mlxring.model import source
-from mlxring.model.sharded import ModelInfo, ShardModel, check_model, load_shard, model_info
+from mlxring.model.sharded import (
+    ModelError,
+    ModelInfo,
+    ShardModel,
+    check_model,
+    load_shard,
+    model_info,
+)
 from mlxring.shard.compute import Compute
 
 log = structlog.get_logger()
+
+
+class LoadError(ModelError):
+    """A node's layer range could not be fetched, loaded or warmed up; says which and why. A
+    ModelError, so that at start it ends the node in one line as any model error does."""
 
 
 @dataclass(frozen=True)
@@ -54,14 +66,19 @@ async def load_layers(
     allow_unverified: bool,
 ) -> ShardModel:
     """Node `node`'s layers `rng`: fetched where needed, loaded and warmed up on the compute
-    thread."""
+    thread. Any failure (a fetch, a bad or missing file, the model) is a LoadError naming the
+    range and the model, so that a re-plan says what it could not do."""
     loop = asyncio.get_running_loop()
-    path = await loop.run_in_executor(
-        None, source.fetch_shard, spec, meta.directory, rng[0], rng[1], meta.info.n_layers
-    )
     t0 = time.perf_counter()
-    shard = await compute.run(load_shard, path, *rng, allow_unverified)
-    await compute.run(shard.warm_up)
+    try:
+        path = await loop.run_in_executor(
+            None, source.fetch_shard, spec, meta.directory, rng[0], rng[1], meta.info.n_layers
+        )
+        shard = await compute.run(load_shard, path, *rng, allow_unverified)
+        await compute.run(shard.warm_up)
+    except Exception as e:  # noqa: BLE001 - every cause is reported the same way, with its text
+        cause = str(e) if isinstance(e, ModelError) else f"{type(e).__name__}: {e}"
+        raise LoadError(f"cannot load layers [{rng[0]}, {rng[1]}) from {spec}: {cause}") from e
     log.info(
         "shard_loaded",
         node=node,

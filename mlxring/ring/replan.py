@@ -12,7 +12,7 @@ import structlog
 from mlxring.aio import wait_for
 from mlxring.config import Config
 from mlxring.engine.lifecycle import Engine
-from mlxring.ring.loading import ModelMeta, load_layers
+from mlxring.ring.loading import LoadError, ModelMeta, load_layers
 from mlxring.ring.membership import CannotPlan, NewRing, convoy_stages, decide, next_in_ring
 from mlxring.ring.monitor import RingMonitor
 from mlxring.ring.plan import Plan
@@ -22,6 +22,11 @@ from mlxring.shard.compute import Compute
 from mlxring.tasks import TaskScope
 
 log = structlog.get_logger()
+
+# A failed re-plan is tried again after RETRY_FIRST_S, doubling up to RETRY_MAX_S: soon enough to
+# heal quickly once the cause is gone, seldom enough not to reload in a tight loop meanwhile.
+RETRY_FIRST_S = 0.5
+RETRY_MAX_S = 10.0
 
 
 class Replanner:
@@ -85,11 +90,46 @@ class Replanner:
                 self.router.engine.fail_all(f"ring membership changed: live nodes are {list(live)}")
             self.unavailable = "the ring is re-planning"
             await asyncio.sleep(settle)
-            decision = self.decide()
-            if decision is not None:
-                await self.apply(decision)
-            else:  # it flapped back: nothing to re-plan
-                self.unavailable = ""
+            await self._replan()
+
+    async def _replan(self) -> None:
+        """Decide over the nodes live now and carry it out. An attempt that fails, for any
+        cause (a file that cannot be read, a fetch, the model), is logged and shown as the
+        reason the ring cannot serve, and tried again after a backoff (sooner when a link
+        changes), decided anew each time: a node must never stay down after the cause is gone."""
+        delay = RETRY_FIRST_S
+        while True:
+            try:
+                decision = self.decide()
+                if decision is None:  # it flapped back: nothing to re-plan
+                    self.unavailable = ""
+                    return
+                await self.apply(decision)  # logs a CannotPlan itself
+                if isinstance(decision, NewRing):
+                    return
+                # The live nodes cannot hold the model: what is live (or known of their
+                # memory) may change without a link changing here.
+                self.unavailable = f"re-plan failed: {decision.reason} (retrying in {delay:g} s)"
+            except Exception as e:  # noqa: BLE001 - any failure is retried; the watch lives on
+                cause = str(e) if isinstance(e, LoadError) else f"{type(e).__name__}: {e}"
+                # Forgotten, so that the next attempt decides and loads every local range anew
+                # (this one may have stopped halfway).
+                self.plan, self.router.members = [], ()
+                self.unavailable = f"re-plan failed: {cause} (retrying in {delay:g} s)"
+                unexpected = None if isinstance(e, LoadError) else e
+                log.error("replan_failed", error=cause, retry_s=delay, exc_info=unexpected)
+            await self._backoff(delay)
+            delay = min(2 * delay, RETRY_MAX_S)
+
+    async def _backoff(self, delay: float) -> None:
+        """Wait `delay` s before the next attempt, or until a link changes (a node coming back
+        may be what the attempt needs) and the view settles."""
+        try:
+            await wait_for(self._changed.wait(), delay)
+        except TimeoutError:
+            return
+        self._changed.clear()
+        await asyncio.sleep(self.config.cluster.heartbeat_s)
 
     async def apply(self, decision: NewRing | CannotPlan) -> None:
         """Carry out a membership decision: reload what changed, (re)start the head."""
