@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import socket
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -109,3 +110,61 @@ async def test_slow_header_is_closed_after_the_deadline(tmp_path: Path) -> None:
             await reader.readexactly(length)
             await asyncio.sleep(1.5)
         writer.close()
+
+
+def test_the_open_files_limit_is_raised_to_fit_the_caps() -> None:
+    """A process started with macOS's default of 256 open files raises it for the API's caps."""
+    import resource
+    import subprocess
+    import sys
+
+    code = (
+        "import resource\n"
+        "from mlxring.api.limits import raise_fd_limit\n"
+        "from mlxring.config import ApiConfig\n"
+        "raise_fd_limit(ApiConfig(max_connections=1000))\n"
+        "print(resource.getrlimit(resource.RLIMIT_NOFILE)[0])\n"
+    )
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+
+    def low() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+
+    out = subprocess.run(
+        [sys.executable, "-c", code], preexec_fn=low, capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stderr
+    assert int(out.stdout) == min(hard, 1000 + 256)
+
+
+def first_bytes(s: socket.socket) -> bytes:
+    try:
+        return s.recv(64)
+    except ConnectionResetError:  # refused and reset before the 503 was read
+        return b""
+
+
+def test_a_node_process_with_default_limits_outlasts_a_slow_header_flood(tmp_path: Path) -> None:
+    """The attack as found: a flood of slow-header connections from one address against an
+    `mlxring node` process (uvloop, default limits); another client is still answered."""
+    from .ringutil import process_ring, write_config
+
+    cfg = write_config(tmp_path, MODEL, 1)
+    port = int(cfg.read_text().split("api_port = ")[1].split()[0])
+    with process_ring(cfg, ["n0"], tmp_path) as procs:
+        procs["n0"].wait_log("node_started")
+        flood = []
+        for _ in range(400):  # past the default 256 per client
+            s = socket.create_connection(("127.0.0.1", port), timeout=5)
+            s.sendall(PARTIAL_HEAD)
+            flood.append(s)
+        ok = socket.create_connection(
+            ("127.0.0.1", port), timeout=5, source_address=("127.0.0.2", 0)
+        )
+        ok.sendall(b"GET /v1/models HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        assert ok.recv(64).startswith(b"HTTP/1.1 200")
+        ok.close()
+        refused = sum(1 for s in flood[256:] if first_bytes(s).startswith(b"HTTP/1.1 503"))
+        assert refused > 100
+        for s in flood:
+            s.close()

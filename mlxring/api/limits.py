@@ -173,7 +173,8 @@ def raise_fd_limit(api: ApiConfig) -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     want = api.max_connections + FD_RESERVE
     if soft != resource.RLIM_INFINITY and soft < want:
-        new = hard if hard == resource.RLIM_INFINITY else min(hard, max(want, soft))
+        # Only as far as needed: macOS refuses an unlimited soft limit.
+        new = want if hard == resource.RLIM_INFINITY else min(hard, want)
         try:
             resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
             soft = new
