@@ -72,7 +72,7 @@ async def _serve(config: Config, names: list[str]) -> int:
     import structlog
 
     from mlxring.api.app import start_api
-    from mlxring.model.sharded import ModelError
+    from mlxring.model.checkpoint import ModelError
     from mlxring.ring.runtime import Runtime
 
     log = structlog.get_logger()
@@ -91,8 +91,9 @@ async def _serve(config: Config, names: list[str]) -> int:
         return 2
     except Exception as e:  # noqa: BLE001 - start-up failures end the process with one line
         log.error("start_failed", error=f"{type(e).__name__}: {e}")
+        print(f"mlxring: cannot start: {type(e).__name__}: {e}", file=sys.stderr)
         await runtime.stop()
-        return 1
+        return 2
     log.info(
         "node_started",
         nodes=names,

@@ -23,6 +23,11 @@ from mlxring.ring.plan import STRATEGIES
 BUSY_POLL_MIN_CORES = 8
 GIB = 1 << 30
 MIB = 1 << 20
+# Upper bounds of numeric keys: past them a value is a typo or an attack on the process's memory
+# (a 10**18-token prefill chunk), never a setting that works.
+MAX_PREFILL_CHUNK = 65536
+MAX_GB = 65536.0  # memory_gb, cache_limit_gb: far above any one machine
+DAY_S = 86400.0
 
 _TOML_POS_RE = re.compile(r"\s*\(at (?:line (\d+), column (\d+)|end of document)\)$")
 
@@ -99,6 +104,14 @@ class ApiConfig:
     max_body_bytes: int = MIB
     max_concurrent: int = 64
     max_queue: int = 256
+    # A connection must send its request head within header_timeout_s of opening, and is closed
+    # after idle_timeout_s without a request: a slow or silent client holds no socket for long.
+    header_timeout_s: float = 10.0
+    idle_timeout_s: float = 30.0
+    # Open connections per process and per client address; past them a connection is answered
+    # 503 and closed at once, so one client cannot use up the process's file descriptors.
+    max_connections: int = 1024
+    max_connections_per_client: int = 256
 
 
 @dataclass(frozen=True)
@@ -199,7 +212,10 @@ _CLUSTER_KEYS = (
     "request_timeout_s", "max_frame_mb", "interfaces", "allow_unverified",
 )  # fmt: skip
 _TUNING_KEYS = ("max_batch", "cache_limit_gb", "busy_poll", "gates", "convoys")
-_API_KEYS = ("host", "port", "api_key", "max_body_bytes", "max_concurrent", "max_queue")
+_API_KEYS = (
+    "host", "port", "api_key", "max_body_bytes", "max_concurrent", "max_queue",
+    "header_timeout_s", "idle_timeout_s", "max_connections", "max_connections_per_client",
+)  # fmt: skip
 _NODE_KEYS = ("name", "host", "port", "api_port", "layers", "memory_gb", "compute")
 
 
@@ -209,8 +225,8 @@ def _parse_cluster(t: Fields) -> ClusterConfig:
         raise t.error(
             "strategy", f"unknown strategy {strategy!r} (expected {', '.join(STRATEGIES)})"
         )
-    heartbeat_s = t.number("heartbeat_s", 1.0, gt=0)
-    down_after_s = t.number("down_after_s", 5.0, gt=0)
+    heartbeat_s = t.number("heartbeat_s", 1.0, gt=0, hi=60.0)
+    down_after_s = t.number("down_after_s", 5.0, gt=0, hi=3600.0)
     if down_after_s <= heartbeat_s:
         raise t.error(
             "down_after_s",
@@ -221,11 +237,11 @@ def _parse_cluster(t: Fields) -> ClusterConfig:
         model=t.string("model", nonempty=True),
         secret=t.string("secret", ""),
         strategy=strategy,
-        prefill_chunk=t.integer("prefill_chunk", 512, lo=1),
+        prefill_chunk=t.integer("prefill_chunk", 512, lo=1, hi=MAX_PREFILL_CHUNK),
         heartbeat_s=heartbeat_s,
         down_after_s=down_after_s,
-        request_timeout_s=t.number("request_timeout_s", 600.0, gt=0),
-        max_frame_mb=t.number("max_frame_mb", 256.0, gt=0),
+        request_timeout_s=t.number("request_timeout_s", 600.0, gt=0, hi=DAY_S),
+        max_frame_mb=t.number("max_frame_mb", 256.0, gt=0, hi=4096.0),
         interfaces=_parse_interfaces(t),
         allow_unverified=t.boolean("allow_unverified", False),
     )
@@ -249,8 +265,8 @@ def _parse_tuning(
         return cluster
 
     return TuningConfig(
-        max_batch=at("max_batch").integer("max_batch", 32, lo=1),
-        cache_limit_gb=at("cache_limit_gb").opt_number("cache_limit_gb", gt=0),
+        max_batch=at("max_batch").integer("max_batch", 32, lo=1, hi=1024),
+        cache_limit_gb=at("cache_limit_gb").opt_number("cache_limit_gb", gt=0, hi=MAX_GB),
         busy_poll=_parse_busy_poll(at("busy_poll")),
         gates=at("gates").boolean("gates", True),
         convoys=_parse_convoys(at("convoys")),
@@ -270,9 +286,9 @@ def _parse_convoys(t: Fields) -> int | None:
     value = t.get("convoys", "auto")
     if value == "auto":
         return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 64:
         raise t.error(
-            "convoys", f'expected a whole number of at least 1 or "auto", got {show(value)}'
+            "convoys", f'expected a whole number from 1 to 64 or "auto", got {show(value)}'
         )
     return value
 
@@ -298,9 +314,13 @@ def _parse_api(t: Fields) -> ApiConfig:
         host=t.string("host", "0.0.0.0", nonempty=True),
         port=t.integer("port", 8100, lo=1, hi=65535),
         api_key=t.string("api_key", ""),
-        max_body_bytes=t.integer("max_body_bytes", MIB, lo=1),
-        max_concurrent=t.integer("max_concurrent", 64, lo=1),
-        max_queue=t.integer("max_queue", 256, lo=0),
+        max_body_bytes=t.integer("max_body_bytes", MIB, lo=1, hi=GIB),
+        max_concurrent=t.integer("max_concurrent", 64, lo=1, hi=4096),
+        max_queue=t.integer("max_queue", 256, lo=0, hi=65536),
+        header_timeout_s=t.number("header_timeout_s", 10.0, gt=0, hi=3600.0),
+        idle_timeout_s=t.number("idle_timeout_s", 30.0, gt=0, hi=DAY_S),
+        max_connections=t.integer("max_connections", 1024, lo=1, hi=65536),
+        max_connections_per_client=t.integer("max_connections_per_client", 256, lo=1, hi=65536),
     )
 
 
@@ -331,8 +351,8 @@ def _parse_nodes(top: Fields, strategy: str) -> tuple[NodeConfig, ...]:
                 port=port,
                 api_port=api_port,
                 layers=layers,
-                memory_gb=t.opt_number("memory_gb", gt=0),
-                compute=t.opt_number("compute", gt=0),
+                memory_gb=t.opt_number("memory_gb", gt=0, hi=MAX_GB),
+                compute=t.opt_number("compute", gt=0, hi=1e6),
             )
         )
     return tuple(nodes)

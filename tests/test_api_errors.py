@@ -204,7 +204,7 @@ async def test_unknown_path_is_404_and_wrong_method_405(url: str) -> None:
     assert_error(body)
 
 
-async def test_api_key_is_required_except_for_health(tmp_path: Path) -> None:
+async def test_api_key_is_required_except_for_the_listed_paths(tmp_path: Path) -> None:
     cfg = write_valid_config(tmp_path, MODEL, 2, api='api_key = "sekrit"')
     async with local_ring(cfg) as rt, serve_api(rt) as url:
         for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "sekrit"}):
@@ -213,12 +213,21 @@ async def test_api_key_is_required_except_for_health(tmp_path: Path) -> None:
             )
             assert status == 401, headers
             assert_error(body, type_="invalid_request_error", code="invalid_api_key")
-        for path in ("/v1/models", "/cluster/status", "/v1/unknown"):
+        for path in ("/v1/models", "/cluster/status", "/metrics", "/v1/unknown"):
             status, _, body = await get(f"{url}{path}")
             assert status == 401, path
             assert_error(body, code="invalid_api_key")
-        status, _, body = await get(f"{url}/health")
-        assert status == 200 and body["status"] == "ok"
+        # What a client without the key reads is exactly what the README lists: /health's
+        # status word, and the web page's static files.
+        for headers in ({}, {"Authorization": "Bearer wrong"}):
+            status, _, body = await get(f"{url}/health", headers)
+            assert (status, body) == (200, {"status": "ok"})
+        async with aiohttp.ClientSession() as s:
+            for path in ("/", "/web/app.js"):
+                async with s.get(f"{url}{path}") as r:
+                    assert r.status == 200, path
+        status, _, body = await get(f"{url}/health", {"Authorization": "Bearer sekrit"})
+        assert status == 200 and body["status"] == "ok" and body["nodes"] == ["n0", "n1"]
         bad = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="wrong", max_retries=0)
         with pytest.raises(openai.AuthenticationError):
             await bad.models.list()

@@ -169,3 +169,50 @@ def test_a_checkpoint_missing_a_layers_tensor_is_refused_in_one_line(tmp_path: P
     # The node logged its plan before loading; the refusal is the last line.
     last = out.stderr.strip().splitlines()[-1]
     assert last.startswith("mlxring: ") and "layers.4.mlp.switch_mlp.down_proj" in last, last
+
+
+def _broken(tmp_path: Path, how: str) -> Path:
+    """A copy of the tiny qwen3 model whose weights file is broken `how`."""
+    import shutil
+
+    from .ringutil import tiny_model
+
+    out = tmp_path / "model"
+    shutil.copytree(tiny_model("qwen3"), out)
+    weights = out / "model.safetensors"
+    data = weights.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    if how == "truncated header":
+        weights.write_bytes(data[: 8 + n // 2])
+    elif how == "truncated data":
+        weights.write_bytes(data[: 8 + n + (len(data) - 8 - n) // 2])
+    elif how == "no weights":
+        weights.unlink()
+    return out
+
+
+BROKEN = {
+    "truncated header": ["model.safetensors", "header"],
+    "truncated data": ["model.safetensors", "bytes"],
+    "no weights": ["model*.safetensors", "no weights"],
+    "no model": ["no-such-model", "does not exist"],
+}
+
+
+@pytest.mark.parametrize("case", sorted(BROKEN))
+def test_a_broken_model_file_is_one_line_naming_it_and_exit_2_at_once(
+    tmp_path: Path, case: str
+) -> None:
+    import time
+
+    from .ringutil import write_config
+
+    model = tmp_path / "no-such-model" if case == "no model" else _broken(tmp_path, case)
+    t0 = time.monotonic()
+    # n1 never comes: a node that knows its files are broken fails before waiting for it.
+    out = mlxring("node", "--config", str(write_config(tmp_path, model, 2)), "--name", "n0")
+    assert time.monotonic() - t0 < 20, "the node waited before failing"
+    assert out.returncode == 2, out.stderr
+    assert "Traceback" not in out.stderr
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("mlxring: ") and all(w in last for w in BROKEN[case]), out.stderr

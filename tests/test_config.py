@@ -219,7 +219,7 @@ def test_config_is_frozen() -> None:
         pytest.param(
             BASE.replace('strategy = "memory"', "convoys = 0"),
             "cluster.convoys",
-            'expected a whole number of at least 1 or "auto", got 0',
+            'expected a whole number from 1 to 64 or "auto", got 0',
             id="convoys-zero",
         ),
         pytest.param(
@@ -314,13 +314,13 @@ def test_config_is_frozen() -> None:
         pytest.param(
             BASE.replace("memory_gb = 16", "memory_gb = 0", 1),
             "nodes[0].memory_gb",
-            "must be > 0",
+            "must be in (0, 65536], got 0",
             id="zero-memory",
         ),
         pytest.param(
             BASE.replace("memory_gb = 48", "memory_gb = 48\ncompute = -1.5"),
             "nodes[2].compute",
-            "must be > 0",
+            "must be in (0, 1e+06], got -1.5",
             id="negative-compute",
         ),
         pytest.param(
@@ -347,13 +347,54 @@ def test_config_is_frozen() -> None:
         pytest.param(
             BASE.replace('strategy = "memory"', "prefill_chunk = 0"),
             "cluster.prefill_chunk",
-            ">= 1",
+            "must be between 1 and 65536, got 0",
             id="prefill-chunk-zero",
+        ),
+        *(
+            pytest.param(
+                BASE.replace('strategy = "memory"', f"{key} = {value}")
+                if table == "cluster"
+                else BASE + f"\n[{table}]\n{key} = {value}\n"
+                if table == "tuning"
+                else BASE.replace("port = 8100", f"port = 8100\n{key} = {value}"),
+                f"{table}.{key}",
+                words,
+                id=f"{key}-too-large",
+            )
+            for table, key, value, words in [
+                ("cluster", "prefill_chunk", "1000000000000000000", "must be between 1 and 65536"),
+                ("cluster", "heartbeat_s", "1e9", "must be in (0, 60]"),
+                ("cluster", "down_after_s", "1e9", "must be in (0, 3600]"),
+                ("cluster", "request_timeout_s", "1e12", "must be in (0, 86400]"),
+                ("cluster", "max_frame_mb", "1e12", "must be in (0, 4096]"),
+                ("tuning", "max_batch", "100000", "must be between 1 and 1024"),
+                ("tuning", "cache_limit_gb", "1e12", "must be in (0, 65536]"),
+                ("tuning", "convoys", "1000", "from 1 to 64"),
+                ("api", "max_body_bytes", "1000000000000", "must be between 1 and 1073741824"),
+                ("api", "max_concurrent", "1000000", "must be between 1 and 4096"),
+                ("api", "max_queue", "10000000", "must be between 0 and 65536"),
+                ("api", "header_timeout_s", "0", "must be in (0, 3600]"),
+                ("api", "idle_timeout_s", "1e12", "must be in (0, 86400]"),
+                ("api", "max_connections", "0", "must be between 1 and 65536"),
+                ("api", "max_connections_per_client", "1000000", "must be between 1 and 65536"),
+            ]
+        ),
+        pytest.param(
+            MINIMAL.replace("port = 5100", "port = 5100\nmemory_gb = 1e12"),
+            "nodes[0].memory_gb",
+            "must be in (0, 65536], got 1e+12",
+            id="memory-gb-too-large",
+        ),
+        pytest.param(
+            MINIMAL.replace("port = 5100", "port = 5100\ncompute = 1e12"),
+            "nodes[0].compute",
+            "must be in (0, 1e+06], got 1e+12",
+            id="compute-too-large",
         ),
         pytest.param(
             BASE.replace("port = 8100", "max_queue = -1"),
             "api.max_queue",
-            ">= 0",
+            "must be between 0 and 65536, got -1",
             id="negative-queue",
         ),
         pytest.param(
@@ -395,12 +436,15 @@ def test_config_is_frozen() -> None:
             id="tuning-busy-poll-word",
         ),
         pytest.param(
-            BASE + "\n[tuning]\nmax_batch = 0\n", "tuning.max_batch", ">= 1", id="max-batch-zero"
+            BASE + "\n[tuning]\nmax_batch = 0\n",
+            "tuning.max_batch",
+            "between 1 and 1024, got 0",
+            id="max-batch-zero",
         ),
         pytest.param(
             BASE + "\n[tuning]\ncache_limit_gb = -2\n",
             "tuning.cache_limit_gb",
-            "must be > 0",
+            "must be in (0, 65536], got -2",
             id="negative-cache-limit",
         ),
         pytest.param(

@@ -34,6 +34,7 @@ import structlog
 from aiohttp import web
 
 from mlxring.api.errors import ApiError, invalid, unavailable
+from mlxring.api.limits import Gate, GatedSite, raise_fd_limit
 from mlxring.api.middleware import middleware
 from mlxring.api.openai import complete, stream
 from mlxring.api.proxy import forward
@@ -181,6 +182,8 @@ async def start_api(runtime: Runtime) -> list[web.AppRunner]:
     """One HTTP server per distinct API port of this process's nodes."""
     state = ApiState.of(runtime)
     host = state.api.host
+    raise_fd_limit(state.api)
+    gate = Gate(state.api)  # one count of connections for all of this process's API ports
     runners: list[web.AppRunner] = []
     try:
         for port in state.api_ports():
@@ -190,10 +193,13 @@ async def start_api(runtime: Runtime) -> list[web.AppRunner]:
                 # A client that hangs up cancels its handler, and so its generation, at once.
                 handler_cancellation=True,
                 shutdown_timeout=SHUTDOWN_S,
+                # aiohttp closes a connection without a complete request this long after the
+                # last response (the first head has the gate's shorter deadline).
+                keepalive_timeout=state.api.idle_timeout_s,
             )
             runners.append(runner)
             await runner.setup()
-            await web.TCPSite(runner, host, port).start()
+            await GatedSite(runner, gate, host, port).start()
             log.info("api_listening", host=host, port=port)
     except BaseException:  # e.g. a port in use: stop the servers already listening
         for r in runners:

@@ -1,8 +1,9 @@
 """The middleware every request passes: its id, the API key, errors as OpenAI bodies, and one
 log line and one metrics record per request.
 
-With an API key set, every endpoint needs it but /health and the web page's files (they hold no
-data; the page asks for the key).
+With an API key set, every endpoint needs it but `/health`, which then says only "ok" or
+"unavailable" to a client without the key, and the web page's static files `/` and `/web/*`
+(they hold no data, and the page must load to ask for the key).
 """
 
 from __future__ import annotations
@@ -18,13 +19,14 @@ from aiohttp import web
 
 from mlxring.api.errors import ApiError, http_error, internal_error
 from mlxring.api.proxy import FORWARDED_RID
-from mlxring.api.state import ARRIVED, NOTES, RID, STATE, ApiState, Handler
+from mlxring.api.state import ARRIVED, AUTHORIZED, NOTES, RID, STATE, ApiState, Handler
 
 log = structlog.get_logger()
 
 _RID_OK = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-# Routes served without the API key: the web page and its files hold no data.
-PUBLIC_ROUTES = frozenset({"web-index", "web-file"})
+# Routes served without the API key: the web page and its files hold no data, and /health
+# answers such a client with its status word alone.
+PUBLIC_ROUTES = frozenset({"web-index", "web-file", "health"})
 # Successful GETs of these routes log at debug: the web page polls status every second.
 QUIET_ROUTES = frozenset({"health", "cluster-status", "metrics", "web-index", "web-file"})
 
@@ -83,16 +85,24 @@ def _log_request(request: web.Request, status: int, t0: float) -> None:
 
 
 def _check_auth(request: web.Request, state: ApiState) -> None:
+    """Raise 401 for a request without the right key, but on a public route; note the outcome."""
     key = state.api.api_key
-    if not key or request.path == "/health" or request.match_info.route.name in PUBLIC_ROUTES:
+    request[AUTHORIZED] = True
+    if not key:
         return
     header = request.headers.get("Authorization", "")
     scheme, _, token = header.partition(" ")
+    error: ApiError | None = None
     if scheme.lower() != "bearer" or not token.strip():
-        raise ApiError(
+        error = ApiError(
             401,
             "You didn't provide an API key. Send it as 'Authorization: Bearer YOUR_KEY'.",
             code="invalid_api_key",
         )
-    if not hmac.compare_digest(token.strip().encode(), key.encode()):
-        raise ApiError(401, "Incorrect API key provided.", code="invalid_api_key")
+    elif not hmac.compare_digest(token.strip().encode(), key.encode()):
+        error = ApiError(401, "Incorrect API key provided.", code="invalid_api_key")
+    if error is None:
+        return
+    request[AUTHORIZED] = False
+    if request.match_info.route.name not in PUBLIC_ROUTES:
+        raise error

@@ -222,6 +222,8 @@ STATE = web.AppKey("mlxring_api_state", ApiState)
 RID = web.RequestKey("mlxring_rid", str)
 ARRIVED = web.RequestKey("mlxring_arrived", float)  # time.monotonic() when the request came in
 NOTES = web.RequestKey("mlxring_notes", dict[str, Any])  # fields for the request's log line
+# False for a request without the API key (where one is set) to a route open without it.
+AUTHORIZED = web.RequestKey("mlxring_authorized", bool)
 
 
 def note(request: web.Request, **fields: Any) -> None:

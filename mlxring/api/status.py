@@ -15,7 +15,7 @@ from aiohttp import web
 
 from mlxring.api.errors import ApiError
 from mlxring.api.proxy import ask_head, error_text
-from mlxring.api.state import STATE, ApiState
+from mlxring.api.state import AUTHORIZED, STATE, ApiState
 from mlxring.ring.snapshot import NodeRow, RingSnapshot
 
 DECODE_TRIPS = 64  # recent decode steps the status' decode_trip_ms is the median of
@@ -45,6 +45,17 @@ async def get_model(request: web.Request) -> web.Response:
 
 
 async def health(request: web.Request) -> web.Response:
+    """The ring's health; to a client without the API key (where one is set), only whether it
+    serves: node names, the model and the reasons stay behind the key."""
+    resp = await _health(request)
+    if request.get(AUTHORIZED, True):
+        return resp
+    word = "ok" if resp.status == 200 else "unavailable"
+    retry = {k: v for k, v in resp.headers.items() if k == "Retry-After"}
+    return web.json_response({"status": word}, status=resp.status, headers=retry)
+
+
+async def _health(request: web.Request) -> web.Response:
     state = request.app[STATE]
     if not state.hosts_head:
         try:

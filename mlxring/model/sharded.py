@@ -17,12 +17,8 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 from mlx_lm.utils import _get_classes, load_model
 
-from mlxring.model.checkpoint import LAYER_KEY, is_head, is_unused
+from mlxring.model.checkpoint import LAYER_KEY, ModelError, is_head, is_unused
 from mlxring.model.families import Family, FamilyError, Kind, family_of, model_type
-
-
-class ModelError(Exception):
-    """A model that cannot be sharded (missing files, unsupported structure)."""
 
 
 @dataclass(frozen=True)
@@ -226,14 +222,17 @@ def load_shard(path: Path, start: int, end: int, allow_unverified: bool = False)
     except (FileNotFoundError, ValueError, KeyError) as e:
         raise ModelError(f"cannot load model from {path}: {e}") from None
     shard = ShardModel(model, config, start, end, family=_family(config, allow_unverified))
-    missing = _not_loaded(model, config, path, shard)
-    if missing:
-        raise ModelError(
-            f"{path} has no weights for {len(missing)} tensor(s) of layers [{start}, {end}) "
-            f"(such as {', '.join(missing[:3])}): not a {model_type(config)!r} checkpoint "
-            "in mlx-lm's layout"
-        )
-    mx.eval(shard.parameters())
+    try:
+        missing = _not_loaded(model, config, path, shard)
+        if missing:
+            raise ModelError(
+                f"{path} has no weights for {len(missing)} tensor(s) of layers [{start}, {end}) "
+                f"(such as {', '.join(missing[:3])}): not a {model_type(config)!r} checkpoint "
+                "in mlx-lm's layout"
+            )
+        mx.eval(shard.parameters())
+    except (OSError, RuntimeError) as e:  # MLX reading a file changed or broken since start
+        raise ModelError(f"cannot load layers [{start}, {end}) from {path}: {e}") from None
     return shard
 
 

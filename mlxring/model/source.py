@@ -11,7 +11,7 @@ from pathlib import Path
 
 import structlog
 
-from mlxring.model.checkpoint import LAYER_KEY, is_head, is_unused, safetensors_sizes
+from mlxring.model.checkpoint import LAYER_KEY, ModelError, is_head, is_unused, safetensors_sizes
 
 log = structlog.get_logger()
 
@@ -29,7 +29,7 @@ _META_PATTERNS = [
 ]
 
 
-class SourceError(Exception):
+class SourceError(ModelError):
     """A model that cannot be found or fetched."""
 
 
@@ -128,6 +128,8 @@ def tensor_sizes(spec: str, meta_dir: Path) -> dict[str, int]:
     header reads (so planning needs no weights)."""
     local = sorted(meta_dir.glob("model*.safetensors"))
     if local or is_local(spec):
+        if not local:
+            raise SourceError(f"{meta_dir} has no weights: no model*.safetensors file in it")
         sizes: dict[str, int] = {}
         for f in local:
             sizes.update(safetensors_sizes(f))
