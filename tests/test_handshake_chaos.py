@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import resource
 import socket
 import time
 from pathlib import Path
@@ -64,6 +65,12 @@ async def closed(reader: asyncio.StreamReader) -> None:
 def test_strangers_that_never_finish_the_handshake_cost_little_and_are_closed(
     tmp_path: Path,
 ) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want_fds = STRANGERS + 500
+    if soft < want_fds:
+        if hard != resource.RLIM_INFINITY and hard < want_fds:
+            pytest.skip(f"{STRANGERS} connections need {want_fds} file descriptors; limit {hard}")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want_fds, hard))
     model = tiny_model("qwen3")
     cfg = write_config(tmp_path, model, 2)
     prompt = encode(model, "Strangers knock while we generate.")
@@ -90,7 +97,7 @@ def test_strangers_that_never_finish_the_handshake_cost_little_and_are_closed(
             # Every one of them is closed by the node within the handshake's deadline.
             await aio.wait_for(
                 asyncio.gather(*(closed(r) for r, _ in conns)),
-                DEADLINE_S + 2 - (time.monotonic() - opened),
+                max(1.0, DEADLINE_S + 5 - (time.monotonic() - opened)),
             )
             closed_after = time.monotonic() - opened
             for _, w in conns:
@@ -102,11 +109,10 @@ def test_strangers_that_never_finish_the_handshake_cost_little_and_are_closed(
         growth, got, closed_after = asyncio.run(run(procs["n1"].proc.pid))
         log = procs["n1"].log()
         alive = procs["n1"].proc.poll() is None
-    print(f"RSS growth {growth / 2**20:.1f} MiB, closed after {closed_after:.1f} s")
     assert alive and all(g == want for g in got)
     # 256 KiB each before: 300 MB; now a few KiB each, and only MAX_HANDSHAKING at once.
     assert growth < 24 * 1024 * 1024, f"RSS grew {growth / 2**20:.0f} MiB"
-    assert closed_after <= DEADLINE_S + 2
+    assert closed_after <= DEADLINE_S + 5  # the deadline, and slack for a loaded machine
     assert '"peers_turned_away"' in log and '"peer_refused"' in log
 
 
