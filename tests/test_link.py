@@ -286,8 +286,13 @@ async def test_a_stranger_gets_nothing_computed_from_the_secret() -> None:
         conn.send(Proof(os.urandom(32)))
         with pytest.raises(ConnectionError):
             await conn.read(2)  # closed: no Proof of the acceptor's ever comes
-        assert listener.rejected == 1
         conn.close()
+        conn = await connect("127.0.0.1", port, wire.DEFAULT_MAX_FRAME, 2)
+        conn.send(Hello(wire.PROTOCOL_VERSION, "c", "a", b"abc"))  # nonces are 16 bytes
+        with pytest.raises(ConnectionError):
+            await conn.read(2)
+        conn.close()
+        assert listener.rejected == 2
     finally:
         await listener.stop()
 

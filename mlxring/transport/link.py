@@ -49,6 +49,7 @@ HOLDING = -1.0  # a Pong's `sent` when it answers no ping: "alive, not reading f
 # so strangers that never finish cannot pile up (each also ends at connect_timeout_s).
 MAX_HANDSHAKING = 128
 MIN_SECRET_CHARS = 16
+NONCE_BYTES = 16
 MIN_SECRET_BITS = 64.0
 
 
@@ -86,6 +87,8 @@ def _check_hello(msg: Message, s: LinkSettings) -> Hello:
         )
     if msg.cluster != s.cluster:
         raise LinkError(f"peer {msg.node!r} is in cluster {msg.cluster!r}, not {s.cluster!r}")
+    if len(msg.nonce) != NONCE_BYTES:  # fixed: a proof's input then splits one way only
+        raise LinkError(f"peer {msg.node!r} sent a nonce of {len(msg.nonce)} bytes")
     return msg
 
 
@@ -98,7 +101,7 @@ def _check_hello(msg: Message, s: LinkSettings) -> Hello:
 
 async def handshake_connect(conn: FrameConnection, s: LinkSettings) -> str:
     """The connecting side's handshake; returns the peer's node name."""
-    nonce = os.urandom(16)
+    nonce = os.urandom(NONCE_BYTES)
     conn.send(Hello(wire.PROTOCOL_VERSION, s.cluster, s.node, nonce))
     reply = _check_hello(await conn.read(s.connect_timeout_s), s)
     conn.send(Proof(_proof(s.secret, b"connector", nonce, reply.nonce)))
@@ -125,7 +128,7 @@ async def handshake_accept(
 async def _accept(conn: FrameConnection, s: LinkSettings, admit: Callable[[str], None]) -> str:
     hello = _check_hello(await conn.read(s.connect_timeout_s), s)
     admit(hello.node)
-    nonce = os.urandom(16)
+    nonce = os.urandom(NONCE_BYTES)
     conn.send(Hello(wire.PROTOCOL_VERSION, s.cluster, s.node, nonce))
     answer = await conn.read(s.connect_timeout_s)
     if not isinstance(answer, Proof) or not hmac.compare_digest(
