@@ -1,4 +1,4 @@
-"""`mlxring node | status | bench | make-model | top`."""
+"""`mlxring node | status | bench | make-model | top | secret`."""
 
 from __future__ import annotations
 
@@ -110,6 +110,13 @@ async def _serve(config: Config, names: list[str]) -> int:
     return 0
 
 
+def cmd_secret(args: argparse.Namespace) -> int:
+    import secrets
+
+    print(secrets.token_urlsafe(32))  # 256 random bits: nothing to guess offline
+    return 0
+
+
 STOP_DEADLINE_S = 30.0  # a stopping node exits by then, whatever is still running
 
 
@@ -167,6 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="tokens/sec of the ring against single-process mlx-lm")
     add_bench_arguments(bench)
     bench.set_defaults(func=_lazy("mlxring.commands.bench", "run"))
+
+    secret = sub.add_parser("secret", help="print a fresh secret for [cluster] secret")
+    secret.set_defaults(func=cmd_secret)
 
     mm = sub.add_parser("make-model", help="write a random-weight model in mlx-lm's format")
     makemodel.add_arguments(mm)

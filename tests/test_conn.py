@@ -12,7 +12,13 @@ import mlx.core as mx
 from mlxring import aio
 from mlxring.protocol import codec as wire
 from mlxring.protocol.messages import End, Forward, Tensor
-from mlxring.transport.conn import ConnectionClosed, FrameConnection, connect
+from mlxring.transport.conn import (
+    SMALL_RECV,
+    ConnectionClosed,
+    FrameConnection,
+    FrameCutter,
+    connect,
+)
 
 
 async def _frames_from(data: bytes, max_frame: int = wire.DEFAULT_MAX_FRAME) -> list[object]:
@@ -168,3 +174,41 @@ async def test_frames_not_taken_pause_reading_until_read() -> None:
     assert not conn.reading_paused and conn.pauses >= 1
     client.close()
     server.close()
+
+
+def _cut_all(cutter: FrameCutter, data: bytes, step: int) -> list[bytes]:
+    """Feed `data` to `cutter` as a socket would, at most `step` bytes a time; the bodies."""
+    out: list[bytes] = []
+    at = 0
+    while at < len(data):
+        buf = cutter.buffer()
+        assert len(buf) > 0, "a cutter must always have room for the next bytes"
+        n = min(len(buf), step, len(data) - at)
+        buf[:n] = data[at : at + n]
+        at += n
+        big = cutter.received(n)
+        if big is not None:
+            out.append(bytes(big))
+            big.release()
+        elif not cutter.in_big:
+            while (body := cutter.next()) is not None:
+                out.append(body)
+            cutter.compact()
+    return out
+
+
+def test_a_small_receive_buffer_takes_frames_of_any_size_and_grows_keeping_what_it_holds() -> None:
+    """Before the handshake a connection's buffer is a few KiB: a frame that does not fit is
+    received into its own buffer (up to the handshake's limit); growing keeps unparsed bytes."""
+    sizes = [10, SMALL_RECV - 8, SMALL_RECV - 4, SMALL_RECV - 3, SMALL_RECV + 1, 60_000, 3]
+    bodies = [bytes([i]) * n for i, n in enumerate(sizes)]
+    stream = b"".join(struct.pack(">I", len(b)) + b for b in bodies)
+    for step in (1, 7, 1000, SMALL_RECV, 100_000):
+        cutter = FrameCutter(64 * 1024, recv=SMALL_RECV)
+        assert _cut_all(cutter, stream, step) == bodies
+    cutter = FrameCutter(64 * 1024, recv=SMALL_RECV)
+    half = len(stream) // 2
+    got = _cut_all(cutter, stream[:half], 999)
+    cutter.grow(256 * 1024)
+    got += _cut_all(cutter, stream[half:], 999)
+    assert got == bodies

@@ -7,8 +7,10 @@ import asyncio
 import contextlib
 import os
 import random
+import socket
 import struct
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 
 import mlx.core as mx
@@ -17,9 +19,16 @@ import pytest
 
 from mlxring import aio
 from mlxring.protocol import codec as wire
-from mlxring.protocol.messages import End, Forward, Message, Token
+from mlxring.protocol.messages import End, Forward, Hello, Message, Proof, Token
 from mlxring.transport.conn import connect
-from mlxring.transport.link import LinkError, LinkSettings, Listener, Peer, handshake_connect
+from mlxring.transport.link import (
+    LinkError,
+    LinkSettings,
+    Listener,
+    Peer,
+    handshake_connect,
+    secret_warning,
+)
 
 from .ringutil import (
     encode,
@@ -260,3 +269,92 @@ def test_a_reconnecting_peer_stops_promptly_whenever_it_is_stopped() -> None:
 
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         runner.run(stop_at_random_moments())
+
+
+async def test_a_stranger_gets_nothing_computed_from_the_secret() -> None:
+    """The acceptor answers a hello with its own hello (no proof) and proves the secret only
+    after the connector has: a stranger that sends a guess is hung up on, having received
+    nothing it could test guesses against offline."""
+    port = free_port()
+    listener = Listener(settings("b", "s3cret"), "127.0.0.1", port, lambda m, peer: None)
+    await listener.start()
+    try:
+        conn = await connect("127.0.0.1", port, wire.DEFAULT_MAX_FRAME, 2)
+        conn.send(Hello(wire.PROTOCOL_VERSION, "c", "a", os.urandom(16)))
+        reply = await conn.read(2)
+        assert isinstance(reply, Hello) and reply.proof == b""
+        conn.send(Proof(os.urandom(32)))
+        with pytest.raises(ConnectionError):
+            await conn.read(2)  # closed: no Proof of the acceptor's ever comes
+        conn.close()
+        conn = await connect("127.0.0.1", port, wire.DEFAULT_MAX_FRAME, 2)
+        conn.send(Hello(wire.PROTOCOL_VERSION, "c", "a", b"abc"))  # nonces are 16 bytes
+        with pytest.raises(ConnectionError):
+            await conn.read(2)
+        conn.close()
+        assert listener.rejected == 2
+    finally:
+        await listener.stop()
+
+
+def test_mlxring_secret_prints_a_fresh_high_entropy_secret(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from mlxring import cli
+
+    printed = []
+    for _ in range(2):
+        # Not cli.main: it ends this thread's MLX streams, as a command's last act.
+        args = cli.build_parser().parse_args(["secret"])
+        assert args.func(args) == 0
+        printed.append(capsys.readouterr().out.strip())
+    assert printed[0] != printed[1] and len(printed[0]) >= 43
+    assert secret_warning(printed[0], 5100) is None
+
+
+def test_an_open_ring_and_a_weak_secret_are_warned_about() -> None:
+    open_ring = secret_warning("", 5100)
+    assert open_ring is not None and "the ring is open" in open_ring and "5100" in open_ring
+    for weak in ("s3cret", "passwordpassword", "abababababababababab"):
+        assert secret_warning(weak, 5100) is not None, weak
+    assert secret_warning("correct horse battery staple 1987", 5100) is None
+
+
+def _loopback_aliases() -> None:
+    """127.0.0.2 and .3 are loopback on Linux; elsewhere they must be configured."""
+    for host in ("127.0.0.2", "127.0.0.3", "127.0.0.4"):
+        try:
+            with socket.socket() as s:
+                s.bind((host, 0))
+        except OSError:
+            pytest.skip(f"{host} is not an address of this machine")
+
+
+async def test_an_open_ring_takes_a_name_only_from_that_nodes_address() -> None:
+    """With no secret, a peer that claims node a's name from an address that is not a's, or a
+    name that is not a node of the ring, is refused before the handshake goes on."""
+    _loopback_aliases()
+    port = free_port("127.0.0.3")
+    got: list[Message] = []
+    hosts = {"a": "127.0.0.2", "b": "127.0.0.3"}
+    listener = Listener(
+        settings("b"), "127.0.0.3", port, lambda m, peer: got.append(m), peer_host=hosts.get
+    )
+    await listener.start()
+    a = Peer(replace(settings("a"), bind="127.0.0.2"), "b", lambda: ("127.0.0.3", port))
+    a.start()
+    try:
+        assert await a.wait_up(5)  # the real a, from its own address
+        for name, source in (("a", "127.0.0.4"), ("zz", "127.0.0.2")):
+            conn = await connect("127.0.0.3", port, wire.DEFAULT_MAX_FRAME, 2, local=source)
+            with pytest.raises(ConnectionError):
+                await handshake_connect(conn, settings(name))
+                conn.send(End("injected"))
+                await conn.read(2)
+            conn.close()
+        await a.send(End("r1"))
+        await received(got, 1)
+        assert got == [End("r1")] and listener.rejected == 2 and a.up
+    finally:
+        await a.stop()
+        await listener.stop()

@@ -39,7 +39,7 @@ from mlxring.protocol.messages import (
 )
 from mlxring.protocol.schema import schema
 
-PROTOCOL_VERSION = 3
+PROTOCOL_VERSION = 4  # 4: the connector proves the secret first (transport/link.py)
 DEFAULT_MAX_FRAME = 256 * 1024 * 1024
 PREFIX = struct.Struct(">I")
 

@@ -48,7 +48,7 @@ class SamplingParams:
 
 @dataclass(frozen=True)
 class Hello:
-    """First frame each way on a new link; `proof` is the HMAC of the peer's nonce."""
+    """First frame each way on a new link (`proof` is unused since protocol 4: empty)."""
 
     version: int
     cluster: str
@@ -59,7 +59,8 @@ class Hello:
 
 @dataclass(frozen=True)
 class Proof:
-    """The connecting side's answer to the acceptor's nonce (third handshake frame)."""
+    """An HMAC of the cluster secret over both nonces: the connector's (third handshake frame),
+    then, once it is checked, the acceptor's (fourth)."""
 
     proof: bytes
 

@@ -37,6 +37,7 @@ def link_settings(config: Config, name: str) -> LinkSettings:
         heartbeat_s=c.heartbeat_s,
         down_after_s=c.down_after_s,
         max_frame=c.max_frame_bytes,
+        bind=config.node(name).host,
     )
 
 

@@ -134,6 +134,9 @@ class Runtime:
     def memory_of(self, name: str) -> int | None:
         return self.directory.memory_of(name)
 
+    def _peer_host(self, name: str) -> str | None:
+        return self.directory.address_of(name) if name in self.config.names else None
+
     def serving_reason(self) -> str:
         """Why this process cannot serve requests now ("" when it can)."""
         if self.unavailable:
@@ -160,6 +163,8 @@ class Runtime:
             node = LocalNode(self.router, self.config, self.config.node(name), self._shard_actor)
             self.nodes[name] = node
             node.actor.start()
+            # An open ring takes a node's name only from that node's address.
+            node.listener.peer_host = self._peer_host
             await node.listener.start()
         me = self.names[0]
         for n in self.config.nodes:

@@ -11,6 +11,10 @@ but not yet taken pile up (`read`'s queue, bounded by `max_queued`), and while t
 frames are delivered into has no room. Frames already in the receive buffer then wait there,
 unparsed: nothing that arrived is lost, and what one connection holds stays bounded by its
 buffer and one large frame.
+
+A connection that has not proven anything yet (a listener's, before the handshake) starts with a
+small receive buffer (`SMALL_RECV`) and grows it to the full one only once it is linked
+(`open_up`): a stranger's connection costs a few KiB, not 256.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from mlxring.protocol.messages import Message
 log = structlog.get_logger()
 
 _RECV = 256 * 1024  # the receive buffer small frames are cut from
+SMALL_RECV = 4 * 1024  # a connection's receive buffer until it has proven itself
 _BIG = 64 * 1024  # a frame body this large or larger is received into its own buffer
 MAX_QUEUED = 64  # frames read but not taken (before `deliver`) at which reading pauses
 
@@ -53,9 +58,9 @@ class FrameCutter:
     buffer, a large one received straight into a buffer of its own (kept for the next one:
     decoding copies the payload out, and fresh megabytes per frame cost page faults)."""
 
-    def __init__(self, max_frame: int) -> None:
+    def __init__(self, max_frame: int, recv: int = _RECV) -> None:
         self.max_frame = max_frame
-        self._buf = bytearray(_RECV)
+        self._buf = bytearray(recv)
         self._start = self._end = 0  # the unparsed bytes of _buf
         self._big: memoryview | None = None  # a large frame's body while it arrives
         self._spare = bytearray()
@@ -100,7 +105,9 @@ class FrameCutter:
         if have >= n:
             self._start = body_at + n
             return bytes(buf[body_at : self._start])
-        if n >= _BIG:  # it will not fit: the rest of it goes straight into its own buffer
+        # A frame that may not fit in the receive buffer (a small one: any frame over its size)
+        # goes on arriving straight into a buffer of its own.
+        if n >= min(_BIG, len(buf) - wire.PREFIX.size):
             if len(self._spare) < n:
                 self._spare = bytearray(n)
             self._big = memoryview(self._spare)[:n]
@@ -109,8 +116,17 @@ class FrameCutter:
             self._start = self._end = 0
         return None
 
+    def grow(self, size: int) -> None:
+        """Make the receive buffer `size` bytes, keeping what it holds unparsed."""
+        if size <= len(self._buf):
+            return
+        rest = self._end - self._start
+        buf = bytearray(size)
+        buf[:rest] = self._buf[self._start : self._end]
+        self._buf, self._start, self._end = buf, 0, rest
+
     def compact(self) -> None:
-        """Keep a partial frame at the front: a body under _BIG then always fits behind it."""
+        """Keep a partial frame at the front: a body that is not received apart then always fits."""
         if self._start:
             rest = self._end - self._start
             self._buf[:rest] = self._buf[self._start : self._end]
@@ -139,6 +155,7 @@ class FrameConnection(asyncio.BufferedProtocol):
         max_frame: int = wire.DEFAULT_MAX_FRAME,
         on_open: Callable[[FrameConnection], None] | None = None,
         max_queued: int = MAX_QUEUED,
+        recv: int = _RECV,
     ) -> None:
         self.max_queued = max_queued
         self._on_open = on_open
@@ -148,7 +165,7 @@ class FrameConnection(asyncio.BufferedProtocol):
         self.last_received = time.monotonic()
         loop = asyncio.get_running_loop()
         self.closed: asyncio.Future[None] = loop.create_future()
-        self._cut = FrameCutter(max_frame)
+        self._cut = FrameCutter(max_frame, recv)
         self._frames: deque[Message] = deque()
         self._waiter: asyncio.Future[None] | None = None
         self._on_message: Callable[[Message], None] | None = None
@@ -166,6 +183,11 @@ class FrameConnection(asyncio.BufferedProtocol):
     @max_frame.setter
     def max_frame(self, n: int) -> None:
         self._cut.max_frame = n
+
+    def open_up(self, max_frame: int) -> None:
+        """The peer has proven itself: frames up to `max_frame`, cut from the full buffer."""
+        self._cut.max_frame = max_frame
+        self._cut.grow(_RECV)
 
     # --- asyncio.BufferedProtocol ------------------------------------------------------------
 
@@ -373,10 +395,19 @@ class FrameConnection(asyncio.BufferedProtocol):
                 self.transport.abort()
 
 
-async def connect(host: str, port: int, max_frame: int, timeout: float) -> FrameConnection:
-    """Open a connection to `host:port` (OSError or TimeoutError when it cannot)."""
+async def connect(
+    host: str, port: int, max_frame: int, timeout: float, local: str | None = None
+) -> FrameConnection:
+    """Open a connection to `host:port`, from address `local` when given (OSError or
+    TimeoutError when it cannot)."""
     loop = asyncio.get_running_loop()
     _, conn = await wait_for(
-        loop.create_connection(lambda: FrameConnection(max_frame), host, port), timeout
+        loop.create_connection(
+            lambda: FrameConnection(max_frame),
+            host,
+            port,
+            local_addr=(local, 0) if local else None,
+        ),
+        timeout,
     )
     return conn

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import math
 import os
 import time
 from collections.abc import Callable
@@ -27,7 +28,13 @@ from mlxring.aio import wait_for
 from mlxring.protocol import codec as wire
 from mlxring.protocol.messages import Hello, Message, Ping, Pong, Proof
 from mlxring.tasks import TaskScope
-from mlxring.transport.conn import FrameConnection, Inflow, connect
+from mlxring.transport.conn import (
+    SMALL_RECV,
+    ConnectionClosed,
+    FrameConnection,
+    Inflow,
+    connect,
+)
 
 log = structlog.get_logger()
 
@@ -38,6 +45,12 @@ HIGH_WATER = 4 * 1024 * 1024  # bytes queued in the transport before a sender wa
 # Heartbeats are not queued behind more than this: a peer that does not read gets none.
 PONG_LIMIT = 64 * 1024
 HOLDING = -1.0  # a Pong's `sent` when it answers no ping: "alive, not reading for now"
+# Connections still in their handshake, per listener: beyond this a new one is closed at once,
+# so strangers that never finish cannot pile up (each also ends at connect_timeout_s).
+MAX_HANDSHAKING = 128
+MIN_SECRET_CHARS = 16
+NONCE_BYTES = 16
+MIN_SECRET_BITS = 64.0
 
 
 class LinkError(Exception):
@@ -54,11 +67,15 @@ class LinkSettings:
     max_frame: int = wire.DEFAULT_MAX_FRAME
     connect_timeout_s: float = 3.0
     max_backoff_s: float = 2.0
+    # This node's own address: links start from it, so that the next node sees them come
+    # from where nodes.toml says this node is (None: the system picks, as for zeroconf).
+    bind: str | None = None
 
 
-def _proof(secret: str, nonce: bytes, role: bytes) -> bytes:
-    # The role prefix keeps one side's proof from being replayed as the other's.
-    return hmac.new(secret.encode(), role + nonce, hashlib.sha256).digest()
+def _proof(secret: str, role: bytes, first: bytes, second: bytes) -> bytes:
+    # The role prefix keeps one side's proof from being replayed as the other's; both nonces
+    # bind a proof to this one exchange.
+    return hmac.new(secret.encode(), role + first + second, hashlib.sha256).digest()
 
 
 def _check_hello(msg: Message, s: LinkSettings) -> Hello:
@@ -70,39 +87,74 @@ def _check_hello(msg: Message, s: LinkSettings) -> Hello:
         )
     if msg.cluster != s.cluster:
         raise LinkError(f"peer {msg.node!r} is in cluster {msg.cluster!r}, not {s.cluster!r}")
+    if len(msg.nonce) != NONCE_BYTES:  # fixed: a proof's input then splits one way only
+        raise LinkError(f"peer {msg.node!r} sent a nonce of {len(msg.nonce)} bytes")
     return msg
+
+
+# The handshake: hello each way (version, cluster, name, a fresh nonce; no proof), then the
+# connector proves the secret over both nonces, and only once the acceptor has checked that
+# proof does it send its own. So a stranger connecting to a ring port gets nothing computed from
+# the secret to guess it offline against; the connector hands its proof only to an address it
+# was configured with or discovered.
 
 
 async def handshake_connect(conn: FrameConnection, s: LinkSettings) -> str:
     """The connecting side's handshake; returns the peer's node name."""
-    nonce = os.urandom(16)
+    nonce = os.urandom(NONCE_BYTES)
     conn.send(Hello(wire.PROTOCOL_VERSION, s.cluster, s.node, nonce))
     reply = _check_hello(await conn.read(s.connect_timeout_s), s)
-    if not hmac.compare_digest(reply.proof, _proof(s.secret, nonce, b"acceptor")):
+    conn.send(Proof(_proof(s.secret, b"connector", nonce, reply.nonce)))
+    try:
+        answer = await conn.read(s.connect_timeout_s)
+    except ConnectionClosed:  # the acceptor hangs up on a wrong proof
+        raise LinkError(f"peer {reply.node!r} refused our proof of the cluster secret") from None
+    if not isinstance(answer, Proof) or not hmac.compare_digest(
+        answer.proof, _proof(s.secret, b"acceptor", reply.nonce, nonce)
+    ):
         raise LinkError(f"peer {reply.node!r} does not know the cluster secret")
-    conn.send(Proof(_proof(s.secret, reply.nonce, b"connector")))
     return reply.node
 
 
-async def handshake_accept(conn: FrameConnection, s: LinkSettings) -> str:
-    """The accepting side's handshake; returns the peer's node name."""
+async def handshake_accept(
+    conn: FrameConnection, s: LinkSettings, admit: Callable[[str], None] = lambda name: None
+) -> str:
+    """The accepting side's handshake; returns the peer's node name. `admit` may refuse the
+    name the peer gives (LinkError) before anything is answered. The whole of it takes at most
+    `connect_timeout_s` (TimeoutError)."""
+    return await wait_for(_accept(conn, s, admit), s.connect_timeout_s)
+
+
+async def _accept(conn: FrameConnection, s: LinkSettings, admit: Callable[[str], None]) -> str:
     hello = _check_hello(await conn.read(s.connect_timeout_s), s)
-    nonce = os.urandom(16)
-    conn.send(
-        Hello(
-            wire.PROTOCOL_VERSION,
-            s.cluster,
-            s.node,
-            nonce,
-            _proof(s.secret, hello.nonce, b"acceptor"),
-        ),
-    )
+    admit(hello.node)
+    nonce = os.urandom(NONCE_BYTES)
+    conn.send(Hello(wire.PROTOCOL_VERSION, s.cluster, s.node, nonce))
     answer = await conn.read(s.connect_timeout_s)
     if not isinstance(answer, Proof) or not hmac.compare_digest(
-        answer.proof, _proof(s.secret, nonce, b"connector")
+        answer.proof, _proof(s.secret, b"connector", hello.nonce, nonce)
     ):
         raise LinkError(f"peer {hello.node!r} does not know the cluster secret")
+    conn.send(Proof(_proof(s.secret, b"acceptor", nonce, hello.nonce)))
     return hello.node
+
+
+def secret_warning(secret: str, port: int) -> str | None:
+    """What is wrong with a ring's `secret`, as one line for the log at start; None if nothing.
+    The entropy estimate is rough (length times log2 of the distinct characters): it flags
+    short, repetitive, human-chosen secrets, not every weak one."""
+    if not secret:
+        return (
+            f"the ring is open: anyone who can reach port {port} can join; "
+            "set [cluster] secret (mlxring secret prints one)"
+        )
+    bits = len(secret) * math.log2(max(len(set(secret)), 2))
+    if len(secret) < MIN_SECRET_CHARS or bits < MIN_SECRET_BITS:
+        return (
+            f"the cluster secret is short or of low entropy (about {bits:.0f} bits): "
+            "it can be guessed; use a fresh one (mlxring secret prints one)"
+        )
+    return None
 
 
 class Peer:
@@ -198,7 +250,9 @@ class Peer:
                 await asyncio.sleep(self.s.heartbeat_s)
                 continue
             try:
-                conn = await connect(*addr, HANDSHAKE_MAX_FRAME, self.s.connect_timeout_s)
+                conn = await connect(
+                    *addr, HANDSHAKE_MAX_FRAME, self.s.connect_timeout_s, self.s.bind
+                )
             except (OSError, TimeoutError):
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, self.s.max_backoff_s)
@@ -249,9 +303,14 @@ class Peer:
             self._drop(conn, str(conn.error) if conn.error else "connection closed")
 
 
-
 class Listener:
-    """Accepts links from the previous node; hands every data frame to `on_message`."""
+    """Accepts links from the previous node; hands every data frame to `on_message`.
+
+    Before a connection has finished its handshake it costs little: a small receive buffer,
+    `connect_timeout_s` in all, and at most MAX_HANDSHAKING of them at once. On an open ring
+    (no secret) `peer_host`, when given, says where a named node must connect from: a peer
+    that claims a name from another address, or a name that is not a node of the ring (None),
+    is refused."""
 
     def __init__(
         self,
@@ -260,24 +319,33 @@ class Listener:
         port: int,
         on_message: Callable[[Message, str], None],
         inflow: Inflow | None = None,
+        peer_host: Callable[[str], str | None] | None = None,
     ) -> None:
         self.s = s
         self.host, self.port = host, port
         self._on_message = on_message
         self._inflow = inflow  # where the data frames go: reading pauses while it is full
+        self.peer_host = peer_host
         self._server: asyncio.Server | None = None
         self._conns: set[FrameConnection] = set()
+        self._handshaking = 0
         # One task per accepted connection, each ending with it; all end with the listener.
         self._tasks = TaskScope(f"listener:{port}")
         self.rejected = 0
+        self.turned_away = 0  # connections closed at once: too many in their handshake
+        self._turned_logged = 0.0
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         await self._tasks.open()
+        if (warning := secret_warning(self.s.secret, self.port)) is not None:
+            log.warning("ring_insecure", node=self.s.node, warning=warning)
         self._server = await loop.create_server(
             # One frame at a time until the handshake ends: the frames behind the proof are
-            # measured against the ring's limit, not the handshake's.
-            lambda: FrameConnection(HANDSHAKE_MAX_FRAME, self._accepted, max_queued=1),
+            # measured against the ring's limit, not the handshake's. A small buffer until then.
+            lambda: FrameConnection(
+                HANDSHAKE_MAX_FRAME, self._accepted, max_queued=1, recv=SMALL_RECV
+            ),
             self.host,
             self.port,
             reuse_address=True,
@@ -297,21 +365,51 @@ class Listener:
         await self._tasks.close(2.0)
 
     def _accepted(self, conn: FrameConnection) -> None:
+        if self._handshaking >= MAX_HANDSHAKING:
+            conn.close()
+            self.turned_away += 1
+            now = time.monotonic()
+            if now - self._turned_logged > 1.0:  # a flood is one line a second, not thousands
+                self._turned_logged = now
+                log.warning(
+                    "peers_turned_away",
+                    reason=f"{MAX_HANDSHAKING} connections are in their handshake",
+                    address=conn.peername,
+                    total=self.turned_away,
+                )
+            return
         self._conns.add(conn)
         if self._tasks.spawn(self._serve(conn), "serve") is None:
             conn.close()  # the listener is stopping
             self._conns.discard(conn)
+            return
+        self._handshaking += 1  # counted at once: a burst of accepts comes before any task runs
+
+    def _admit(self, peer: str, address: str | None) -> None:
+        """On an open ring, a node name is only taken from that node's address (LinkError)."""
+        if self.s.secret or self.peer_host is None:
+            return
+        expected = self.peer_host(peer)
+        if expected is None:
+            raise LinkError(f"peer {peer!r} is not a node of this ring (or not found yet)")
+        if address != expected:
+            raise LinkError(
+                f"peer claims to be {peer!r} from {address}, but {peer!r} is at {expected}"
+            )
 
     async def _serve(self, conn: FrameConnection) -> None:
         remote = conn.peername
         where = f"{remote[0]}:{remote[1]}" if remote else "?"
+        ip = remote[0] if remote else None
         try:
             try:
-                peer = await handshake_accept(conn, self.s)
+                peer = await handshake_accept(conn, self.s, lambda name: self._admit(name, ip))
             except (LinkError, wire.FrameError, TimeoutError, ConnectionError) as e:
                 self.rejected += 1
                 log.warning("peer_refused", address=where, error=str(e) or type(e).__name__)
                 return
+            finally:
+                self._handshaking -= 1
 
             def on_frame(msg: Message) -> None:
                 if isinstance(msg, Ping):
@@ -322,7 +420,7 @@ class Listener:
                 else:
                     self._on_message(msg, peer)
 
-            conn.max_frame = self.s.max_frame
+            conn.open_up(self.s.max_frame)
             conn.deliver(on_frame, self._inflow)
             # Pings come every heartbeat: a link silent for longer than down_after_s is dead.
             while not conn.closed.done():
