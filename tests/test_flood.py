@@ -66,7 +66,8 @@ async def flood(port: int, layer: int, hidden: int) -> int:
     """Handshake with the secret, then send the flood as fast as the socket takes it; returns
     the frames sent."""
     conn = await connect("127.0.0.1", port, HANDSHAKE_MAX_FRAME, 5)
-    await handshake_connect(conn, LinkSettings(cluster="test", node="flooder", secret=SECRET))
+    # As n1's previous member: steps from any other peer are dropped before the mailbox.
+    await handshake_connect(conn, LinkSettings(cluster="test", node="n0", secret=SECRET))
     conn.deliver(lambda msg: None)  # pongs
     h = mx.zeros((1, CHUNK, hidden), mx.bfloat16)
     tokens = tuple(range(CHUNK))

@@ -5,6 +5,7 @@ import asyncio
 import itertools
 from typing import cast
 
+import mlx.core as mx
 import pytest
 
 from mlxring.backends import pick
@@ -12,16 +13,18 @@ from mlxring.backends.placeholder import Prebuilt
 from mlxring.model.sharded import ShardModel, load_shard
 from mlxring.protocol.messages import (
     End,
+    Failure,
     Forward,
     ForwardBatch,
     Message,
     SamplingParams,
     Send,
+    Tensor,
     Token,
 )
 from mlxring.shard.actor import ShardActor
 from mlxring.shard.state import Reconfigure, make_request_state
-from mlxring.shard.step import Stepper
+from mlxring.shard.step import BatchError, Stepper
 
 from .ringutil import (
     CONCURRENT_TEXTS,
@@ -126,6 +129,88 @@ def test_convoys_taking_turns_keep_their_merged_caches() -> None:
     asyncio.run(actor.handle(End("d")))
     assert actor.convoys.merged == {}  # nobody left: its caches are let go
     assert sent == [End("c"), End("d")]  # passed on to the next shard
+
+
+def refused(st: Stepper, *parts: Forward | ForwardBatch) -> list[str]:
+    """Why each part that `st` would not run may not (in order)."""
+    return [why for _, why in st.screen(list(parts))[1]]
+
+
+def test_a_step_that_mlx_would_choke_on_is_refused_before_it_touches_a_cache() -> None:
+    model = tiny_model("qwen3")
+    first, middle = stepper("n0", load_shard(model, 0, 3)), stepper("n1", load_shard(model, 3, 5))
+    vocab, width = first.limits.vocab, first.limits.width  # type: ignore[union-attr]
+    assert vocab and width
+    ok = Forward("a", 0, (1, vocab - 1), True)
+    assert refused(first, ok) == []
+    (why,) = refused(first, Forward("a", 0, (1, vocab), True))
+    assert "outside the vocabulary" in why
+    assert refused(first, Forward("a", 0, (), True)) == ["step 0 of a has no tokens"]
+
+    def step(h: mx.array | Tensor, tokens: tuple[int, ...] = (1, 2)) -> Forward:
+        return Forward("b", 0, tokens, False, h=h, layer=3)
+
+    assert refused(middle, step(mx.zeros((1, 2, width), mx.bfloat16))) == []
+    for bad in (
+        mx.zeros((1, 2, width + 1), mx.bfloat16),  # another model's width
+        mx.zeros((2, width), mx.bfloat16),  # 2-D
+        mx.zeros((1, 3, width), mx.bfloat16),  # not one position per token
+        Tensor("int32", (1, 2, width), bytes(8 * width)),  # ids where activations go
+    ):
+        assert len(refused(middle, step(bad))) == 1, bad
+    assert len(refused(middle, step(mx.zeros((1, 1, width)), (1 << 40,)))) == 1
+    assert middle.requests == {} and first.requests == {}
+
+
+def test_a_batch_of_one_request_twice_or_unknown_rows_is_refused_whole() -> None:
+    model = load_shard(tiny_model("qwen3"), 0, 3)
+    st = stepper("n0", model)
+    for rid in "ab":
+        st.step(Forward(rid, 0, (1, 2, 3), True))
+    assert refused(st, ForwardBatch((decode("a", 1), decode("b", 1)))) == []
+    (why,) = refused(st, ForwardBatch((decode("a", 1), decode("a", 1))))
+    assert "two steps of one request" in why
+    # Across the parts of one pass too: the second part fails, the first runs.
+    good, bad = st.screen([decode("a", 1), ForwardBatch((decode("b", 1), decode("a", 1)))])
+    assert good == [decode("a", 1)] and len(bad) == 1
+    assert "no state for request x" in refused(st, ForwardBatch((decode("x", 1),)))[0]
+
+
+def test_a_shard_keeps_at_most_its_bound_of_live_requests() -> None:
+    model = load_shard(tiny_model("qwen3"), 0, 3)
+    st = Stepper("n0", model, pick(gates=False), max_requests=2)
+    st.step(Forward("a", 0, (1, 2, 3), True))
+    good, bad = st.screen([Forward("b", 0, (1,), True), Forward("c", 0, (1,), True)])
+    assert good == [Forward("b", 0, (1,), True)]
+    assert bad == [(Forward("c", 0, (1,), True), "the shard keeps 2 requests at most")]
+    st.step(Forward("b", 0, (1,), True))
+    assert refused(st, decode("a", 1), decode("b", 1)) == []  # under way: they go on
+    assert len(refused(st, Forward("c", 0, (1,), True))) == 1
+
+
+async def test_a_refused_batch_fails_its_own_requests_and_leaves_other_convoys_alone() -> None:
+    model = load_shard(tiny_model("qwen3"), 0, 3)
+    sent, keep = recorder()
+    actor = shard("n0", model, keep, gates=False)
+    want = stepper("n0", model)
+    for st in (actor.stepper, want):
+        for rid in "ab":
+            st.step(Forward(rid, 0, (1, 2, 3), True))
+        st.step_batch([decode("a", 1), decode("b", 1)])
+    merged = actor.convoys.merged[("a", "b")]
+    await actor.handle(ForwardBatch((decode("x", 1), decode("x", 1))))
+    assert [type(m).__name__ for m in sent] == ["Failure"]
+    assert isinstance(sent[0], Failure) and sent[0].rid == "x"
+    assert actor.convoys.merged[("a", "b")] is merged
+    # A pass that fails in MLX fails the requests it ran, and only those.
+    await actor.on_error(decode("a", 2), BatchError(("a",), "broken"))
+    assert [m.rid for m in sent[1:]] == ["a"]  # type: ignore[attr-defined]
+    assert "a" not in actor.requests and actor.convoys.merged == {}
+    assert [c.offset for c in actor.requests["b"].caches] == [4] * 3  # its own KV back
+    got, expected = actor.stepper.step(decode("b", 2)), want.step(decode("b", 2))
+    assert isinstance(got, Forward) and isinstance(expected, Forward)
+    assert isinstance(got.h, mx.array) and isinstance(expected.h, mx.array)
+    assert mx.array_equal(got.h, expected.h).item()
 
 
 async def test_decode_steps_run_on_the_loop_thread_and_prompt_chunks_off_it() -> None:

@@ -9,7 +9,7 @@ Every hop is a named method: a node's listener calls `LocalNode.received`, its s
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import structlog
 
@@ -26,6 +26,9 @@ from mlxring.transport.link import LinkError, LinkSettings, Listener, Peer
 
 log = structlog.get_logger()
 
+#: What travels the ring from one member to the next, and only so.
+DATA = (Forward, ForwardBatch, End, Failure, Token)
+
 
 def link_settings(config: Config, name: str) -> LinkSettings:
     """The link parameters of node `name`, as every node of the cluster must have them."""
@@ -39,6 +42,18 @@ def link_settings(config: Config, name: str) -> LinkSettings:
         max_frame=c.max_frame_bytes,
         bind=config.node(name).host,
     )
+
+
+def sender_to(config: Config, local: Sequence[str], dest: str) -> str:
+    """The name a process gives on its link to node `dest`: the one of its nodes `local` that
+    sends to `dest`, the nearest before it in ring (config) order. A node takes steps only from
+    its previous member (`LocalNode.received`), and a link carries one name."""
+    names = list(config.names)
+    i = names.index(dest)
+    for k in range(1, len(names) + 1):
+        if (n := names[(i - k) % len(names)]) in local:
+            return n
+    return local[0]
 
 
 def ring_bind_address(config: Config, cfg: NodeConfig) -> str:
@@ -66,6 +81,7 @@ class LocalNode:
         self.cfg = cfg
         self.name = cfg.name
         self.actor = make_actor(self)  # given `self.send_next`
+        self.rejected = 0  # data frames from a peer that may not send them here
         # Reading from the previous node pauses while this node's mailbox is full.
         self.listener = Listener(
             link_settings(config, cfg.name),
@@ -76,7 +92,22 @@ class LocalNode:
         )
 
     def received(self, msg: Message, peer: str) -> None:
-        """The listener's hand-over: `msg` came off the wire from the previous node, `peer`."""
+        """The listener's hand-over: `msg` came off the wire from `peer`. Steps, ends, failures
+        and tokens are taken only from the previous member of the ring (tokens only at the
+        head): from anyone else they are dropped, counted in `rejected`, never handled."""
+        if isinstance(msg, DATA) and not self.router.may_send(peer, self.name, msg):
+            self.rejected += 1
+            if self.rejected > 16 and self.rejected % 1024:
+                return  # counted; a flood of them does not flood the log as well
+            log.warning(
+                "frame_dropped",
+                node=self.name,
+                peer=peer,
+                message=type(msg).__name__,
+                members=list(self.router.members),
+                rejected=self.rejected,
+            )
+            return
         self.router.arrived(self.name, msg)
 
     async def send_next(self, msg: Message) -> None:
@@ -101,6 +132,16 @@ class Router:
         self.members: tuple[str, ...] = ()  # the live ring, in config order
         self.engine: Engine | None = None
         self.monitor: RingMonitor | None = None
+
+    def may_send(self, peer: str, node: str, msg: Message) -> bool:
+        """Whether `peer` is the member before local node `node` in the live ring, the one
+        that sends it steps; a token also needs `node` to be the head (the last member sends
+        it home)."""
+        m = self.members
+        if node not in m or peer not in m or peer in self.nodes:
+            return False
+        before = m[m.index(node) - 1]
+        return peer == before and (not isinstance(msg, Token) or node == m[0])
 
     def arrived(self, node: str, msg: Message) -> None:
         """`msg` reached local node `node` from the previous node or from the head's engine:

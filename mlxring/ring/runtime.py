@@ -35,7 +35,7 @@ from mlxring.ring.monitor import RingMonitor
 from mlxring.ring.plan import Plan
 from mlxring.ring.poll import busy_poll, polls
 from mlxring.ring.replan import Replanner
-from mlxring.ring.routing import LocalNode, Router, link_settings
+from mlxring.ring.routing import LocalNode, Router, link_settings, sender_to
 from mlxring.shard.actor import ShardActor, Sweep
 from mlxring.shard.compute import Compute
 from mlxring.tasks import TaskScope
@@ -166,11 +166,11 @@ class Runtime:
             # An open ring takes a node's name only from that node's address.
             node.listener.peer_host = self._peer_host
             await node.listener.start()
-        me = self.names[0]
         for n in self.config.nodes:
             if n.name not in self.nodes:
                 address = functools.partial(self.directory.ring_address, n.name)
                 on_state = self.replanner.link_changed
+                me = sender_to(self.config, self.names, n.name)  # the name n takes steps from
                 peer = Peer(link_settings(self.config, me), n.name, address, on_state)
                 self.peers[n.name] = peer
                 peer.start()
@@ -204,6 +204,7 @@ class Runtime:
             self.config.tuning.max_batch,
             self.facts.total_memory_bytes,
             self.backend,
+            max_requests=self.config.api.max_concurrent + self.config.api.max_queue,
         )
 
     def _failed(self, reason: str) -> None:

@@ -31,7 +31,7 @@ from mlxring.protocol.messages import (
     rows_of,
 )
 from mlxring.shard.compute import Compute
-from mlxring.shard.convoys import DecodePick, convoy_rows, is_prompt_chunk, rows_in
+from mlxring.shard.convoys import DecodePick, convoy_rows, is_prompt_chunk, rids_in, rows_in
 from mlxring.shard.mailbox import Actor
 from mlxring.shard.state import Reconfigure, Sweep
 from mlxring.shard.step import BatchError, Stepper
@@ -50,11 +50,12 @@ class ShardActor(Actor[Message | Sweep | Reconfigure]):
         max_batch: int = 32,
         total_memory: int = 0,
         backend: Backend | None = None,  # the process's (`backends.pick`); plain by default
+        max_requests: int = 1024,  # requests with KV state at once; new ones beyond fail
     ) -> None:
         super().__init__(f"shard:{name}")
         self.node = name
         self.backend: Backend = backend or Plain()
-        self.stepper = Stepper(name, model, self.backend)
+        self.stepper = Stepper(name, model, self.backend, max_requests)
         self.requests = self.stepper.requests  # the same dict and convoys, for short
         self.convoys = self.stepper.convoys
         self.send_next = send_next
@@ -122,6 +123,16 @@ class ShardActor(Actor[Message | Sweep | Reconfigure]):
         if self._batches() and len(self.requests) > 1 and self._is_decode(msg):
             await asyncio.sleep(0)  # let the rest of a convoy reach the mailbox
             parts += self._take_decodes(rows_in(msg), self.convoy_rows())
+        # A part that would fail in MLX (or crash it) fails here, alone: its requests only.
+        parts, bad = self.stepper.screen(parts)
+        for part, why in bad:
+            self.log.warning("step_refused", rids=sorted(rids_in(part)), error=why)
+            await self._fail(sorted(rids_in(part)), f"StepError: {why}")
+        if not parts:
+            if built is not None:
+                await self.backend.give_back(built)
+            return
+        msg = parts[0]
         if built is not None:
             if self._fits(built, parts):
                 built = await self.backend.land(built, parts)
@@ -180,14 +191,23 @@ class ShardActor(Actor[Message | Sweep | Reconfigure]):
 
     async def on_error(self, msg: Message | Sweep | Reconfigure, error: Exception) -> None:
         if isinstance(msg, Forward | ForwardBatch):
-            # A failed batch may have taken other requests' steps with it: fail them all.
-            self.convoys.clear()
-            rids = [r.rid for r in msg.rows] if isinstance(msg, ForwardBatch) else [msg.rid]
+            # A failed batch fails the requests it ran (the message's own, or every one of the
+            # pass it was gathered into); the convoys of all others are theirs still.
+            rids = sorted(rids_in(msg))
             if isinstance(error, BatchError):
-                rids = list(error.rids)
-            for rid in rids:
-                self._forget(rid)
-                await self.send_next(Failure(rid, f"{type(error).__name__}: {error}", self.node))
+                rids = list(dict.fromkeys(error.rids))
+            await self._fail(rids, f"{type(error).__name__}: {error}")
+
+    async def _fail(self, rids: list[str], why: str) -> None:
+        """Fail `rids` here: their state goes, and a Failure for each goes on to the head."""
+        for rid in rids:
+            self.requests.pop(rid, None)
+            # Any other request of its convoy takes its own caches back now: the merged ones
+            # are gone with the failed rows.
+            self.convoys.dissolve(rid, self.requests)
+        self.convoys.drop_dead(self.requests)
+        for rid in rids:
+            await self.send_next(Failure(rid, why, self.node))
 
     def _forget(self, rid: str) -> None:
         self.requests.pop(rid, None)

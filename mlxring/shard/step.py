@@ -13,6 +13,7 @@ import mlx.core as mx
 from mlxring.backends.base import Backend, Built
 from mlxring.model.sharded import ShardModel
 from mlxring.protocol.messages import Forward, ForwardBatch, Message, Tensor, rows_of
+from mlxring.shard.checks import Limits, Screen
 from mlxring.shard.convoys import Convoys
 from mlxring.shard.sample import sample, sample_rows
 from mlxring.shard.state import RequestState, make_request_state
@@ -34,10 +35,14 @@ class Stepper:
     """This shard's layers (`model`, None until loaded), the state of each request it has seen
     (`requests`, `convoys`) and the steps that run through them."""
 
-    def __init__(self, node: str, model: ShardModel | None, backend: Backend) -> None:
+    def __init__(
+        self, node: str, model: ShardModel | None, backend: Backend, max_requests: int = 1024
+    ) -> None:
         self.node = node
         self.model = model
         self.backend = backend
+        self.max_requests = max_requests  # requests with state at once; new ones beyond fail
+        self.limits = None if model is None else Limits.of(model, max_requests)
         self.requests: dict[str, RequestState] = {}
         self.convoys = Convoys()
         self.batches = 0  # forward passes that ran more than one request
@@ -47,6 +52,7 @@ class Stepper:
         """Drop every request's state; take `model` (None: keep the current one)."""
         if model is not None:
             self.model = model
+            self.limits = Limits.of(model, self.max_requests)
         self.requests.clear()
         self.convoys.clear()
 
@@ -60,6 +66,24 @@ class Stepper:
         if set(rids) != set(self.requests) or len(rids) != len(self.requests):
             return None
         return self.requests[rids[0]].caches if len(rids) == 1 else self.convoys.merged.get(rids)
+
+    def screen(
+        self, parts: list[Forward | ForwardBatch]
+    ) -> tuple[list[Forward | ForwardBatch], list[tuple[Forward | ForwardBatch, str]]]:
+        """The parts of a pass that may run, and those that may not, each with why (see
+        `checks`): checked before any of them touches a cache or reaches MLX."""
+        if self.limits is None:
+            return parts, []  # no layers yet: the step itself says so
+        screen = Screen(self.limits, self.requests)
+        good: list[Forward | ForwardBatch] = []
+        bad: list[tuple[Forward | ForwardBatch, str]] = []
+        for p in parts:
+            why = screen.bad(p)
+            if why is None:
+                good.append(p)
+            else:
+                bad.append((p, why))
+        return good, bad
 
     def continues(self, f: Forward) -> bool:
         """Whether `f` is a decode step of a request under way here, at this shard's first
