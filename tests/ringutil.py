@@ -6,15 +6,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import json
 import os
 import signal
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
+import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -387,3 +390,20 @@ def write_valid_config(directory: Path, model: Path | str, n_nodes: int, **kw: o
             if "already" not in str(e):
                 raise
     raise AssertionError("no distinct free ports after 10 tries")
+
+
+# Heartbeats fast enough that a lost node is noticed within a test's patience.
+FAST = "heartbeat_s = 0.25\ndown_after_s = 1.5"
+
+
+def post_completion(port: int, prompt: list[int], n: int, timeout: float = 30.0) -> tuple[int, Any]:
+    """POST /v1/completions (greedy, token ids) to a node's API; returns (status, body)."""
+    body = json.dumps({"prompt": prompt, "max_tokens": n, "temperature": 0}).encode()
+    req = urllib.request.Request(
+        f"http://127.0.0.1:{port}/v1/completions", body, {"Content-Type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())

@@ -23,6 +23,7 @@ from mlxring.config import load_config
 from mlxring.ring.runtime import Runtime
 
 from .ringutil import (
+    FAST,
     encode,
     local_ring,
     process_ring,
@@ -35,7 +36,6 @@ from .ringutil import (
 
 MODEL = tiny_model("qwen3")
 MESSAGES = [{"role": "user", "content": "Say something about rings."}]
-FAST = "heartbeat_s = 0.25\ndown_after_s = 1.5"
 # Each node holds half of the tiny model (~650 KB) but not all of it: one node alone cannot serve.
 HALF_MEMORY = ["memory_gb = 0.0005", "memory_gb = 0.0005"]
 

@@ -8,8 +8,6 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-import urllib.error
-import urllib.request
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -27,18 +25,18 @@ from mlxring.transport.link import HANDSHAKE_MAX_FRAME, LinkError, LinkSettings,
 
 from .ringutil import (
     CONCURRENT_TEXTS,
+    FAST,
     NodeProcess,
     decode,
     encode,
     local_ring,
+    post_completion,
     process_ring,
     reference,
     tiny_model,
     wait_for,
     write_config,
 )
-
-FAST = "heartbeat_s = 0.25\ndown_after_s = 1.5"
 
 
 @asynccontextmanager
@@ -60,21 +58,13 @@ def hidden_size(model: Path) -> int:
 
 
 def complete(port: int, prompt: list[int], n: int) -> str:
-    """POST /v1/completions (greedy) to a node's API; its text. Retried while the ring comes
-    up (503)."""
-    body = json.dumps({"prompt": prompt, "max_tokens": n, "temperature": 0}).encode()
+    """A greedy completion's text from a node's API, retried while the ring comes up (503)."""
     deadline = time.monotonic() + 60
-    while True:
-        req = urllib.request.Request(
-            f"http://127.0.0.1:{port}/v1/completions", body, {"Content-Type": "application/json"}
-        )
-        try:
-            with urllib.request.urlopen(req, timeout=30) as resp:
-                return str(json.loads(resp.read())["choices"][0]["text"])
-        except urllib.error.HTTPError as e:
-            if e.code != 503 or time.monotonic() > deadline:
-                raise
+    while (answer := post_completion(port, prompt, n))[0] == 503 and time.monotonic() < deadline:
         time.sleep(0.2)
+    status, body = answer
+    assert status == 200, body
+    return str(body["choices"][0]["text"])
 
 
 def test_a_token_id_past_the_vocabulary_fails_its_request_not_the_node(tmp_path: Path) -> None:

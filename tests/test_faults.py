@@ -12,9 +12,11 @@ from mlxring.engine.lifecycle import RingUnavailable
 from mlxring.ring.runtime import Runtime
 
 from .ringutil import (
+    FAST,
     NodeProcess,
     encode,
     local_ring,
+    post_completion,
     process_ring,
     reference,
     ring_tokens,
@@ -23,8 +25,6 @@ from .ringutil import (
     write_config,
     write_valid_config,
 )
-
-FAST = "heartbeat_s = 0.25\ndown_after_s = 1.5"
 
 
 async def stream(rt: Runtime, prompt: list[int], n: int) -> tuple[str, list[int], float]:
@@ -76,23 +76,6 @@ def test_kill_the_middle_node_then_bring_it_back(tmp_path: Path) -> None:
         asyncio.run(run(procs))
 
 
-def _complete(port: int, prompt: list[int], n: int, timeout: float = 30.0) -> tuple[int, dict]:  # type: ignore[type-arg]
-    """POST /v1/completions with token ids; returns (status, body)."""
-    import json
-    import urllib.error
-    import urllib.request
-
-    body = json.dumps({"prompt": prompt, "max_tokens": n, "temperature": 0}).encode()
-    req = urllib.request.Request(
-        f"http://127.0.0.1:{port}/v1/completions", body, {"Content-Type": "application/json"}
-    )
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
-            return resp.status, json.loads(resp.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
-
-
 def test_kill_the_head_a_survivor_takes_over(tmp_path: Path) -> None:
     from mlx_lm.utils import load_tokenizer
 
@@ -108,14 +91,16 @@ def test_kill_the_head_a_survivor_takes_over(tmp_path: Path) -> None:
             p.wait_log('"node_started"', 60)
         n1_api, n2_api = config.api_port("n1"), config.api_port("n2")
         deadline = time.monotonic() + 30
-        while (status := _complete(n2_api, prompt, 24))[0] != 200 and time.monotonic() < deadline:
+        while (status := post_completion(n2_api, prompt, 24))[
+            0
+        ] != 200 and time.monotonic() < deadline:
             time.sleep(0.2)
         assert status[0] == 200 and status[1]["choices"][0]["text"] == want
         procs["n0"].kill()
         # Requests during the take-over are refused with 503, never hang; then n1 serves.
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
-            code, body = _complete(n1_api, prompt, 24, timeout=15)
+            code, body = post_completion(n1_api, prompt, 24, timeout=15)
             if code == 200:
                 break
             assert code == 503 and body["error"]["type"] == "cluster_unavailable", body
@@ -123,7 +108,7 @@ def test_kill_the_head_a_survivor_takes_over(tmp_path: Path) -> None:
         assert code == 200, body
         assert body["choices"][0]["text"] == want
         # A request sent to the other survivor is forwarded to the new head.
-        code, body = _complete(n2_api, prompt, 24)
+        code, body = post_completion(n2_api, prompt, 24)
         assert code == 200 and body["choices"][0]["text"] == want
         assert '"ring_plan"' in procs["n1"].log()
 

@@ -16,22 +16,16 @@ from mlx_lm.utils import load_tokenizer
 
 from mlxring.config import load_config
 
-from .ringutil import NodeProcess, encode, process_ring, reference, tiny_model, write_config
-
-FAST = "heartbeat_s = 0.25\ndown_after_s = 1.5"
-
-
-def _complete(port: int, prompt: list[int], n: int, timeout: float = 15.0) -> tuple[int, Any]:
-    """POST /v1/completions with token ids; returns (status, body)."""
-    body = json.dumps({"prompt": prompt, "max_tokens": n, "temperature": 0}).encode()
-    req = urllib.request.Request(
-        f"http://127.0.0.1:{port}/v1/completions", body, {"Content-Type": "application/json"}
-    )
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
-            return resp.status, json.loads(resp.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
+from .ringutil import (
+    FAST,
+    NodeProcess,
+    encode,
+    post_completion,
+    process_ring,
+    reference,
+    tiny_model,
+    write_config,
+)
 
 
 def _get(port: int, path: str) -> Any:
@@ -46,7 +40,9 @@ def _get(port: int, path: str) -> Any:
 def _until_served(port: int, prompt: list[int], n: int, timeout: float) -> tuple[int, Any]:
     """Ask until the answer is 200 or `timeout` s have passed; the last answer."""
     deadline = time.monotonic() + timeout
-    while (answer := _complete(port, prompt, n))[0] != 200 and time.monotonic() < deadline:
+    while (answer := post_completion(port, prompt, n, timeout=15))[
+        0
+    ] != 200 and time.monotonic() < deadline:
         time.sleep(0.2)
     return answer
 
@@ -79,7 +75,7 @@ def test_a_failed_replan_is_shown_retried_and_heals(tmp_path: Path) -> None:
         deadline = time.monotonic() + 20
         message = ""
         while time.monotonic() < deadline:
-            code, body = _complete(head_api, prompt, 24)
+            code, body = post_completion(head_api, prompt, 24, timeout=15)
             assert code == 503, body
             message = body["error"]["message"]
             if "retrying in 2 s" in message:
