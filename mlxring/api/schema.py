@@ -16,6 +16,7 @@ from aiohttp import web
 from mlxring.api.errors import ApiError, body_too_large, invalid
 from mlxring.fields import FieldErrors, Fields
 from mlxring.fields import Kind as FieldKind
+from mlxring.model.sharded import config_value
 from mlxring.protocol.messages import SamplingParams
 
 Kind = Literal["chat", "completion"]
@@ -401,7 +402,7 @@ def context_length(model_config: dict[str, Any]) -> int | None:
 
 def vocab_size(model_config: dict[str, Any], tokenizer_size: int | None) -> int:
     """The model's vocabulary size: its config's, else the tokenizer's, else no bound."""
-    v = model_config.get("vocab_size") or (model_config.get("text_config") or {}).get("vocab_size")
+    v = config_value(model_config, "vocab_size")
     if _is_int(v) and v > 0:
         return int(v)
     return tokenizer_size if tokenizer_size is not None else 1 << 31

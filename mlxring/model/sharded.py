@@ -34,6 +34,13 @@ class ModelInfo:
     layer_sizes: tuple[int, ...] = ()
 
 
+def config_value(config: dict[str, Any], key: str) -> Any:
+    """A model config's `key`, else its text model's (multimodal wrappers keep the text model's
+    settings under text_config); None when neither has it."""
+    text = config.get("text_config")
+    return config.get(key) or (text.get(key) if isinstance(text, dict) else None)
+
+
 def model_info(config: dict[str, Any], sizes: dict[str, int]) -> ModelInfo:
     """Per-layer and end bytes from tensor sizes (safetensors headers; no tensor data)."""
     text = config.get("text_config") or {}

@@ -8,20 +8,14 @@ from __future__ import annotations
 
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import mlx.core as mx
 
-from mlxring.model.sharded import ShardModel
+from mlxring.model.sharded import ShardModel, config_value
 from mlxring.protocol.messages import Forward, ForwardBatch, Tensor
 
 #: What activations may be made of (a frame's tensor may claim any dtype the codec knows).
 FLOATS = {"float16", "bfloat16", "float32"}
-
-
-def _text_config(config: dict[str, Any]) -> dict[str, Any]:
-    text = config.get("text_config")
-    return text if isinstance(text, dict) else {}
 
 
 def vocab_size(model: ShardModel) -> int | None:
@@ -34,13 +28,13 @@ def vocab_size(model: ShardModel) -> int | None:
             rows = embed.weight.shape[0]
         if rows is not None:
             return int(rows)
-    v = model.config.get("vocab_size") or _text_config(model.config).get("vocab_size")
+    v = config_value(model.config, "vocab_size")
     return int(v) if v else None
 
 
 def hidden_size(model: ShardModel) -> int | None:
     """The width of the activations between this model's layers."""
-    d = model.config.get("hidden_size") or _text_config(model.config).get("hidden_size")
+    d = config_value(model.config, "hidden_size")
     return int(d) if d else None
 
 
