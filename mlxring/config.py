@@ -26,7 +26,7 @@ MIB = 1 << 20
 # Upper bounds of numeric keys: past them a value is a typo or an attack on the process's memory
 # (a 10**18-token prefill chunk), never a setting that works.
 MAX_PREFILL_CHUNK = 65536
-MAX_GB = 65536.0  # memory_gb, cache_limit_gb: far above any one machine
+MAX_GB = 65536.0  # memory_gb, cache_limit_gb, kv_cache_gb: far above any one machine
 DAY_S = 86400.0
 
 _TOML_POS_RE = re.compile(r"\s*\(at (?:line (\d+), column (\d+)|end of document)\)$")
@@ -80,6 +80,10 @@ class TuningConfig:
     # MLX's buffer cache per process (None: MLX's default, about all memory). Lower it when
     # several node processes share one GPU, or they starve each other of memory.
     cache_limit_gb: float | None = None
+    # KV-cache bytes a shard's live requests may hold; a new request or prompt chunk beyond
+    # fails. None: half of this machine's memory that the shard's weights leave
+    # (`shard.checks.kv_bound`).
+    kv_cache_gb: float | None = None
     # Keep a process's event loop polling its sockets while it has requests in flight, instead
     # of sleeping until a frame comes: waking costs 50-400 µs a hop, polling costs a core.
     # None: on where the machine has BUSY_POLL_MIN_CORES cores or more.
@@ -211,7 +215,7 @@ _CLUSTER_KEYS = (
     "name", "model", "secret", "strategy", "prefill_chunk", "heartbeat_s", "down_after_s",
     "request_timeout_s", "max_frame_mb", "interfaces", "allow_unverified",
 )  # fmt: skip
-_TUNING_KEYS = ("max_batch", "cache_limit_gb", "busy_poll", "gates", "convoys")
+_TUNING_KEYS = ("max_batch", "cache_limit_gb", "kv_cache_gb", "busy_poll", "gates", "convoys")
 _API_KEYS = (
     "host", "port", "api_key", "max_body_bytes", "max_concurrent", "max_queue",
     "header_timeout_s", "idle_timeout_s", "max_connections", "max_connections_per_client",
@@ -267,6 +271,7 @@ def _parse_tuning(
     return TuningConfig(
         max_batch=at("max_batch").integer("max_batch", 32, lo=1, hi=1024),
         cache_limit_gb=at("cache_limit_gb").opt_number("cache_limit_gb", gt=0, hi=MAX_GB),
+        kv_cache_gb=at("kv_cache_gb").opt_number("kv_cache_gb", gt=0, hi=MAX_GB),
         busy_poll=_parse_busy_poll(at("busy_poll")),
         gates=at("gates").boolean("gates", True),
         convoys=_parse_convoys(at("convoys")),

@@ -174,7 +174,7 @@ async def test_a_batch_with_one_request_twice_fails_that_request_only(tmp_path: 
             results = await aio.wait_for(asyncio.gather(*streams), 60)
             assert list(results) == want
             procs["n1"].wait_log('"step_refused"', 5)
-            assert "two steps of one request" in procs["n1"].log()
+            assert "a pass holds 2 steps of request twice" in procs["n1"].log()
 
 
 def test_a_process_names_each_link_after_the_node_that_sends_on_it(tmp_path: Path) -> None:
@@ -184,3 +184,27 @@ def test_a_process_names_each_link_after_the_node_that_sends_on_it(tmp_path: Pat
     assert [sender_to(config, ["n0", "n2"], n) for n in ("n1", "n3")] == ["n0", "n2"]
     assert [sender_to(config, ["n0", "n1"], n) for n in ("n2", "n3")] == ["n1", "n1"]
     assert sender_to(config, ["n1"], "n0") == "n1"
+
+
+def test_a_prompt_past_a_nodes_kv_bound_fails_with_why_and_short_ones_go_on(
+    tmp_path: Path,
+) -> None:
+    """A peer cannot make a node hold more KV cache than its bound, with a long prompt
+    either. n0 holds 4 layers of the tiny model, 512 bytes of KV a position; its bound of
+    512 KiB is 1024 positions. A prompt of 2048 (chunks of 512) fails at its third chunk with
+    the reason; short prompts before and after it give mlx-lm's tokens."""
+    model = tiny_model("qwen3")
+    cfg = write_config(tmp_path, model, 2, extra_cluster=FAST, tuning="kv_cache_gb = 0.00048828125")
+    prompt = encode(model, "A bound on bytes, not only on requests.")
+    want = decode(model, reference(model, prompt, 16))
+    with process_ring(cfg, ["n0", "n1"], tmp_path) as procs:
+        procs["n0"].wait_log('"ring_up"', 60)
+        api = load_config(cfg).api_port("n0")
+        assert complete(api, prompt, 16) == want
+        status, body = post_completion(api, [(7 * i) % 500 + 1 for i in range(2048)], 4)
+        assert status == 503, body
+        error = body["error"]["message"]
+        assert "the shard holds 0.000488 GiB of KV cache, its bound is 0.000488 GiB" in error
+        assert "would add 0.000244 GiB" in error
+        assert complete(api, prompt, 16) == want
+        assert all(p.proc.poll() is None for p in procs.values())

@@ -103,7 +103,7 @@ def test_defaults() -> None:
     t = config.tuning
     assert t.busy_poll is None  # "auto": decided by the machine's cores
     assert t.gates is True  # used where they work (CUDA)
-    assert (t.max_batch, t.cache_limit_gb, t.convoys) == (32, None, None)
+    assert (t.max_batch, t.cache_limit_gb, t.kv_cache_gb, t.convoys) == (32, None, None, None)
     assert config.warnings == ()
     assert (a.host, a.port, a.api_key) == ("0.0.0.0", 8100, "")
     assert (a.max_body_bytes, a.max_concurrent, a.max_queue) == (1 << 20, 64, 256)
@@ -146,9 +146,9 @@ def test_convoys_values(table: str, value: str, parsed: int | None) -> None:
 
 
 @pytest.mark.parametrize("table", ["tuning", "cluster"])
-def test_max_batch_and_cache_limit(table: str) -> None:
-    t = parse_config(tuned("max_batch = 4\ncache_limit_gb = 2", table)).tuning
-    assert (t.max_batch, t.cache_limit_gb) == (4, 2.0)
+def test_max_batch_and_cache_limits(table: str) -> None:
+    t = parse_config(tuned("max_batch = 4\ncache_limit_gb = 2\nkv_cache_gb = 0.5", table)).tuning
+    assert (t.max_batch, t.cache_limit_gb, t.kv_cache_gb) == (4, 2.0, 0.5)
 
 
 def test_tuning_in_cluster_warns_naming_the_new_place() -> None:
@@ -369,6 +369,7 @@ def test_config_is_frozen() -> None:
                 ("cluster", "max_frame_mb", "1e12", "must be in (0, 4096]"),
                 ("tuning", "max_batch", "100000", "must be between 1 and 1024"),
                 ("tuning", "cache_limit_gb", "1e12", "must be in (0, 65536]"),
+                ("tuning", "kv_cache_gb", "1e12", "must be in (0, 65536]"),
                 ("tuning", "convoys", "1000", "from 1 to 64"),
                 ("api", "max_body_bytes", "1000000000000", "must be between 1 and 1073741824"),
                 ("api", "max_concurrent", "1000000", "must be between 1 and 4096"),
@@ -446,6 +447,12 @@ def test_config_is_frozen() -> None:
             "tuning.cache_limit_gb",
             "must be in (0, 65536], got -2",
             id="negative-cache-limit",
+        ),
+        pytest.param(
+            BASE + "\n[tuning]\nkv_cache_gb = 0\n",
+            "tuning.kv_cache_gb",
+            "must be in (0, 65536], got 0",
+            id="zero-kv-cache",
         ),
         pytest.param(
             BASE + "\n[tuning]\nprefill_chunk = 4\n",

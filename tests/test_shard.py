@@ -132,8 +132,8 @@ def test_convoys_taking_turns_keep_their_merged_caches() -> None:
 
 
 def refused(st: Stepper, *parts: Forward | ForwardBatch) -> list[str]:
-    """Why each part that `st` would not run may not (in order)."""
-    return [why for _, why in st.screen(list(parts))[1]]
+    """Why each request of `parts` that `st` would not run may not (in order)."""
+    return list(st.screen(list(parts))[1].values())
 
 
 def test_a_step_that_mlx_would_choke_on_is_refused_before_it_touches_a_cache() -> None:
@@ -162,18 +162,23 @@ def test_a_step_that_mlx_would_choke_on_is_refused_before_it_touches_a_cache() -
     assert middle.requests == {} and first.requests == {}
 
 
-def test_a_batch_of_one_request_twice_or_unknown_rows_is_refused_whole() -> None:
+def test_a_batch_of_one_request_twice_or_unknown_rows_loses_those_rows_only() -> None:
     model = load_shard(tiny_model("qwen3"), 0, 3)
     st = stepper("n0", model)
-    for rid in "ab":
+    for rid in "abc":
         st.step(Forward(rid, 0, (1, 2, 3), True))
     assert refused(st, ForwardBatch((decode("a", 1), decode("b", 1)))) == []
-    (why,) = refused(st, ForwardBatch((decode("a", 1), decode("a", 1))))
-    assert "two steps of one request" in why
-    # Across the parts of one pass too: the second part fails, the first runs.
-    good, bad = st.screen([decode("a", 1), ForwardBatch((decode("b", 1), decode("a", 1)))])
-    assert good == [decode("a", 1)] and len(bad) == 1
-    assert "no state for request x" in refused(st, ForwardBatch((decode("x", 1),)))[0]
+    good, bad = st.screen([ForwardBatch((decode("a", 1), decode("a", 1), decode("b", 1)))])
+    assert good == [ForwardBatch((decode("b", 1),))]
+    assert bad == {"a": "a pass holds 2 steps of request a"}
+    # Across the parts of one pass too: both of its steps fail, whichever part they are in.
+    good, bad = st.screen(
+        [decode("a", 1), ForwardBatch((decode("b", 1), decode("a", 1), decode("c", 1)))]
+    )
+    assert good == [ForwardBatch((decode("b", 1), decode("c", 1)))] and list(bad) == ["a"]
+    good, bad = st.screen([ForwardBatch((decode("x", 1), decode("a", 1)))])
+    assert good == [ForwardBatch((decode("a", 1),))]
+    assert bad == {"x": "no state for request x at step 1"}
 
 
 def test_a_shard_keeps_at_most_its_bound_of_live_requests() -> None:
@@ -182,7 +187,7 @@ def test_a_shard_keeps_at_most_its_bound_of_live_requests() -> None:
     st.step(Forward("a", 0, (1, 2, 3), True))
     good, bad = st.screen([Forward("b", 0, (1,), True), Forward("c", 0, (1,), True)])
     assert good == [Forward("b", 0, (1,), True)]
-    assert bad == [(Forward("c", 0, (1,), True), "the shard keeps 2 requests at most")]
+    assert bad == {"c": "the shard keeps 2 requests at most"}
     st.step(Forward("b", 0, (1,), True))
     assert refused(st, decode("a", 1), decode("b", 1)) == []  # under way: they go on
     assert len(refused(st, Forward("c", 0, (1,), True))) == 1

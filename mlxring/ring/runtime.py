@@ -205,6 +205,7 @@ class Runtime:
             self.facts.total_memory_bytes,
             self.backend,
             max_requests=self.config.api.max_concurrent + self.config.api.max_queue,
+            kv_cache_gb=self.config.tuning.kv_cache_gb,
         )
 
     def _failed(self, reason: str) -> None:

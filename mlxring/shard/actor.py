@@ -51,11 +51,12 @@ class ShardActor(Actor[Message | Sweep | Reconfigure]):
         total_memory: int = 0,
         backend: Backend | None = None,  # the process's (`backends.pick`); plain by default
         max_requests: int = 1024,  # requests with KV state at once; new ones beyond fail
+        kv_cache_gb: float | None = None,  # KV bytes they may hold (None: `checks.kv_bound`)
     ) -> None:
         super().__init__(f"shard:{name}")
         self.node = name
         self.backend: Backend = backend or Plain()
-        self.stepper = Stepper(name, model, self.backend, max_requests)
+        self.stepper = Stepper(name, model, self.backend, max_requests, kv_cache_gb, total_memory)
         self.requests = self.stepper.requests  # the same dict and convoys, for short
         self.convoys = self.stepper.convoys
         self.send_next = send_next
@@ -123,11 +124,13 @@ class ShardActor(Actor[Message | Sweep | Reconfigure]):
         if self._batches() and len(self.requests) > 1 and self._is_decode(msg):
             await asyncio.sleep(0)  # let the rest of a convoy reach the mailbox
             parts += self._take_decodes(rows_in(msg), self.convoy_rows())
-        # A part that would fail in MLX (or crash it) fails here, alone: its requests only.
-        parts, bad = self.stepper.screen(parts)
-        for part, why in bad:
-            self.log.warning("step_refused", rids=sorted(rids_in(part)), error=why)
-            await self._fail(sorted(rids_in(part)), f"StepError: {why}")
+        # A step that would fail in MLX (or crash it) fails here, alone: its request only; the
+        # other rows of its batch run on. A convoy that lost rows merges its caches anew, as
+        # when one of its requests ends (`Convoys.caches`).
+        parts, refused = self.stepper.screen(parts)
+        for rid, why in refused.items():
+            self.log.warning("step_refused", rid=rid, error=why)
+            await self._fail([rid], f"StepError: {why}")
         if not parts:
             if built is not None:
                 await self.backend.give_back(built)

@@ -1,21 +1,32 @@
 """What a step must look like before MLX sees it: token ids inside the vocabulary, activations
 of the shape and dtype this shard computes on, rows of a batch each of a distinct request under
-way here, no more live requests than the shard keeps. MLX does not check: an id past the
-embedding table is read out of bounds (the process dies), so a frame from the wire is checked
-here and a bad one fails its own requests only (`Screen`)."""
+way here, no more live requests than the shard keeps, no more KV cache than its bound. MLX does
+not check: an id past the embedding table is read out of bounds (the process dies), so a frame
+from the wire is checked here and a bad one fails its own requests only (`Screen`): a bad row of
+a batch fails its request, the other rows run on; only activations of the wrong shape or dtype
+fail a whole part (no row of them can be trusted).
+
+Every data frame a node takes comes from the ring's previous member (`ring.routing`), so the
+bounds here (requests, KV bytes) are per shard and, with that, per peer: one node cannot make
+another hold more than them however it behaves."""
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections import Counter
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import mlx.core as mx
 
 from mlxring.model.sharded import ShardModel, config_value
-from mlxring.protocol.messages import Forward, ForwardBatch, Tensor
+from mlxring.protocol.messages import Forward, ForwardBatch, Tensor, rows_of
 
 #: What activations may be made of (a frame's tensor may claim any dtype the codec knows).
 FLOATS = {"float16", "bfloat16", "float32"}
+GIB = 1 << 30
+#: With `kv_cache_gb` unset, a shard's KV caches may take this share of the machine's memory
+#: that its weights leave: the rest is for activations, MLX's buffer cache and the OS.
+KV_SHARE = 0.5
 
 
 def vocab_size(model: ShardModel) -> int | None:
@@ -38,23 +49,39 @@ def hidden_size(model: ShardModel) -> int | None:
     return int(d) if d else None
 
 
+def kv_bound(model: ShardModel, kv_cache_gb: float | None, total_memory: int) -> int | None:
+    """The KV-cache bytes a shard's live requests may hold: `kv_cache_gb`, else KV_SHARE of
+    what `total_memory` leaves after this shard's weights (None: memory not known, no bound)."""
+    if kv_cache_gb is not None:
+        return int(kv_cache_gb * GIB)
+    if total_memory <= 0:
+        return None
+    return int(max(0, total_memory - model.parameter_bytes()) * KV_SHARE)
+
+
 def _dtype(h: mx.array | Tensor) -> str:
     return h.dtype if isinstance(h, Tensor) else str(h.dtype).removeprefix("mlx.core.")
+
+
+def _gib(n: float) -> str:
+    return f"{n / GIB:.3g} GiB"
 
 
 @dataclass(frozen=True)
 class Limits:
     """What one shard accepts: `vocab` token ids, activations `width` wide, `max_requests`
-    requests with state at once (None: not known, not checked)."""
+    requests with state at once, `kv_bytes` of KV cache held by them (None: not known, not
+    checked)."""
 
     vocab: int | None
     width: int | None
     first: bool
     max_requests: int
+    kv_bytes: int | None = None
 
     @staticmethod
-    def of(model: ShardModel, max_requests: int) -> Limits:
-        return Limits(vocab_size(model), hidden_size(model), model.is_first, max_requests)
+    def of(model: ShardModel, max_requests: int, kv_bytes: int | None = None) -> Limits:
+        return Limits(vocab_size(model), hidden_size(model), model.is_first, max_requests, kv_bytes)
 
     def tokens(self, f: Forward) -> str | None:
         if not f.tokens:
@@ -78,38 +105,94 @@ class Limits:
         return None
 
 
-class Screen:
-    """Sorts the parts of a pass into those that may run and those that fail before any cache is
-    touched, each with why. `requests` are the requests with state on the shard."""
+@dataclass(frozen=True)
+class Kept:
+    """Of a part of a pass, what may run: `part` itself, or for a batch some of its rows
+    (`rows`, their indices in `part.rows`; None: all of them)."""
 
-    def __init__(self, limits: Limits, requests: Collection[str]) -> None:
+    part: Forward | ForwardBatch
+    rows: tuple[int, ...] | None = None
+
+
+class Screen:
+    """Sorts the rows of a pass into those that may run and those that fail before any cache is
+    touched, each request that fails with why. `requests` are the requests with state on the
+    shard; `held` the KV-cache bytes they hold, `per_position` the bytes a position of KV cache
+    takes here as measured so far (0: not yet)."""
+
+    def __init__(
+        self, limits: Limits, requests: Collection[str], held: int = 0, per_position: float = 0.0
+    ) -> None:
         self.limits = limits
         self.requests = requests
-        self.seen: set[str] = set()
+        self.held = held
+        self.per_position = per_position
         self.new = 0  # requests a single step starts here
+        self.refused: dict[str, str] = {}  # rid: why, one reason per request
 
-    def bad(self, part: Forward | ForwardBatch) -> str | None:
-        """Why `part` may not run (its requests fail), or None; a part that may run counts."""
+    def sort(self, parts: list[Forward | ForwardBatch]) -> list[Kept]:
+        """What of `parts` may run; the requests that may not are in `refused` after."""
+        counts = Counter(r.rid for r in rows_of(parts))
+        for rid, n in counts.items():
+            if n > 1:
+                # Which of its steps is the real one cannot be known: none runs.
+                self._refuse(rid, f"a pass holds {n} steps of request {rid}")
+        kept = []
+        for p in parts:
+            k = self._part(p) if isinstance(p, Forward) else self._batch(p)
+            if k is not None:
+                kept.append(k)
+        return kept
+
+    def _refuse(self, rid: str, why: str) -> None:
+        self.refused.setdefault(rid, why)
+
+    def _part(self, f: Forward) -> Kept | None:
         lim = self.limits
-        if isinstance(part, Forward):
-            rows: Sequence[Forward] = (part,)
-            why = lim.activations(part.h, 1, len(part.tokens)) if part.tokens else None
-        else:
-            rows = part.rows
-            why = lim.activations(part.h, len(rows), 1)
-        rids = [r.rid for r in rows]
-        if len(set(rids)) != len(rids) or self.seen & set(rids):
-            return f"a pass holds two steps of one request ({', '.join(sorted(set(rids)))})"
-        for r in rows:
-            why = why or lim.tokens(r)
-            if isinstance(part, ForwardBatch) and r.rid not in self.requests:
-                why = why or f"no state for request {r.rid} at step {r.seq}"
-            if isinstance(part, ForwardBatch) and len(r.tokens) != 1:
-                why = why or f"a batched step of {r.rid} carries {len(r.tokens)} tokens"
-        fresh = isinstance(part, Forward) and part.rid not in self.requests
-        if fresh and len(self.requests) + self.new >= lim.max_requests:
-            why = why or f"the shard keeps {lim.max_requests} requests at most"
-        if why is None:
-            self.seen.update(rids)
-            self.new += fresh
-        return why
+        why = lim.tokens(f) or lim.activations(f.h, 1, len(f.tokens))
+        fresh = f.rid not in self.requests
+        if why is None and fresh and len(self.requests) + self.new >= lim.max_requests:
+            why = f"the shard keeps {lim.max_requests} requests at most"
+        if why is None and (fresh or not f.is_decode):
+            why = self._room(len(f.tokens))
+        if why is not None:
+            self._refuse(f.rid, why)
+        if f.rid in self.refused:
+            return None
+        self.new += fresh
+        return Kept(f)
+
+    def _room(self, positions: int) -> str | None:
+        """Why a new request or a prompt chunk of `positions` may not add to the KV cache
+        here, or None; one that may counts. Decode steps are not asked: each adds one position
+        to a request the shard took in, up to its max_tokens; failing it mid-answer for the
+        bytes of other requests would fail it through no fault of its own. So the bytes held
+        may pass the bound by the decodes of requests under way, never by new work."""
+        bound = self.limits.kv_bytes
+        if bound is None:
+            return None
+        more = int(positions * self.per_position)
+        if self.held + more > bound:
+            return f"the shard holds {_gib(self.held)} of KV cache, its bound is {_gib(bound)}" + (
+                f" and the chunk would add {_gib(more)}" if more else ""
+            )
+        self.held += more
+        return None
+
+    def _batch(self, b: ForwardBatch) -> Kept | None:
+        lim = self.limits
+        whole = lim.activations(b.h, len(b.rows), 1)
+        keep = []
+        for i, r in enumerate(b.rows):
+            why = whole or lim.tokens(r)
+            if why is None and r.rid not in self.requests:
+                why = f"no state for request {r.rid} at step {r.seq}"
+            if why is None and len(r.tokens) != 1:
+                why = f"a batched step of {r.rid} carries {len(r.tokens)} tokens"
+            if why is not None:
+                self._refuse(r.rid, why)
+            if r.rid not in self.refused:
+                keep.append(i)
+        if not keep:
+            return None
+        return Kept(b, None if len(keep) == len(b.rows) else tuple(keep))

@@ -45,6 +45,8 @@ class RequestState:
     logprobs: int | None = None
     key: mx.array | None = None  # per-request PRNG state when a seed was given
     params: SamplingParams | None = None
+    kv_bytes: int = 0  # its KV caches' bytes after its last step (in a convoy: its share)
+    positions: int = 0  # tokens it has had through this shard
 
     def arrays(self) -> list[Any]:
         """Every array this request keeps between steps."""
@@ -55,6 +57,17 @@ class RequestState:
         """Add a step's tokens to the history that the logits processors look at."""
         toks = mx.array(list(tokens), dtype=mx.uint32)
         self.history = toks if self.history is None else mx.concatenate([self.history, toks])
+
+
+def cache_bytes(caches: list[Any]) -> int:
+    """Bytes held by `caches` (a cache kind that cannot say counts as empty)."""
+    total = 0
+    for c in caches:
+        try:
+            total += int(c.nbytes)
+        except (AttributeError, NotImplementedError, TypeError):
+            continue
+    return total
 
 
 def make_request_state(

@@ -13,10 +13,15 @@ import mlx.core as mx
 from mlxring.backends.base import Backend, Built
 from mlxring.model.sharded import ShardModel
 from mlxring.protocol.messages import Forward, ForwardBatch, Message, Tensor, rows_of
-from mlxring.shard.checks import Limits, Screen
+from mlxring.shard.checks import Limits, Screen, kv_bound
 from mlxring.shard.convoys import Convoys
 from mlxring.shard.sample import sample, sample_rows
-from mlxring.shard.state import RequestState, make_request_state
+from mlxring.shard.state import RequestState, cache_bytes, make_request_state
+
+#: A request measures the KV bytes of a position (`Stepper.per_position`) once it holds this
+#: many: a cache allocates in steps (mlx-lm's KVCache: 256 positions), so a shorter one would
+#: say each of its positions costs several times what it does.
+MEASURED_FROM = 1024
 
 
 class StepError(Exception):
@@ -36,13 +41,26 @@ class Stepper:
     (`requests`, `convoys`) and the steps that run through them."""
 
     def __init__(
-        self, node: str, model: ShardModel | None, backend: Backend, max_requests: int = 1024
+        self,
+        node: str,
+        model: ShardModel | None,
+        backend: Backend,
+        max_requests: int = 1024,
+        kv_cache_gb: float | None = None,
+        total_memory: int = 0,
     ) -> None:
         self.node = node
         self.model = model
         self.backend = backend
         self.max_requests = max_requests  # requests with state at once; new ones beyond fail
-        self.limits = None if model is None else Limits.of(model, max_requests)
+        # KV-cache bytes the requests may hold (`checks.kv_bound`: None, a share of memory).
+        self.kv_cache_gb = kv_cache_gb
+        self.total_memory = total_memory
+        self.limits = None if model is None else self._limits(model)
+        # KV bytes of one position here, the least a request of MEASURED_FROM positions or
+        # more has held (0: none yet). Not more than it costs, so a chunk is never refused for
+        # room that is there; a sliding window or fixed-size state makes it less.
+        self.per_position = 0.0
         self.requests: dict[str, RequestState] = {}
         self.convoys = Convoys()
         self.batches = 0  # forward passes that ran more than one request
@@ -52,9 +70,18 @@ class Stepper:
         """Drop every request's state; take `model` (None: keep the current one)."""
         if model is not None:
             self.model = model
-            self.limits = Limits.of(model, self.max_requests)
+            self.limits = self._limits(model)
+            self.per_position = 0.0
         self.requests.clear()
         self.convoys.clear()
+
+    def _limits(self, model: ShardModel) -> Limits:
+        bound = kv_bound(model, self.kv_cache_gb, self.total_memory)
+        return Limits.of(model, self.max_requests, bound)
+
+    def kv_held(self) -> int:
+        """KV-cache bytes the shard's requests hold, as of each one's last step."""
+        return sum(st.kv_bytes for st in self.requests.values())
 
     def idle(self, now: float, longer_than: float) -> list[str]:
         """The requests whose last step ran more than `longer_than` seconds before `now`."""
@@ -69,21 +96,27 @@ class Stepper:
 
     def screen(
         self, parts: list[Forward | ForwardBatch]
-    ) -> tuple[list[Forward | ForwardBatch], list[tuple[Forward | ForwardBatch, str]]]:
-        """The parts of a pass that may run, and those that may not, each with why (see
-        `checks`): checked before any of them touches a cache or reaches MLX."""
+    ) -> tuple[list[Forward | ForwardBatch], dict[str, str]]:
+        """What of a pass may run, and the requests that may not, each with why (see
+        `checks`): checked before any of it touches a cache or reaches MLX. A batch that
+        loses rows runs on as a batch of the others, its activations cut to theirs."""
         if self.limits is None:
-            return parts, []  # no layers yet: the step itself says so
-        screen = Screen(self.limits, self.requests)
+            return parts, {}  # no layers yet: the step itself says so
+        adds = any(
+            isinstance(p, Forward) and (not p.is_decode or p.rid not in self.requests)
+            for p in parts
+        )
+        held = self.kv_held() if adds and self.limits.kv_bytes is not None else 0
+        screen = Screen(self.limits, self.requests, held, self.per_position)
         good: list[Forward | ForwardBatch] = []
-        bad: list[tuple[Forward | ForwardBatch, str]] = []
-        for p in parts:
-            why = screen.bad(p)
-            if why is None:
+        for kept in screen.sort(parts):
+            p, rows = kept.part, kept.rows
+            if rows is None or not isinstance(p, ForwardBatch):
                 good.append(p)
-            else:
-                bad.append((p, why))
-        return good, bad
+                continue
+            h = None if p.h is None else self._array(p.h)[mx.array(rows)]
+            good.append(ForwardBatch(tuple(p.rows[i] for i in rows), h))
+        return good, screen.refused
 
     def continues(self, f: Forward) -> bool:
         """Whether `f` is a decode step of a request under way here, at this shard's first
@@ -140,13 +173,21 @@ class Stepper:
         rids = tuple(r.rid for r in rows)
         try:
             if out is not None:
-                return self._batch_out(model, rows, out[0])
-            if model.is_first:
-                x = mx.array([[r.tokens[0]] for r in rows], dtype=mx.int32)
+                h = out[0]
             else:
-                hs = [self._array(p.h) for p in parts]
-                x = hs[0] if len(hs) == 1 else mx.concatenate(hs, axis=0)
-            return self._batch_out(model, rows, model(x, self.convoys.caches(rids, self.requests)))
+                if model.is_first:
+                    x = mx.array([[r.tokens[0]] for r in rows], dtype=mx.int32)
+                else:
+                    hs = [self._array(p.h) for p in parts]
+                    x = hs[0] if len(hs) == 1 else mx.concatenate(hs, axis=0)
+                h = model(x, self.convoys.caches(rids, self.requests))
+            # Each row's share of the merged caches: a left-padded row holds as much as any.
+            share = cache_bytes(self.convoys.merged.get(rids, [])) // len(rows)
+            for r in rows:
+                st = self.requests[r.rid]
+                st.positions += 1
+                st.kv_bytes = share
+            return self._batch_out(model, rows, h)
         except Exception as e:
             raise BatchError(rids, f"{type(e).__name__}: {e}") from e
 
@@ -174,9 +215,19 @@ class Stepper:
         )
         return [ForwardBatch(out, h)]
 
+    def _measure(self, f: Forward, st: RequestState) -> None:
+        """Count `f`'s positions and its request's KV bytes after it (lazy arrays say their
+        size without being computed)."""
+        st.positions += len(f.tokens)
+        st.kv_bytes = cache_bytes(st.caches)
+        if st.positions >= MEASURED_FROM:
+            each = st.kv_bytes / st.positions
+            self.per_position = min(self.per_position or each, each)
+
     def _finish(
         self, f: Forward, model: ShardModel, st: RequestState, h: mx.array
     ) -> Message | None:
+        self._measure(f, st)
         if model.is_last and st.processors:
             st.remember(f.tokens)
         # A prompt chunk leaves nothing of its request unevaluated: the request's next step
