@@ -22,6 +22,10 @@ from mlxring.shard.state import RequestState, cache_bytes, make_request_state
 #: many: a cache allocates in steps (mlx-lm's KVCache: 256 positions), so a shorter one would
 #: say each of its positions costs several times what it does.
 MEASURED_FROM = 1024
+#: Decode steps measure their requests' KV bytes every this many (a sum over every layer's
+#: cache, tens of µs on a deep shard, each token otherwise). What the shard holds lags by at
+#: most that many positions a request, and only new work is refused for it.
+MEASURE_EVERY = 32
 
 
 class StepError(Exception):
@@ -58,8 +62,8 @@ class Stepper:
         self.total_memory = total_memory
         self.limits = None if model is None else self._limits(model)
         # KV bytes of one position here, the least a request of MEASURED_FROM positions or
-        # more has held (0: none yet). Not more than it costs, so a chunk is never refused for
-        # room that is there; a sliding window or fixed-size state makes it less.
+        # more has held (0: none yet). A cache's allocation step puts it at most a quarter
+        # above what a position costs; a sliding window makes it less over time.
         self.per_position = 0.0
         self.requests: dict[str, RequestState] = {}
         self.convoys = Convoys()
@@ -181,15 +185,22 @@ class Stepper:
                     hs = [self._array(p.h) for p in parts]
                     x = hs[0] if len(hs) == 1 else mx.concatenate(hs, axis=0)
                 h = model(x, self.convoys.caches(rids, self.requests))
-            # Each row's share of the merged caches: a left-padded row holds as much as any.
-            share = cache_bytes(self.convoys.merged.get(rids, [])) // len(rows)
-            for r in rows:
-                st = self.requests[r.rid]
-                st.positions += 1
-                st.kv_bytes = share
+            self._measure_rows(rows)
             return self._batch_out(model, rows, h)
         except Exception as e:
             raise BatchError(rids, f"{type(e).__name__}: {e}") from e
+
+    def _measure_rows(self, rows: list[Forward]) -> None:
+        """Count a pass's position of each of `rows`, and (see MEASURE_EVERY) each one's share
+        of their merged caches' bytes: a left-padded row holds as much as any."""
+        states = [self.requests[r.rid] for r in rows]
+        for st in states:
+            st.positions += 1
+        if self.batches % MEASURE_EVERY and all(st.kv_bytes for st in states):
+            return
+        share = cache_bytes(self.convoys.merged.get(tuple(r.rid for r in rows), [])) // len(rows)
+        for st in states:
+            st.kv_bytes = share
 
     def _batch_rows(self, parts: list[Forward | ForwardBatch]) -> list[Forward]:
         rows = rows_of(parts)
@@ -219,6 +230,8 @@ class Stepper:
         """Count `f`'s positions and its request's KV bytes after it (lazy arrays say their
         size without being computed)."""
         st.positions += len(f.tokens)
+        if f.is_decode and st.kv_bytes and st.positions % MEASURE_EVERY:
+            return
         st.kv_bytes = cache_bytes(st.caches)
         if st.positions >= MEASURED_FROM:
             each = st.kv_bytes / st.positions
