@@ -2,8 +2,6 @@
 its own request while the other rows go on, exact; the KV-cache bytes a shard's requests may
 hold."""
 
-from typing import cast
-
 import mlx.core as mx
 
 from mlxring.backends import pick
@@ -151,4 +149,5 @@ def test_the_kv_bound_is_the_setting_else_a_share_of_the_memory_the_weights_leav
     assert kv_bound(model, None, 64 * GIB) == int((64 * GIB - weights) * KV_SHARE)
     assert kv_bound(model, None, 0) is None  # memory not known: no bound
     st = Stepper("n0", model, pick(gates=False), total_memory=64 * GIB)
-    assert cast(int, st.limits.kv_bytes) == int((64 * GIB - weights) * KV_SHARE)  # type: ignore[union-attr]
+    assert st.limits is not None
+    assert st.limits.kv_bytes == int((64 * GIB - weights) * KV_SHARE)
