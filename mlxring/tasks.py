@@ -17,7 +17,7 @@ import asyncio
 import itertools
 import time
 from collections.abc import Awaitable, Callable, Coroutine
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import structlog
@@ -41,28 +41,30 @@ Factory = Callable[[], Coroutine[Any, Any, None]]
 
 @dataclass(frozen=True)
 class TaskFault:
-    """A long-lived task that failed, as its owner shows it: until it starts again (`retry_at`)
-    it is down; after that it runs again, and the fault is kept until it has run HEALTHY_S."""
+    """A long-lived task that failed, as its owner shows it: down until it starts again, then
+    running again, and kept in view until it has run HEALTHY_S without failing."""
 
     task: str  # the task's name
     cause: str  # its last failure: "RuntimeError: ..."
     since: float  # time.monotonic() of the first of the failures in a row
     failures: int  # failures in a row
-    retry_at: float  # time.monotonic() when it starts again
+    retry_at: float  # time.monotonic() when it is due to start again
     vital: bool  # the node cannot serve while this task is down
+    restarted: float | None = None  # time.monotonic() when it started again; None: still down
 
-    def down(self, now: float) -> bool:
+    @property
+    def down(self) -> bool:
         """Whether the task is waiting to start again (not running)."""
-        return now < self.retry_at
+        return self.restarted is None
 
     def healed(self, now: float) -> bool:
-        return now - self.retry_at >= HEALTHY_S
+        return self.restarted is not None and now - self.restarted >= HEALTHY_S
 
     def describe(self, now: float) -> str:
-        if self.down(now):
-            state = f"retry {self.failures} in {self.retry_at - now:.1f} s"
+        if self.restarted is None:
+            state = f"retry {self.failures} in {max(0.0, self.retry_at - now):.1f} s"
         else:
-            state = f"{self.failures} failures, running again for {now - self.retry_at:.1f} s"
+            state = f"{self.failures} failures, running again for {now - self.restarted:.1f} s"
         return f"task {self.task} failed: {self.cause} ({state})"
 
 
@@ -77,9 +79,9 @@ class TaskScope:
         self._faults: dict[int, TaskFault] = {}  # per supervised task, while it is failing
         self._ids = itertools.count()
 
-    def faults(self, now: float | None = None) -> tuple[TaskFault, ...]:
+    def faults(self) -> tuple[TaskFault, ...]:
         """The long-lived tasks that failed and are not well again yet, oldest failure first."""
-        now = time.monotonic() if now is None else now
+        now = time.monotonic()
         live = (f for f in self._faults.values() if not f.healed(now))
         return tuple(sorted(live, key=lambda f: f.since))
 
@@ -165,6 +167,7 @@ class TaskScope:
                     )
                 await asyncio.sleep(delay)
                 delay = min(2 * delay, RETRY_MAX_S)
+                self._faults[key] = replace(fault, restarted=time.monotonic())
                 log.info("task_restarted", scope=self.name, task=name, failures=fault.failures)
         finally:
             self._faults.pop(key, None)

@@ -145,7 +145,7 @@ class Runtime:
     def serving_reason(self) -> str:
         """Why this process cannot serve requests now ("" when it can)."""
         now = time.monotonic()
-        if down := [f.describe(now) for f in self.task_faults() if f.vital and f.down(now)]:
+        if down := [f.describe(now) for f in self.task_faults() if f.vital and f.down]:
             return "; ".join(down)
         if self.unavailable:
             return self.unavailable
@@ -235,7 +235,7 @@ class Runtime:
         without the head is ready once it has planned)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if not self.unavailable:
+            if not self.serving_reason():
                 if self.monitor is not None and self.monitor.view.ok:
                     return True
                 if self.members and self.head_name not in self.nodes:

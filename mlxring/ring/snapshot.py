@@ -207,7 +207,7 @@ def take(
             cause=f.cause,
             failures=f.failures,
             failing_s=now - f.since,
-            retry_in_s=f.retry_at - now if f.down(now) else None,
+            retry_in_s=max(0.0, f.retry_at - now) if f.down else None,
             vital=f.vital,
             text=f.describe(now),
         )
