@@ -71,14 +71,14 @@ async def test_a_task_that_keeps_failing_waits_longer_each_time_and_says_why() -
     scope.start(broken, "broken", vital=True)
     await wait_for(lambda: len(starts) == 4, timeout=15)
     gaps = [b - a for a, b in zip(starts, starts[1:], strict=False)]
-    # 0.5, 1 and 2 s: each wait twice the last (the clock may run a little late, never early).
+    # 0.5, 1 and 2 s: each wait twice the last (a busy loop may wake late, never early).
     for gap, nominal in zip(gaps, (0.5, 1.0, 2.0), strict=True):
-        assert nominal - 0.01 <= gap < nominal + 0.4, gaps
+        assert nominal - 0.01 <= gap < nominal + 1.0, gaps
     await wait_for(lambda: scope.faults() and scope.faults()[0].failures == 4)
     (fault,) = scope.faults()
     now = time.monotonic()
     assert fault.vital and fault.down and fault.cause == "ConnectionError: the socket is gone"
-    assert 3.0 < fault.retry_at - now <= 4.0 and starts[0] <= fault.since < starts[1]
+    assert 2.0 < fault.retry_at - now <= 4.0 and starts[0] <= fault.since < starts[1]
     assert fault.describe(now).startswith("task broken failed: ConnectionError: the socket is gone")
     assert sibling is not None and not sibling.done()  # one task's failure ends no other
     # close() ends the task waiting in its 4 s backoff at once.
