@@ -3,8 +3,6 @@ processes use gates, and how the node's task group ends."""
 
 from __future__ import annotations
 
-import asyncio
-
 from mlxring.config import parse_config
 from mlxring.model.sharded import ModelInfo
 from mlxring.ring.directory import Directory
@@ -12,7 +10,6 @@ from mlxring.ring.machine import DeviceFacts
 from mlxring.ring.membership import make_plan
 from mlxring.ring.routing import ring_bind_address
 from mlxring.ring.runtime import Runtime
-from mlxring.tasks import TaskScope
 
 NODES = "\n".join(
     f'[[nodes]]\nname = "n{i}"\nport = {5000 + i}\nlayers = [{a}, {b}]'
@@ -54,43 +51,6 @@ def test_only_a_process_hosting_one_shard_uses_gates() -> None:
     assert not Runtime(config, ["n0", "n1"]).gates
     off = parse_config(f'[cluster]\nmodel = "demo"\nstrategy = "manual"\ngates = false\n{NODES}\n')
     assert not Runtime(off, ["n1"]).gates
-
-
-async def test_a_failing_task_ends_the_nodes_tasks_and_says_why() -> None:
-    failures: list[str] = []
-    scope = TaskScope("test", failures.append)
-    await scope.open()
-    sibling = scope.start(asyncio.sleep(3600), "sibling")
-    assert sibling is not None
-
-    async def crash() -> None:
-        await asyncio.sleep(0.01)
-        raise ValueError("the watch broke")
-
-    scope.start(crash(), "crash")
-    await asyncio.wait({sibling}, timeout=5)
-    assert sibling.cancelled()
-    assert failures == ["a task of this node failed: ValueError: the watch broke"]
-    assert scope.start(asyncio.sleep(0), "late") is None  # nothing starts in an ended group
-    await scope.close()
-
-
-async def test_a_failing_side_task_ends_alone_and_close_ends_the_rest() -> None:
-    failures: list[str] = []
-    scope = TaskScope("test", failures.append)
-    await scope.open()
-    watch = scope.start(asyncio.sleep(3600), "watch")
-    assert watch is not None
-
-    async def lost_probe() -> None:
-        raise ConnectionError("gone")
-
-    scope.spawn(lost_probe())
-    await asyncio.sleep(0.05)
-    assert not watch.done() and failures == []
-    await scope.close()
-    assert watch.cancelled()
-    scope.spawn(asyncio.sleep(0))  # after close: not run, and no error
 
 
 def test_a_node_advertises_the_memory_it_plans_with() -> None:

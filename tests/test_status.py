@@ -9,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+from mlxring.commands.status import render
+
 from .ringutil import ROOT
 
 
@@ -65,3 +67,24 @@ def test_status_shows_every_node_of_the_default_config(tmp_path: Path) -> None:
         node.terminate()
         node.wait(15)
         log.close()
+
+
+def test_status_table_names_each_failing_task_and_where_it_runs() -> None:
+    status = {
+        "cluster": "c",
+        "model": "m",
+        "head": "n1",
+        "ring": {"ok": False, "reason": "task membership failed: OSError: x (retry 2 in 1.0 s)"},
+        "nodes": [{"name": "n1", "layers": [0, 3], "up": True, "head": True, "ring_port": 1}],
+        "tasks": [
+            {"task": "membership", "nodes": ["n1"], "text": "task membership failed: OSError: x"},
+            {"task": "sweep", "nodes": ["n2", "n3"], "text": "task sweep failed: KeyError: 'r'"},
+        ],
+    }
+    lines = render(status).splitlines()
+    at = lines.index("failing tasks:")
+    assert lines[at + 1 : at + 3] == [
+        "  n1: task membership failed: OSError: x",
+        "  n2,n3: task sweep failed: KeyError: 'r'",
+    ]
+    assert "failing tasks:" not in render({**status, "tasks": []})

@@ -16,10 +16,14 @@ from mlxring.commands.top import Sample, Style, bar, busy_share, render, tokens_
 from .ringutil import ROOT, local_ring, serve_api, tiny_model, write_valid_config
 
 MODEL = tiny_model("qwen3")
+HOME = b"\x1b[H"  # each frame starts by moving the cursor home
 
 
-async def run_top(config: Path, *args: str, stop_after: float | None = None) -> tuple[int, str]:
-    """`python -m mlxring top` without blocking this loop (the ring runs on it)."""
+async def run_top(
+    config: Path, *args: str, stop_after_frames: int | None = None
+) -> tuple[int, str]:
+    """`python -m mlxring top` without blocking this loop (the ring runs on it); interrupted
+    (as by Ctrl-C) once it has drawn `stop_after_frames` frames."""
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -32,12 +36,17 @@ async def run_top(config: Path, *args: str, stop_after: float | None = None) -> 
         stderr=asyncio.subprocess.STDOUT,
         cwd=ROOT,
     )
-    if stop_after is not None:
-        await asyncio.sleep(stop_after)
+    assert proc.stdout is not None
+    seen = b""
+    if stop_after_frames is not None:
+        while seen.count(HOME) < stop_after_frames:
+            chunk = await aio.wait_for(proc.stdout.read(4096), 30)
+            assert chunk, seen.decode()
+            seen += chunk
         proc.send_signal(signal.SIGINT)
     out, _ = await aio.wait_for(proc.communicate(), 30)
     assert proc.returncode is not None
-    return proc.returncode, out.decode()
+    return proc.returncode, (seen + out).decode()
 
 
 async def test_top_once_shows_every_node_with_its_layers(tmp_path: Path) -> None:
@@ -58,7 +67,7 @@ async def test_top_once_shows_every_node_with_its_layers(tmp_path: Path) -> None
 async def test_top_refreshes_in_place_until_interrupted(tmp_path: Path) -> None:
     cfg = write_valid_config(tmp_path, MODEL, 2)
     async with local_ring(cfg) as rt, serve_api(rt):
-        rc, out = await run_top(cfg, "--interval", "0.2", stop_after=2.5)
+        rc, out = await run_top(cfg, "--interval", "0.2", stop_after_frames=3)
     assert rc == 0, out
     frames = out.count("\x1b[H")
     assert frames >= 3, out
@@ -130,3 +139,22 @@ def test_frame_marks_a_down_node_and_the_head() -> None:
     assert b.startswith(" ") and "DOWN" in b and "[4, 8)" in b
     coloured = "\n".join(render(down, None, Style(color=True, bar_width=10)))
     assert "\x1b[31mDOWN" in coloured
+
+
+def test_frame_names_a_failing_task_of_a_node() -> None:
+    failing = status({"a": 1.0}, 10)
+    failing["tasks"] = [
+        {
+            "task": "sweep",
+            "nodes": ["a"],
+            "error": "RuntimeError: boom",
+            "failures": 3,
+            "retry_in_s": 4.0,
+            "vital": False,
+            "text": "task sweep failed: RuntimeError: boom (retry 3 in 4.0 s)",
+        }
+    ]
+    lines = render(Sample(1.0, failing), None, Style(color=False, bar_width=10))
+    assert "failing: a: task sweep failed: RuntimeError: boom (retry 3 in 4.0 s)" in lines
+    calm = render(Sample(1.0, status({"a": 1.0}, 10)), None, Style(color=False, bar_width=10))
+    assert not any("failing" in line for line in calm)

@@ -2,7 +2,9 @@
 
 /cluster/status is rendered from one `RingSnapshot` (the same one the metrics read); `mlxring
 status`, `mlxring top` and the web page read its JSON. A node without the head asks the head for
-/health and /cluster/status; when the head cannot answer, it says what it knows alone.
+/health and /cluster/status; when the head cannot answer, it says what it knows alone. Both say
+which long-lived tasks of the answering process (and of the head's, when asked through it) are
+failing, under "tasks".
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from aiohttp import web
 from mlxring.api.errors import ApiError
 from mlxring.api.proxy import ask_head, error_text
 from mlxring.api.state import AUTHORIZED, STATE, ApiState
-from mlxring.ring.snapshot import NodeRow, RingSnapshot
+from mlxring.ring.snapshot import NodeRow, RingSnapshot, TaskRow
 
 DECODE_TRIPS = 64  # recent decode steps the status' decode_trip_ms is the median of
 
@@ -57,48 +59,60 @@ async def health(request: web.Request) -> web.Response:
 
 async def _health(request: web.Request) -> web.Response:
     state = request.app[STATE]
+    snap = state.snapshot()
+    tasks = [t.text for t in snap.tasks]
     if not state.hosts_head:
         try:
             status, body = await ask_head(state, "/health")
         except (aiohttp.ClientError, TimeoutError, ValueError) as e:
             reason = f"cannot reach the head {state.head_name}: {error_text(e)}"
-            return _unhealthy(state, reason)
+            return _unhealthy(state, reason, tasks)
         if not isinstance(body, dict):
-            return _unhealthy(state, f"the head {state.head_name} answered {status} without JSON")
+            reason = f"the head {state.head_name} answered {status} without JSON"
+            return _unhealthy(state, reason, tasks)
+        body["tasks"] = [*_list(body.get("tasks")), *tasks]
         headers = {"Retry-After": "2"} if status != 200 else {}
         return web.json_response(body, status=status, headers=headers)
-    if reason := state.not_serving():
-        return _unhealthy(state, reason)
+    if snap.reason:
+        return _unhealthy(state, snap.reason, tasks)
     return web.json_response(
         {
             "status": "ok",
             "head": state.head_name,
             "model": state.model_name,
             "nodes": list(state.members),
+            "tasks": tasks,
         }
     )
 
 
-def _unhealthy(state: ApiState, reason: str) -> web.Response:
+def _unhealthy(state: ApiState, reason: str, tasks: list[str]) -> web.Response:
     return web.json_response(
-        {"status": "unavailable", "head": state.head_name, "reason": reason},
+        {"status": "unavailable", "head": state.head_name, "reason": reason, "tasks": tasks},
         status=503,
         headers={"Retry-After": "2"},
     )
 
 
+def _list(v: Any) -> list[Any]:
+    return v if isinstance(v, list) else []
+
+
 async def cluster_status(request: web.Request) -> web.Response:
     state = request.app[STATE]
+    snap = state.snapshot()
     if state.hosts_head:
-        return web.json_response(status_here(state.snapshot()))
+        return web.json_response(status_here(snap))
     try:
         status, body = await ask_head(state, "/cluster/status")
         if status == 200 and isinstance(body, dict):
+            # The head knows its own process's tasks; this process's are added here.
+            body["tasks"] = [*_list(body.get("tasks")), *map(_task_json, snap.tasks)]
             return web.json_response(body)
         reason = f"the head {state.head_name} answered {status}"
     except (aiohttp.ClientError, TimeoutError, ValueError) as e:
         reason = f"cannot reach the head {state.head_name}: {error_text(e)}"
-    return web.json_response(status_local(state.snapshot(), reason))
+    return web.json_response(status_local(snap, reason))
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -140,6 +154,19 @@ def _node_json(
     }
 
 
+def _task_json(t: TaskRow) -> dict[str, Any]:
+    return {
+        "task": t.task,
+        "nodes": list(t.nodes),
+        "error": t.cause,
+        "failures": t.failures,
+        "failing_s": round(t.failing_s, 3),
+        "retry_in_s": _round(t.retry_in_s, 3),
+        "vital": t.vital,
+        "text": t.text,
+    }
+
+
 def _head(snap: RingSnapshot) -> dict[str, Any]:
     return {
         "cluster": snap.cluster,
@@ -176,6 +203,7 @@ def status_here(snap: RingSnapshot) -> dict[str, Any]:
             "tokens_per_s": _round(snap.tokens_per_s, 2),
             "decode_trip_ms": _ms(statistics.median(trips)) if trips else None,
         },
+        "tasks": [_task_json(t) for t in snap.tasks],
     }
 
 
@@ -187,4 +215,5 @@ def status_local(snap: RingSnapshot, reason: str) -> dict[str, Any]:
         "ring": {"ok": False, "reason": reason, "hop_ms": None, "last_probe_s_ago": None},
         "nodes": [_node_json(r, r.planned, r.reachable and not r.head, None) for r in snap.nodes],
         "requests": None,
+        "tasks": [_task_json(t) for t in snap.tasks],
     }

@@ -36,6 +36,16 @@ def _gb(n: Any) -> str:
     return f"{n / GB:.1f}" if isinstance(n, int | float) else "-"
 
 
+def task_lines(status: dict[str, Any]) -> list[str]:
+    """One line per failing long-lived task the status names: where it runs, and its state."""
+    lines = []
+    for t in status.get("tasks") or []:
+        if isinstance(t, dict):
+            nodes = ",".join(str(n) for n in t.get("nodes") or []) or "?"
+            lines.append(f"{nodes}: {t.get('text') or t.get('task')}")
+    return lines
+
+
 def render(status: dict[str, Any]) -> str:
     ring = status.get("ring") or {}
     lines = [
@@ -57,6 +67,8 @@ def render(status: dict[str, Any]) -> str:
             f"{requests.get('waiting', 0)} waiting"
             + (f", {rate:.1f} tok/s" if isinstance(rate, int | float) else "")
         )
+    if tasks := task_lines(status):
+        lines += ["failing tasks:", *(f"  {t}" for t in tasks)]
     header = (
         f"{'node':<12} {'address':<22} {'layers':<10} {'state':<6} {'memory GB':<13} {'busy':>5}"
     )

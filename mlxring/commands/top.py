@@ -2,9 +2,10 @@
 
 Nodes in ring order with their layers, up/down, a memory bar (MLX active memory over the
 machine's memory), their share of compute time and steps per second, and the requests holding
-KV caches there; above them the ring's tokens per second and requests in flight. Shares and
-rates are deltas over the last few seconds of refreshes; the first frame (and `--once`) shows
-what the status itself reports (the head's shares over its last few seconds).
+KV caches there; above them the ring's tokens per second, requests in flight, and any long-lived
+task of a node that is failing. Shares and rates are deltas over the last few seconds of
+refreshes; the first frame (and `--once`) shows what the status itself reports (the head's
+shares over its last few seconds).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TextIO
 
-from mlxring.commands.status import fetch_status
+from mlxring.commands.status import fetch_status, task_lines
 from mlxring.config import Config, load_config_or_exit
 from mlxring.ring.plan import GB
 
@@ -143,6 +144,7 @@ def render(cur: Sample, prev: Sample | None, style: Style) -> list[str]:
         )
     else:
         lines.append("requests: the head did not answer")
+    lines += [style.paint(f"failing: {t}", RED) for t in task_lines(st)]
     w = style.bar_width
     header = (
         f"  {'NODE':<12} {'LAYERS':<10} {'STATE':<6} {'MEMORY (active / total)':<{w + 22}} "

@@ -167,7 +167,8 @@ class Replanner:
 
     def _start_head(self, name: str) -> None:
         """Serve from local node `name`, the ring's first: its engine, and a monitor that
-        probes the ring (in the node's task group)."""
+        probes the ring (in the node's task group; vital: while it is down, nothing sees the
+        ring fail)."""
         self._stop_head()
         assert self.meta is not None
         head = self.router.nodes[name]
@@ -182,7 +183,7 @@ class Replanner:
         expected = tuple((n, s, e) for n, (s, e) in self.layout.items())
         monitor = RingMonitor(self.config, name, expected, head, engine.fail_all)
         self.router.engine, self.router.monitor = engine, monitor
-        self._monitoring = self.tasks.start(monitor.run(), "ring-monitor")
+        self._monitoring = self.tasks.start(monitor.run, "ring-monitor", vital=True)
 
     def _stop_head(self) -> None:
         if self.router.engine is not None:

@@ -6,7 +6,8 @@ The parts: where messages go is `routing`; who is in the ring is `membership` (p
 carried out by `replan` (which also starts the head's engine and monitor); where the other nodes
 are is `directory`; loading is `loading`; the node's long-lived tasks (membership watch, sweeps,
 busy-poll, monitor) and side tasks (passing a probe on) live in one task group (`tasks`), open
-from start() to stop().
+from start() to stop(); a long-lived task that fails is retried with backoff, and shown until it
+is well again (`task_faults`, and `serving_reason` while one the ring needs is down).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from mlxring.ring.replan import Replanner
 from mlxring.ring.routing import LocalNode, Router, link_settings, sender_to
 from mlxring.shard.actor import ShardActor, Sweep
 from mlxring.shard.compute import Compute
-from mlxring.tasks import TaskScope
+from mlxring.tasks import TaskFault, TaskScope
 from mlxring.transport.discovery import Discovery
 from mlxring.transport.link import Peer
 
@@ -64,7 +65,7 @@ class Runtime:
         self.backend: backends.Backend = backends.Plain()  # the one `start` picks
         self.clock = StepClock()  # per-hop timing of decode steps passing this process
         self.facts = device.detect()
-        self.tasks = TaskScope("runtime", self._failed)
+        self.tasks = TaskScope("runtime")
         self.router = Router(self.clock, self.tasks)
         self.directory = Directory(config, self.names, self.facts)
         self.replanner = Replanner(
@@ -137,8 +138,15 @@ class Runtime:
     def _peer_host(self, name: str) -> str | None:
         return self.directory.address_of(name) if name in self.config.names else None
 
+    def task_faults(self) -> tuple[TaskFault, ...]:
+        """This process's long-lived tasks that failed and are not well again yet."""
+        return self.tasks.faults()
+
     def serving_reason(self) -> str:
         """Why this process cannot serve requests now ("" when it can)."""
+        now = time.monotonic()
+        if down := [f.describe(now) for f in self.task_faults() if f.vital and f.down]:
+            return "; ".join(down)
         if self.unavailable:
             return self.unavailable
         if self.monitor is not None and not self.monitor.view.ok:
@@ -188,11 +196,12 @@ class Runtime:
         await self.directory.wait_for(remote, c.down_after_s)
         if (decision := self.replanner.decide()) is not None:
             await self.replanner.apply(decision)
-        self.tasks.start(self.replanner.watch(), "membership")
-        self.tasks.start(self._sweep(), "sweep")
+        # The watch is vital: while it is down, a node that leaves is never planned around.
+        self.tasks.start(self.replanner.watch, "membership", vital=True)
+        self.tasks.start(self._sweep, "sweep")
         if self.busy_poll:
             actors = [n.actor for n in self.nodes.values()]
-            self.tasks.start(busy_poll(actors, self.compute), "busy-poll")
+            self.tasks.start(functools.partial(busy_poll, actors, self.compute), "busy-poll")
 
     def _shard_actor(self, node: LocalNode) -> ShardActor:
         return ShardActor(
@@ -207,10 +216,6 @@ class Runtime:
             max_requests=self.config.api.max_concurrent + self.config.api.max_queue,
             kv_cache_gb=self.config.tuning.kv_cache_gb,
         )
-
-    def _failed(self, reason: str) -> None:
-        """A task of the node failed, and with it every task of the node."""
-        self.replanner.unavailable = reason
 
     async def stop(self) -> None:
         # The node's own tasks first (membership, sweeps, busy-poll, monitor, probes passing);
@@ -231,7 +236,7 @@ class Runtime:
         without the head is ready once it has planned)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if not self.unavailable:
+            if not self.serving_reason():
                 if self.monitor is not None and self.monitor.view.ok:
                     return True
                 if self.members and self.head_name not in self.nodes:

@@ -2,7 +2,8 @@
 
 `take` reads the runtime once (config, membership and plan, the head's ring monitor and engine,
 this process's shards and links) and returns plain frozen dataclasses: `RingSnapshot`, one
-`NodeRow` per configured node and one `LinkRow` per outbound link. `/cluster/status` (and so
+`NodeRow` per configured node, one `LinkRow` per outbound link and one `TaskRow` per failing
+long-lived task of this process. `/cluster/status` (and so
 `mlxring status`, `mlxring top` and the web page) renders its JSON from it, and the Prometheus
 collector reads its metrics from it, so the two never disagree on what a node is.
 
@@ -81,6 +82,20 @@ class LinkRow:
 
 
 @dataclass(frozen=True)
+class TaskRow:
+    """A long-lived task of this process that failed and is not well again yet."""
+
+    task: str
+    nodes: tuple[str, ...]  # the nodes of the process it runs in
+    cause: str  # its last failure
+    failures: int  # in a row
+    failing_s: float  # since the first of them
+    retry_in_s: float | None  # until it starts again; None: it runs again (not yet long)
+    vital: bool  # the ring cannot serve from this process while it is down
+    text: str  # all of it in a line: "task sweep failed: RuntimeError: ... (retry 3 in 4.0 s)"
+
+
+@dataclass(frozen=True)
 class RingSnapshot:
     cluster: str
     model: str
@@ -99,6 +114,7 @@ class RingSnapshot:
     queue: QueueDepth
     nodes: tuple[NodeRow, ...]
     links: tuple[LinkRow, ...]
+    tasks: tuple[TaskRow, ...]
 
     @property
     def ok(self) -> bool:
@@ -183,6 +199,20 @@ def take(
             )
         )
     links = tuple(LinkRow(name, p.up, p.reconnects, p.rtt_s) for name, p in rt.peers.items())
+    now = time.monotonic()
+    tasks = tuple(
+        TaskRow(
+            task=f.task,
+            nodes=tuple(rt.names),
+            cause=f.cause,
+            failures=f.failures,
+            failing_s=now - f.since,
+            retry_in_s=max(0.0, f.retry_at - now) if f.down else None,
+            vital=f.vital,
+            text=f.describe(now),
+        )
+        for f in rt.task_faults()
+    )
     return RingSnapshot(
         cluster=rt.config.cluster.name,
         model=rt.model_name,
@@ -201,4 +231,5 @@ def take(
         queue=queue,
         nodes=tuple(rows),
         links=links,
+        tasks=tasks,
     )
