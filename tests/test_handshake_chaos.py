@@ -32,6 +32,7 @@ from .ringutil import (
 )
 
 STRANGERS = 1200
+SHARE = b"A" + os.urandom(32)  # a SPAKE2 message's size and side: the hello passes its checks
 DEADLINE_S = 3.0  # LinkSettings.connect_timeout_s: the whole handshake
 
 
@@ -46,9 +47,8 @@ async def stranger(port: int, i: int) -> tuple[asyncio.StreamReader, asyncio.Str
     """A connection that starts a handshake, or not, and never finishes it."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     if i % 3 == 1:  # a hello, then silence
-        writer.write(
-            wire.encode_bytes(Hello(wire.PROTOCOL_VERSION, "test", f"s{i}", os.urandom(16)))
-        )
+        hello = Hello(wire.PROTOCOL_VERSION, "test", f"s{i}", os.urandom(16), pake=SHARE)
+        writer.write(wire.encode_bytes(hello))
     elif i % 3 == 2:  # part of a frame, then silence
         writer.write(b"\x00\x00\x01\x00" + b"x" * 100)
     return reader, writer

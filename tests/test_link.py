@@ -16,6 +16,7 @@ from pathlib import Path
 import mlx.core as mx
 import msgpack
 import pytest
+from spake2 import SPAKE2_A
 
 from mlxring import aio
 from mlxring.protocol import codec as wire
@@ -272,23 +273,25 @@ def test_a_reconnecting_peer_stops_promptly_whenever_it_is_stopped() -> None:
 
 
 async def test_a_stranger_gets_nothing_computed_from_the_secret() -> None:
-    """The acceptor answers a hello with its own hello (no proof) and proves the secret only
-    after the connector has: a stranger that sends a guess is hung up on, having received
-    nothing it could test guesses against offline."""
+    """The acceptor answers a hello with its own hello (its SPAKE2 message, no proof) and
+    confirms the key only after the connector has: a stranger that sends a guess is hung up
+    on, having received nothing it could test guesses against offline."""
     port = free_port()
     listener = Listener(settings("b", "s3cret"), "127.0.0.1", port, lambda m, peer: None)
     await listener.start()
+    share = SPAKE2_A(b"guess").start()
     try:
         conn = await connect("127.0.0.1", port, wire.DEFAULT_MAX_FRAME, 2)
-        conn.send(Hello(wire.PROTOCOL_VERSION, "c", "a", os.urandom(16)))
+        conn.send(Hello(wire.PROTOCOL_VERSION, "c", "a", os.urandom(16), pake=share))
         reply = await conn.read(2)
         assert isinstance(reply, Hello) and reply.proof == b""
+        assert reply.pake is not None and reply.pake[:1] == b"B" and len(reply.pake) == 33
         conn.send(Proof(os.urandom(32)))
         with pytest.raises(ConnectionError):
             await conn.read(2)  # closed: no Proof of the acceptor's ever comes
         conn.close()
         conn = await connect("127.0.0.1", port, wire.DEFAULT_MAX_FRAME, 2)
-        conn.send(Hello(wire.PROTOCOL_VERSION, "c", "a", b"abc"))  # nonces are 16 bytes
+        conn.send(Hello(wire.PROTOCOL_VERSION, "c", "a", b"abc", pake=share))  # nonces: 16 bytes
         with pytest.raises(ConnectionError):
             await conn.read(2)
         conn.close()

@@ -112,6 +112,7 @@ def test_message_round_trips(
         ),
         ForwardBatch((Forward(rid, seq, (1,), True, layer=2), Forward("b", 1, (2,), True))),
         Hello(1, "home", rid, b"\x00" * 16, b"proof"),
+        Hello(5, "home", rid, b"\x00" * 16, pake=b"A" + b"\x01" * 32),
     ]:
         assert roundtrip(msg) == msg
 

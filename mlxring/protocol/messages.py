@@ -48,19 +48,23 @@ class SamplingParams:
 
 @dataclass(frozen=True)
 class Hello:
-    """First frame each way on a new link (`proof` is unused since protocol 4: empty)."""
+    """First frame each way on a new link: who sends it, a fresh nonce, and its side's SPAKE2
+    message (`pake`, 33 bytes). `pake` is None only in a hello of protocol 4 or older, which the
+    version check then refuses; `proof` travels empty so that such an older node can read this
+    hello and name the version it does not speak."""
 
     version: int
     cluster: str
     node: str
     nonce: bytes
     proof: bytes = b""
+    pake: bytes | None = None
 
 
 @dataclass(frozen=True)
 class Proof:
-    """An HMAC of the cluster secret over both nonces: the connector's (third handshake frame),
-    then, once it is checked, the acceptor's (fourth)."""
+    """Key confirmation: an HMAC, under the key both sides' SPAKE2 derived, of both hellos: the
+    connector's (third handshake frame), then, once it is checked, the acceptor's (fourth)."""
 
     proof: bytes
 

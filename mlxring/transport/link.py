@@ -1,5 +1,5 @@
-"""TCP links between ring neighbours: handshake (version, cluster, name, HMAC proof of the
-cluster secret), heartbeats, reconnect with capped backoff, back-pressure.
+"""TCP links between ring neighbours: handshake (version, cluster, name, SPAKE2 over the cluster
+secret with key confirmation), heartbeats, reconnect with capped backoff, back-pressure.
 
 Data flows one way on a link (a node to the next one); the receiving side answers pings with
 pongs on the same socket, so each side can tell when the other went silent.
@@ -21,8 +21,11 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import structlog
+from spake2 import SPAKE2_A, SPAKE2_B, SPAKEError
+from spake2.ed25519_basic import NotOnCurve
 
 from mlxring.aio import wait_for
 from mlxring.protocol import codec as wire
@@ -51,6 +54,12 @@ MAX_HANDSHAKING = 128
 MIN_SECRET_CHARS = 16
 NONCE_BYTES = 16
 MIN_SECRET_BITS = 64.0
+PAKE_BYTES = 33  # a SPAKE2 message: its side (b"A" or b"B"), then a point of Ed25519
+# SPAKE2 costs the acceptor some milliseconds of the event loop per hello: a listener answers
+# at most PAKE_BURST hellos at once and PAKE_PER_S a second after, and refuses the rest before
+# computing anything, so a flood of hellos costs the loop a bounded share of its time.
+PAKE_PER_S = 16.0
+PAKE_BURST = 16
 
 
 class LinkError(Exception):
@@ -72,10 +81,59 @@ class LinkSettings:
     bind: str | None = None
 
 
-def _proof(secret: str, role: bytes, first: bytes, second: bytes) -> bytes:
-    # The role prefix keeps one side's proof from being replayed as the other's; both nonces
-    # bind a proof to this one exchange.
-    return hmac.new(secret.encode(), role + first + second, hashlib.sha256).digest()
+class Allowance:
+    """A token bucket: `take` is True at most `burst` times at once, then `per_s` times a second."""
+
+    def __init__(self, per_s: float, burst: int) -> None:
+        self.per_s, self.burst = per_s, float(burst)
+        self._tokens = float(burst)
+        self._at = time.monotonic()
+
+    def take(self) -> bool:
+        now = time.monotonic()
+        self._tokens = min(self.burst, self._tokens + (now - self._at) * self.per_s)
+        self._at = now
+        if self._tokens < 1.0:
+            return False
+        self._tokens -= 1.0
+        return True
+
+
+def _pake(side: Any, s: LinkSettings) -> Any:
+    """One side's SPAKE2 state (SPAKE2_A: the connector, SPAKE2_B: the acceptor) over the cluster
+    secret; the identities bind the key to this protocol and cluster."""
+    prefix = f"mlxring link {wire.PROTOCOL_VERSION} {s.cluster}".encode()
+    return side(s.secret.encode(), idA=prefix + b" connector", idB=prefix + b" acceptor")
+
+
+def _key(pake: Any, theirs: Hello) -> bytes:
+    """The key SPAKE2 derives from our state and the peer's message; LinkError for a message
+    that is not a point of the group, or not of the other side."""
+    try:
+        return bytes(pake.finish(theirs.pake))
+    except (SPAKEError, ValueError, NotOnCurve):
+        why = f"peer {theirs.node!r} sent a SPAKE2 message that is not the other side's point"
+        raise LinkError(why) from None
+
+
+def _transcript(connector: Hello, acceptor: Hello) -> bytes:
+    """Both hellos as both sides saw them, each field length-prefixed so it splits one way only."""
+    fields = (
+        connector.cluster.encode(),
+        connector.node.encode(),
+        connector.nonce,
+        connector.pake or b"",
+        acceptor.node.encode(),
+        acceptor.nonce,
+        acceptor.pake or b"",
+    )
+    return b"".join(len(f).to_bytes(4, "big") + f for f in fields)
+
+
+def _confirmation(key: bytes, role: bytes, transcript: bytes) -> bytes:
+    # The role prefix keeps one side's confirmation from being replayed as the other's; the
+    # transcript binds it to this one exchange and to both names.
+    return hmac.new(key, role + transcript, hashlib.sha256).digest()
 
 
 def _check_hello(msg: Message, s: LinkSettings) -> Hello:
@@ -87,30 +145,42 @@ def _check_hello(msg: Message, s: LinkSettings) -> Hello:
         )
     if msg.cluster != s.cluster:
         raise LinkError(f"peer {msg.node!r} is in cluster {msg.cluster!r}, not {s.cluster!r}")
-    if len(msg.nonce) != NONCE_BYTES:  # fixed: a proof's input then splits one way only
+    if len(msg.nonce) != NONCE_BYTES:  # fixed: the transcript's fields are then all bounded
         raise LinkError(f"peer {msg.node!r} sent a nonce of {len(msg.nonce)} bytes")
+    if msg.pake is None or len(msg.pake) != PAKE_BYTES:
+        size = "no" if msg.pake is None else f"{len(msg.pake)} bytes of"
+        raise LinkError(f"peer {msg.node!r} sent {size} SPAKE2 message, not {PAKE_BYTES} bytes")
     return msg
 
 
-# The handshake: hello each way (version, cluster, name, a fresh nonce; no proof), then the
-# connector proves the secret over both nonces, and only once the acceptor has checked that
-# proof does it send its own. So a stranger connecting to a ring port gets nothing computed from
-# the secret to guess it offline against; the connector hands its proof only to an address it
-# was configured with or discovered.
+# The handshake is SPAKE2 (a password-authenticated key exchange) over the cluster secret, then
+# key confirmation. Each hello carries its side's SPAKE2 message: a point blinded by the secret
+# and by a fresh random scalar, which on its own says nothing about the secret. From the other
+# side's message each side derives a key, equal on both only if both used the same secret. The
+# connector then sends an HMAC under that key over both hellos, and only once the acceptor has
+# checked it does it send its own. Whoever talks to a node, connecting to it or posing as the
+# node it dials, tests one guess of the secret per handshake, online: nothing it receives lets
+# it test further guesses offline. An open ring runs the same exchange with the empty secret.
+# The acceptor computes its SPAKE2 only for a hello that passed the cheap checks and `admit`.
 
 
 async def handshake_connect(conn: FrameConnection, s: LinkSettings) -> str:
     """The connecting side's handshake; returns the peer's node name."""
-    nonce = os.urandom(NONCE_BYTES)
-    conn.send(Hello(wire.PROTOCOL_VERSION, s.cluster, s.node, nonce))
+    pake = _pake(SPAKE2_A, s)
+    hello = Hello(
+        wire.PROTOCOL_VERSION, s.cluster, s.node, os.urandom(NONCE_BYTES), pake=pake.start()
+    )
+    conn.send(hello)
     reply = _check_hello(await conn.read(s.connect_timeout_s), s)
-    conn.send(Proof(_proof(s.secret, b"connector", nonce, reply.nonce)))
+    transcript = _transcript(hello, reply)
+    key = _key(pake, reply)
+    conn.send(Proof(_confirmation(key, b"connector", transcript)))
     try:
         answer = await conn.read(s.connect_timeout_s)
-    except ConnectionClosed:  # the acceptor hangs up on a wrong proof
+    except ConnectionClosed:  # the acceptor hangs up on a wrong confirmation
         raise LinkError(f"peer {reply.node!r} refused our proof of the cluster secret") from None
     if not isinstance(answer, Proof) or not hmac.compare_digest(
-        answer.proof, _proof(s.secret, b"acceptor", reply.nonce, nonce)
+        answer.proof, _confirmation(key, b"acceptor", transcript)
     ):
         raise LinkError(f"peer {reply.node!r} does not know the cluster secret")
     return reply.node
@@ -120,22 +190,27 @@ async def handshake_accept(
     conn: FrameConnection, s: LinkSettings, admit: Callable[[str], None] = lambda name: None
 ) -> str:
     """The accepting side's handshake; returns the peer's node name. `admit` may refuse the
-    name the peer gives (LinkError) before anything is answered. The whole of it takes at most
-    `connect_timeout_s` (TimeoutError)."""
+    name the peer gives (LinkError) before anything is computed or answered. The whole of it
+    takes at most `connect_timeout_s` (TimeoutError)."""
     return await wait_for(_accept(conn, s, admit), s.connect_timeout_s)
 
 
 async def _accept(conn: FrameConnection, s: LinkSettings, admit: Callable[[str], None]) -> str:
     hello = _check_hello(await conn.read(s.connect_timeout_s), s)
     admit(hello.node)
-    nonce = os.urandom(NONCE_BYTES)
-    conn.send(Hello(wire.PROTOCOL_VERSION, s.cluster, s.node, nonce))
+    pake = _pake(SPAKE2_B, s)
+    mine = Hello(
+        wire.PROTOCOL_VERSION, s.cluster, s.node, os.urandom(NONCE_BYTES), pake=pake.start()
+    )
+    conn.send(mine)  # sent first: the connector derives its key while we derive ours
+    transcript = _transcript(hello, mine)
+    key = _key(pake, hello)
     answer = await conn.read(s.connect_timeout_s)
     if not isinstance(answer, Proof) or not hmac.compare_digest(
-        answer.proof, _proof(s.secret, b"connector", hello.nonce, nonce)
+        answer.proof, _confirmation(key, b"connector", transcript)
     ):
         raise LinkError(f"peer {hello.node!r} does not know the cluster secret")
-    conn.send(Proof(_proof(s.secret, b"acceptor", nonce, hello.nonce)))
+    conn.send(Proof(_confirmation(key, b"acceptor", transcript)))
     return hello.node
 
 
@@ -307,10 +382,10 @@ class Listener:
     """Accepts links from the previous node; hands every data frame to `on_message`.
 
     Before a connection has finished its handshake it costs little: a small receive buffer,
-    `connect_timeout_s` in all, and at most MAX_HANDSHAKING of them at once. On an open ring
-    (no secret) `peer_host`, when given, says where a named node must connect from: a peer
-    that claims a name from another address, or a name that is not a node of the ring (None),
-    is refused."""
+    `connect_timeout_s` in all, and at most MAX_HANDSHAKING of them at once; hellos beyond
+    PAKE_PER_S are refused before their SPAKE2 is computed. On an open ring (no secret)
+    `peer_host`, when given, says where a named node must connect from: a peer that claims a
+    name from another address, or a name that is not a node of the ring (None), is refused."""
 
     def __init__(
         self,
@@ -333,6 +408,7 @@ class Listener:
         self._tasks = TaskScope(f"listener:{port}")
         self.rejected = 0
         self.turned_away = 0  # connections closed at once: too many in their handshake
+        self._pakes = Allowance(PAKE_PER_S, PAKE_BURST)
         self._turned_logged = 0.0
 
     async def start(self) -> None:
@@ -386,16 +462,18 @@ class Listener:
         self._handshaking += 1  # counted at once: a burst of accepts comes before any task runs
 
     def _admit(self, peer: str, address: str | None) -> None:
-        """On an open ring, a node name is only taken from that node's address (LinkError)."""
-        if self.s.secret or self.peer_host is None:
-            return
-        expected = self.peer_host(peer)
-        if expected is None:
-            raise LinkError(f"peer {peer!r} is not a node of this ring (or not found yet)")
-        if address != expected:
-            raise LinkError(
-                f"peer claims to be {peer!r} from {address}, but {peer!r} is at {expected}"
-            )
+        """On an open ring, a node name is only taken from that node's address; past the
+        allowance of SPAKE2 exchanges, nobody is taken (LinkError)."""
+        if not self.s.secret and self.peer_host is not None:
+            expected = self.peer_host(peer)
+            if expected is None:
+                raise LinkError(f"peer {peer!r} is not a node of this ring (or not found yet)")
+            if address != expected:
+                raise LinkError(
+                    f"peer claims to be {peer!r} from {address}, but {peer!r} is at {expected}"
+                )
+        if not self._pakes.take():
+            raise LinkError(f"more than {PAKE_PER_S:.0f} handshakes a second: {peer!r} refused")
 
     async def _serve(self, conn: FrameConnection) -> None:
         remote = conn.peername
