@@ -30,8 +30,9 @@ log = structlog.get_logger()
 DATA = (Forward, ForwardBatch, End, Failure, Token, Probe)
 
 
-def link_settings(config: Config, name: str) -> LinkSettings:
-    """The link parameters of node `name`, as every node of the cluster must have them."""
+def link_settings(config: Config, name: str, bind: str | None = None) -> LinkSettings:
+    """The link parameters of node `name`, as every node of the cluster must have them; its
+    links leave from `bind`, else from its configured host."""
     c = config.cluster
     return LinkSettings(
         cluster=c.name,
@@ -40,7 +41,7 @@ def link_settings(config: Config, name: str) -> LinkSettings:
         heartbeat_s=c.heartbeat_s,
         down_after_s=c.down_after_s,
         max_frame=c.max_frame_bytes,
-        bind=config.node(name).host,
+        bind=bind if bind is not None else config.node(name).host,
     )
 
 
