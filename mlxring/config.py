@@ -112,6 +112,9 @@ class ApiConfig:
     # after idle_timeout_s without a request: a slow or silent client holds no socket for long.
     header_timeout_s: float = 10.0
     idle_timeout_s: float = 30.0
+    # A request's whole body must arrive within body_timeout_s of the handler asking for it: a
+    # client that drips it holds neither the connection nor a handler for longer.
+    body_timeout_s: float = 30.0
     # Open connections per process and per client address; past them a connection is answered
     # 503 and closed at once, so one client cannot use up the process's file descriptors.
     max_connections: int = 1024
@@ -218,7 +221,8 @@ _CLUSTER_KEYS = (
 _TUNING_KEYS = ("max_batch", "cache_limit_gb", "kv_cache_gb", "busy_poll", "gates", "convoys")
 _API_KEYS = (
     "host", "port", "api_key", "max_body_bytes", "max_concurrent", "max_queue",
-    "header_timeout_s", "idle_timeout_s", "max_connections", "max_connections_per_client",
+    "header_timeout_s", "idle_timeout_s", "body_timeout_s", "max_connections",
+    "max_connections_per_client",
 )  # fmt: skip
 _NODE_KEYS = ("name", "host", "port", "api_port", "layers", "memory_gb", "compute")
 
@@ -324,6 +328,7 @@ def _parse_api(t: Fields) -> ApiConfig:
         max_queue=t.integer("max_queue", 256, lo=0, hi=65536),
         header_timeout_s=t.number("header_timeout_s", 10.0, gt=0, hi=3600.0),
         idle_timeout_s=t.number("idle_timeout_s", 30.0, gt=0, hi=DAY_S),
+        body_timeout_s=t.number("body_timeout_s", 30.0, gt=0, hi=3600.0),
         max_connections=t.integer("max_connections", 1024, lo=1, hi=65536),
         max_connections_per_client=t.integer("max_connections_per_client", 256, lo=1, hi=65536),
     )

@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -17,7 +17,7 @@ import pytest
 
 from mlxring import aio
 from mlxring.config import load_config
-from mlxring.protocol.messages import Forward, ForwardBatch
+from mlxring.protocol.messages import Forward, ForwardBatch, NodeStats, Probe
 from mlxring.ring.routing import sender_to
 from mlxring.ring.runtime import Runtime
 from mlxring.transport.conn import FrameConnection, connect
@@ -33,6 +33,7 @@ from .ringutil import (
     post_completion,
     process_ring,
     reference,
+    ring_tokens,
     tiny_model,
     wait_for,
     write_config,
@@ -208,3 +209,52 @@ def test_a_prompt_past_a_nodes_kv_bound_fails_with_why_and_short_ones_go_on(
         assert "would add 0.000244 GiB" in error
         assert complete(api, prompt, 16) == want
         assert all(p.proc.poll() is None for p in procs.values())
+
+
+def forged_probe(origin: str, passed: Sequence[str]) -> Probe:
+    """A probe from `origin` that claims to have passed the nodes `passed` (a hop and a report
+    each)."""
+    hops = tuple((n, 0, 1) for n in passed)
+    return Probe(
+        origin, time.monotonic(), hops, tuple(NodeStats(n, 0, 0, 0, 0.0, 0, 0) for n in passed)
+    )
+
+
+async def test_probes_are_taken_only_on_their_way_round_the_ring(tmp_path: Path) -> None:
+    """A probe is taken only from the previous member, from a live member's origin, with fewer
+    hops than the ring has members (or as many, home): any other one is dropped where it
+    arrives, counted, never passed on; the head's own probes still come home."""
+    model = tiny_model("qwen3")
+    cfg = write_config(tmp_path, model, 2, extra_cluster=FAST)
+    prompt = encode(model, "A probe goes round the ring once.")
+    want = reference(model, prompt, 16)
+    with process_ring(cfg, ["n1"], tmp_path) as procs:
+        async with local_ring(cfg, ["n0"]) as rt:
+            head, monitor = rt.nodes["n0"], rt.monitor
+            assert monitor is not None and monitor.view.ok
+            port = rt.config.node("n0").port
+            async with intruder(port, "n1") as conn:
+                # From the previous member's name: an origin that is no member would circle
+                # the ring for ever; a hop list longer than the ring, or none, was never sent
+                # round it (the first would reach the head's monitor as the ring's answer).
+                conn.send(forged_probe("ghost", ["n1"]))
+                conn.send(forged_probe("n0", ["n1"] * 5000))
+                conn.send(forged_probe("n0", []))
+            # n0 is this process's own node: nothing of it comes over a link.
+            async with intruder(port, "n0") as conn:
+                conn.send(forged_probe("n0", ["n0", "n1"]))
+            await wait_for(lambda: head.rejected == 4, 10)
+            # The head's own probes go on coming home through exactly the ring.
+            returned = monitor.view.checked
+            await wait_for(lambda: monitor.view.checked > returned, 5)
+            assert monitor.view.ok, monitor.view.reason
+            assert [h[0] for h in monitor.view.hops] == ["n0", "n1"]
+            # A node in another process drops a stranger's probe too, and says so.
+            async with intruder(rt.config.node("n1").port, "n0") as conn:
+                conn.send(forged_probe("ghost", ["n0"]))
+            procs["n1"].wait_log('"frame_dropped"', 10)
+            dropped = [line for line in procs["n1"].log().splitlines() if "frame_dropped" in line]
+            assert len(dropped) == 1 and '"Probe"' in dropped[0]
+            assert head.rejected == 4
+            assert await ring_tokens(rt, prompt, 16) == want
+            assert monitor.view.ok, monitor.view.reason

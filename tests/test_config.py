@@ -376,6 +376,7 @@ def test_config_is_frozen() -> None:
                 ("api", "max_queue", "10000000", "must be between 0 and 65536"),
                 ("api", "header_timeout_s", "0", "must be in (0, 3600]"),
                 ("api", "idle_timeout_s", "1e12", "must be in (0, 86400]"),
+                ("api", "body_timeout_s", "1e5", "must be in (0, 3600]"),
                 ("api", "max_connections", "0", "must be between 1 and 65536"),
                 ("api", "max_connections_per_client", "1000000", "must be between 1 and 65536"),
             ]

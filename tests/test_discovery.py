@@ -21,6 +21,7 @@ import pytest
 from mlxring.protocol.codec import PROTOCOL_VERSION
 from mlxring.transport.discovery import Discovery, PeerInfo, instance_name, resolve_interfaces
 from tests.netns import Netns, skip_reason
+from tests.ringutil import encode, reference, tiny_model
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -308,3 +309,87 @@ def test_netns_harness_cleans_up_after_a_failure() -> None:
     assert sleeper.poll() is not None
     listed = namespaces()
     assert not any(h.ns in listed for h in net.hosts) and net.hub not in listed
+
+
+# The head of a zeroconf ring, in its namespace: prints the ring's greedy tokens, where it found
+# each node, and the live members.
+RING_HEAD = """
+import asyncio, json, sys
+from mlxring.log import setup_logging
+from tests.ringutil import local_ring, ring_tokens
+
+setup_logging(json_logs=True)
+
+async def main():
+    async with local_ring(sys.argv[1], ["n0"]) as rt:
+        tokens = await ring_tokens(rt, json.loads(sys.argv[2]), 16)
+        hosts = {n: rt.address_of(n) for n in rt.config.names}
+        print(json.dumps({"tokens": tokens, "hosts": hosts, "members": rt.members}))
+
+asyncio.run(main())
+"""
+
+
+def test_a_zeroconf_node_links_out_from_the_address_it_advertises(tmp_path: Path) -> None:
+    """Two hosts each with a second address on their one interface, and `interfaces` naming
+    that one: each node advertises it, while the system's source towards the other host is the
+    interface's first address. An open ring takes a node's name only from where it was found,
+    so each node's links must leave from the address it advertises: the ring forms, both
+    ways, and is exact."""
+    reason = skip_reason()
+    if reason:
+        pytest.skip(reason)
+    model = tiny_model("qwen3")
+    prompt = encode(model, "Two addresses, one name.")
+    want = reference(model, prompt, 16)
+    with Netns(2) as net:
+        prefix = net.hosts[0].address.rsplit(".", 1)[0]
+        ring = [f"{prefix}.{101 + i}" for i in range(2)]
+        configs = []
+        for i, host in enumerate(net.hosts):
+            # Secondary on eth0: the route to the subnet keeps the first address as its source.
+            add = ["ip", "-n", host.ns, "addr", "add", f"{ring[i]}/24", "dev", host.interface]
+            subprocess.run(add, check=True, capture_output=True, timeout=10)
+            cfg = tmp_path / f"n{i}.toml"
+            cfg.write_text(
+                "\n".join(
+                    [
+                        "[cluster]",
+                        'name = "twoaddr"',
+                        f'model = "{model}"',
+                        'strategy = "uniform"',
+                        f'interfaces = ["{ring[i]}"]',
+                        *(
+                            f'[[nodes]]\nname = "n{k}"\nport = 5300\napi_port = 8300'
+                            for k in (0, 1)
+                        ),
+                    ]
+                )
+                + "\n"
+            )
+            configs.append(cfg)
+        source = net.run(0, ["ip", "-4", "route", "get", ring[1]]).stdout
+        assert f"src {net.hosts[0].address} " in source, source  # not the advertised address
+        log_path = tmp_path / "n1.log"
+        with open(log_path, "wb") as log:
+            net.popen(
+                1,
+                [sys.executable, "-m", "mlxring", "node", "--config", str(configs[1]),
+                 "--name", "n1", "--log-json"],
+                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=ROOT,
+            )  # fmt: skip
+            head = net.run(
+                0,
+                [sys.executable, "-c", RING_HEAD, str(configs[0]), json.dumps(prompt)],
+                timeout=120,
+                cwd=ROOT,
+            )
+        n1_log = log_path.read_text(errors="replace")
+    assert head.returncode == 0, head.stderr[-6000:]
+    out = json.loads(head.stdout.strip().splitlines()[-1])
+    assert out["hosts"] == {"n0": ring[0], "n1": ring[1]}
+    assert out["members"] == ["n0", "n1"]
+    assert out["tokens"] == want
+    # Neither listener saw a node's name come from another address than the node's.
+    assert "peer_refused" not in head.stdout + head.stderr
+    assert "peer_refused" not in n1_log, n1_log[-3000:]

@@ -1,6 +1,7 @@
 """The HTTP API's connection limits against a real ring over raw sockets: slow-header
-connections from one address neither starve another client nor outlive the head deadline, and
-connections past a cap are answered 503 in OpenAI's shape and closed at once."""
+connections from one address neither starve another client nor outlive the head deadline, a
+dripped body is answered 408 at its deadline, and connections past a cap are answered 503 in
+OpenAI's shape and closed at once."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from pathlib import Path
 
 from mlxring.aio import wait_for
 
-from .ringutil import local_ring, serve_api, tiny_model, write_valid_config
+from .ringutil import local_ring, post_completion, serve_api, tiny_model, write_valid_config
 
 MODEL = tiny_model("qwen3")
 PARTIAL_HEAD = b"GET /v1/models HTTP/1.1\r\nHost: x\r\nX-Slow: "
@@ -110,6 +111,41 @@ async def test_slow_header_is_closed_after_the_deadline(tmp_path: Path) -> None:
             await reader.readexactly(length)
             await asyncio.sleep(1.5)
         writer.close()
+
+
+async def test_a_dripped_body_is_answered_408_at_its_deadline(tmp_path: Path) -> None:
+    async with api(tmp_path, "body_timeout_s = 1") as port:
+        body = json.dumps({"prompt": [1, 2, 3], "max_tokens": 2, "temperature": 0}).encode()
+        reader, writer = await connect(port, "127.0.0.1")
+        writer.write(
+            b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n" % len(body)
+        )
+        t0 = time.monotonic()
+
+        async def drip() -> None:
+            # All of it would take len(body) / 5 s (about 9 s): a byte every 0.2 s.
+            with contextlib.suppress(ConnectionError):
+                for byte in body:
+                    writer.write(bytes([byte]))
+                    await writer.drain()
+                    await asyncio.sleep(0.2)
+
+        dripping = asyncio.create_task(drip())
+        try:
+            raw = await closed_within(reader, 5)  # answered, then closed
+        finally:
+            dripping.cancel()
+            writer.close()
+        assert 0.8 < time.monotonic() - t0 < 3
+        head, _, answer = raw.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 408"), raw
+        error = json.loads(answer)["error"]
+        assert error["code"] == "request_timeout" and "api.body_timeout_s" in error["message"]
+        assert error["type"] == "invalid_request_error" and error["param"] is None
+        # A body sent at once is read and answered as ever.
+        status, completion = await asyncio.to_thread(post_completion, port, [1, 2, 3], 2)
+        assert status == 200 and completion["usage"]["completion_tokens"] == 2, completion
 
 
 def test_the_open_files_limit_is_raised_to_fit_the_caps() -> None:

@@ -63,7 +63,7 @@ async def _generation(request: web.Request, kind: Kind) -> web.StreamResponse:
     state = request.app[STATE]
     if not state.hosts_head:
         return await forward(request)
-    data = parse_json_body(await read_body(request, state.api.max_body_bytes))
+    data = parse_json_body(await read_body(request, state.api))
     req = parse_generation(kind, data, state.vocab_size())
     if req.model is not None and req.model not in state.model_names:
         raise ApiError(

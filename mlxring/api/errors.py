@@ -7,6 +7,8 @@ wrong method, body too big) the same shape.
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
@@ -24,6 +26,7 @@ class ApiError(Exception):
         param: str | None = None,
         code: str | None = None,
         headers: dict[str, str] | None = None,
+        close: Callable[[], None] | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -32,6 +35,7 @@ class ApiError(Exception):
         self.param = param
         self.code = code
         self.headers = headers or {}
+        self.close = close  # closes the connection once the answer is sent
 
     def body(self) -> dict[str, Any]:
         return {
@@ -44,7 +48,28 @@ class ApiError(Exception):
         }
 
     def response(self) -> web.Response:
-        return web.json_response(self.body(), status=self.status, headers=self.headers)
+        if self.close is None:
+            return web.json_response(self.body(), status=self.status, headers=self.headers)
+        return _Closing(self.close, self.body(), self.status, self.headers)
+
+
+class _Closing(web.Response):
+    """An error answer after which its connection closes at once. Not a keep-alive close: with
+    part of a request's body unread, aiohttp would read on for its lingering time (10 s) first,
+    from a client that may be dripping it."""
+
+    def __init__(
+        self, close: Callable[[], None], body: Any, status: int, headers: dict[str, str]
+    ) -> None:
+        super().__init__(
+            text=json.dumps(body), status=status, headers=headers, content_type="application/json"
+        )
+        self._close_connection = close
+        self.force_close()  # says `Connection: close`
+
+    async def write_eof(self, data: bytes = b"") -> None:
+        await super().write_eof(data)
+        self._close_connection()  # the answer is in the transport's buffer: flushed, then closed
 
 
 def invalid(param: str | None, message: str, code: str = "invalid_value") -> ApiError:
@@ -76,6 +101,18 @@ def body_too_large(limit: int) -> ApiError:
         f"The request body is larger than this server's limit of {limit} bytes "
         "(api.max_body_bytes).",
         code="request_too_large",
+    )
+
+
+def body_too_slow(timeout_s: float, close: Callable[[], None]) -> ApiError:
+    """408 for a body that has not all come in time; `close` ends its connection after the
+    answer (the rest of the body may still be on its way)."""
+    return ApiError(
+        408,
+        f"The request body did not arrive within this server's limit of {timeout_s:g} s "
+        "(api.body_timeout_s).",
+        code="request_timeout",
+        close=close,
     )
 
 

@@ -40,7 +40,7 @@ async def forward(request: web.Request) -> web.StreamResponse:
     if FORWARDED in request.headers:
         # The head forwarded to us: two nodes disagree on who the head is. Do not loop.
         raise unavailable(f"node {', '.join(state.names)} is not the head ({state.head_name})")
-    body = await read_body(request, state.api.max_body_bytes)
+    body = await read_body(request, state.api)
     url = head_url(state, request.path_qs)
     headers = {k: v for k in ("Authorization", "Content-Type") if (v := request.headers.get(k))}
     headers[FORWARDED] = state.names[0]

@@ -1,7 +1,7 @@
 """What a generation request may say: parsing and checking its JSON into a GenerationRequest.
 
 Every field this server knows is checked here, and every error names its `param` as OpenAI's
-do; unknown fields are ignored, as OpenAI does. The body is read with its size limit
+do; unknown fields are ignored, as OpenAI does. The body is read with its size and time limits
 (`read_body`) and parsed as strict JSON (`parse_json_body`) before `parse_generation` reads it.
 """
 
@@ -13,7 +13,9 @@ from typing import Any, Literal, TypeGuard
 
 from aiohttp import web
 
-from mlxring.api.errors import ApiError, body_too_large, invalid
+from mlxring.aio import wait_for
+from mlxring.api.errors import ApiError, body_too_large, body_too_slow, invalid
+from mlxring.config import ApiConfig
 from mlxring.fields import FieldErrors, Fields
 from mlxring.fields import Kind as FieldKind
 from mlxring.model.sharded import config_value
@@ -381,14 +383,18 @@ def parse_generation(kind: Kind, data: dict[str, Any], vocab_size: int) -> Gener
     )
 
 
-async def read_body(request: web.Request, limit: int) -> bytes:
-    """The request's body; 413 for one over `limit` bytes, before reading it when it says so."""
+async def read_body(request: web.Request, api: ApiConfig) -> bytes:
+    """The request's body; 413 for one over `api.max_body_bytes` bytes (before reading it when
+    it says so), 408 for one that has not all come within `api.body_timeout_s`."""
+    limit = api.max_body_bytes
     if request.content_length is not None and request.content_length > limit:
         raise body_too_large(limit)
     try:
-        return await request.read()
+        return await wait_for(request.read(), api.body_timeout_s)
     except web.HTTPRequestEntityTooLarge:
         raise body_too_large(limit) from None
+    except TimeoutError:
+        raise body_too_slow(api.body_timeout_s, request.protocol.force_close) from None
 
 
 def context_length(model_config: dict[str, Any]) -> int | None:

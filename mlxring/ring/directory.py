@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 from mlxring.config import Config
 from mlxring.ring.machine import DeviceFacts
-from mlxring.transport.discovery import Discovery, PeerInfo
+from mlxring.transport.discovery import Discovery, PeerInfo, resolve_interfaces
 
 
 class Directory:
@@ -22,6 +22,7 @@ class Directory:
         self.names = list(names)
         self.facts = facts
         self.discovery: Discovery | None = None
+        self.address: str | None = None  # what this process's nodes without a host advertise
 
     def needs_discovery(self) -> bool:
         """Zeroconf runs when a node has no host, or when planning needs remote memory."""
@@ -36,7 +37,7 @@ class Directory:
             return
         self.discovery = Discovery(self.config.cluster.name, self.config.cluster.interfaces)
         await self.discovery.start()
-        address = self.discovery.addresses[0]
+        self.address = address = self.discovery.addresses[0]
         await asyncio.gather(
             *(self.discovery.advertise(self.advertised(n, address)) for n in self.names)
         )
@@ -56,6 +57,19 @@ class Directory:
             chip=self.facts.chip,
             gpu_cores=self.facts.gpu_cores,
         )
+
+    def link_source(self, name: str) -> str | None:
+        """Where the links that carry this process's node `name` leave from: its host, else the
+        address it advertises while that is one of this host's own, else where the system
+        picks. An open ring takes a node's name only from the address the node is found at, and
+        a Mac with two networks (Wi-Fi and a Thunderbolt bridge) may pick the other one."""
+        host = self.config.node(name).host
+        if host is not None or self.address is None:
+            return host
+        try:
+            return resolve_interfaces([self.address])[0]
+        except ValueError:  # no longer this host's (its interface went down): the system picks
+            return None
 
     async def wait_for(self, remote: Sequence[str], timeout: float) -> None:
         """Wait (up to `timeout`) until zeroconf has found what the `remote` nodes advertise."""

@@ -27,11 +27,12 @@ from mlxring.transport.link import LinkError, LinkSettings, Listener, Peer
 log = structlog.get_logger()
 
 #: What travels the ring from one member to the next, and only so.
-DATA = (Forward, ForwardBatch, End, Failure, Token)
+DATA = (Forward, ForwardBatch, End, Failure, Token, Probe)
 
 
-def link_settings(config: Config, name: str) -> LinkSettings:
-    """The link parameters of node `name`, as every node of the cluster must have them."""
+def link_settings(config: Config, name: str, bind: str | None = None) -> LinkSettings:
+    """The link parameters of node `name`, as every node of the cluster must have them; its
+    links leave from `bind`, else from its configured host."""
     c = config.cluster
     return LinkSettings(
         cluster=c.name,
@@ -40,7 +41,7 @@ def link_settings(config: Config, name: str) -> LinkSettings:
         heartbeat_s=c.heartbeat_s,
         down_after_s=c.down_after_s,
         max_frame=c.max_frame_bytes,
-        bind=config.node(name).host,
+        bind=bind if bind is not None else config.node(name).host,
     )
 
 
@@ -81,7 +82,7 @@ class LocalNode:
         self.cfg = cfg
         self.name = cfg.name
         self.actor = make_actor(self)  # given `self.send_next`
-        self.rejected = 0  # data frames from a peer that may not send them here
+        self.rejected = 0  # ring frames from a peer that may not send them here
         # Reading from the previous node pauses while this node's mailbox is full.
         self.listener = Listener(
             link_settings(config, cfg.name),
@@ -92,9 +93,15 @@ class LocalNode:
         )
 
     def received(self, msg: Message, peer: str) -> None:
-        """The listener's hand-over: `msg` came off the wire from `peer`. Steps, ends, failures
-        and tokens are taken only from the previous member of the ring (tokens only at the
-        head): from anyone else they are dropped, counted in `rejected`, never handled."""
+        """The listener's hand-over: `msg` came off the wire from `peer`. Steps, ends, failures,
+        tokens and probes are taken only from the previous member of the ring (tokens only at
+        the head, probes only on their way round: `Router.may_send`): from anyone else they are
+        dropped, counted in `rejected`, never handled."""
+        if isinstance(msg, Probe) and self.name not in self.router.members:
+            # Not in the ring (not yet, or no more): the head's probes come before this node
+            # has planned, and the head learns from their silence; nobody is misbehaving.
+            log.debug("probe_before_membership", node=self.name, peer=peer)
+            return
         if isinstance(msg, DATA) and not self.router.may_send(peer, self.name, msg):
             self.rejected += 1
             if self.rejected > 16 and self.rejected % 1024:
@@ -136,12 +143,24 @@ class Router:
     def may_send(self, peer: str, node: str, msg: Message) -> bool:
         """Whether `peer` is the member before local node `node` in the live ring, the one
         that sends it steps; a token also needs `node` to be the head (the last member sends
-        it home)."""
+        it home), and a probe must be on its way round (`on_its_way`)."""
         m = self.members
         if node not in m or peer not in m or peer in self.nodes:
             return False
         before = m[m.index(node) - 1]
+        if isinstance(msg, Probe) and not self.on_its_way(node, msg):
+            return False
         return peer == before and (not isinstance(msg, Token) or node == m[0])
+
+    def on_its_way(self, node: str, probe: Probe) -> bool:
+        """Whether a probe reaching local node `node` over a link is one the ring passes: sent
+        by a live member, carrying one hop and one report per node it passed (at least the
+        sender's), and fewer hops than the ring has members unless it is home. Any other probe
+        would be passed on, a side task per hop, round and round (its origin never takes it
+        home) or grow past the ring."""
+        hops = len(probe.hops)
+        limit = len(self.members) if probe.origin == node else len(self.members) - 1
+        return probe.origin in self.members and len(probe.stats) == hops and 1 <= hops <= limit
 
     def arrived(self, node: str, msg: Message) -> None:
         """`msg` reached local node `node` from the previous node or from the head's engine:

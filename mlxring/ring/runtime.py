@@ -179,7 +179,9 @@ class Runtime:
                 address = functools.partial(self.directory.ring_address, n.name)
                 on_state = self.replanner.link_changed
                 me = sender_to(self.config, self.names, n.name)  # the name n takes steps from
-                peer = Peer(link_settings(self.config, me), n.name, address, on_state)
+                # From the address `me` is known at: n's listener checks the name against it.
+                settings = link_settings(self.config, me, self.directory.link_source(me))
+                peer = Peer(settings, n.name, address, on_state)
                 self.peers[n.name] = peer
                 peer.start()
         # Wait for the other nodes, so that a cold start forms the full ring at once instead of

@@ -169,7 +169,6 @@ def parse_service(info: ServiceInfo) -> PeerInfo:
         raise ValueError(f"malformed TXT {props}: {e}") from None
 
 
-
 class Discovery:
     """Advertise this process's nodes and track the other nodes of one cluster.
 

@@ -77,7 +77,7 @@ class LinkSettings:
     connect_timeout_s: float = 3.0
     max_backoff_s: float = 2.0
     # This node's own address: links start from it, so that the next node sees them come
-    # from where nodes.toml says this node is (None: the system picks, as for zeroconf).
+    # from where nodes.toml says this node is, or zeroconf found it (None: the system picks).
     bind: str | None = None
 
 
