@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import hmac
 import os
@@ -344,5 +345,42 @@ async def test_a_flood_of_hellos_gets_a_bounded_number_of_spake2_answers() -> No
         peer.start()
         assert await peer.wait_up(5)
     finally:
+        await peer.stop()
+        await listener.stop()
+
+
+async def test_a_flood_of_hellos_from_elsewhere_does_not_keep_a_node_out() -> None:
+    """The SPAKE2 allowance is per source address, and the nodes' own addresses are outside the
+    strangers' common one: while hellos pour in from 127.0.0.1, the ring's node at 127.0.0.2
+    still links at once."""
+    port = free_port()
+    listener = Listener(
+        settings("b", SECRET),
+        "127.0.0.1",
+        port,
+        lambda m, peer: None,
+        peer_host=lambda name: "127.0.0.2" if name == "a" else None,
+    )
+    await listener.start()
+    share = SPAKE2_A(b"anything").start()
+    hello = wire.encode_bytes(Hello(wire.PROTOCOL_VERSION, "home", "a", os.urandom(16), pake=share))
+    stop = asyncio.Event()
+
+    async def flood() -> None:  # always hellos waiting: each token is taken as it comes
+        while not stop.is_set():
+            await asyncio.gather(*(stranger(port, hello) for _ in range(25)))
+
+    a = dataclasses.replace(settings("a", SECRET), bind="127.0.0.2")
+    peer = Peer(a, "b", lambda: ("127.0.0.1", port))
+    flooding = asyncio.gather(*(flood() for _ in range(4)))
+    try:
+        while listener.rejected < 100:  # the allowance of 127.0.0.1 is spent
+            await asyncio.sleep(0.01)
+        peer.start()
+        assert await peer.wait_up(2)
+        assert not flooding.done()
+    finally:
+        stop.set()
+        await aio.wait_for(flooding, 10)
         await peer.stop()
         await listener.stop()

@@ -56,10 +56,14 @@ NONCE_BYTES = 16
 MIN_SECRET_BITS = 64.0
 PAKE_BYTES = 33  # a SPAKE2 message: its side (b"A" or b"B"), then a point of Ed25519
 # SPAKE2 costs the acceptor some milliseconds of the event loop per hello: a listener answers
-# at most PAKE_BURST hellos at once and PAKE_PER_S a second after, and refuses the rest before
-# computing anything, so a flood of hellos costs the loop a bounded share of its time.
+# at most PAKE_BURST hellos at once and PAKE_PER_S a second after from one address, and
+# PAKE_ALL_PER_S from all addresses but the nodes' own, and refuses the rest before computing
+# anything. A flood of hellos then costs the loop a bounded share of its time, and a flood from
+# other addresses does not keep a node of the ring out.
 PAKE_PER_S = 16.0
 PAKE_BURST = 16
+PAKE_ALL_PER_S = 64.0
+PAKE_ADDRESSES = 1024  # addresses whose allowance is remembered (the oldest is forgotten)
 
 
 class LinkError(Exception):
@@ -383,7 +387,8 @@ class Listener:
 
     Before a connection has finished its handshake it costs little: a small receive buffer,
     `connect_timeout_s` in all, and at most MAX_HANDSHAKING of them at once; hellos beyond
-    PAKE_PER_S are refused before their SPAKE2 is computed. On an open ring (no secret)
+    PAKE_PER_S from one address (PAKE_ALL_PER_S from strangers' addresses together) are refused
+    before their SPAKE2 is computed. On an open ring (no secret)
     `peer_host`, when given, says where a named node must connect from: a peer that claims a
     name from another address, or a name that is not a node of the ring (None), is refused."""
 
@@ -408,7 +413,8 @@ class Listener:
         self._tasks = TaskScope(f"listener:{port}")
         self.rejected = 0
         self.turned_away = 0  # connections closed at once: too many in their handshake
-        self._pakes = Allowance(PAKE_PER_S, PAKE_BURST)
+        self._pakes: dict[str | None, Allowance] = {}  # per source address
+        self._all_pakes = Allowance(PAKE_ALL_PER_S, int(PAKE_ALL_PER_S))
         self._turned_logged = 0.0
 
     async def start(self) -> None:
@@ -464,16 +470,25 @@ class Listener:
     def _admit(self, peer: str, address: str | None) -> None:
         """On an open ring, a node name is only taken from that node's address; past the
         allowance of SPAKE2 exchanges, nobody is taken (LinkError)."""
+        expected = self.peer_host(peer) if self.peer_host is not None else None
         if not self.s.secret and self.peer_host is not None:
-            expected = self.peer_host(peer)
             if expected is None:
                 raise LinkError(f"peer {peer!r} is not a node of this ring (or not found yet)")
             if address != expected:
                 raise LinkError(
                     f"peer claims to be {peer!r} from {address}, but {peer!r} is at {expected}"
                 )
-        if not self._pakes.take():
-            raise LinkError(f"more than {PAKE_PER_S:.0f} handshakes a second: {peer!r} refused")
+        if not self._allowance(address).take() or (
+            address != expected and not self._all_pakes.take()
+        ):
+            raise LinkError(f"too many handshakes a second: {peer!r} from {address} refused")
+
+    def _allowance(self, address: str | None) -> Allowance:
+        allowance = self._pakes.pop(address, None) or Allowance(PAKE_PER_S, PAKE_BURST)
+        self._pakes[address] = allowance  # the newest last: the oldest is the first forgotten
+        if len(self._pakes) > PAKE_ADDRESSES:
+            del self._pakes[next(iter(self._pakes))]
+        return allowance
 
     async def _serve(self, conn: FrameConnection) -> None:
         remote = conn.peername
