@@ -28,6 +28,7 @@ request's state). The fuzz is derandomized (the same frames every run), about 30
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import math
@@ -43,6 +44,7 @@ from pathlib import Path
 from typing import Annotated, Any, Union, get_args, get_origin, get_type_hints
 
 import msgpack
+import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
@@ -56,6 +58,7 @@ from mlxring.protocol.messages import (
     Message,
     Ping,
     Pong,
+    SamplingParams,
     Tensor,
 )
 from mlxring.protocol.schema import schema
@@ -509,3 +512,48 @@ def test_fuzzed_frames_do_not_take_down_a_live_ring(tmp_path: Path) -> None:
             peak[n] = max(peak[n], rss(p.proc.pid))
             assert peak[n] - base[n] < MEMORY_GROWTH, (n, base[n], peak[n])
         alive("after the completion")
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="found by fuzzing the last shard's sampling: a logit_bias id outside the vocabulary "
+    "is written out of bounds by mlx-lm's logit bias processor (SIGSEGV); the shard's checks "
+    "(mlxring/shard/checks.py) do not look at a step's sampling params yet",
+)
+def test_a_logit_bias_outside_the_vocabulary_fails_its_request_not_the_node(
+    tmp_path: Path,
+) -> None:
+    """The minimal frame: a request's first step to the last shard, sampling, whose params bias
+    one token id past the vocabulary."""
+    model = tiny_model("qwen3")
+    model_config = json.loads((model / "config.json").read_text())
+    hidden, vocab = int(model_config["hidden_size"]), int(model_config["vocab_size"])
+    cfg = write_config(tmp_path, model, 2, extra_cluster=FAST)
+    config = load_config(cfg)
+    prompt = encode(model, "One frame must not take a node down.")
+    want = decode(model, reference(model, prompt, 16))
+    with process_ring(cfg, ["n0", "n1"], tmp_path) as procs:
+        procs["n0"].wait_log('"ring_up"', 60)
+        layer = ring_layers(procs["n0"].log())[1][0]
+        h = Tensor("bfloat16", (1, 1, hidden), bytes(2 * hidden))
+        evil = Forward("evil", 0, (1,), True, h=h, layer=layer)
+        loop = asyncio.new_event_loop()
+        fuzz = Fuzzer(loop, {"n1": config.node("n1").port}, {"n1": "n0"})
+        try:
+            for bias in (vocab, 10**9, -vocab - 1):
+                params = SamplingParams(logit_bias=((bias, 1.0),))
+                step = dataclasses.replace(evil, rid=f"evil{bias}", params=params)
+                with contextlib.suppress(OSError):  # refused: the node is dead, said below
+                    fuzz.run(fuzz.send("n1", step))
+                    fuzz.run(fuzz.settle("n1"))
+        finally:
+            fuzz.run(fuzz.close())
+            loop.close()
+        # The step runs after its pong came back: give a crash the time to show.
+        deadline = time.monotonic() + 2.0
+        while procs["n1"].proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert procs["n1"].proc.poll() is None, f"n1 died ({procs['n1'].proc.returncode})"
+        api = config.api_port("n0")
+        assert complete(api, prompt, 16) == want
+        assert procs["n1"].proc.poll() is None, procs["n1"].log()[-2000:]
