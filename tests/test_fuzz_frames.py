@@ -22,7 +22,15 @@ own links are untouched, so the ring can be checked afterwards.
 Properties: both processes stay alive (checked after every example), n0's HTTP API answers and
 no process's memory grows without bound (checked every few examples and at the end), and after
 the fuzz a greedy completion through the ring equals mlx-lm's own (the fuzz corrupted no other
-request's state). The fuzz is derandomized (the same frames every run), about 30 s of wall time.
+request's state). The fuzz is derandomized (the same frames every run): 800 frames, one per
+example, each followed by a ping whose pong says the node still reads (a link left inside a
+truncated frame is dropped after 1 s); about 30 s of wall time. Steps are drawn more often than
+other messages, half of them aimed (`aimed`: activations of the claimed rows and width, the
+shard's first layer, often a request's first step, token ids folded into the vocabulary) so
+that hostile values the codec takes get past the checks into MLX.
+
+A frame found to take a node down is kept below as its own test, the minimal frame: the
+derandomized fuzz need not draw that conjunction of values again.
 """
 
 from __future__ import annotations
