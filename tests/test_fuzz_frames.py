@@ -52,7 +52,6 @@ from pathlib import Path
 from typing import Annotated, Any, Union, get_args, get_origin, get_type_hints
 
 import msgpack
-import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
@@ -549,17 +548,12 @@ def test_fuzzed_frames_do_not_take_down_a_live_ring(tmp_path: Path) -> None:
         alive("after the completion")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="found by fuzzing the last shard's sampling: a logit_bias id outside the vocabulary "
-    "is written out of bounds by mlx-lm's logit bias processor (SIGSEGV); the shard's checks "
-    "(mlxring/shard/checks.py) do not look at a step's sampling params yet",
-)
 def test_a_logit_bias_outside_the_vocabulary_fails_its_request_not_the_node(
     tmp_path: Path,
 ) -> None:
-    """The minimal frame: a request's first step to the last shard, sampling, whose params bias
-    one token id past the vocabulary."""
+    """The minimal frame the fuzz's sampling path led to: a request's first step to the last
+    shard, sampling, whose params bias one token id past the vocabulary (mlx-lm's logit bias
+    processor wrote out of bounds: SIGSEGV). The shard's screen refuses it with why."""
     model = tiny_model("qwen3")
     model_config = json.loads((model / "config.json").read_text())
     hidden, vocab = int(model_config["hidden_size"]), int(model_config["vocab_size"])
@@ -589,6 +583,8 @@ def test_a_logit_bias_outside_the_vocabulary_fails_its_request_not_the_node(
         while procs["n1"].proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.05)
         assert procs["n1"].proc.poll() is None, f"n1 died ({procs['n1'].proc.returncode})"
+        refused = [line for line in procs["n1"].log().splitlines() if "step_refused" in line]
+        assert len(refused) == 3 and all("logit bias" in line for line in refused), refused
         api = config.api_port("n0")
         assert complete(api, prompt, 16) == want
         assert procs["n1"].proc.poll() is None, procs["n1"].log()[-2000:]

@@ -7,7 +7,14 @@ import mlx.core as mx
 from mlxring.backends import pick
 from mlxring.model.sharded import load_shard
 from mlxring.protocol import codec as wire
-from mlxring.protocol.messages import Failure, Forward, ForwardBatch, Message, Token
+from mlxring.protocol.messages import (
+    Failure,
+    Forward,
+    ForwardBatch,
+    Message,
+    SamplingParams,
+    Token,
+)
 from mlxring.shard.actor import ShardActor
 from mlxring.shard.checks import GIB, KV_SHARE, kv_bound
 from mlxring.shard.step import MEASURED_FROM, Stepper
@@ -151,3 +158,40 @@ def test_the_kv_bound_is_the_setting_else_a_share_of_the_memory_the_weights_leav
     st = Stepper("n0", model, pick(gates=False), total_memory=64 * GIB)
     assert st.limits is not None
     assert st.limits.kv_bytes == int((64 * GIB - weights) * KV_SHARE)
+
+
+async def test_steps_a_head_would_never_send_fail_their_own_request_with_why() -> None:
+    """What no honest head sends is refused before MLX, each with why, and the shard goes on:
+    a step addressed to another layer, a later step of a request it never saw, prompt chunks
+    that take a request past the model's context, a logit bias on an id past the vocabulary
+    (mlx-lm's processor wrote out of bounds: the process died), a negative penalty."""
+    path = tiny_model("qwen3")
+    sent, keep = recorder()
+    shard = ShardActor("n0", load_shard(path, 0, 3), keep, compute(), backend=pick(gates=False))
+    limits = shard.stepper.limits
+    assert limits is not None and limits.context and limits.vocab
+    chunk = limits.context // 2 + 1
+    evil = [
+        Forward("far", 0, (1,), False, layer=2),
+        Forward("late", 5, (1,), False),
+        Forward("long", 0, (1,) * chunk, False),
+        Forward("long", 1, (1,) * chunk, False),
+        Forward("bias", 0, (1,), True, params=SamplingParams(logit_bias=((limits.vocab, 1.0),))),
+        Forward("neg", 0, (1,), True, params=SamplingParams(repetition_penalty=-1.0)),
+    ]
+    for f in evil:
+        await shard.handle(f)
+    failed = {m.rid: m.message for m in sent if isinstance(m, Failure)}
+    assert set(failed) == {"far", "late", "long", "bias", "neg"}, failed
+    assert "is for layer 2, this shard starts at 0" in failed["far"]
+    assert "no state for request late at step 5" in failed["late"]
+    assert (
+        f"would reach {2 * chunk} positions, past the context of {limits.context}"
+        in (failed["long"])
+    )
+    assert "logit bias" in failed["bias"] and "out of range" in failed["neg"]
+    # The first chunk of "long" ran: the shard keeps serving what is sound.
+    prompt = encode(path, "Still serving.")
+    sent.clear()
+    await shard.handle(Forward("ok", 0, tuple(prompt), True))
+    assert [type(m) for m in sent] == [Forward]

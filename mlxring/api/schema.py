@@ -397,15 +397,6 @@ async def read_body(request: web.Request, api: ApiConfig) -> bytes:
         raise body_too_slow(api.body_timeout_s, request.protocol.force_close) from None
 
 
-def context_length(model_config: dict[str, Any]) -> int | None:
-    for cfg in (model_config, model_config.get("text_config") or {}):
-        for key in ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length"):
-            v = cfg.get(key)
-            if _is_int(v) and v > 0:
-                return int(v)
-    return None
-
-
 def vocab_size(model_config: dict[str, Any], tokenizer_size: int | None) -> int:
     """The model's vocabulary size: its config's, else the tokenizer's, else no bound."""
     v = config_value(model_config, "vocab_size")

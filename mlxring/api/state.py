@@ -31,6 +31,7 @@ from mlxring.api.metrics import Metrics
 from mlxring.config import ApiConfig
 from mlxring.engine.lifecycle import Engine
 from mlxring.engine.text import TokenTexts
+from mlxring.model.sharded import context_length
 from mlxring.ring import snapshot as ring_snapshot
 from mlxring.ring.runtime import Runtime
 
@@ -180,7 +181,7 @@ class ApiState:
         return schema.vocab_size(self.runtime.model_config, len(tok) if tok is not None else None)
 
     def context_length(self) -> int | None:
-        return schema.context_length(self.runtime.model_config)
+        return context_length(self.runtime.model_config)
 
     def api_ports(self) -> list[int]:
         """The distinct API ports of this process's nodes."""

@@ -41,6 +41,16 @@ def config_value(config: dict[str, Any], key: str) -> Any:
     return config.get(key) or (text.get(key) if isinstance(text, dict) else None)
 
 
+def context_length(config: dict[str, Any]) -> int | None:
+    """How many positions the model takes (its config's, under any of the names families give
+    it; None when it does not say)."""
+    for key in ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length"):
+        v = config_value(config, key)
+        if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+            return v
+    return None
+
+
 def model_info(config: dict[str, Any], sizes: dict[str, int]) -> ModelInfo:
     """Per-layer and end bytes from tensor sizes (safetensors headers; no tensor data)."""
     text = config.get("text_config") or {}

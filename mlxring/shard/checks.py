@@ -12,18 +12,21 @@ another hold more than them however it behaves."""
 
 from __future__ import annotations
 
+import math
 from collections import Counter
-from collections.abc import Collection
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import mlx.core as mx
 
-from mlxring.model.sharded import ShardModel, config_value
+from mlxring.model.sharded import ShardModel, config_value, context_length
 from mlxring.protocol.messages import Forward, ForwardBatch, Tensor, rows_of
+from mlxring.shard.state import RequestState
 
 #: What activations may be made of (a frame's tensor may claim any dtype the codec knows).
 FLOATS = {"float16", "bfloat16", "float32"}
 GIB = 1 << 30
+MAX_CONTEXT_SIZE = 1 << 20  # repetition_context_size: the API's bound
 #: With `kv_cache_gb` unset, a shard's KV caches may take this share of the machine's memory
 #: that its weights leave: the rest is for activations, MLX's buffer cache and the OS.
 KV_SHARE = 0.5
@@ -78,16 +81,59 @@ class Limits:
     first: bool
     max_requests: int
     kv_bytes: int | None = None
+    start: int = 0  # the shard's first layer: where its steps must be addressed
+    context: int | None = None  # positions a request may reach (the model's context length)
 
     @staticmethod
     def of(model: ShardModel, max_requests: int, kv_bytes: int | None = None) -> Limits:
-        return Limits(vocab_size(model), hidden_size(model), model.is_first, max_requests, kv_bytes)
+        return Limits(
+            vocab_size(model), hidden_size(model), model.is_first, max_requests, kv_bytes,
+            model.start, context_length(model.config),
+        )  # fmt: skip
+
+    def place(self, f: Forward, known: bool) -> str | None:
+        """Why `f` is not a step for this shard: addressed to another layer (a step in flight
+        while the ring re-planned), or a later step of a request it has no state for."""
+        if f.layer != self.start:
+            return (
+                f"step {f.seq} of {f.rid} is for layer {f.layer}, this shard starts at {self.start}"
+            )
+        if not known and f.seq != 0:
+            return f"no state for request {f.rid} at step {f.seq}"
+        return None
 
     def tokens(self, f: Forward) -> str | None:
         if not f.tokens:
             return f"step {f.seq} of {f.rid} has no tokens"
         if self.vocab is not None and max(f.tokens) >= self.vocab:
             return f"token id {max(f.tokens)} of {f.rid} is outside the vocabulary of {self.vocab}"
+        return None
+
+    def sampling(self, f: Forward) -> str | None:
+        """Why a step's sampling parameters would fail in mlx-lm's samplers and processors (a
+        logit bias on an id past the vocabulary reads out of bounds: the process dies), or None.
+        The bounds are the API's (`api.schema`): a frame from the wire may carry anything."""
+        p = f.params
+        if p is None:
+            return None
+        v = self.vocab
+        numbers = (p.temperature, p.top_p, p.min_p, *(b for _, b in p.logit_bias))
+        numbers += tuple(x for x in (p.repetition_penalty, p.presence_penalty) if x is not None)
+        numbers += (p.frequency_penalty,) if p.frequency_penalty is not None else ()
+        if not all(math.isfinite(x) for x in numbers):
+            return f"sampling parameters of {f.rid} that are not finite numbers"
+        if any(t < 0 or (v is not None and t >= v) for t, _ in p.logit_bias):
+            return f"a logit bias of {f.rid} on a token id outside the vocabulary of {v}"
+        if v is not None and (p.top_k >= v or (p.logprobs or 0) > v):
+            return f"top_k or logprobs of {f.rid} past the vocabulary of {v}"
+        if not (p.temperature >= 0 and 0 < p.top_p <= 1 and 0 <= p.min_p <= 1):
+            return f"temperature, top_p or min_p of {f.rid} out of range"
+        if p.repetition_penalty is not None and p.repetition_penalty < 0:
+            return f"repetition_penalty of {f.rid} out of range"
+        if not 0 < p.repetition_context_size <= MAX_CONTEXT_SIZE:
+            return f"repetition_context_size of {f.rid} out of range"
+        if p.seed is not None and not 0 <= p.seed < 1 << 64:  # mx.random.key's range
+            return f"seed of {f.rid} out of range"
         return None
 
     def activations(self, h: mx.array | Tensor | None, rows: int, length: int) -> str | None:
@@ -121,7 +167,11 @@ class Screen:
     takes here as measured so far (0: not yet)."""
 
     def __init__(
-        self, limits: Limits, requests: Collection[str], held: int = 0, per_position: float = 0.0
+        self,
+        limits: Limits,
+        requests: Mapping[str, RequestState],
+        held: int = 0,
+        per_position: float = 0.0,
     ) -> None:
         self.limits = limits
         self.requests = requests
@@ -149,8 +199,9 @@ class Screen:
 
     def _part(self, f: Forward) -> Kept | None:
         lim = self.limits
-        why = lim.tokens(f) or lim.activations(f.h, 1, len(f.tokens))
         fresh = f.rid not in self.requests
+        why = lim.place(f, not fresh) or lim.tokens(f) or lim.sampling(f)
+        why = why or lim.activations(f.h, 1, len(f.tokens)) or self._length(f, len(f.tokens))
         if why is None and fresh and len(self.requests) + self.new >= lim.max_requests:
             why = f"the shard keeps {lim.max_requests} requests at most"
         if why is None and (fresh or not f.is_decode):
@@ -161,6 +212,15 @@ class Screen:
             return None
         self.new += fresh
         return Kept(f)
+
+    def _length(self, f: Forward, more: int) -> str | None:
+        """Why `more` positions of `f`'s request would take it past the model's context (a
+        step that no honest head sends: it trims prompts and max_tokens to fit), or None."""
+        st, context = self.requests.get(f.rid), self.limits.context
+        total = (st.positions if st is not None else 0) + more
+        if context is not None and total > context:
+            return f"request {f.rid} would reach {total} positions, past the context of {context}"
+        return None
 
     def _room(self, positions: int) -> str | None:
         """Why a new request or a prompt chunk of `positions` may not add to the KV cache
@@ -184,7 +244,8 @@ class Screen:
         whole = lim.activations(b.h, len(b.rows), 1)
         keep = []
         for i, r in enumerate(b.rows):
-            why = whole or lim.tokens(r)
+            why = whole or lim.place(r, r.rid in self.requests) or lim.tokens(r)
+            why = why or lim.sampling(r) or self._length(r, 1)
             if why is None and r.rid not in self.requests:
                 why = f"no state for request {r.rid} at step {r.seq}"
             if why is None and len(r.tokens) != 1:
