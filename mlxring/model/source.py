@@ -1,9 +1,8 @@
-"""Where a model's files come from: the embedded demo, a local directory, or a Hugging Face repo
-(downloading only the files a node's layer range needs)."""
+"""Where a model's files come from: the demo (made on first use), a local directory, or a Hugging
+Face repo (`hub`: only the files a node's layer range needs)."""
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
@@ -11,22 +10,14 @@ from pathlib import Path
 
 import structlog
 
-from mlxring.model.checkpoint import LAYER_KEY, ModelError, is_head, is_unused, safetensors_sizes
+from mlxring.model import hub
+from mlxring.model.checkpoint import ModelError, safetensors_sizes
 
 log = structlog.get_logger()
 
 DEMO = "demo"
 # The demo model: made by make-model on first use, so the default nodes.toml needs no download.
 DEMO_FAMILY, DEMO_PRESET, DEMO_LAYERS, DEMO_SEED = "qwen3", "tiny", 9, 0
-_META_PATTERNS = [
-    "*.json",
-    "*.jinja",
-    "*.txt",
-    "*.py",
-    "tokenizer.model",
-    "*.tiktoken",
-    "tiktoken.model",
-]
 
 
 class SourceError(ModelError):
@@ -77,50 +68,14 @@ def resolve_metadata(spec: str) -> Path:
         return path
     if spec.startswith((".", "/", "~")):
         raise SourceError(f"model directory {spec} does not exist")
-    return _download(spec, _META_PATTERNS)
-
-
-def shard_files(
-    weight_map: dict[str, str], start: int, end: int, first: bool, last: bool, tied: bool
-) -> set[str]:
-    """The safetensors files holding the tensors of layers [start, end) and the ends we hold."""
-    files = set()
-    for key, f in weight_map.items():
-        if is_unused(key):
-            continue
-        m = LAYER_KEY.search(key)
-        if m is not None:
-            if start <= int(m.group(1)) < end:
-                files.add(f)
-        elif "embed_tokens" in key:
-            if first or (last and tied):
-                files.add(f)
-        elif last:
-            files.add(f)
-    return files
+    return hub.metadata(spec)
 
 
 def fetch_shard(spec: str, meta_dir: Path, start: int, end: int, n_layers: int) -> Path:
     """Make sure the weights of one shard are local; returns the model directory."""
     if is_local(spec):
         return meta_dir
-    index_file = meta_dir / "model.safetensors.index.json"
-    if index_file.exists():
-        weight_map = json.loads(index_file.read_text())["weight_map"]
-        config = json.loads((meta_dir / "config.json").read_text())
-        text = config.get("text_config") or {}
-        tied = config.get("tie_word_embeddings", text.get("tie_word_embeddings", False))
-        files = shard_files(
-            weight_map,
-            start,
-            end,
-            start == 0,
-            end == n_layers,
-            bool(tied) or not any(is_head(k) for k in weight_map),
-        )
-    else:
-        files = {"model.safetensors"}
-    return _download(spec, sorted(files))
+    return hub.fetch_shard(spec, meta_dir, start, end, n_layers)
 
 
 def tensor_sizes(spec: str, meta_dir: Path) -> dict[str, int]:
@@ -134,23 +89,4 @@ def tensor_sizes(spec: str, meta_dir: Path) -> dict[str, int]:
         for f in local:
             sizes.update(safetensors_sizes(f))
         return sizes
-    try:
-        from huggingface_hub import get_safetensors_metadata
-
-        meta = get_safetensors_metadata(spec)
-    except Exception as e:  # noqa: BLE001 - any hub failure is one clear message
-        raise SourceError(f"cannot read tensor sizes of {spec!r} from Hugging Face: {e}") from None
-    out = {}
-    for file_meta in meta.files_metadata.values():
-        for name, t in file_meta.tensors.items():
-            out[name] = t.data_offsets[1] - t.data_offsets[0]
-    return out
-
-
-def _download(repo: str, patterns: list[str]) -> Path:
-    try:
-        from huggingface_hub import snapshot_download
-
-        return Path(snapshot_download(repo, allow_patterns=patterns))
-    except Exception as e:  # noqa: BLE001 - any hub failure is one clear message
-        raise SourceError(f"cannot fetch {repo!r} from Hugging Face: {e}") from None
+    return hub.tensor_sizes(spec)
