@@ -407,3 +407,34 @@ def post_completion(port: int, prompt: list[int], n: int, timeout: float = 30.0)
             return resp.status, json.loads(resp.read())
     except urllib.error.HTTPError as e:
         return e.code, json.loads(e.read())
+
+
+def complete(port: int, prompt: list[int], n: int) -> str:
+    """A greedy completion's text from a node's API, retried while the ring comes up (503)."""
+    deadline = time.monotonic() + 60
+    while (answer := post_completion(port, prompt, n))[0] == 503 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    status, body = answer
+    assert status == 200, body
+    return str(body["choices"][0]["text"])
+
+
+# The head of a ring run in another process (a network namespace, say): `python -c RING_HEAD
+# <nodes.toml> <prompt ids as JSON> <tokens>` prints the greedy tokens, where it found each node,
+# the live members and the plan, as one JSON line.
+RING_HEAD = """
+import asyncio, json, sys
+from mlxring.log import setup_logging
+from tests.ringutil import local_ring, ring_tokens
+
+setup_logging(json_logs=True)
+
+async def main():
+    async with local_ring(sys.argv[1], ["n0"]) as rt:
+        tokens = await ring_tokens(rt, json.loads(sys.argv[2]), int(sys.argv[3]))
+        hosts = {n: rt.address_of(n) for n in rt.config.names}
+        out = {"tokens": tokens, "hosts": hosts, "members": rt.members, "plan": rt.plan}
+        print(json.dumps(out))
+
+asyncio.run(main())
+"""

@@ -27,6 +27,7 @@ from .ringutil import (
     CONCURRENT_TEXTS,
     FAST,
     NodeProcess,
+    complete,
     decode,
     encode,
     local_ring,
@@ -56,16 +57,6 @@ async def intruder(port: int, name: str) -> AsyncIterator[FrameConnection]:
 
 def hidden_size(model: Path) -> int:
     return int(json.loads((model / "config.json").read_text())["hidden_size"])
-
-
-def complete(port: int, prompt: list[int], n: int) -> str:
-    """A greedy completion's text from a node's API, retried while the ring comes up (503)."""
-    deadline = time.monotonic() + 60
-    while (answer := post_completion(port, prompt, n))[0] == 503 and time.monotonic() < deadline:
-        time.sleep(0.2)
-    status, body = answer
-    assert status == 200, body
-    return str(body["choices"][0]["text"])
 
 
 def test_a_token_id_past_the_vocabulary_fails_its_request_not_the_node(tmp_path: Path) -> None:

@@ -21,7 +21,7 @@ import pytest
 from mlxring.protocol.codec import PROTOCOL_VERSION
 from mlxring.transport.discovery import Discovery, PeerInfo, instance_name, resolve_interfaces
 from tests.netns import Netns, skip_reason
-from tests.ringutil import encode, reference, tiny_model
+from tests.ringutil import RING_HEAD, encode, reference, tiny_model
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -311,25 +311,6 @@ def test_netns_harness_cleans_up_after_a_failure() -> None:
     assert not any(h.ns in listed for h in net.hosts) and net.hub not in listed
 
 
-# The head of a zeroconf ring, in its namespace: prints the ring's greedy tokens, where it found
-# each node, and the live members.
-RING_HEAD = """
-import asyncio, json, sys
-from mlxring.log import setup_logging
-from tests.ringutil import local_ring, ring_tokens
-
-setup_logging(json_logs=True)
-
-async def main():
-    async with local_ring(sys.argv[1], ["n0"]) as rt:
-        tokens = await ring_tokens(rt, json.loads(sys.argv[2]), 16)
-        hosts = {n: rt.address_of(n) for n in rt.config.names}
-        print(json.dumps({"tokens": tokens, "hosts": hosts, "members": rt.members}))
-
-asyncio.run(main())
-"""
-
-
 def test_a_zeroconf_node_links_out_from_the_address_it_advertises(tmp_path: Path) -> None:
     """Two hosts each with a second address on their one interface, and `interfaces` naming
     that one: each node advertises it, while the system's source towards the other host is the
@@ -380,7 +361,7 @@ def test_a_zeroconf_node_links_out_from_the_address_it_advertises(tmp_path: Path
             )  # fmt: skip
             head = net.run(
                 0,
-                [sys.executable, "-c", RING_HEAD, str(configs[0]), json.dumps(prompt)],
+                [sys.executable, "-c", RING_HEAD, str(configs[0]), json.dumps(prompt), "16"],
                 timeout=120,
                 cwd=ROOT,
             )

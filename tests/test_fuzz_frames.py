@@ -74,9 +74,9 @@ from mlxring.transport.link import HANDSHAKE_MAX_FRAME, LinkError, LinkSettings,
 
 from .ringutil import (
     FAST,
+    complete,
     decode,
     encode,
-    post_completion,
     process_ring,
     reference,
     tiny_model,
@@ -435,16 +435,6 @@ class Fuzzer:
     async def close(self) -> None:
         for conn in self.conns.values():
             await conn.wait_closed(5)
-
-
-def complete(port: int, prompt: list[int], n: int) -> str:
-    """A greedy completion's text from a node's API, retried while the ring is not up (503)."""
-    deadline = time.monotonic() + 60
-    while (answer := post_completion(port, prompt, n))[0] == 503 and time.monotonic() < deadline:
-        time.sleep(0.2)
-    status, body = answer
-    assert status == 200, body
-    return str(body["choices"][0]["text"])
 
 
 def ring_layers(log: str) -> list[list[int]]:

@@ -11,23 +11,7 @@ from pathlib import Path
 import pytest
 
 from .netns import Netns, skip_reason
-from .ringutil import ROOT, encode, reference, tiny_model
-
-HEAD = """
-import asyncio, json, sys
-from mlxring.log import setup_logging
-from tests.ringutil import local_ring, ring_tokens
-
-setup_logging(json_logs=True)
-
-async def main():
-    async with local_ring(sys.argv[1], ["n0"]) as rt:
-        tokens = await ring_tokens(rt, json.loads(sys.argv[2]), 32)
-        hosts = {n: rt.address_of(n) for n in rt.config.names}
-        print(json.dumps({"tokens": tokens, "hosts": hosts, "plan": rt.plan}))
-
-asyncio.run(main())
-"""
+from .ringutil import RING_HEAD, ROOT, encode, reference, tiny_model
 
 
 def test_ring_forms_through_zeroconf_in_namespaces(tmp_path: Path) -> None:
@@ -74,7 +58,10 @@ def test_ring_forms_through_zeroconf_in_namespaces(tmp_path: Path) -> None:
                 cwd=ROOT,
             )
         head = net.run(
-            0, [sys.executable, "-c", HEAD, str(cfg), json.dumps(prompt)], timeout=120, cwd=ROOT
+            0,
+            [sys.executable, "-c", RING_HEAD, str(cfg), json.dumps(prompt), "32"],
+            timeout=120,
+            cwd=ROOT,
         )
         assert head.returncode == 0, head.stderr[-12000:]
         out = json.loads(head.stdout.strip().splitlines()[-1])
