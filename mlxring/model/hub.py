@@ -37,7 +37,6 @@ META_PATTERNS = [
     "tiktoken.model",
 ]
 PROGRESS_S = 5.0  # a file still downloading logs its progress this often
-CHUNK = 1 << 20
 
 
 class HubError(ModelError):
@@ -260,7 +259,7 @@ def _transfer(url: str, out: BinaryIO, name: str, size: int | None) -> None:
         if done and response.status_code != 206:  # the server sent the whole file again
             out.truncate(0)
             done = 0
-        for chunk in response.iter_bytes(CHUNK):
+        for chunk in response.iter_bytes():  # as it comes: a killed run keeps what it got
             out.write(chunk)
             done += len(chunk)
             if time.monotonic() - last >= PROGRESS_S:
