@@ -29,7 +29,11 @@ class Request:
     @property
     def file(self) -> str | None:
         """The file a resolve request names."""
-        return self.path.split("/resolve/", 1)[1].split("/", 1)[1] if "/resolve/" in self.path else None
+        return (
+            self.path.split("/resolve/", 1)[1].split("/", 1)[1]
+            if "/resolve/" in self.path
+            else None
+        )
 
 
 class HubStandIn:
@@ -91,7 +95,9 @@ class HubStandIn:
                 Request(client, request.method, tail, request.headers.get("Range"))
             )
         if tail.startswith("api/models/"):
-            repo = tail.removeprefix("api/models/").split("/revision/")[0]
+            repo = tail.removeprefix("api/models/").split("/revision/")[0].split("/tree/")[0]
+            if "/tree/" in tail:  # snapshot_download lists the files so
+                return self._error(repo) or self._tree(repo)
             return self._error(repo) or self._info(repo)
         if "/resolve/" not in tail:
             return web.json_response({"error": "not found"}, status=404)
@@ -124,10 +130,16 @@ class HubStandIn:
         for f in sorted(self.repos[repo].iterdir()):
             etag = hashlib.sha256(f.read_bytes()).hexdigest()
             size = f.stat().st_size
-            siblings.append(
-                {"rfilename": f.name, "size": size, "blobId": etag[:40], "lfs": None}
-            )
+            siblings.append({"rfilename": f.name, "size": size, "blobId": etag[:40], "lfs": None})
         return web.json_response({"id": repo, "sha": self.sha(repo), "siblings": siblings})
+
+    def _tree(self, repo: str) -> web.Response:
+        entries = []
+        for f in sorted(self.repos[repo].iterdir()):
+            etag = hashlib.sha256(f.read_bytes()).hexdigest()
+            size = f.stat().st_size
+            entries.append({"type": "file", "oid": etag[:40], "size": size, "path": f.name})
+        return web.json_response(entries)
 
     async def _file(self, request: web.Request, repo: str, path: Path) -> web.StreamResponse:
         data = path.read_bytes()

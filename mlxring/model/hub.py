@@ -109,20 +109,17 @@ def metadata(repo: str) -> Path:
     """The repo's config, tokenizer and weight index, fetched (or found in the hub's cache);
     returns its snapshot directory, where the weight files come later."""
     try:
-        listing = _listing(repo)
+        snapshot = download(repo, META_PATTERNS)
     except HubError:
         cached = _cached_snapshot(repo)
         if cached is None:
             raise
         log.warning("model_hub_unreachable", repo=repo, using=str(cached))
         return cached
-    names = sorted(n for n in listing.sizes if any(fnmatch.fnmatch(n, p) for p in META_PATTERNS))
-    for name in names:
-        _fetch(listing, name)
     refs = storage(repo) / "refs" / "main"
     refs.parent.mkdir(parents=True, exist_ok=True)
-    refs.write_text(listing.sha)
-    return storage(repo) / "snapshots" / listing.sha
+    refs.write_text(snapshot.name)
+    return snapshot
 
 
 def _cached_snapshot(repo: str) -> Path | None:
