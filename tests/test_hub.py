@@ -32,6 +32,7 @@ from tests.ringutil import (
 
 REPO = "test-org/tiny-sharded"
 N_LAYERS = 6
+META = {"config.json", "model.safetensors.index.json", "tokenizer.json", "tokenizer_config.json"}
 
 
 @pytest.fixture(scope="module")
@@ -145,6 +146,9 @@ def test_each_node_fetches_only_its_own_layers_files(
             if r.range is not None and r.range.startswith("bytes=0-")
         }
         assert headers == all_files, (name, headers)
+        # Whole, besides those: the metadata files and nothing else.
+        whole = {r.file for r in asked if r.method == "GET" and r.file and r.range is None}
+        assert whole - own == META, (name, whole - own)
         # Nothing beyond what huggingface_hub asks for: the API, HEADs, GETs.
         assert all(r.method in ("GET", "HEAD") for r in asked)
     assert len({frozenset(v) for v in fetched.values()}) == 3

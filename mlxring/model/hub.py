@@ -221,20 +221,24 @@ def _fetch(listing: Repo, name: str) -> Path:
             raise HubError(f"cannot fetch {repo!r} from {endpoint()}: no ETag for {name}")
         blob = folder / "blobs" / meta.etag
         blob.parent.mkdir(parents=True, exist_ok=True)
-        # Nodes of one machine share the cache and may need the same file: one fetches it.
-        with FileLock(str(blob) + ".lock"):
+        # Nodes of one machine share the cache and may need the same file: one fetches it
+        # (under the lock huggingface_hub itself takes for this blob).
+        lock = folder.parent / ".locks" / folder.name / f"{meta.etag}.lock"
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(lock)):
             if not blob.exists():
                 part = blob.with_name(blob.name + ".incomplete")
                 with part.open("ab") as f:
                     _transfer(meta.location, f, name, meta.size)
                 part.replace(blob)
+            if not pointer.exists():
+                pointer.parent.mkdir(parents=True, exist_ok=True)
+                pointer.unlink(missing_ok=True)  # a link to a blob that is gone
+                pointer.symlink_to(os.path.relpath(blob, pointer.parent))
     except HubError:
         raise
     except Exception as e:  # noqa: BLE001 - any hub failure is one clear message
         raise _failed(repo, e) from None
-    pointer.parent.mkdir(parents=True, exist_ok=True)
-    pointer.unlink(missing_ok=True)
-    pointer.symlink_to(os.path.relpath(blob, pointer.parent))
     return pointer
 
 
@@ -264,7 +268,7 @@ def _transfer(url: str, out: BinaryIO, name: str, size: int | None) -> None:
                 log.info("model_download", file=name, done=done, total=size)
     out.flush()
     if size is not None and done != size:
-        raise HubError(f"{name}: got {done} bytes of {size}")
+        raise OSError(f"{name}: got {done} bytes of {size}")
     log.info(
         "model_downloaded",
         file=name,
