@@ -25,6 +25,7 @@ from tests.ringutil import (
     NodeProcess,
     decode,
     encode,
+    free_port,
     post_completion,
     reference,
     write_valid_config,
@@ -51,7 +52,12 @@ def hub(sharded: Path) -> Iterator[HubStandIn]:
 
 @contextlib.contextmanager
 def hub_nodes(
-    config: Path, names: Sequence[str], tmp: Path, hub: HubStandIn, caches: dict[str, Path]
+    config: Path,
+    names: Sequence[str],
+    tmp: Path,
+    hub: HubStandIn,
+    caches: dict[str, Path],
+    endpoint: str | None = None,
 ) -> Iterator[dict[str, NodeProcess]]:
     """`mlxring node` processes, each asking the stand-in under its own name and keeping its
     files in its own cache (a NodeProcess takes this process's environment as it starts)."""
@@ -62,7 +68,7 @@ def hub_nodes(
             os.environ.pop("HF_HUB_OFFLINE", None)
             os.environ.pop("HF_TOKEN", None)
             os.environ.update(
-                HF_ENDPOINT=hub.endpoint(name),
+                HF_ENDPOINT=endpoint or hub.endpoint(name),
                 HF_HUB_CACHE=str(caches[name]),
                 HF_HOME=str(tmp / "hf-home"),
                 HF_HUB_DISABLE_XET="1",
@@ -137,6 +143,7 @@ def test_each_node_fetches_only_its_own_layers_files(
         assert sorted(fetched[name]) == sorted(own), (name, fetched[name], own)
         for f in own:
             assert f'"file": "{f}"' in logs[name] and "model_downloaded" in logs[name]
+        assert "it/s]" not in logs[name]  # no tqdm bars in a node's log
         # Planning read the headers of every weight file (Range reads from byte 0) before any
         # weight file was fetched whole.
         first_get = next(i for i, r in enumerate(asked) if r.file in own and r.range is None)
@@ -169,6 +176,14 @@ def test_a_hub_failure_is_one_line(
     assert line.startswith(f"mlxring: cannot fetch {repo!r} from {hub.endpoint('n0')}: "), line
     assert line.endswith(cause), line
     assert not weight_gets(hub.of("n0"))
+
+
+def test_an_unreachable_hub_is_one_line(tmp_path: Path, hub: HubStandIn) -> None:
+    nowhere = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    cfg = write_valid_config(tmp_path, REPO, 1)
+    with hub_nodes(cfg, ["n0"], tmp_path, hub, {"n0": tmp_path / "cache"}, nowhere) as procs:
+        line = exit_line(procs["n0"])
+    assert line.startswith(f"mlxring: cannot fetch {REPO!r} from {nowhere}: ConnectError: "), line
 
 
 @pytest.fixture
