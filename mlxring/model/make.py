@@ -2,8 +2,9 @@
 
 `make_model` writes a directory that `mlx_lm.load` reads unchanged: ``config.json``,
 ``model.safetensors`` + ``model.safetensors.index.json`` (written by mlx-lm's own
-``save_model`` / ``save_config``), and a real byte-level BPE tokenizer trained on the
-bundled ``data/corpus.txt`` with a ChatML chat template.
+``save_model`` / ``save_config``; ``shards`` splits the weights along layer boundaries into
+``model-0000k-of-0000n.safetensors``, as a large checkpoint on the hub is), and a real
+byte-level BPE tokenizer trained on the bundled ``data/corpus.txt`` with a ChatML chat template.
 
 Weights are drawn from numpy's ``default_rng`` (one stream per tensor, keyed by the seed and
 the tensor's name), so the same seed gives byte-identical files on every machine and the
@@ -33,6 +34,7 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.utils import quantize_model, save_config, save_model
 
+from mlxring.model.checkpoint import LAYER_KEY
 from mlxring.model.families import MADE, Family, Shape
 from mlxring.model.sharded import build_model
 
@@ -315,11 +317,13 @@ def make_model(
     quantize: int | None = None,
     seed: int = 0,
     scale: float | None = None,
+    shards: int = 1,
 ) -> Path:
     """Write a random-weight mlx-lm model directory at ``out`` and return ``out``.
 
     ``layers``, ``tie`` and ``scale`` override the preset; ``quantize`` (4 or 8) stores the
-    linear and embedding weights affine-quantized with group size 64, as ``mlx_lm.convert -q``.
+    linear and embedding weights affine-quantized with group size 64, as ``mlx_lm.convert -q``;
+    ``shards`` > 1 writes that many weight files, split along layer boundaries.
     """
     if family not in FAMILIES:
         raise ValueError(f"unknown family {family!r}; choose from {', '.join(FAMILIES)}")
@@ -329,6 +333,8 @@ def make_model(
         raise ValueError(f"quantize must be 4 or 8, not {quantize!r}")
     if layers is not None and layers < 1:
         raise ValueError(f"layers must be >= 1, not {layers}")
+    if shards < 1:
+        raise ValueError(f"shards must be >= 1, not {shards}")
     fam, pre = FAMILIES[family], PRESETS[preset]
     n_layers = pre.num_hidden_layers if layers is None else layers
     tied = tie if tie is not None else (pre.tie if pre.tie is not None else fam.tie)
@@ -366,11 +372,42 @@ def make_model(
     for stale in out.glob("model*.safetensors"):
         stale.unlink()  # mlx_lm.load globs model*.safetensors; old shards would mix in
     save_model(out, model, donate_model=True)
+    if shards > 1:
+        _split(out, shards, n_layers)
     save_config(config, out / "config.json")
     (out / "tokenizer.json").write_text(tok_json, encoding="utf-8")
     tok_config = _tokenizer_config(pre.max_position_embeddings)
     (out / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2) + "\n")
     return out
+
+
+def _split(out: Path, n: int, n_layers: int) -> None:
+    """Rewrite the saved weights as `n` files, layer i in file i * n // n_layers, the embedding
+    in the first and the final norm and head in the last, with an index naming each tensor's
+    file: so the nodes of a ring need different files, as with a large checkpoint."""
+    index_path = out / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    weights: dict[str, mx.array] = {}
+    for f in sorted(out.glob("model*.safetensors")):
+        weights.update(cast(dict[str, mx.array], mx.load(str(f))))
+        f.unlink()
+
+    def part(name: str) -> int:
+        m = LAYER_KEY.search(name)
+        if m is not None:
+            return min(n - 1, int(m.group(1)) * n // n_layers)
+        return 0 if "embed_tokens" in name else n - 1
+
+    files: list[dict[str, mx.array]] = [{} for _ in range(n)]
+    for name, w in weights.items():
+        files[part(name)][name] = w
+    weight_map: dict[str, str] = {}
+    for i, tensors in enumerate(files):
+        file_name = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+        mx.save_safetensors(str(out / file_name), tensors, metadata={"format": "mlx"})
+        weight_map.update(dict.fromkeys(tensors, file_name))
+    index["weight_map"] = dict(sorted(weight_map.items()))
+    index_path.write_text(json.dumps(index, indent=4) + "\n")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -396,6 +433,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quantize", type=int, choices=[4, 8], default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--scale", type=float, default=None, help="weight gain override")
+    parser.add_argument(
+        "--shards", type=int, default=1, help="weight files, split along layer boundaries"
+    )
     parser.add_argument("--out", type=Path, required=True, help="output directory")
 
 
@@ -418,6 +458,7 @@ def run(args: argparse.Namespace) -> int:
         quantize=args.quantize,
         seed=args.seed,
         scale=args.scale,
+        shards=args.shards,
     )
     index = json.loads((out / "model.safetensors.index.json").read_text())
     config = json.loads((out / "config.json").read_text())

@@ -81,8 +81,8 @@ def fetch_shard(spec: str, meta_dir: Path, start: int, end: int, n_layers: int) 
 def tensor_sizes(spec: str, meta_dir: Path) -> dict[str, int]:
     """Tensor name -> bytes, from local safetensors headers or, for a hub repo, from the hub's
     header reads (so planning needs no weights)."""
-    local = sorted(meta_dir.glob("model*.safetensors"))
-    if local or is_local(spec):
+    if is_local(spec):  # a hub snapshot holds only the files this node fetched before
+        local = sorted(meta_dir.glob("model*.safetensors"))
         if not local:
             raise SourceError(f"{meta_dir} has no weights: no model*.safetensors file in it")
         sizes: dict[str, int] = {}
