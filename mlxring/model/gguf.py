@@ -16,9 +16,11 @@ permutes them), so the config says `rope_traditional`.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 import time
 from collections.abc import Iterable
@@ -161,7 +163,11 @@ class GgufFile:
         try:
             self.reader = GGUFReader(str(path))
         except (OSError, ValueError, KeyError, IndexError) as e:
-            raise GgufError(f"{path}: not a readable GGUF file: {e}") from None
+            # The reader runs past the end of a file cut short (a download that stopped) and
+            # says so only in numpy's words: name the likely cause first.
+            raise GgufError(
+                f"{path}: not a readable GGUF file (cut short or corrupt: {e})"
+            ) from None
         arch = self.value("general.architecture")
         if arch not in ARCHITECTURES:
             raise GgufError(
@@ -368,15 +374,14 @@ def metadata(path: Path, cache: Path) -> Path:
     g = GgufFile(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".gguf-", dir=target.parent))
-    g.write_tokenizer(tmp)
-    _write_json(tmp / "config.json", g.config)
-    _write_json(tmp / "gguf-sizes.json", g.sizes())
     try:
-        tmp.rename(target)
-    except OSError:  # another process of this machine made it first
-        for f in tmp.iterdir():
-            f.unlink()
-        tmp.rmdir()
+        g.write_tokenizer(tmp)
+        _write_json(tmp / "config.json", g.config)
+        _write_json(tmp / "gguf-sizes.json", g.sizes())
+        with contextlib.suppress(OSError):  # another process of this machine made it first
+            tmp.rename(target)
+    finally:  # gone once renamed; else (made elsewhere, or a GgufError) nothing of it is kept
+        shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 
