@@ -213,6 +213,24 @@ def test_converted_tensors_are_what_mlx_loads_from_the_gguf_bit_for_bit(
     assert sizes == {k: v.nbytes for k, v in got.items()}
 
 
+def test_bf16_stays_bfloat16_where_mlxs_reader_loses_it(tmp_path: Path) -> None:
+    """MLX's GGUF reader narrows BF16 to float16: past 65504 a weight becomes inf, below 6e-5
+    it loses bits. The conversion keeps the file's bfloat16 bits."""
+    path = tmp_path / "wide.gguf"
+    values = np.array([[1e5, -3e38, 1e-7, 3.0] * 8] * 2, np.float32)
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_tensor("token_embd.weight", gguf.quants.quantize(values, Q.BF16), raw_dtype=Q.BF16)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    assert not mx.isfinite(load(path)["token_embd.weight"]).all().item()
+    got = converter.GgufFile(path).arrays(converter.EMBED)["model.embed_tokens.weight"]
+    assert got.dtype == mx.bfloat16
+    want = gguf.quants.dequantize(gguf.quants.quantize(values, Q.BF16), Q.BF16)
+    assert np.array_equal(np.array(got.astype(mx.float32)), want)
+
+
 @pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
 def test_the_float32_file_computes_the_original_models_logits(tmp_path: Path, tie: bool) -> None:
     """The config mapping (rotary order, head_dim, eps, tied embedding) and the tokenizer: the
@@ -263,17 +281,23 @@ def expected_files(start: int, end: int, n: int) -> set[str]:
 
 
 def ring_of_processes(
-    tmp_path: Path, path: Path, oracle_dir: Path, n_nodes: int, n_tokens: int
+    tmp_path: Path,
+    path: Path,
+    oracle_dir: Path,
+    n_nodes: int,
+    n_tokens: int,
+    caches: dict[str, Path] | None = None,
 ) -> dict[str, str]:
-    """A ring of `n_nodes` `mlxring node` processes serving GGUF `path`, each with a cache of
-    its own, answers a greedy completion as mlx-lm does on `oracle_dir`; returns each node's
-    log."""
+    """A ring of `n_nodes` `mlxring node` processes serving GGUF `path` (node n keeping its
+    model files in `caches[n]`) answers a greedy completion as mlx-lm does on `oracle_dir`;
+    returns each node's log."""
     prompt = encode(oracle_dir, PROMPT)
     want = reference(oracle_dir, prompt, n_tokens)
     assert len(set(want)) >= 8, "the oracle output is degenerate; the test would prove little"
     cfg = write_config(tmp_path, path, n_nodes)
     names = [f"n{i}" for i in range(n_nodes)]
-    env = {n: {"MLXRING_CACHE": str(tmp_path / f"cache-{n}")} for n in names}
+    caches = caches or {n: tmp_path / f"cache-{n}" for n in names}
+    env = {n: {"MLXRING_CACHE": str(caches[n])} for n in names}
     with process_ring(cfg, names, tmp_path, env=env) as procs:
         procs["n0"].wait_log('"ring_up"', 60)
         got = complete(load_config(cfg).api_port("n0"), prompt, n_tokens)
@@ -282,21 +306,36 @@ def ring_of_processes(
     return logs
 
 
+def converting(log: str) -> int:
+    """How many files a node's log says it converted."""
+    (line,) = [json.loads(ln) for ln in log.splitlines() if '"gguf_converting"' in ln]
+    assert any('"gguf_converted"' in ln for ln in log.splitlines())
+    return int(line["parts"])
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["a-cache-each", "one-cache"])
 def test_a_ring_of_processes_on_a_quantized_gguf_is_exact_and_each_node_converts_its_own_layers(
-    files: dict[Q, Path], tmp_path: Path
+    files: dict[Q, Path], tmp_path: Path, shared: bool
 ) -> None:
+    """Each node converts only its own layers; nodes of one machine share a cache (the default)
+    and race to make its metadata, each then writing its own files beside the others'."""
     path = files[Q.Q4_0]
     whole = tmp_path / "whole"
     converter.write_model(path, whole)
-    logs = ring_of_processes(tmp_path, path, whole, 3, 32)
-    ranges = sorted(layers_of(log) for log in logs.values())
-    assert [r[0] for r in ranges] == [0, ranges[0][1], ranges[1][1]] and ranges[-1][1] == 7
+    names = ["n0", "n1", "n2"]
+    caches = {n: tmp_path / ("cache" if shared else f"cache-{n}") for n in names}
+    logs = ring_of_processes(tmp_path, path, whole, 3, 32, caches)
+    ranges = {n: layers_of(log) for n, log in logs.items()}
+    bounds = sorted(ranges.values())
+    assert [r[0] for r in bounds] == [0, bounds[0][1], bounds[1][1]] and bounds[-1][1] == 7
+    made: dict[Path, set[str]] = {}
     for name, log in logs.items():
-        start, end = layers_of(log)
-        assert '"gguf_converting"' in log and '"gguf_converted"' in log, log[-2000:]
-        (directory,) = (tmp_path / f"cache-{name}" / "gguf").iterdir()
-        weights = {f.name for f in directory.glob("*.safetensors")}
-        assert weights == expected_files(start, end, 7), (name, start, end)
+        want = expected_files(*ranges[name], 7)
+        assert converting(log) == len(want), log[-2000:]
+        made.setdefault(caches[name], set()).update(want)
+    for cache, want in made.items():
+        (directory,) = (cache / "gguf").iterdir()  # and no half-made one beside it
+        assert {f.name for f in directory.glob("*.safetensors")} == want
 
 
 # ---------------------------------------------------------------------------------------------
@@ -394,3 +433,6 @@ def test_the_smollm2_gguf_through_two_processes_is_exact(smollm2: Path, tmp_path
     logs = ring_of_processes(tmp_path, smollm2, whole, 2, 24)
     (a, b), (c, d) = sorted(layers_of(log) for log in logs.values())
     assert (a, b, d) == (0, c, 30)
+    # Its embedding is tied: the last node converts it too, beside its layers and the head.
+    counts = sorted(converting(log) for log in logs.values())
+    assert counts == sorted([b - a + 1, d - c + 2])

@@ -8,7 +8,8 @@ scale and bias per group); this module repacks them block by block the way `mx.l
 converted tensor is bit for bit what MLX's own GGUF reader gives (tests check), without reading
 the whole file into memory as `mx.load` would. Float tensors keep their stored dtype: the norms
 of a quantized file are float32 in GGUF, and computing them in float16 makes a small model
-ramble. Anything else (K-quants, I-quants, other architectures) is refused in one line.
+ramble; BF16 stays bfloat16 (MLX's reader narrows it to float16, where a weight past 65504 is
+inf). Anything else (K-quants, I-quants, other architectures) is refused in one line.
 
 GGUF stores llama's query and key rows in the interleaved rotary order (llama.cpp's converter
 permutes them), so the config says `rope_traditional`.
