@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -233,14 +234,21 @@ def test_bf16_stays_bfloat16_where_mlxs_reader_loses_it(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
 def test_the_float32_file_computes_the_original_models_logits(tmp_path: Path, tie: bool) -> None:
-    """The config mapping (rotary order, head_dim, eps, tied embedding) and the tokenizer: the
-    float32 GGUF's model gives the original's logits (both computed in float32) and encodes text
-    as the original's tokenizer does."""
-    model = tiny_model("llama", tie=tie)
+    """The config mapping (rotary order and base, head_dim, eps, tied embedding, context) and
+    the tokenizer: the float32 GGUF's model gives the original's logits (both computed in
+    float32), encodes text and applies the chat template as the original's tokenizer does. The
+    original's rotary base, eps and context are not mlx-lm's defaults, so that a value the
+    mapping drops shows."""
+    model = tmp_path / "original"
+    shutil.copytree(tiny_model("llama", tie=tie), model)
+    config = json.loads((model / "config.json").read_text())
+    config |= {"rope_theta": 500.0, "rms_norm_eps": 0.25, "max_position_embeddings": 1234}
+    (model / "config.json").write_text(json.dumps(config))
     path = write_gguf(model, tmp_path / "tiny.gguf", Q.F32)
     out = tmp_path / "converted"
     converter.write_model(path, out)
     assert ("lm_head.weight" in load(out / converter.file_of(converter.HEAD))) != tie
+    assert json.loads((out / "config.json").read_text())["max_position_embeddings"] == 1234
     original, original_tok = mlx_lm.load(str(model))[:2]
     original.update(tree_map(lambda a: a.astype(mx.float32), original.parameters()))
     ours, our_tok = mlx_lm.load(str(out))[:2]
@@ -249,6 +257,8 @@ def test_the_float32_file_computes_the_original_models_logits(tmp_path: Path, ti
     assert our_tok.encode(text) == ids
     assert our_tok.decode(ids) == original_tok.decode(ids)
     assert our_tok.eos_token_ids == original_tok.eos_token_ids
+    chat = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+    assert our_tok.apply_chat_template(chat) == original_tok.apply_chat_template(chat)
     want, got = original(mx.array([ids])), ours(mx.array([ids]))
     assert got.dtype == mx.float32
     assert mx.allclose(got, want, atol=1e-3, rtol=1e-4).item(), mx.abs(got - want).max()
