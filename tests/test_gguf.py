@@ -200,7 +200,7 @@ def test_converted_tensors_are_what_mlx_loads_from_the_gguf_bit_for_bit(
         have = got[name]
         assert have.shape == want.shape, name
         if kind == Q.BF16 and have.ndim == 2:
-            # MLX's reader widens BF16 to float16, which loses what float16 cannot hold; the
+            # MLX's reader narrows BF16 to float16, which loses what float16 cannot hold; the
             # conversion keeps the stored bits: those of the file, the same numbers as MLX's.
             assert have.dtype == mx.bfloat16, name
             bits = np.array(raw[gguf_name(name)].data).view(np.uint16)
