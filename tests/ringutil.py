@@ -15,7 +15,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -249,11 +249,18 @@ async def local_ring(
 class NodeProcess:
     """One `mlxring node --name NAME` process, its log in a file."""
 
-    def __init__(self, config: Path, name: str, log_dir: Path, *args: str) -> None:
+    def __init__(
+        self,
+        config: Path,
+        name: str,
+        log_dir: Path,
+        *args: str,
+        env: Mapping[str, str] | None = None,
+    ) -> None:
         self.name = name
         self.log_path = log_dir / f"{name}.log"
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         self.proc = subprocess.Popen(
             [
                 sys.executable,
@@ -310,11 +317,17 @@ class NodeProcess:
 
 @contextlib.contextmanager
 def process_ring(
-    config: Path, names: Sequence[str], log_dir: Path, *args: str
+    config: Path,
+    names: Sequence[str],
+    log_dir: Path,
+    *args: str,
+    env: Mapping[str, Mapping[str, str]] | None = None,
 ) -> Iterator[dict[str, NodeProcess]]:
-    """Start one process per name; yields {name: NodeProcess}. Stops them all on exit, and fails
-    the test if one of them does not exit within 10 s of SIGTERM."""
-    procs = {n: NodeProcess(config, n, log_dir, *args) for n in names}
+    """Start one process per name (with `env[name]` added to its environment); yields
+    {name: NodeProcess}. Stops them all on exit, and fails the test if one of them does not exit
+    within 10 s of SIGTERM."""
+    env = env or {}
+    procs = {n: NodeProcess(config, n, log_dir, *args, env=env.get(n)) for n in names}
     try:
         yield procs
     finally:

