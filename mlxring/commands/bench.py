@@ -30,6 +30,8 @@ from typing import Any
 import aiohttp
 
 from mlxring.config import Config, load_config
+from mlxring.log import setup_logging
+from mlxring.model.checkpoint import ModelError
 from mlxring.model.source import cache_dir
 
 
@@ -403,6 +405,8 @@ def head_url(config: Config) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    # Log lines (say, a packaged model's first fetch) go to stderr: stdout is --json's alone.
+    setup_logging()
     levels = [int(c) for c in str(args.concurrency).split(",") if c.strip()]
     procs: list[subprocess.Popen[bytes]] = []
     try:
@@ -460,6 +464,9 @@ def run(args: argparse.Namespace) -> int:
             for k, v in again.items():
                 out[f"{k}_runs"] = [out[k], v]
                 out[k] = max(out[k], v)
+    except ModelError as e:  # a model that cannot be had here: one line, as `mlxring node` says it
+        print(f"mlxring: {e}", file=sys.stderr)
+        return 2
     finally:
         stop(procs)
     if "baseline_decode_tok_s" in out:
