@@ -133,7 +133,8 @@ def test_a_stop_string_from_the_real_answer(ring: Ring) -> None:
 
 
 def test_a_second_turn_reads_the_first_answer(ring: Ring) -> None:
-    first = ask(ring, FRANCE).choices[0].message.content
+    alone = ask(ring, FRANCE)
+    first = alone.choices[0].message.content
     assert "Paris" in first
     messages = [
         *FRANCE,
@@ -144,7 +145,7 @@ def test_a_second_turn_reads_the_first_answer(ring: Ring) -> None:
     r = ask(ring, messages)
     # The ring's prompt is mlx-lm's rendering of the whole conversation, the first answer in it.
     assert r.usage.prompt_tokens == n_prompt
-    assert r.usage.prompt_tokens > ask(ring, FRANCE).usage.prompt_tokens + len(first.split())
+    assert r.usage.prompt_tokens > alone.usage.prompt_tokens + len(first.split())
     assert r.choices[0].message.content == want
     assert "Paris" in want
 
