@@ -198,7 +198,11 @@ def _lazy(module: str, attr: str) -> object:
 
 def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="attach to the ring of this nodes.toml (its head's API)")
-    p.add_argument("--model", help="model directory or HF repo id (default: made from --preset)")
+    p.add_argument(
+        "--model",
+        help='any model spec of nodes.toml: "smollm2", "demo", a directory or an HF repo id '
+        "(default: made from --preset)",
+    )
     p.add_argument("--preset", default="small", help="make-model preset when no --model is given")
     p.add_argument("--family", default="qwen3", help="make-model family when no --model is given")
     p.add_argument("--quantize", type=int, choices=[4, 8], help="make-model quantization")

