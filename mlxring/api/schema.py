@@ -15,6 +15,7 @@ from aiohttp import web
 
 from mlxring.aio import wait_for
 from mlxring.api.errors import ApiError, body_too_large, body_too_slow, invalid
+from mlxring.api.structured import grammar_of
 from mlxring.config import ApiConfig
 from mlxring.fields import FieldErrors, Fields
 from mlxring.fields import Kind as FieldKind
@@ -320,6 +321,8 @@ def parse_generation(kind: Kind, data: dict[str, Any], vocab_size: int) -> Gener
     seed = f.opt_integer("seed", lo=-(1 << 63), hi=(1 << 64) - 1)
     logit_bias = _parse_logit_bias(data.get("logit_bias"), vocab_size)
     stop = _parse_stop(data.get("stop"))
+    # The grammar the output must match (`api.structured`); legacy completions take it too.
+    grammar = grammar_of(f)
 
     logprobs: int | None
     if kind == "chat":
@@ -347,6 +350,7 @@ def parse_generation(kind: Kind, data: dict[str, Any], vocab_size: int) -> Gener
         # mx.random.key takes an unsigned 64-bit seed; negative seeds wrap around.
         seed=seed % (1 << 64) if seed is not None else None,
         logprobs=logprobs,
+        grammar=grammar,
     )
     messages: tuple[ChatMessage, ...] = ()
     text: str | None = None
@@ -355,9 +359,6 @@ def parse_generation(kind: Kind, data: dict[str, Any], vocab_size: int) -> Gener
         tools = data.get("tools")
         if tools:  # silently ignoring tools would answer a question the client did not ask
             raise invalid("tools", "Tool calling is not supported by this server.")
-        fmt = data.get("response_format")
-        if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
-            raise invalid("response_format", "Only response_format type 'text' is supported.")
         messages = _parse_messages(data.get("messages"))
     else:
         if f.boolean("echo", False):

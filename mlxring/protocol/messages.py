@@ -44,6 +44,8 @@ class SamplingParams:
     seed: int | None = None
     # Number of top log-probabilities to return with each token; None: no logprobs at all.
     logprobs: int | None = None
+    # llguidance's grammar JSON the output must match (`api.structured`); None: free text.
+    grammar: str | None = None
 
 
 @dataclass(frozen=True)

@@ -39,6 +39,7 @@ from mlxring.ring.replan import Replanner
 from mlxring.ring.routing import LocalNode, Router, link_settings, sender_to
 from mlxring.shard.actor import ShardActor, Sweep
 from mlxring.shard.compute import Compute
+from mlxring.shard.grammar import Grammars
 from mlxring.tasks import TaskFault, TaskScope
 from mlxring.transport.discovery import Discovery
 from mlxring.transport.link import Peer
@@ -55,6 +56,7 @@ class Runtime:
         self.config = config
         self.names = [n for n in config.names if n in names]
         self.tokenizer: TokenizerWrapper | None = None
+        self.grammars: Grammars | None = None  # with the tokenizer, for the last shard's use
         self.model_config: dict[str, Any] = {}
         self.info: ModelInfo | None = None
         self.compute = Compute()
@@ -163,6 +165,8 @@ class Runtime:
         c = self.config.cluster
         self.replanner.meta = meta = await load_metadata(c.model, self.compute, c.allow_unverified)
         self.model_config, self.info, self.tokenizer = meta.config, meta.info, meta.tokenizer
+        # One llguidance tokenizer for the process, whichever of its shards comes to be last.
+        self.grammars = Grammars(meta.tokenizer)
         await self.tasks.open()
         await self.directory.start()
         # Finding out whether gates work compiles their kernel: on the compute thread.
@@ -217,6 +221,7 @@ class Runtime:
             self.backend,
             max_requests=self.config.api.max_concurrent + self.config.api.max_queue,
             kv_cache_gb=self.config.tuning.kv_cache_gb,
+            grammars=self.grammars,
         )
 
     async def stop(self) -> None:

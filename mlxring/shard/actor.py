@@ -32,6 +32,7 @@ from mlxring.protocol.messages import (
 )
 from mlxring.shard.compute import Compute
 from mlxring.shard.convoys import DecodePick, convoy_rows, is_prompt_chunk, rids_in, rows_in
+from mlxring.shard.grammar import Grammars
 from mlxring.shard.mailbox import Actor
 from mlxring.shard.state import Reconfigure, Sweep
 from mlxring.shard.step import BatchError, Stepper
@@ -52,11 +53,14 @@ class ShardActor(Actor[Message | Sweep | Reconfigure]):
         backend: Backend | None = None,  # the process's (`backends.pick`); plain by default
         max_requests: int = 1024,  # requests with KV state at once; new ones beyond fail
         kv_cache_gb: float | None = None,  # KV bytes they may hold (None: `checks.kv_bound`)
+        grammars: Grammars | None = None,  # the process's, for requests with a grammar
     ) -> None:
         super().__init__(f"shard:{name}")
         self.node = name
         self.backend: Backend = backend or Plain()
-        self.stepper = Stepper(name, model, self.backend, max_requests, kv_cache_gb, total_memory)
+        self.stepper = Stepper(
+            name, model, self.backend, max_requests, kv_cache_gb, total_memory, grammars
+        )
         self.requests = self.stepper.requests  # the same dict and convoys, for short
         self.convoys = self.stepper.convoys
         self.send_next = send_next

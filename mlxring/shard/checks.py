@@ -21,6 +21,7 @@ import mlx.core as mx
 
 from mlxring.model.sharded import ShardModel, config_value, context_length
 from mlxring.protocol.messages import Forward, ForwardBatch, Tensor, rows_of
+from mlxring.shard.grammar import MAX_GRAMMAR_CHARS
 from mlxring.shard.state import RequestState
 
 #: What activations may be made of (a frame's tensor may claim any dtype the codec knows).
@@ -134,6 +135,8 @@ class Limits:
             return f"repetition_context_size of {f.rid} out of range"
         if p.seed is not None and not 0 <= p.seed < 1 << 64:  # mx.random.key's range
             return f"seed of {f.rid} out of range"
+        if p.grammar is not None and len(p.grammar) > MAX_GRAMMAR_CHARS:
+            return f"grammar of {f.rid} longer than {MAX_GRAMMAR_CHARS} characters"
         return None
 
     def activations(self, h: mx.array | Tensor | None, rows: int, length: int) -> str | None:

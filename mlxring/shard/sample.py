@@ -1,15 +1,18 @@
 """The last shard's sampling: mlx-lm's samplers and logits processors on a step's logits, a
-request's own PRNG key when it gave a seed, and the log-probabilities it asked for."""
+request's grammar mask (`grammar`), its own PRNG key when it gave a seed, and the
+log-probabilities it asked for."""
 
 from __future__ import annotations
 
+import math
 import time
 from typing import cast
 
 import mlx.core as mx
 from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p, greedy_sampler
 
-from mlxring.protocol.messages import Forward, Message, SamplingParams, Token
+from mlxring.protocol.messages import Failure, Forward, Message, SamplingParams, Token
+from mlxring.shard.grammar import GrammarError
 from mlxring.shard.state import RequestState
 
 
@@ -28,11 +31,16 @@ def _seeded(st: RequestState, p: SamplingParams, logprobs: mx.array) -> mx.array
     return mx.random.categorical(x * (1 / p.temperature), key=sub)
 
 
-def sample(f: Forward, st: RequestState, logits: mx.array) -> Token:
-    """The token of one request's step (its history already holds the step's tokens)."""
+def sample(f: Forward, st: RequestState, logits: mx.array) -> Token | Failure:
+    """The token of one request's step (its history already holds the step's tokens); a
+    Failure of its request alone when its grammar cannot go on."""
     for processor in st.processors:
         assert st.history is not None
         logits = processor(st.history, logits)
+    if st.grammar is not None:
+        if (why := st.grammar.error()) is not None:
+            return Failure(f.rid, f"GrammarError: {why}")
+        logits = st.grammar(st.history, logits)
     logprobs = logits - mx.logsumexp(logits, keepdims=True)
     assert st.sampler is not None
     if st.key is not None and st.params is not None and st.params.temperature > 0:
@@ -47,6 +55,11 @@ def sample(f: Forward, st: RequestState, logits: mx.array) -> Token:
             mx.random.seed(time.time_ns() % (1 << 63))
             raise
     token = cast(int, y.item())
+    if st.grammar is not None:
+        try:
+            st.grammar.advance(token)
+        except GrammarError as e:
+            return Failure(f.rid, f"GrammarError: {e}")
     top: tuple[tuple[int, float], ...] = ()
     if st.logprobs is not None:
         row = logprobs[0]
@@ -54,21 +67,27 @@ def sample(f: Forward, st: RequestState, logits: mx.array) -> Token:
         if st.logprobs > 0:
             k = min(st.logprobs, row.shape[0])
             idx = mx.argpartition(-row, k - 1)[:k]
-            vals = row[idx].tolist()
-            top = tuple(
-                sorted(zip(idx.tolist(), vals, strict=True), key=lambda kv: -kv[1])  # type: ignore[arg-type]
-            )
+            ids = cast(list[int], idx.tolist())
+            vals = cast(list[float], row[idx].tolist())
+            # Tokens masked out (a grammar's) have no chance at all: not alternatives.
+            pairs = [(i, v) for i, v in zip(ids, vals, strict=True) if v > -math.inf]
+            top = tuple(sorted(pairs, key=lambda kv: -kv[1]))
         return Token(f.rid, f.seq, token, chosen, top, f.spent, f.hops)
     return Token(f.rid, f.seq, token, spent=f.spent, hops=f.hops)
 
 
 def sample_rows(rows: list[Forward], states: list[RequestState], logits: mx.array) -> list[Message]:
-    """The tokens of a batched pass's rows: greedy rows in one argmax, others one by one."""
+    """The tokens of a batched pass's rows: greedy rows in one argmax, others (a grammar's
+    among them, each masked by its own) one by one."""
     for r, st in zip(rows, states, strict=True):
         if st.processors:
             st.remember(r.tokens)
     if all(
-        st.sampler is greedy_sampler and not st.processors and st.logprobs is None for st in states
+        st.sampler is greedy_sampler
+        and not st.processors
+        and st.grammar is None
+        and st.logprobs is None
+        for st in states
     ):
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
         tokens = cast(list[int], mx.argmax(logprobs, axis=-1).tolist())

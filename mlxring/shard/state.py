@@ -12,6 +12,7 @@ from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
 from mlxring.model.sharded import ShardModel
 from mlxring.protocol.messages import SamplingParams
+from mlxring.shard.grammar import GrammarError, Grammars, Matcher
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,7 @@ class RequestState:
     logprobs: int | None = None
     key: mx.array | None = None  # per-request PRNG state when a seed was given
     params: SamplingParams | None = None
+    grammar: Matcher | None = None  # where its output is in its grammar, when it has one
     kv_bytes: int = 0  # its KV caches' bytes after its last step (in a convoy: its share)
     positions: int = 0  # tokens it has had through this shard
 
@@ -71,8 +73,10 @@ def cache_bytes(caches: list[Any]) -> int:
 
 
 def make_request_state(
-    model: ShardModel, params: SamplingParams | None, now: float
+    model: ShardModel, params: SamplingParams | None, now: float, grammars: Grammars | None = None
 ) -> RequestState:
+    """A new request's state; on the last shard its sampler, processors and grammar matcher
+    (`grammars`: the process's, None where it has no tokenizer)."""
     st = RequestState(caches=model.make_cache(), last_used=now)
     if model.is_last:
         p = params or SamplingParams()
@@ -87,4 +91,8 @@ def make_request_state(
         st.logprobs = p.logprobs
         st.key = mx.random.key(p.seed) if p.seed is not None else None
         st.params = p
+        if p.grammar is not None:
+            if grammars is None:
+                raise GrammarError("this shard has no tokenizer to run a grammar with")
+            st.grammar = grammars.matcher(p.grammar)
     return st

@@ -15,6 +15,7 @@ from mlxring.model.sharded import ShardModel
 from mlxring.protocol.messages import Forward, ForwardBatch, Message, Tensor, rows_of
 from mlxring.shard.checks import Limits, Screen, kv_bound
 from mlxring.shard.convoys import Convoys
+from mlxring.shard.grammar import Grammars
 from mlxring.shard.sample import sample, sample_rows
 from mlxring.shard.state import RequestState, cache_bytes, make_request_state
 
@@ -52,8 +53,10 @@ class Stepper:
         max_requests: int = 1024,
         kv_cache_gb: float | None = None,
         total_memory: int = 0,
+        grammars: Grammars | None = None,
     ) -> None:
         self.node = node
+        self.grammars = grammars  # the process's llguidance tokenizer (None: no grammars here)
         self.model = model
         self.backend = backend
         self.max_requests = max_requests  # requests with state at once; new ones beyond fail
@@ -155,7 +158,9 @@ class Stepper:
         if st is None:
             if f.seq != 0:
                 raise StepError(f"no state for request {f.rid} at step {f.seq} on {self.node}")
-            st = self.requests[f.rid] = make_request_state(model, f.params, time.monotonic())
+            st = self.requests[f.rid] = make_request_state(
+                model, f.params, time.monotonic(), self.grammars
+            )
         st.last_used = time.monotonic()
         if model.is_first:
             x = mx.array([list(f.tokens)], dtype=mx.int32)
