@@ -15,15 +15,18 @@ options (llguidance's) override it."""
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import llguidance
 
 from mlxring.fields import Fields
 from mlxring.shard.grammar import MAX_GRAMMAR_CHARS
 
+if TYPE_CHECKING:  # a type of llguidance's stubs only
+    from llguidance._lib import JsonCompileOptions
+
 #: llguidance's JSON compile options every schema starts from (see the module's docstring).
-JSON_LAYOUT: llguidance.JsonCompileOptions = {
+JSON_LAYOUT: JsonCompileOptions = {
     "whitespace_flexible": False,
     "item_separator": ", ",
     "key_separator": ": ",
