@@ -36,6 +36,7 @@ from .ringutil import (
     reference,
     serve_api,
     tiny_model,
+    wait_for,
     write_valid_config,
 )
 
@@ -284,6 +285,22 @@ async def test_a_ring_that_cannot_serve_is_529_overloaded(tmp_path: Path) -> Non
             await client.close()
     finally:
         await rt.stop()
+
+
+async def test_a_full_queue_is_529_overloaded(tmp_path: Path) -> None:
+    cfg = write_valid_config(tmp_path, MODEL, 2, api="max_concurrent = 1\nmax_queue = 0")
+    async with local_ring(cfg) as rt, serve_api(rt) as url, aiohttp.ClientSession() as s:
+        long = {"messages": MESSAGES, "max_tokens": 3000, "stream": True}
+        async with s.post(f"{url}/v1/messages", json=long) as held:
+            await held.content.readuntil(b"\n\n")  # generating: the one slot is taken
+            status, headers, err = await post(
+                f"{url}/v1/messages", {"messages": MESSAGES, "max_tokens": 2}
+            )
+            assert status == 529 and headers["Retry-After"]
+            assert "capacity" in assert_error(err, "overloaded_error")
+        await wait_for(lambda: rt.engine is not None and rt.engine.active == 0, 10)
+        status, _, done = await post(f"{url}/v1/messages", {"messages": MESSAGES, "max_tokens": 2})
+        assert status == 200 and done["usage"]["output_tokens"] == 2
 
 
 async def test_any_node_answers_with_the_key_and_a_lost_node_ends_the_stream(

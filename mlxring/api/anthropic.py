@@ -99,11 +99,8 @@ def error_response(e: ApiError) -> web.Response:
 
 
 def event(name: str, data: dict[str, Any]) -> bytes:
-    return (
-        f"event: {name}\ndata: ".encode()
-        + json.dumps(data, separators=(",", ":")).encode()
-        + (b"\n\n")
-    )
+    """One SSE event: its name, then its data (whose "type" is the name, as Anthropic's)."""
+    return f"event: {name}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
 
 
 def error_event(e: ApiError) -> bytes:
