@@ -1,15 +1,18 @@
-"""The aiohttp front actor: OpenAI-compatible endpoints on every node, and their wiring.
+"""The aiohttp front actor: OpenAI-compatible endpoints (and Anthropic's Messages API) on every
+node, and their wiring.
 
 The process hosting the head (the one with the engine) serves generation itself; any other node
 forwards API requests to the head's API and streams the answer back event by event.
 
 Endpoints: `POST /v1/chat/completions`, `POST /v1/completions`, `GET /v1/models[/{id}]`,
-`GET /health`, `GET /cluster/status`, `GET /metrics` (Prometheus text, this process's own), and
-the web page `GET /` with its files under `/web/`. Every error body has OpenAI's shape
-`{"error": {"message", "type", "param", "code"}}`.
+`POST /v1/messages`, `POST /v1/messages/count_tokens` (Anthropic's), `GET /health`,
+`GET /cluster/status`, `GET /metrics` (Prometheus text, this process's own), and the web page
+`GET /` with its files under `/web/`. Every error body has OpenAI's shape
+`{"error": {"message", "type", "param", "code"}}`, but under /v1/messages, Anthropic's.
 
-A generation request goes: parse (schema) → tokenize → fit the context → admit (admission) →
-the engine's tokens as text (mlxring.engine.text) → one body or an SSE stream (openai).
+A generation request goes: parse (schema, or anthropic) → tokenize → fit the context → admit
+(admission) → the engine's tokens as text (mlxring.engine.text) → one body or an SSE stream
+(openai, or anthropic); `generation` is the part both APIs share.
 Where each part lives: errors, schema, admission, state (the API's view of the runtime),
 middleware (request ids, auth, log lines), openai (response shapes, SSE), proxy (forwarding to
 the head), status (health, cluster status, models, metrics), web (the page).
@@ -28,11 +31,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncGenerator, AsyncIterator
+from dataclasses import dataclass
 from typing import cast
 
 import structlog
 from aiohttp import web
 
+from mlxring.api import anthropic
 from mlxring.api.errors import ApiError, invalid, unavailable
 from mlxring.api.limits import Gate, GatedSite, raise_fd_limit
 from mlxring.api.middleware import middleware
@@ -43,7 +48,7 @@ from mlxring.api.state import ARRIVED, RID, STATE, ApiState, note
 from mlxring.api.status import cluster_status, get_model, health, list_models, metrics
 from mlxring.api.web import web_file, web_index
 from mlxring.engine.lifecycle import GeneratedToken
-from mlxring.engine.text import assembler, pieces
+from mlxring.engine.text import Piece, TextAssembler, assembler, pieces
 from mlxring.ring.runtime import Runtime
 
 log = structlog.get_logger()
@@ -73,6 +78,48 @@ async def _generation(request: web.Request, kind: Kind) -> web.StreamResponse:
             param="model",
             code="model_not_found",
         )
+    async with generation(request, req) as gen:
+        if req.stream:
+            return await stream(request, req, gen.n_prompt, gen.pieces)
+        return await complete(request, req, gen.n_prompt, gen.pieces)
+
+
+async def messages(request: web.Request) -> web.StreamResponse:
+    """Anthropic's `POST /v1/messages`."""
+    state = request.app[STATE]
+    if not state.hosts_head:
+        return await forward(request, anthropic.STREAM)
+    data = parse_json_body(await read_body(request, state.api))
+    req = anthropic.parse_request(data, state.vocab_size())
+    async with generation(request, req) as gen:
+        answer = anthropic.stream if req.stream else anthropic.complete
+        return await answer(request, gen.n_prompt, gen.pieces, gen.text)
+
+
+async def count_tokens(request: web.Request) -> web.StreamResponse:
+    """Anthropic's `POST /v1/messages/count_tokens`: the prompt's tokens through the template."""
+    state = request.app[STATE]
+    if not state.hosts_head:
+        return await forward(request, anthropic.STREAM)
+    data = parse_json_body(await read_body(request, state.api))
+    req = anthropic.parse_request(data, state.vocab_size(), count=True)
+    if state.tokenizer is None:
+        raise unavailable(state.not_serving() or "the head has no tokenizer yet")
+    return web.json_response({"input_tokens": len(await _prompt_ids(state, req))})
+
+
+@dataclass(frozen=True)
+class Generation:
+    n_prompt: int
+    pieces: AsyncGenerator[Piece, None]
+    text: TextAssembler  # the completion's whole text, a stop string included
+
+
+@contextlib.asynccontextmanager
+async def generation(request: web.Request, req: GenerationRequest) -> AsyncIterator[Generation]:
+    """One request's generation, whichever API asked: tokenize, fit the context, wait for a
+    slot, and the engine's tokens as Pieces of text (closed, with the slot, on leaving)."""
+    state = request.app[STATE]
     ids = await _prompt_ids(state, req)
     max_tokens = _fit_context(state.context_length(), req, len(ids))
     # Refuse at once when the ring cannot serve, rather than time out inside the engine.
@@ -92,11 +139,10 @@ async def _generation(request: web.Request, kind: Kind) -> web.StreamResponse:
                 ids, req.params, max_tokens, rid=request[RID], ignore_eos=req.ignore_eos
             ),
         )
-        text = pieces(tokens, assembler(tok, ids, req.stop), timer.token)
+        asm = assembler(tok, ids, req.stop)
+        text = pieces(tokens, asm, timer.token)
         async with contextlib.aclosing(text):
-            if req.stream:
-                return await stream(request, req, len(ids), text)
-            return await complete(request, req, len(ids), text)
+            yield Generation(len(ids), text, asm)
 
 
 async def _prompt_ids(state: ApiState, req: GenerationRequest) -> list[int]:
@@ -168,6 +214,8 @@ def create_app(runtime: Runtime, state: ApiState | None = None) -> web.Applicati
     app.cleanup_ctx.append(lifetime)
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_post("/v1/completions", completions)
+    app.router.add_post("/v1/messages", messages)
+    app.router.add_post("/v1/messages/count_tokens", count_tokens)
     app.router.add_get("/v1/models", list_models)
     app.router.add_get("/v1/models/{model}", get_model)
     app.router.add_get("/health", health, name="health")

@@ -47,10 +47,15 @@ class ApiError(Exception):
             }
         }
 
-    def response(self) -> web.Response:
+    def response(
+        self, *, body: dict[str, Any] | None = None, status: int | None = None
+    ) -> web.Response:
+        """The answer; another API's shape gives its own `body` and `status` for the error."""
+        body = self.body() if body is None else body
+        status = self.status if status is None else status
         if self.close is None:
-            return web.json_response(self.body(), status=self.status, headers=self.headers)
-        return _Closing(self.close, self.body(), self.status, self.headers)
+            return web.json_response(body, status=status, headers=self.headers)
+        return _Closing(self.close, body, status, self.headers)
 
 
 class _Closing(web.Response):

@@ -1,9 +1,10 @@
-"""The middleware every request passes: its id, the API key, errors as OpenAI bodies, and one
-log line and one metrics record per request.
+"""The middleware every request passes: its id, the API key, errors as OpenAI bodies (as
+Anthropic's under /v1/messages), and one log line and one metrics record per request.
 
 With an API key set, every endpoint needs it but `/health`, which then says only "ok" or
 "unavailable" to a client without the key, and the web page's static files `/` and `/web/*`
-(they hold no data, and the page must load to ask for the key).
+(they hold no data, and the page must load to ask for the key). The key is sent as
+`Authorization: Bearer KEY` (OpenAI's clients) or `x-api-key: KEY` (Anthropic's).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import uuid
 import structlog
 from aiohttp import web
 
+from mlxring.api import anthropic
 from mlxring.api.errors import ApiError, http_error, internal_error
 from mlxring.api.proxy import FORWARDED_RID
 from mlxring.api.state import ARRIVED, AUTHORIZED, NOTES, RID, STATE, ApiState, Handler
@@ -46,22 +48,27 @@ async def middleware(request: web.Request, handler: Handler) -> web.StreamRespon
             _check_auth(request, state)
             resp = await handler(request)
         except ApiError as e:
-            resp = e.response()
+            resp = _answer(request, e)
         except web.HTTPException as e:
             if e.status < 400:
                 raise
-            resp = http_error(e, request, state.api.max_body_bytes).response()
+            resp = _answer(request, http_error(e, request, state.api.max_body_bytes))
         except asyncio.CancelledError:
             # The client hung up (aiohttp cancels its handler); 499 as nginx logs it.
             _log_request(request, 499, t0)
             raise
         except Exception:  # never a traceback or a path in a body: details go to the log
             log.exception("request_failed", method=request.method, path=request.path)
-            resp = internal_error().response()
+            resp = _answer(request, internal_error())
         if not resp.prepared:
             resp.headers["X-Request-Id"] = rid
         _log_request(request, resp.status, t0)
         return resp
+
+
+def _answer(request: web.Request, e: ApiError) -> web.Response:
+    """The error in the shape of the API the request is for."""
+    return anthropic.error_response(e) if anthropic.is_route(request) else e.response()
 
 
 def _log_request(request: web.Request, status: int, t0: float) -> None:
@@ -90,16 +97,19 @@ def _check_auth(request: web.Request, state: ApiState) -> None:
     request[AUTHORIZED] = True
     if not key:
         return
-    header = request.headers.get("Authorization", "")
-    scheme, _, token = header.partition(" ")
+    scheme, _, bearer = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() != "bearer":
+        bearer = ""
+    given = [t.strip() for t in (bearer, request.headers.get("X-Api-Key", "")) if t.strip()]
     error: ApiError | None = None
-    if scheme.lower() != "bearer" or not token.strip():
+    if not given:
         error = ApiError(
             401,
-            "You didn't provide an API key. Send it as 'Authorization: Bearer YOUR_KEY'.",
+            "You didn't provide an API key. Send it as 'Authorization: Bearer YOUR_KEY' or "
+            "'x-api-key: YOUR_KEY'.",
             code="invalid_api_key",
         )
-    elif not hmac.compare_digest(token.strip().encode(), key.encode()):
+    elif not any(hmac.compare_digest(t.encode(), key.encode()) for t in given):
         error = ApiError(401, "Incorrect API key provided.", code="invalid_api_key")
     if error is None:
         return

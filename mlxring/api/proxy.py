@@ -7,13 +7,15 @@ forwarded is refused, so two nodes that disagree on who the head is cannot loop.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
 import structlog
 from aiohttp import web
 
-from mlxring.api.errors import unavailable
+from mlxring.api.errors import ApiError, unavailable
 from mlxring.api.openai import SSE_DONE, SSE_HEADERS, sse
 from mlxring.api.schema import read_body
 from mlxring.api.state import RID, STATE, ApiState, note
@@ -24,6 +26,19 @@ FORWARDED = "X-Mlxring-Forwarded"  # set by a non-head node on the request it fo
 FORWARDED_RID = "X-Mlxring-Request-Id"  # the forwarding node's rid, for correlating logs
 PROXY_CONNECT_S = 5.0
 STATUS_TIMEOUT_S = 3.0  # /health and /cluster/status asked of the head
+# The client's headers the head needs: its key (either way of sending it) and the body's type.
+FORWARDED_HEADERS = ("Authorization", "X-Api-Key", "Content-Type")
+
+
+@dataclass(frozen=True)
+class StreamKind:
+    """How a relayed SSE stream ends well, and how to end one the head cut short."""
+
+    ends: tuple[bytes, ...]  # an event stream holding one of these has ended
+    error: Callable[[ApiError], bytes]  # the events that end a stream with this error
+
+
+OPENAI_STREAM = StreamKind((SSE_DONE,), lambda e: sse(e.body()) + SSE_DONE)
 
 
 def head_url(state: ApiState, path_qs: str) -> str:
@@ -34,15 +49,16 @@ def head_url(state: ApiState, path_qs: str) -> str:
     return f"http://{host}:{port}{path_qs}"
 
 
-async def forward(request: web.Request) -> web.StreamResponse:
-    """Send this request to the head's API and relay its answer, SSE event by event."""
+async def forward(request: web.Request, kind: StreamKind = OPENAI_STREAM) -> web.StreamResponse:
+    """Send this request to the head's API and relay its answer, SSE event by event (a stream
+    of `kind`)."""
     state = request.app[STATE]
     if FORWARDED in request.headers:
         # The head forwarded to us: two nodes disagree on who the head is. Do not loop.
         raise unavailable(f"node {', '.join(state.names)} is not the head ({state.head_name})")
     body = await read_body(request, state.api)
     url = head_url(state, request.path_qs)
-    headers = {k: v for k in ("Authorization", "Content-Type") if (v := request.headers.get(k))}
+    headers = {k: v for k in FORWARDED_HEADERS if (v := request.headers.get(k))}
     headers[FORWARDED] = state.names[0]
     headers[FORWARDED_RID] = request[RID]
     note(request, forwarded_to=state.head_name)
@@ -75,12 +91,14 @@ async def forward(request: web.Request) -> web.StreamResponse:
                 content_type=upstream.content_type,
                 headers=keep,
             )
-        return await _relay_sse(request, upstream)
+        return await _relay_sse(request, upstream, kind)
     finally:
         upstream.close()  # not release(): an unfinished stream must reach the head as a hang-up
 
 
-async def _relay_sse(request: web.Request, upstream: aiohttp.ClientResponse) -> web.StreamResponse:
+async def _relay_sse(
+    request: web.Request, upstream: aiohttp.ClientResponse, kind: StreamKind
+) -> web.StreamResponse:
     state = request.app[STATE]
     resp = web.StreamResponse(
         status=upstream.status, headers={**SSE_HEADERS, "X-Request-Id": request[RID]}
@@ -96,13 +114,13 @@ async def _relay_sse(request: web.Request, upstream: aiohttp.ClientResponse) -> 
                 end = buf.rfind(b"\n\n")
                 if end >= 0:
                     events, buf = buf[: end + 2], buf[end + 2 :]
-                    done = done or SSE_DONE in events
+                    done = done or any(end in events for end in kind.ends)
                     await resp.write(events)
         except (aiohttp.ClientError, TimeoutError) as e:
             log.warning("head_stream_failed", error=error_text(e))
         if not done:
             err = unavailable(f"the head {state.head_name} stopped answering mid-stream")
-            await resp.write(sse(err.body()) + SSE_DONE)
+            await resp.write(kind.error(err))
         await resp.write_eof()
     except ConnectionError:
         log.info("client_disconnected")
