@@ -28,22 +28,25 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncGenerator, AsyncIterator
+from dataclasses import replace
 from typing import cast
 
 import structlog
 from aiohttp import web
 
-from mlxring.api.errors import ApiError, invalid, unavailable
+from mlxring.api.cors import allow
+from mlxring.api.errors import invalid, unavailable
 from mlxring.api.limits import Gate, GatedSite, raise_fd_limit
 from mlxring.api.middleware import middleware
-from mlxring.api.openai import complete, stream
+from mlxring.api.openai import Choice, complete, stream
 from mlxring.api.proxy import forward
 from mlxring.api.schema import GenerationRequest, Kind, parse_generation, parse_json_body, read_body
 from mlxring.api.state import ARRIVED, RID, STATE, ApiState, note
 from mlxring.api.status import cluster_status, get_model, health, list_models, metrics
 from mlxring.api.web import web_file, web_index
 from mlxring.engine.lifecycle import GeneratedToken
-from mlxring.engine.text import assembler, pieces
+from mlxring.engine.text import Piece, assembler, pieces
+from mlxring.protocol.messages import SamplingParams
 from mlxring.ring.runtime import Runtime
 
 log = structlog.get_logger()
@@ -64,21 +67,77 @@ async def _generation(request: web.Request, kind: Kind) -> web.StreamResponse:
     if not state.hosts_head:
         return await forward(request)
     data = parse_json_body(await read_body(request, state.api))
+    # Any model name is taken: one model is served, and clients send whatever name their
+    # settings hold (mlx-lm's and llama.cpp's servers do the same). The answer names the model.
     req = parse_generation(kind, data, state.vocab_size())
-    if req.model is not None and req.model not in state.model_names:
-        raise ApiError(
-            400,
-            f"The model {req.model!r} does not exist on this server; it serves "
-            f"{state.model_name!r} (see GET /v1/models).",
-            param="model",
-            code="model_not_found",
-        )
-    ids = await _prompt_ids(state, req)
-    max_tokens = _fit_context(state.context_length(), req, len(ids))
+    prompts = await _prompt_ids(state, req)
+    budgets = [_fit_context(state.context_length(), req, len(ids)) for ids in prompts]
     # Refuse at once when the ring cannot serve, rather than time out inside the engine.
     if reason := state.not_serving():
         raise unavailable(reason)
-    note(request, prompt_tokens=len(ids))
+    note(request, prompt_tokens=sum(map(len, prompts)))
+    echoes = await _echoes(state, req, prompts)
+    # Choice i is of prompt i // n, as OpenAI orders a batch's choices.
+    choices = [
+        Choice(i, len(prompts[i // req.n]), echoes[i // req.n]) for i in range(len(prompts) * req.n)
+    ]
+    rows = _rows(request, req, prompts, budgets)
+    async with contextlib.aclosing(rows):
+        if req.stream:
+            return await stream(request, req, choices, rows)
+        return await complete(request, req, choices, rows)
+
+
+async def _rows(
+    request: web.Request, req: GenerationRequest, prompts: list[list[int]], budgets: list[int]
+) -> AsyncGenerator[tuple[int, Piece], None]:
+    """Every choice's Pieces as (choice index, piece), as they come: n choices of each prompt,
+    each generated as its own request of the engine, so the ring batches them together. The
+    first failure of any ends them all."""
+    rid = request[RID]
+    items: asyncio.Queue[tuple[int, Piece] | BaseException | None] = asyncio.Queue()
+
+    async def one(index: int) -> None:
+        p = index // req.n
+        params = req.params
+        if params.seed is not None and index:  # one seed, n different samples
+            params = replace(params, seed=(params.seed + index) % (1 << 64))
+        row_rid = rid if index == 0 else f"{rid}-{index}"
+        try:
+            async for piece in _row(request, req, prompts[p], budgets[p], params, row_rid):
+                items.put_nowait((index, piece))
+            items.put_nowait(None)
+        except Exception as e:  # noqa: BLE001 - handed to the consumer, which raises it
+            items.put_nowait(e)
+
+    tasks = [asyncio.create_task(one(i)) for i in range(len(prompts) * req.n)]
+    try:
+        left = len(tasks)
+        while left:
+            item = await items.get()
+            if item is None:
+                left -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield item
+    finally:
+        # Cancelling a row closes its engine generator: End(rid) frees its caches everywhere.
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _row(
+    request: web.Request,
+    req: GenerationRequest,
+    ids: list[int],
+    max_tokens: int,
+    params: SamplingParams,
+    rid: str,
+) -> AsyncGenerator[Piece, None]:
+    """One choice's Pieces: an admission slot, then the engine's tokens as text."""
+    state = request.app[STATE]
     async with state.admission.slot():
         # Checked again: the ring may have gone down while this request waited for a slot.
         engine, tok = state.engine, state.tokenizer
@@ -88,54 +147,67 @@ async def _generation(request: web.Request, kind: Kind) -> web.StreamResponse:
         timer = state.metrics.timer(len(ids), request[ARRIVED])
         tokens = cast(
             AsyncGenerator[GeneratedToken, None],
-            engine.generate(
-                ids, req.params, max_tokens, rid=request[RID], ignore_eos=req.ignore_eos
-            ),
+            engine.generate(ids, params, max_tokens, rid=rid, ignore_eos=req.ignore_eos),
         )
         text = pieces(tokens, assembler(tok, ids, req.stop), timer.token)
         async with contextlib.aclosing(text):
-            if req.stream:
-                return await stream(request, req, len(ids), text)
-            return await complete(request, req, len(ids), text)
+            async for piece in text:
+                yield piece
 
 
-async def _prompt_ids(state: ApiState, req: GenerationRequest) -> list[int]:
+async def _prompt_ids(state: ApiState, req: GenerationRequest) -> list[list[int]]:
+    """Each prompt's token ids (a chat request has one prompt: its messages)."""
     tok = state.tokenizer
     assert tok is not None
-    if req.prompt_ids is not None:
-        return list(req.prompt_ids)
 
-    def run() -> list[int]:
+    def run() -> list[list[int]]:
         if req.kind == "chat":
             msgs = [m.template_dict() for m in req.messages]
-            return list(tok.apply_chat_template(msgs, add_generation_prompt=True))
-        assert req.prompt_text is not None
-        return list(tok.encode(req.prompt_text))
+            return [list(tok.apply_chat_template(msgs, add_generation_prompt=True))]
+        return [list(tok.encode(p)) if isinstance(p, str) else list(p) for p in req.prompts]
 
     loop = asyncio.get_running_loop()
     try:
-        ids = await loop.run_in_executor(state.tokenize_pool, run)
+        prompts = await loop.run_in_executor(state.tokenize_pool, run)
     except Exception as e:  # noqa: BLE001 - the template or tokenizer rejected this input
         what = "the model's chat template" if req.kind == "chat" else "the tokenizer"
         log.info("prompt_rejected", error=f"{type(e).__name__}: {e}")
         raise invalid(
             req.prompt_param, f"The {req.prompt_param} could not be processed by {what}: {e}"
         ) from None
-    if not ids:
-        raise invalid(req.prompt_param, f"The {req.prompt_param} encodes to no tokens.")
-    return ids
+    for i, ids in enumerate(prompts):
+        if not ids:
+            param = req.prompt_param if len(prompts) == 1 else f"{req.prompt_param}[{i}]"
+            raise invalid(param, f"The {param} encodes to no tokens.")
+    return prompts
+
+
+async def _echoes(state: ApiState, req: GenerationRequest, prompts: list[list[int]]) -> list[str]:
+    """The text that opens each prompt's choices: the prompt itself with `echo`, else ""."""
+    if not req.echo:
+        return [""] * len(prompts)
+    tok = state.tokenizer
+    assert tok is not None
+
+    def run() -> list[str]:
+        return [
+            p if isinstance(p, str) else str(tok.decode(ids))
+            for p, ids in zip(req.prompts, prompts, strict=True)
+        ]
+
+    return await asyncio.get_running_loop().run_in_executor(state.tokenize_pool, run)
 
 
 def _fit_context(ctx: int | None, req: GenerationRequest, n_prompt: int) -> int:
-    """The max_tokens to generate; 413 for a prompt over the context, 400 for a budget over."""
+    """The max_tokens to generate; a 400 `context_length_exceeded` for a prompt over the
+    context or a budget over it (OpenAI's answer, the one clients catch)."""
     if ctx is None:
         return req.max_tokens or 4096
     if n_prompt >= ctx:
-        raise ApiError(
-            413,
+        raise invalid(
+            req.prompt_param,
             f"This model's maximum context length is {ctx} tokens. However, your "
             f"{req.prompt_param} resulted in {n_prompt} tokens, which leaves no room to generate.",
-            param=req.prompt_param,
             code="context_length_exceeded",
         )
     if req.max_tokens is None:
@@ -166,10 +238,14 @@ def create_app(runtime: Runtime, state: ApiState | None = None) -> web.Applicati
         await state.close()
 
     app.cleanup_ctx.append(lifetime)
-    app.router.add_post("/v1/chat/completions", chat_completions)
-    app.router.add_post("/v1/completions", completions)
-    app.router.add_get("/v1/models", list_models)
-    app.router.add_get("/v1/models/{model}", get_model)
+    app.on_response_prepare.append(allow)
+    # The OpenAI routes answer without the /v1 prefix too: some clients take a base URL
+    # without it.
+    for prefix in ("/v1", ""):
+        app.router.add_post(f"{prefix}/chat/completions", chat_completions)
+        app.router.add_post(f"{prefix}/completions", completions)
+        app.router.add_get(f"{prefix}/models", list_models)
+        app.router.add_get(f"{prefix}/models/{{model}}", get_model)
     app.router.add_get("/health", health, name="health")
     app.router.add_get("/cluster/status", cluster_status, name="cluster-status")
     app.router.add_get("/metrics", metrics, name="metrics")
