@@ -452,6 +452,7 @@ KEYS = [
     "model", "messages", "prompt", "stream", "stream_options", "temperature", "top_p", "top_k",
     "min_p", "stop", "n", "logprobs", "top_logprobs", "logit_bias", "presence_penalty",
     "frequency_penalty", "repetition_penalty", "max_completion_tokens", "echo", "tools", "seed",
+    "input", "instructions", "text", "tool_choice",
 ]  # fmt: skip
 MESSAGE = st.fixed_dictionaries(
     {"role": st.sampled_from(["user", "system", "assistant", "tool", "x"]), "content": JSON}
@@ -460,7 +461,7 @@ MESSAGE = st.fixed_dictionaries(
 
 @settings(max_examples=2000, deadline=None)  # the issue asks for 2 000 malformed requests
 @given(
-    path=st.sampled_from(["/v1/chat/completions", "/v1/completions"]),
+    path=st.sampled_from(["/v1/chat/completions", "/v1/completions", "/v1/responses"]),
     fields=st.dictionaries(
         st.sampled_from(KEYS),
         JSON | st.lists(MESSAGE, min_size=1, max_size=2) | st.sampled_from(["Hi", [1, 2, 3]]),
@@ -474,6 +475,8 @@ def test_odd_bodies_get_a_clean_4xx_never_a_500(
     body = {**fields, "max_tokens": 1 if max_tokens is None else max_tokens}
     if isinstance(body.get("max_completion_tokens"), int):  # keep valid requests short
         body["max_completion_tokens"] = 1
+    if path == "/v1/responses":
+        body["max_output_tokens"] = 1
     host, port = fuzz_url.removeprefix("http://").split(":")
     c = http.client.HTTPConnection(host, int(port), timeout=30)
     try:

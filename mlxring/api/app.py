@@ -3,8 +3,8 @@
 The process hosting the head (the one with the engine) serves generation itself; any other node
 forwards API requests to the head's API and streams the answer back event by event.
 
-Endpoints: `POST /v1/chat/completions`, `POST /v1/completions`, `GET /v1/models[/{id}]` (each
-also without `/v1`), `GET /health`, `GET /cluster/status`, `GET /metrics` (Prometheus text,
+Endpoints: `POST /v1/chat/completions`, `POST /v1/completions`, `POST /v1/responses` (text
+only, on the chat pieces: api/responses.py), `GET /v1/models[/{id}]` (each also without `/v1`), `GET /health`, `GET /cluster/status`, `GET /metrics` (Prometheus text,
 this process's own), and the web page `GET /` with its files under `/web/`. Every error body has
 OpenAI's shape `{"error": {"message", "type", "param", "code"}}`. Any `OPTIONS` is a CORS
 preflight (cors).
@@ -46,6 +46,7 @@ from mlxring.api.limits import Gate, GatedSite, raise_fd_limit
 from mlxring.api.middleware import middleware
 from mlxring.api.openai import Choice, complete, stream
 from mlxring.api.proxy import forward
+from mlxring.api.responses import parse_responses, respond
 from mlxring.api.schema import GenerationRequest, Kind, parse_generation, parse_json_body, read_body
 from mlxring.api.state import ARRIVED, RID, STATE, ApiState, note
 from mlxring.api.status import cluster_status, get_model, health, list_models, metrics
@@ -76,22 +77,42 @@ async def _generation(request: web.Request, kind: Kind) -> web.StreamResponse:
     # Any model name is taken: one model is served, and clients send whatever name their
     # settings hold (mlx-lm's and llama.cpp's servers do the same). The answer names the model.
     req = parse_generation(kind, data, state.vocab_size())
+    prompts, rows = await _start(request, req)
+    echoes = await _echoes(state, req, prompts)
+    # Choice i is of prompt i // n, as OpenAI orders a batch's choices.
+    choices = [
+        Choice(i, len(prompts[i // req.n]), echoes[i // req.n]) for i in range(len(prompts) * req.n)
+    ]
+    async with contextlib.aclosing(rows):
+        if req.stream:
+            return await stream(request, req, choices, rows)
+        return await complete(request, req, choices, rows)
+
+
+async def responses(request: web.Request) -> web.StreamResponse:
+    """`POST /v1/responses`: the Responses API, read as the chat request it amounts to."""
+    state = request.app[STATE]
+    if not state.hosts_head:
+        return await forward(request)
+    data = parse_json_body(await read_body(request, state.api))
+    req = parse_responses(data, state.vocab_size())
+    prompts, rows = await _start(request, req)
+    async with contextlib.aclosing(rows):
+        return await respond(request, req, len(prompts[0]), rows)
+
+
+async def _start(
+    request: web.Request, req: GenerationRequest
+) -> tuple[list[list[int]], AsyncGenerator[tuple[int, Piece], None]]:
+    """Each prompt's ids, and its choices' rows (which start when first read)."""
+    state = request.app[STATE]
     prompts = await _prompt_ids(state, req)
     budgets = [_fit_context(state.context_length(), req, len(ids)) for ids in prompts]
     # Refuse at once when the ring cannot serve, rather than time out inside the engine.
     if reason := state.not_serving():
         raise unavailable(reason)
     note(request, prompt_tokens=sum(map(len, prompts)))
-    echoes = await _echoes(state, req, prompts)
-    # Choice i is of prompt i // n, as OpenAI orders a batch's choices.
-    choices = [
-        Choice(i, len(prompts[i // req.n]), echoes[i // req.n]) for i in range(len(prompts) * req.n)
-    ]
-    rows = _rows(request, req, prompts, budgets)
-    async with contextlib.aclosing(rows):
-        if req.stream:
-            return await stream(request, req, choices, rows)
-        return await complete(request, req, choices, rows)
+    return prompts, _rows(request, req, prompts, budgets)
 
 
 async def _rows(
@@ -252,6 +273,7 @@ def create_app(runtime: Runtime, state: ApiState | None = None) -> web.Applicati
         app.router.add_post(f"{prefix}/completions", completions)
         app.router.add_get(f"{prefix}/models", list_models)
         app.router.add_get(f"{prefix}/models/{{model}}", get_model)
+        app.router.add_post(f"{prefix}/responses", responses)
     app.router.add_get("/health", health, name="health")
     app.router.add_get("/cluster/status", cluster_status, name="cluster-status")
     app.router.add_get("/metrics", metrics, name="metrics")
