@@ -4,6 +4,7 @@ the routes without /v1, logprobs of byte tokens, and the stream's first and last
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from .ringutil import (
     encode,
     loaded,
     local_ring,
+    process_ring,
     reference,
     serve_api,
     tiny_model,
@@ -423,3 +425,34 @@ async def test_responses_api_streamed_and_not(api: Api) -> None:
             model="any",
             input=[{"type": "function_call_output", "call_id": "c", "output": "x"}],  # type: ignore[list-item]
         )
+
+
+async def test_a_non_head_node_forwards_the_new_shapes(tmp_path: Path) -> None:
+    """n0 (the head) runs here; n1 is a node process that forwards to it."""
+    cfg = write_valid_config(tmp_path, MODEL, 2)
+    with process_ring(cfg, ["n1"], tmp_path) as procs:
+        async with local_ring(cfg, ["n0"]) as rt, serve_api(rt):
+            await asyncio.to_thread(procs["n1"].wait_log, "node_started")
+            n1 = f"http://127.0.0.1:{rt.config.api_port('n1')}"
+            want = want_chat(6)
+            body = {"messages": MESSAGES, "max_tokens": 6, "n": 2, "stream": True}
+            chunks = await raw_stream(f"{n1}/chat/completions", body)  # no /v1, n = 2
+            for i in range(2):
+                mine = [c["choices"][0] for c in chunks if c["choices"][0]["index"] == i]
+                assert "".join(c["delta"].get("content", "") for c in mine) == want
+            events = []
+            body = {"model": "x", "input": MESSAGES[0]["content"], "max_output_tokens": 6}
+            async with aiohttp.ClientSession() as s:
+                headers = {"Origin": "http://page.example"}
+                async with s.post(f"{n1}/v1/responses", json={**body, "stream": True}) as r:
+                    assert r.status == 200
+                    for e in (await r.read()).split(b"\n\n")[:-2]:
+                        events.append(json.loads(e.split(b"data: ", 1)[1]))
+                async with s.post(f"{n1}/v1/responses", json=body, headers=headers) as r:
+                    assert r.headers["Access-Control-Allow-Origin"] == "*"
+                    assert (await r.json())["output"][0]["content"][0]["text"] == want
+            # The head's stream came through whole: no error event of a broken relay.
+            assert events[-1]["type"] == "response.completed"
+            assert all(e["type"] != "error" for e in events)
+            deltas = [e["delta"] for e in events if e["type"] == "response.output_text.delta"]
+            assert "".join(deltas) == want
