@@ -119,6 +119,8 @@ class ApiConfig:
     # 503 and closed at once, so one client cannot use up the process's file descriptors.
     max_connections: int = 1024
     max_connections_per_client: int = 256
+    # Origins whose web pages may read the API's answers (CORS), lower-case; "*": every origin.
+    allowed_origins: tuple[str, ...] = ("*",)
 
 
 @dataclass(frozen=True)
@@ -222,7 +224,7 @@ _TUNING_KEYS = ("max_batch", "cache_limit_gb", "kv_cache_gb", "busy_poll", "gate
 _API_KEYS = (
     "host", "port", "api_key", "max_body_bytes", "max_concurrent", "max_queue",
     "header_timeout_s", "idle_timeout_s", "body_timeout_s", "max_connections",
-    "max_connections_per_client",
+    "max_connections_per_client", "allowed_origins",
 )  # fmt: skip
 _NODE_KEYS = ("name", "host", "port", "api_port", "layers", "memory_gb", "compute")
 
@@ -331,7 +333,27 @@ def _parse_api(t: Fields) -> ApiConfig:
         body_timeout_s=t.number("body_timeout_s", 30.0, gt=0, hi=3600.0),
         max_connections=t.integer("max_connections", 1024, lo=1, hi=65536),
         max_connections_per_client=t.integer("max_connections_per_client", 256, lo=1, hi=65536),
+        allowed_origins=_parse_origins(t),
     )
+
+
+_ORIGIN_RE = re.compile(r"^https?://[^/\s?#]+$")
+
+
+def _parse_origins(t: Fields) -> tuple[str, ...]:
+    """`allowed_origins`: "*" or origins as browsers send them (`scheme://host[:port]`)."""
+    value = t.get("allowed_origins", ["*"])
+    if not isinstance(value, list):
+        raise t.error("allowed_origins", f"expected a list of strings, got {show(value)}")
+    out = []
+    for i, item in enumerate(value):
+        if not isinstance(item, str) or not (item == "*" or _ORIGIN_RE.match(item)):
+            raise t.error(
+                f"allowed_origins[{i}]",
+                f'expected "*" or an origin such as "http://localhost:3000", got {show(item)}',
+            )
+        out.append(item.lower())
+    return tuple(out)
 
 
 def _parse_nodes(top: Fields, strategy: str) -> tuple[NodeConfig, ...]:

@@ -107,9 +107,18 @@ def test_defaults() -> None:
     assert config.warnings == ()
     assert (a.host, a.port, a.api_key) == ("0.0.0.0", 8100, "")
     assert (a.max_body_bytes, a.max_concurrent, a.max_queue) == (1 << 20, 64, 256)
+    assert a.allowed_origins == ("*",)  # as mlx-lm's --allowed-origins
     assert node == dataclasses.replace(node, host=None, api_port=None, layers=None)
     assert node.memory_gb is None and node.memory_bytes is None and node.compute is None
     assert node.api_port_or(8100) == 8100 and config.api_port("a") == 8100
+
+
+def test_allowed_origins() -> None:
+    text = MINIMAL + '\n[api]\nallowed_origins = ["http://LocalHost:3000", "https://a.example"]\n'
+    assert parse_config(text).api.allowed_origins == ("http://localhost:3000", "https://a.example")
+    for bad in ('"*"', '["localhost:3000"]', '["http://a.example/path"]', "[3]"):
+        message = error_of(MINIMAL + f"\n[api]\nallowed_origins = {bad}\n")
+        assert "nodes.toml: api.allowed_origins" in message, message
 
 
 def test_full_config_values() -> None:

@@ -37,7 +37,7 @@ from mlxring.api.proxy import StreamKind
 from mlxring.api.schema import API, MAX_STOP, ChatMessage, GenerationRequest
 from mlxring.api.state import RID, STATE, note
 from mlxring.engine.lifecycle import RingUnavailable
-from mlxring.engine.text import Piece, TextAssembler
+from mlxring.engine.text import Piece
 from mlxring.fields import Fields
 from mlxring.protocol.messages import SamplingParams
 
@@ -255,16 +255,12 @@ def parse_request(
 # --- responses ------------------------------------------------------------------------------
 
 
-def _stop(finish: str | None, text: TextAssembler) -> tuple[str | None, str | None]:
-    """Anthropic's stop_reason and stop_sequence for the engine's finish reason."""
-    if finish == "length":
+def _stop(last: Piece) -> tuple[str | None, str | None]:
+    """Anthropic's stop_reason and stop_sequence for the last piece of a completion."""
+    if last.finish_reason == "length":
         return "max_tokens", None
-    if finish == "stop":
-        # A stop sequence ended it when the text past what was sent begins with one.
-        hit = [s for s in text.stops if text.text.startswith(s, text.sent)]
-        if hit:
-            return "stop_sequence", max(hit, key=len)
-        return "end_turn", None
+    if last.finish_reason == "stop":
+        return ("stop_sequence", last.stop) if last.stop is not None else ("end_turn", None)
     return None, None
 
 
@@ -295,7 +291,7 @@ class Shapes:
 
 
 async def complete(
-    request: web.Request, n_prompt: int, pieces: AsyncIterator[Piece], text: TextAssembler
+    request: web.Request, n_prompt: int, pieces: AsyncIterator[Piece]
 ) -> web.StreamResponse:
     shapes = Shapes(request, n_prompt)
     parts: list[str] = []
@@ -308,14 +304,12 @@ async def complete(
         raise unavailable(str(e)) from None
     n_out = last.completion_tokens
     note(request, output_tokens=n_out, finish_reason=last.finish_reason)
-    body = shapes.message(
-        [{"type": "text", "text": "".join(parts)}], _stop(last.finish_reason, text), n_out
-    )
+    body = shapes.message([{"type": "text", "text": "".join(parts)}], _stop(last), n_out)
     return web.json_response(body)
 
 
 async def stream(
-    request: web.Request, n_prompt: int, pieces: AsyncIterator[Piece], text: TextAssembler
+    request: web.Request, n_prompt: int, pieces: AsyncIterator[Piece]
 ) -> web.StreamResponse:
     shapes = Shapes(request, n_prompt)
     # Headers wait for the first piece so that a ring that cannot serve still gets a real 529.
@@ -351,7 +345,7 @@ async def stream(
                 piece = await anext(pieces)
             n_out = piece.completion_tokens
             note(request, output_tokens=n_out, finish_reason=piece.finish_reason)
-            reason, sequence = _stop(piece.finish_reason, text)
+            reason, sequence = _stop(piece)
             end = [
                 event("content_block_stop", {"type": "content_block_stop", "index": 0}),
                 event(

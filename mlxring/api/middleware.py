@@ -1,5 +1,7 @@
 """The middleware every request passes: its id, the API key, errors as OpenAI bodies (as
-Anthropic's under /v1/messages), and one log line and one metrics record per request.
+Anthropic's under /v1/messages), and one log line and one metrics record per request. A CORS
+preflight (any `OPTIONS`) is answered here, before the key is asked for: browsers send none
+with it.
 
 With an API key set, every endpoint needs it but `/health`, which then says only "ok" or
 "unavailable" to a client without the key, and the web page's static files `/` and `/web/*`
@@ -19,6 +21,7 @@ import structlog
 from aiohttp import web
 
 from mlxring.api import anthropic
+from mlxring.api.cors import preflight
 from mlxring.api.errors import ApiError, http_error, internal_error
 from mlxring.api.proxy import FORWARDED_RID
 from mlxring.api.state import ARRIVED, AUTHORIZED, NOTES, RID, STATE, ApiState, Handler
@@ -44,9 +47,13 @@ async def middleware(request: web.Request, handler: Handler) -> web.StreamRespon
     with structlog.contextvars.bound_contextvars(
         rid=rid, **({"via_rid": upstream} if _RID_OK.match(upstream) else {})
     ):
+        resp: web.StreamResponse
         try:
-            _check_auth(request, state)
-            resp = await handler(request)
+            if request.method == "OPTIONS":  # a CORS preflight: no credentials, any path
+                resp = preflight(request)
+            else:
+                _check_auth(request, state)
+                resp = await handler(request)
         except ApiError as e:
             resp = _answer(request, e)
         except web.HTTPException as e:

@@ -1,7 +1,9 @@
 """OpenAI's response shapes: a whole completion as one JSON body, or a stream of SSE events.
 
 `Formatter` builds one request's bodies and chunks (chat or text completion, with logprobs when
-asked); `complete` and `stream` send the Pieces of text the engine side produces.
+asked); `complete` and `stream` send the Pieces of text the engine side produces, for each of
+the request's choices (n per prompt, each prompt of a batch). Usage counts each prompt once and
+every choice's completion tokens.
 `usage.completion_tokens` counts every token the ring sampled, the EOS token included. A stream's
 headers wait for its first piece, so a ring that cannot serve still gets a real 503; after them
 an error can only travel as an event.
@@ -13,16 +15,17 @@ import asyncio
 import json
 import time
 from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import structlog
 from aiohttp import web
 
-from mlxring.api.errors import internal_error, unavailable
+from mlxring.api.errors import ApiError, internal_error, unavailable
 from mlxring.api.schema import GenerationRequest
 from mlxring.api.state import RID, STATE, ApiState, note
 from mlxring.engine.lifecycle import RingUnavailable
-from mlxring.engine.text import Piece, TokenInfo
+from mlxring.engine.text import Piece, TokenInfo, token_name
 
 log = structlog.get_logger()
 
@@ -46,6 +49,15 @@ def _usage(n_prompt: int, n_completion: int) -> dict[str, int]:
     }
 
 
+@dataclass(frozen=True)
+class Choice:
+    """One choice of a response: its index, its prompt's length, the text that opens it."""
+
+    index: int
+    n_prompt: int
+    echo: str = ""  # the prompt's text, for a completion with `echo`
+
+
 class Formatter:
     """OpenAI's JSON shapes for one request's responses and stream chunks."""
 
@@ -55,7 +67,7 @@ class Formatter:
         self.chat = req.kind == "chat"
         self.id = f"chatcmpl-{rid}" if self.chat else f"cmpl-{rid}"
         self.created = int(time.time())
-        self.model = state.model_name
+        self.model = state.model_name  # whatever name the request gave: the model served
 
     def _envelope(self, obj: str) -> dict[str, Any]:
         return {
@@ -66,15 +78,18 @@ class Formatter:
             "system_fingerprint": None,
         }
 
+    def _name(self, token: int) -> tuple[str, list[int]]:
+        text, raw = self.state.token_text(token)
+        return token_name(text, raw), raw
+
     def logprobs(self, tokens: Sequence[TokenInfo]) -> dict[str, Any] | None:
         if self.req.params.logprobs is None:
             return None
-        tt = self.state.token_text
         if self.chat:
 
             def entry(t: int, lp: float) -> dict[str, Any]:
-                text, raw = tt(t)
-                return {"token": text, "logprob": lp, "bytes": raw}
+                name, raw = self._name(t)
+                return {"token": name, "logprob": lp, "bytes": raw}
 
             return {
                 "content": [
@@ -84,51 +99,58 @@ class Formatter:
                 "refusal": None,
             }
         return {
-            "tokens": [tt(t.token)[0] for t in tokens],
+            "tokens": [self._name(t.token)[0] for t in tokens],
             "token_logprobs": [t.logprob for t in tokens],
-            "top_logprobs": [{tt(i)[0]: v for i, v in t.top} for t in tokens],
+            "top_logprobs": [{self._name(i)[0]: v for i, v in t.top} for t in tokens],
             "text_offset": [t.offset for t in tokens],  # from the start of the completion
         }
 
-    def response(
-        self, text: str, tokens: Sequence[TokenInfo], finish: str | None, usage: dict[str, int]
+    def response(self, choices: list[dict[str, Any]], usage: dict[str, int]) -> dict[str, Any]:
+        obj = "chat.completion" if self.chat else "text_completion"
+        return {**self._envelope(obj), "choices": choices, "usage": usage}
+
+    def choice(
+        self, index: int, text: str, tokens: Sequence[TokenInfo], finish: str | None
     ) -> dict[str, Any]:
         if self.chat:
-            choice: dict[str, Any] = {
-                "index": 0,
+            return {
+                "index": index,
                 "message": {"role": "assistant", "content": text, "refusal": None},
                 "logprobs": self.logprobs(tokens),
                 "finish_reason": finish,
             }
-            return {**self._envelope("chat.completion"), "choices": [choice], "usage": usage}
-        choice = {
-            "index": 0,
+        return {
+            "index": index,
             "text": text,
             "logprobs": self.logprobs(tokens),
             "finish_reason": finish,
         }
-        return {**self._envelope("text_completion"), "choices": [choice], "usage": usage}
 
-    def chunk(self, piece: Piece | None, first: bool = False) -> dict[str, Any]:
+    def chunk(
+        self,
+        index: int,
+        text: str,
+        tokens: Sequence[TokenInfo] = (),
+        finish: str | None = None,
+        first: bool = False,
+    ) -> dict[str, Any]:
+        """A stream chunk of one choice. A chat's first chunk is OpenAI's own `{"role":
+        "assistant", "content": ""}`; the finish chunk carries only the finish_reason (an empty
+        delta, or empty text), after the chunk with the last text."""
         usage: dict[str, Any] = {"usage": None} if self.req.include_usage else {}
+        logprobs = self.logprobs(tokens) if tokens else None
         if self.chat:
             delta: dict[str, Any] = {"role": "assistant", "content": ""} if first else {}
-            if piece is not None and piece.text:
-                delta["content"] = piece.text
+            if text:
+                delta["content"] = text
             choice: dict[str, Any] = {
-                "index": 0,
+                "index": index,
                 "delta": delta,
-                "logprobs": self.logprobs(piece.tokens) if piece else None,
-                "finish_reason": piece.finish_reason if piece else None,
+                "logprobs": logprobs,
+                "finish_reason": finish,
             }
             return {**self._envelope("chat.completion.chunk"), "choices": [choice], **usage}
-        assert piece is not None
-        choice = {
-            "index": 0,
-            "text": piece.text,
-            "logprobs": self.logprobs(piece.tokens),
-            "finish_reason": piece.finish_reason,
-        }
+        choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
         return {**self._envelope("text_completion"), "choices": [choice], **usage}
 
     def usage_chunk(self, usage: dict[str, int]) -> dict[str, Any]:
@@ -136,54 +158,83 @@ class Formatter:
         return {**self._envelope(obj), "choices": [], "usage": usage}
 
 
+def _prompt_tokens(choices: Sequence[Choice], n: int) -> int:
+    """Prompt tokens as OpenAI counts them: each prompt once, however many choices it has."""
+    return sum(c.n_prompt for c in choices[::n])
+
+
 async def complete(
-    request: web.Request, req: GenerationRequest, n_prompt: int, pieces: AsyncIterator[Piece]
+    request: web.Request,
+    req: GenerationRequest,
+    choices: Sequence[Choice],
+    rows: AsyncIterator[tuple[int, Piece]],
 ) -> web.StreamResponse:
     fmt = Formatter(request.app[STATE], req, request[RID])
-    texts: list[str] = []
-    tokens: list[TokenInfo] = []
-    last = Piece("", ())
+    texts: list[list[str]] = [[c.echo] for c in choices]
+    tokens: list[list[TokenInfo]] = [[] for _ in choices]
+    last = [Piece("", ()) for _ in choices]
     try:
-        async for p in pieces:
-            texts.append(p.text)
-            tokens.extend(p.tokens)
-            last = p
+        async for i, p in rows:
+            texts[i].append(p.text)
+            tokens[i].extend(p.tokens)
+            last[i] = p
     except RingUnavailable as e:
         raise unavailable(str(e)) from None
-    usage = _usage(n_prompt, last.completion_tokens)
-    note(request, **usage, finish_reason=last.finish_reason)
-    return web.json_response(fmt.response("".join(texts), tokens, last.finish_reason, usage))
+    usage = _usage(_prompt_tokens(choices, req.n), sum(p.completion_tokens for p in last))
+    note(request, **usage, finish_reason=last[0].finish_reason)
+    body = [
+        fmt.choice(c.index, "".join(texts[c.index]), tokens[c.index], last[c.index].finish_reason)
+        for c in choices
+    ]
+    return web.json_response(fmt.response(body, usage))
 
 
 async def stream(
-    request: web.Request, req: GenerationRequest, n_prompt: int, pieces: AsyncIterator[Piece]
+    request: web.Request,
+    req: GenerationRequest,
+    choices: Sequence[Choice],
+    rows: AsyncIterator[tuple[int, Piece]],
 ) -> web.StreamResponse:
     fmt = Formatter(request.app[STATE], req, request[RID])
     # Headers wait for the first piece so that a ring that cannot serve still gets a real 503.
     try:
-        piece = await anext(pieces)
+        item: tuple[int, Piece] | None = await anext(rows)
     except RingUnavailable as e:
         raise unavailable(str(e)) from None
+    except StopAsyncIteration:
+        item = None
     resp = web.StreamResponse(headers={**SSE_HEADERS, "X-Request-Id": request[RID]})
     await resp.prepare(request)
+    completion = 0
+    finish: str | None = None
     try:
         try:
-            if fmt.chat:
-                await resp.write(sse(fmt.chunk(None, first=True)))
-            while True:
-                if piece.text or piece.tokens or piece.finish_reason:
-                    await resp.write(sse(fmt.chunk(piece)))
+            for c in choices:
+                if fmt.chat:
+                    await resp.write(sse(fmt.chunk(c.index, "", first=True)))
+                elif c.echo:
+                    await resp.write(sse(fmt.chunk(c.index, c.echo)))
+            while item is not None:
+                i, piece = item
+                if piece.text or piece.tokens:
+                    await resp.write(sse(fmt.chunk(i, piece.text, piece.tokens)))
                 if piece.finish_reason is not None:
-                    break
-                piece = await anext(pieces)
-            usage = _usage(n_prompt, piece.completion_tokens)
-            note(request, **usage, finish_reason=piece.finish_reason)
+                    await resp.write(sse(fmt.chunk(i, "", finish=piece.finish_reason)))
+                    completion += piece.completion_tokens
+                    finish = finish or piece.finish_reason
+                item = await anext(rows, None)
+            usage = _usage(_prompt_tokens(choices, req.n), completion)
+            note(request, **usage, finish_reason=finish)
             if req.include_usage:
                 await resp.write(sse(fmt.usage_chunk(usage)))
         except RingUnavailable as e:
             log.warning("stream_failed", reason=str(e))
             note(request, finish_reason="error")
             await resp.write(sse(unavailable(str(e)).body()))
+        except ApiError as e:  # a later choice refused (e.g. the queue filled up meanwhile)
+            log.warning("stream_failed", reason=e.message)
+            note(request, finish_reason="error")
+            await resp.write(sse(e.body()))
         except (ConnectionError, asyncio.CancelledError):
             raise
         except Exception:  # headers are sent: the error can only travel as an event

@@ -16,6 +16,7 @@ from aiohttp import web
 from mlxring.aio import wait_for
 from mlxring.api.errors import ApiError, body_too_large, body_too_slow, invalid
 from mlxring.api.structured import grammar_of
+from mlxring.api.tools import NO_TOOLS, Tools, parse_tools
 from mlxring.config import ApiConfig
 from mlxring.fields import FieldErrors, Fields
 from mlxring.fields import Kind as FieldKind
@@ -28,6 +29,12 @@ MAX_STOP = 4
 MAX_TOP_LOGPROBS_CHAT = 20
 MAX_LOGPROBS_COMPLETION = 5
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
+# `n` choices per prompt, and choices per request in all (prompts x n): each is a row the ring
+# generates at once, holding one admission slot and one KV cache on every shard.
+MAX_N = 16
+MAX_CHOICES = 64
+
+Prompt = str | tuple[int, ...]  # a completions prompt: text, or token ids
 
 
 @dataclass(frozen=True)
@@ -55,8 +62,10 @@ class GenerationRequest:
     stream: bool
     include_usage: bool
     messages: tuple[ChatMessage, ...] = ()  # chat
-    prompt_text: str | None = None  # completion, as text
-    prompt_ids: tuple[int, ...] | None = None  # completion, as token ids
+    prompts: tuple[Prompt, ...] = ()  # completion: one choice (times n) per prompt
+    n: int = 1  # choices per prompt
+    echo: bool = False  # completion: the prompt's text opens each choice's text
+    tools: Tools = NO_TOOLS  # chat
     # Extension (as in vLLM): keep generating past EOS, for benchmarks of fixed length.
     ignore_eos: bool = False
 
@@ -262,26 +271,27 @@ def _parse_logit_bias(value: Any, vocab_size: int) -> tuple[tuple[int, float], .
     return tuple(out)
 
 
-def _parse_prompt(value: Any, vocab_size: int) -> tuple[str | None, tuple[int, ...] | None]:
-    """A completions prompt: a string, or token ids; a one-element batch of either."""
+def _parse_prompts(value: Any, vocab_size: int) -> tuple[Prompt, ...]:
+    """A completions prompt: a string, token ids, or a batch (an array) of either."""
     if value is None:
         raise invalid("prompt", "Missing required parameter: 'prompt'.", "missing_required")
     if isinstance(value, str):
-        return value, None
+        return (value,)
     if not isinstance(value, list):
         raise _wrong_type("prompt", "a string or an array", value)
     if not value:
         raise invalid("prompt", "'prompt' must not be empty.")
     if all(_is_int(t) for t in value):
-        return None, _token_ids("prompt", value, vocab_size)
-    if len(value) != 1:
-        raise invalid("prompt", "This server takes one prompt per request, not a batch.")
-    (one,) = value
-    if isinstance(one, str):
-        return one, None
-    if isinstance(one, list) and one and all(_is_int(t) for t in one):
-        return None, _token_ids("prompt[0]", one, vocab_size)
-    raise _wrong_type("prompt[0]", "a string or an array of token ids", one)
+        return (_token_ids("prompt", value, vocab_size),)
+    out: list[Prompt] = []
+    for i, one in enumerate(value):
+        if isinstance(one, str):
+            out.append(one)
+        elif isinstance(one, list) and one and all(_is_int(t) for t in one):
+            out.append(_token_ids(f"prompt[{i}]", one, vocab_size))
+        else:
+            raise _wrong_type(f"prompt[{i}]", "a string or an array of token ids", one)
+    return tuple(out)
 
 
 def _token_ids(param: str, ids: list[int], vocab_size: int) -> tuple[int, ...]:
@@ -295,9 +305,7 @@ def parse_generation(kind: Kind, data: dict[str, Any], vocab_size: int) -> Gener
     """Check every field this server knows; unknown fields are ignored, as OpenAI does."""
     f = Fields(data, API)
     model = f.opt_string("model")
-    n = f.opt_integer("n")
-    if n is not None and n != 1:
-        raise invalid("n", f"Only n=1 is supported (one choice per request), got n={n}.")
+    n = f.integer("n", 1, lo=1, hi=MAX_N)
     stream = f.boolean("stream", False)
     include_usage = False
     opts = data.get("stream_options")
@@ -353,22 +361,33 @@ def parse_generation(kind: Kind, data: dict[str, Any], vocab_size: int) -> Gener
         grammar=grammar,
     )
     messages: tuple[ChatMessage, ...] = ()
-    text: str | None = None
-    ids: tuple[int, ...] | None = None
+    prompts: tuple[Prompt, ...] = ()
+    tools = NO_TOOLS
+    echo = False
     if kind == "chat":
-        tools = data.get("tools")
-        if tools:  # silently ignoring tools would answer a question the client did not ask
-            raise invalid("tools", "Tool calling is not supported by this server.")
+        tools = parse_tools(data, API)
         messages = _parse_messages(data.get("messages"))
     else:
-        if f.boolean("echo", False):
-            raise invalid("echo", "'echo' is not supported by this server.")
+        echo = f.boolean("echo", False)
+        if echo and logprobs is not None:
+            # The ring samples from the last position only: the prompt's own logprobs are
+            # never computed, and inventing them would mislead a client scoring text.
+            raise invalid(
+                "echo", "'echo' with 'logprobs' is not supported: prompt logprobs are not computed."
+            )
         if f.opt_string("suffix"):
             raise invalid("suffix", "'suffix' is not supported by this server.")
         best_of = f.opt_integer("best_of")
-        if best_of is not None and best_of != 1:
-            raise invalid("best_of", f"Only best_of=1 is supported, got {best_of}.")
-        text, ids = _parse_prompt(data.get("prompt"), vocab_size)
+        if best_of is not None and best_of != n:
+            raise invalid("best_of", f"Only best_of equal to n ({n}) is supported, got {best_of}.")
+        prompts = _parse_prompts(data.get("prompt"), vocab_size)
+    choices = max(1, len(prompts)) * n
+    if choices > MAX_CHOICES:
+        raise invalid(
+            "n",
+            f"This request asks for {choices} choices ({len(prompts)} prompts x n={n}); "
+            f"the most a request may ask for is {MAX_CHOICES}.",
+        )
     return GenerationRequest(
         kind=kind,
         model=model,
@@ -378,8 +397,10 @@ def parse_generation(kind: Kind, data: dict[str, Any], vocab_size: int) -> Gener
         stream=stream,
         include_usage=include_usage,
         messages=messages,
-        prompt_text=text,
-        prompt_ids=ids,
+        prompts=prompts,
+        n=n,
+        echo=echo,
+        tools=tools,
         ignore_eos=bool(f.boolean("ignore_eos", False)),
     )
 

@@ -4,12 +4,13 @@ The engine yields token ids; a client wants text. `IncrementalDecoder` turns ids
 they arrive (equal to decoding them all at once), `TextAssembler` cuts the text at the first stop
 string and holds back a tail that could begin one, and `pieces` drives both over the engine's
 token stream, yielding `Piece`s ready to send. `TokenTexts` gives one token's own text and bytes,
-for logprobs. Nothing here knows HTTP.
+for logprobs, and `token_name` the string that stands for it there. Nothing here knows HTTP.
 """
 
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass
 
@@ -34,6 +35,7 @@ class Piece:
     tokens: tuple[TokenInfo, ...]
     finish_reason: str | None = None
     completion_tokens: int = 0
+    stop: str | None = None  # the stop string that ended the text, when one did
 
 
 class IncrementalDecoder:
@@ -57,6 +59,10 @@ class IncrementalDecoder:
     def add(self, token: int) -> str:
         self.ids.append(token)
         return self._step(final=False)
+
+    def own_text(self, token: int) -> str:
+        """The token decoded alone."""
+        return self._decode([token])
 
     def flush(self) -> str:
         return self._step(final=True)
@@ -85,10 +91,21 @@ class TextAssembler:
         self.text = ""
         self.sent = 0
         self.pending: list[TokenInfo] = []
+        self.held = 0  # tokens added since the text last grew (parts of one character)
 
     def add(self, token: int, logprob: float, top: tuple[tuple[int, float], ...]) -> None:
-        self.pending.append(TokenInfo(token, logprob, top, len(self.text)))
-        self.text += self.decoder.add(token)
+        offset = len(self.text)
+        new = self.decoder.add(token)
+        if new and self.held:
+            # Held bytes ended: either they and this token's first bytes make one character
+            # (which starts at `offset`), or they were not a character at all and became
+            # U+FFFD, and this token's own whole text follows them.
+            own = self.decoder.own_text(token)
+            if own and "\ufffd" not in own and new.endswith(own) and len(new) > len(own):
+                offset += len(new) - len(own)
+        self.held = 0 if new else self.held + 1
+        self.pending.append(TokenInfo(token, logprob, top, offset))
+        self.text += new
 
     def finalize(self) -> None:
         self.text += self.decoder.flush()
@@ -111,6 +128,10 @@ class TextAssembler:
             tokens = [t for t in self.pending if t.offset < end]
             self.pending = self.pending[len(tokens) :]
         return out, tuple(tokens), cut is not None
+
+    def stop_at(self, cut: int) -> str | None:
+        """The stop string found at `cut` of the text (the longest, when several are)."""
+        return max((s for s in self.stops if self.text.startswith(s, cut)), key=len, default=None)
 
     def _first_stop(self) -> int | None:
         # Text before `sent` never holds the start of a stop string (it was held back).
@@ -150,8 +171,11 @@ async def pieces(
             if final:
                 text.finalize()
             out, infos, stopped = text.take(final)
-            if stopped or final:
-                yield Piece(out, infos, "stop" if stopped else g.finish_reason, n)
+            if stopped:
+                yield Piece(out, infos, "stop", n, stop=text.stop_at(text.sent))
+                return
+            if final:
+                yield Piece(out, infos, g.finish_reason, n)
                 return
             if out or infos:
                 yield Piece(out, infos)
@@ -169,6 +193,16 @@ def _byte_level_alphabet() -> dict[str, int]:
 
 
 BYTE_LEVEL = _byte_level_alphabet()
+_BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+def _token_string(tok: TokenizerWrapper, token: int) -> str:
+    """The token's own string in the vocabulary ("" where the tokenizer cannot say)."""
+    try:
+        piece = tok.convert_ids_to_tokens(token)
+    except Exception:  # noqa: BLE001 - a tokenizer without the method, or a bad id
+        return ""
+    return piece if isinstance(piece, str) else ""
 
 
 class TokenTexts:
@@ -196,7 +230,21 @@ class TokenTexts:
                 raw = b"".join(
                     bytes([BYTE_LEVEL[c]]) if c in BYTE_LEVEL else c.encode() for c in piece
                 )
+            elif text == "\ufffd" and (m := _BYTE_FALLBACK.fullmatch(_token_string(tok, token))):
+                raw = bytes([int(m[1], 16)])  # SentencePiece's byte fallback: `<0xE2>`
             hit = self._cache[token] = (text, list(raw))
             if len(self._cache) > self.LIMIT:
                 self._cache.clear()
         return hit
+
+
+def token_name(text: str, raw: Sequence[int]) -> str:
+    """The string standing for a token in logprobs: its text, or, for a token whose bytes are
+    not whole UTF-8 characters (a byte-level BPE token holding part of one), `bytes:\\xNN...`
+    as OpenAI writes them. Every such token would otherwise be U+FFFD, and tokens keyed by
+    their text (legacy `top_logprobs`) would overwrite each other."""
+    try:
+        bytes(raw).decode()
+    except UnicodeDecodeError:
+        return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
+    return text

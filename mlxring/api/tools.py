@@ -1,0 +1,152 @@
+"""OpenAI's tool fields of a chat request: `tools`, `tool_choice`, `parallel_tool_calls`.
+
+Each is parsed into a frozen `Tools` and checked as OpenAI checks it (a 400 naming the `param`).
+This server does not call tools yet: a request may declare them with `tool_choice: "none"`, and
+then the model is not shown them at all (mlx-lm's server renders `tools` into the chat template
+whatever `tool_choice` says; here nothing would parse a call the model wrote, so a model shown
+tools it may not call could only answer with a call as plain text). Any other choice, with
+tools declared, is a 400 saying tool calling is not supported yet.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from mlxring.api.errors import ApiError, invalid
+from mlxring.fields import FieldErrors, Fields
+
+Mode = Literal["none", "auto", "required"]
+MODES: tuple[Mode, ...] = ("none", "auto", "required")
+MAX_TOOLS = 128  # OpenAI's limit on `tools`
+NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # OpenAI's rule for a function's name
+
+
+@dataclass(frozen=True)
+class Function:
+    name: str
+    description: str | None
+    parameters: dict[str, Any] | None  # a JSON Schema object, as given
+    strict: bool
+
+
+@dataclass(frozen=True)
+class Tools:
+    functions: tuple[Function, ...]
+    mode: Mode  # what `tool_choice` says; a named function is "required" with `named` set
+    named: str | None = None
+    parallel: bool = True
+
+    @property
+    def offered(self) -> tuple[Function, ...]:
+        """The functions the model is shown: none when it may not call any."""
+        return () if self.mode == "none" else self.functions
+
+
+NO_TOOLS = Tools((), "none")
+
+
+def parse_tools(data: dict[str, Any], errors: FieldErrors) -> Tools:
+    """The tool fields of a chat request body; `errors` words the mistakes."""
+    f = Fields(data, errors)
+    functions = _functions(f)
+    mode, named = _choice(data.get("tool_choice"), functions, errors)
+    parallel = f.boolean("parallel_tool_calls", True)
+    tools = Tools(functions, mode, named, parallel)
+    if tools.offered:
+        what = f"tool_choice {named!r}" if named else f"tool_choice {mode!r}"
+        raise invalid(
+            "tool_choice",
+            f"Tool calling is not supported by this server yet ({what} with {len(functions)} "
+            "tools); send tool_choice 'none' to generate a message without calling a tool.",
+            code="unsupported_value",
+        )
+    return tools
+
+
+def _functions(f: Fields) -> tuple[Function, ...]:
+    raw = f.raw("tools")
+    if raw is None:
+        return ()
+    items = f.elements("tools")
+    if len(items.data) > MAX_TOOLS:
+        raise invalid(
+            "tools", f"'tools' may hold at most {MAX_TOOLS} tools, got {len(items.data)}."
+        )
+    out: list[Function] = []
+    seen: set[str] = set()
+    for i in range(len(items.data)):
+        t = items.table(i)
+        kind = t.string("type")
+        if kind != "function":
+            raise invalid(
+                t.path("type"),
+                f"Invalid value for '{t.path('type')}': {kind!r}; expected 'function'.",
+            )
+        fn = t.table("function")
+        name = fn.string("name")
+        if not NAME.match(name):
+            raise invalid(
+                fn.path("name"),
+                f"Invalid value for '{fn.path('name')}': {name!r}; a function name is 1 to 64 "
+                "letters, digits, underscores or dashes.",
+            )
+        if name in seen:
+            raise invalid(fn.path("name"), f"Duplicate function name {name!r} in 'tools'.")
+        seen.add(name)
+        params = fn.raw("parameters")
+        if params is not None:
+            params = dict(fn.table("parameters").data)
+        out.append(
+            Function(
+                name=name,
+                description=fn.opt_string("description"),
+                parameters=params,
+                strict=fn.boolean("strict", False),
+            )
+        )
+    return tuple(out)
+
+
+def _choice(
+    value: Any, functions: tuple[Function, ...], errors: FieldErrors
+) -> tuple[Mode, str | None]:
+    """`tool_choice`: a mode, or one function by name (which `tools` must declare)."""
+    if value is None:
+        return ("auto" if functions else "none"), None
+    if isinstance(value, str):
+        if value not in MODES:
+            raise invalid(
+                "tool_choice",
+                f"Invalid value for 'tool_choice': {value!r}; expected one of "
+                f"{', '.join(map(repr, MODES))} or a named function.",
+            )
+        if value == "required" and not functions:
+            raise _no_tools()
+        return value, None
+    if not isinstance(value, dict):
+        raise errors.wrong_type("tool_choice", "table", value)
+    c = Fields(value, errors, "tool_choice")
+    kind = c.string("type")
+    if kind != "function":
+        raise invalid(
+            "tool_choice.type",
+            f"Invalid value for 'tool_choice.type': {kind!r}; expected 'function'.",
+        )
+    name = c.table("function").string("name")
+    if not functions:
+        raise _no_tools()
+    if name not in {fn.name for fn in functions}:
+        raise invalid(
+            "tool_choice.function.name",
+            f"Invalid value for 'tool_choice.function.name': {name!r} is not a function of "
+            "'tools'.",
+        )
+    return "required", name
+
+
+def _no_tools() -> ApiError:
+    return invalid(
+        "tool_choice", "'tool_choice' may name or require a tool only when 'tools' are specified."
+    )
