@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import json
 import os
@@ -19,9 +20,11 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mappin
 from pathlib import Path
 from typing import Any, TypeVar
 
+import aiohttp
 import mlx.core as mx
 import mlx.nn as nn
 import mlx_lm
+import openai
 from mlx_lm.generate import BatchGenerator, generate_step
 from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.tokenizer_utils import TokenizerWrapper
@@ -473,3 +476,40 @@ def packaged_model(spec: str) -> Path:
     if isinstance(got, str):
         pytest.skip(got)
     return got
+
+
+@dataclasses.dataclass
+class OpenAIRing:
+    """A ring in this process with its API served, and the official client pointed at it."""
+
+    rt: Runtime
+    url: str
+    client: openai.AsyncOpenAI
+
+    @property
+    def model(self) -> str:
+        return self.rt.model_name
+
+
+@contextlib.asynccontextmanager
+async def openai_ring(directory: Path, model: Path, nodes: int) -> AsyncIterator[OpenAIRing]:
+    """`nodes` nodes of `model` in this process, their API, and an `openai` client on it."""
+    async with local_ring(write_valid_config(directory, model, nodes)) as rt, serve_api(rt) as url:
+        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        yield OpenAIRing(rt, url, client)
+        await client.close()
+
+
+async def post_json(
+    url: str, body: Any, *, raw: bytes | None = None, headers: dict[str, str] | None = None
+) -> tuple[int, dict[str, str], Any]:
+    """POST `body` as JSON (or `raw` bytes) with aiohttp: the status, headers and JSON answer."""
+    async with (
+        aiohttp.ClientSession() as s,
+        s.post(
+            url,
+            data=raw if raw is not None else json.dumps(body).encode(),
+            headers={"Content-Type": "application/json", **(headers or {})},
+        ) as r,
+    ):
+        return r.status, dict(r.headers), await r.json(content_type=None)

@@ -32,6 +32,7 @@ from .ringutil import (
     decode,
     local_ring,
     packaged_model,
+    post_json,
     process_ring,
     reference,
     serve_api,
@@ -64,20 +65,6 @@ async def api(tmp_path: Path) -> AsyncIterator[Api]:
         client = anthropic.AsyncAnthropic(base_url=url, api_key="unused", max_retries=0)
         yield Api(rt, url, client)
         await client.close()
-
-
-async def post(
-    url: str, body: Any, *, raw: bytes | None = None, headers: dict[str, str] | None = None
-) -> tuple[int, dict[str, str], Any]:
-    async with (
-        aiohttp.ClientSession() as s,
-        s.post(
-            url,
-            data=raw if raw is not None else json.dumps(body).encode(),
-            headers={"Content-Type": "application/json", **(headers or {})},
-        ) as r,
-    ):
-        return r.status, dict(r.headers), await r.json(content_type=None)
 
 
 async def sse_events(
@@ -152,7 +139,7 @@ async def test_messages_streamed_and_not_equal_mlx_lm_with_the_openai_usage(api:
     assert r.stop_reason == "max_tokens" and r.stop_sequence is None
     assert (r.usage.input_tokens, r.usage.output_tokens) == (n_prompt, 24)
     # The OpenAI route counts the same prompt and completion alike.
-    status, _, chat = await post(
+    status, _, chat = await post_json(
         f"{api.url}/v1/chat/completions", {"messages": CHAT, "max_tokens": 24}
     )
     assert status == 200 and chat["choices"][0]["message"]["content"] == text
@@ -237,18 +224,18 @@ async def test_errors_have_anthropics_shape(api: Api) -> None:
         ),
     ]
     for body, word in cases:
-        status, _, err = await post(url, body)
+        status, _, err = await post_json(url, body)
         assert status == 400, body
         assert word in assert_error(err, "invalid_request_error"), (word, err)
-    status, _, err = await post(url, None, raw=b"{nope")
+    status, _, err = await post_json(url, None, raw=b"{nope")
     assert status == 400
     assert_error(err, "invalid_request_error")
     # A prompt over the context is 400 here, as Anthropic's "prompt is too long".
-    status, _, err = await post(
+    status, _, err = await post_json(
         url, {"messages": [{"role": "user", "content": "hello " * 5000}], "max_tokens": 2}
     )
     assert status == 400 and "context length" in assert_error(err, "invalid_request_error")
-    status, _, err = await post(f"{url}/batches", ok)
+    status, _, err = await post_json(f"{url}/batches", ok)
     assert status == 404
     assert_error(err, "not_found_error")
     async with aiohttp.ClientSession() as s, s.get(url) as r:
@@ -260,7 +247,7 @@ async def test_errors_have_anthropics_shape(api: Api) -> None:
     assert e.value.status_code == 400
     assert_error(e.value.body, "invalid_request_error")
     # The OpenAI routes keep OpenAI's shape.
-    status, _, err = await post(f"{api.url}/v1/chat/completions", {"messages": 5})
+    status, _, err = await post_json(f"{api.url}/v1/chat/completions", {"messages": 5})
     assert status == 400 and set(err) == {"error"} and err["error"]["param"] == "messages"
 
 
@@ -275,7 +262,7 @@ async def test_a_ring_that_cannot_serve_is_529_overloaded(tmp_path: Path) -> Non
         async with serve_api(rt) as url:
             for stream in (False, True):
                 body = {"messages": MESSAGES, "max_tokens": 4, "stream": stream}
-                status, headers, err = await post(f"{url}/v1/messages", body)
+                status, headers, err = await post_json(f"{url}/v1/messages", body)
                 assert status == 529 and headers["Retry-After"]
                 assert "cannot serve" in assert_error(err, "overloaded_error")
             client = anthropic.AsyncAnthropic(base_url=url, api_key="x", max_retries=0)
@@ -293,13 +280,15 @@ async def test_a_full_queue_is_529_overloaded(tmp_path: Path) -> None:
         long = {"messages": MESSAGES, "max_tokens": 3000, "stream": True}
         async with s.post(f"{url}/v1/messages", json=long) as held:
             await held.content.readuntil(b"\n\n")  # generating: the one slot is taken
-            status, headers, err = await post(
+            status, headers, err = await post_json(
                 f"{url}/v1/messages", {"messages": MESSAGES, "max_tokens": 2}
             )
             assert status == 529 and headers["Retry-After"]
             assert "capacity" in assert_error(err, "overloaded_error")
         await wait_for(lambda: rt.engine is not None and rt.engine.active == 0, 10)
-        status, _, done = await post(f"{url}/v1/messages", {"messages": MESSAGES, "max_tokens": 2})
+        status, _, done = await post_json(
+            f"{url}/v1/messages", {"messages": MESSAGES, "max_tokens": 2}
+        )
         assert status == 200 and done["usage"]["output_tokens"] == 2
 
 
@@ -327,7 +316,7 @@ async def test_any_node_answers_with_the_key_and_a_lost_node_ends_the_stream(
                 assert c.input_tokens == n_prompt
                 # Without the key, or with a wrong one: Anthropic's 401.
                 for headers in ({}, {"x-api-key": "wrong"}, {"Authorization": "Bearer wrong"}):
-                    status, _, err = await post(f"{url}/v1/messages", kw, headers=headers)
+                    status, _, err = await post_json(f"{url}/v1/messages", kw, headers=headers)
                     assert status == 401, (url, headers)
                     assert_error(err, "authentication_error")
                 bad = anthropic.AsyncAnthropic(base_url=url, api_key="wrong", max_retries=0)
@@ -339,18 +328,20 @@ async def test_any_node_answers_with_the_key_and_a_lost_node_ends_the_stream(
             # x-api-key on the OpenAI routes.
             events = await sse_events(n1_url, kw, {"Authorization": f"Bearer {KEY}"})
             assert assert_sequence(events, n_prompt)[0] == text
-            status, _, models = await post(
+            status, _, models = await post_json(
                 f"{n1_url}/v1/chat/completions",
                 {"messages": CHAT, "max_tokens": 3},
                 headers={"x-api-key": KEY},
             )
             assert status == 200 and models["usage"]["prompt_tokens"] == n_prompt
             # The head's errors come back through n1 as they are; n1's own 404 is Anthropic's.
-            status, _, err = await post(
+            status, _, err = await post_json(
                 f"{n1_url}/v1/messages", {"messages": MESSAGES}, headers={"x-api-key": KEY}
             )
             assert status == 400 and "max_tokens" in assert_error(err, "invalid_request_error")
-            status, _, err = await post(f"{n1_url}/v1/messages/x", kw, headers={"x-api-key": KEY})
+            status, _, err = await post_json(
+                f"{n1_url}/v1/messages/x", kw, headers={"x-api-key": KEY}
+            )
             assert status == 404
             assert_error(err, "not_found_error")
             # n2 is lost mid-stream: the stream through n1 ends with one error event.

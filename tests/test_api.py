@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
@@ -20,10 +19,12 @@ from mlxring.engine.text import IncrementalDecoder, TextAssembler
 from mlxring.ring.runtime import Runtime
 
 from .ringutil import (
+    OpenAIRing,
     chat_ids,
     decode,
     encode,
     local_ring,
+    openai_ring,
     process_ring,
     reference,
     serve_api,
@@ -40,23 +41,10 @@ MESSAGES = [
 PROMPT = "The ring carries activations from one Mac to the next."
 
 
-@dataclass
-class Api:
-    rt: Runtime
-    url: str
-    client: openai.AsyncOpenAI
-
-    @property
-    def model(self) -> str:
-        return self.rt.model_name
-
-
 @pytest.fixture
-async def api(tmp_path: Path) -> AsyncIterator[Api]:
-    async with local_ring(write_valid_config(tmp_path, MODEL, 3)) as rt, serve_api(rt) as url:
-        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
-        yield Api(rt, url, client)
-        await client.close()
+async def api(tmp_path: Path) -> AsyncIterator[OpenAIRing]:
+    async with openai_ring(tmp_path, MODEL, 3) as ring:
+        yield ring
 
 
 def want_chat(n: int, messages: list[dict[str, str]] = MESSAGES) -> str:
@@ -67,7 +55,7 @@ def want_completion(prompt: str, n: int) -> str:
     return decode(MODEL, reference(MODEL, encode(MODEL, prompt), n))
 
 
-async def chat_stream_text(api: Api, **kw: object) -> tuple[str, str | None]:
+async def chat_stream_text(api: OpenAIRing, **kw: object) -> tuple[str, str | None]:
     stream = await api.client.chat.completions.create(
         model=api.model, messages=MESSAGES, stream=True, **kw
     )
@@ -89,7 +77,7 @@ async def caches_freed(rt: Runtime) -> None:
     )
 
 
-async def test_chat_streamed_and_not_equal_mlx_lm(api: Api) -> None:
+async def test_chat_streamed_and_not_equal_mlx_lm(api: OpenAIRing) -> None:
     want = want_chat(32)
     assert len(set(want)) > 5, "degenerate oracle output"
     r = await api.client.chat.completions.create(
@@ -103,7 +91,7 @@ async def test_chat_streamed_and_not_equal_mlx_lm(api: Api) -> None:
     assert streamed == want and finish == "length"
 
 
-async def test_completions_streamed_and_not_equal_mlx_lm(api: Api) -> None:
+async def test_completions_streamed_and_not_equal_mlx_lm(api: OpenAIRing) -> None:
     for prompt in (PROMPT, "Hello", "A long time ago"):
         want = want_completion(prompt, 24)
         r = await api.client.completions.create(model=api.model, prompt=prompt, max_tokens=24)
@@ -119,7 +107,7 @@ async def test_completions_streamed_and_not_equal_mlx_lm(api: Api) -> None:
     assert r.usage is not None and r.usage.prompt_tokens == len(ids)
 
 
-async def test_sync_client_from_a_thread(api: Api) -> None:
+async def test_sync_client_from_a_thread(api: OpenAIRing) -> None:
     def run() -> tuple[str, str]:
         with openai.OpenAI(base_url=f"{api.url}/v1", api_key="x", max_retries=0) as c:
             r = c.chat.completions.create(model=api.model, messages=MESSAGES, max_tokens=16)
@@ -133,7 +121,7 @@ async def test_sync_client_from_a_thread(api: Api) -> None:
     assert got == streamed == want_chat(16)
 
 
-async def test_model_may_be_omitted_and_unknown_fields_are_ignored(api: Api) -> None:
+async def test_model_may_be_omitted_and_unknown_fields_are_ignored(api: OpenAIRing) -> None:
     async with aiohttp.ClientSession() as s:
         body = {"messages": MESSAGES, "max_tokens": 8, "frobnicate": {"x": 1}, "user": "u"}
         async with s.post(f"{api.url}/v1/chat/completions", json=body) as r:
@@ -144,7 +132,7 @@ async def test_model_may_be_omitted_and_unknown_fields_are_ignored(api: Api) -> 
 
 
 @pytest.mark.parametrize("stream", [False, True])
-async def test_stop_string_cuts_exactly_before_it(api: Api, stream: bool) -> None:
+async def test_stop_string_cuts_exactly_before_it(api: OpenAIRing, stream: bool) -> None:
     full = want_chat(40)
     stop = full[12:15]
     cut = full.index(stop)
@@ -161,7 +149,7 @@ async def test_stop_string_cuts_exactly_before_it(api: Api, stream: bool) -> Non
     await caches_freed(api.rt)  # stopping early ended the generation on every shard
 
 
-async def test_stop_string_on_completions_stream(api: Api) -> None:
+async def test_stop_string_on_completions_stream(api: OpenAIRing) -> None:
     full = want_completion(PROMPT, 40)
     stop = full[20:22]
     stream = await api.client.completions.create(
@@ -172,7 +160,7 @@ async def test_stop_string_on_completions_stream(api: Api) -> None:
     assert chunks[-1].choices[0].finish_reason == "stop"
 
 
-async def test_chat_logprobs_shape(api: Api) -> None:
+async def test_chat_logprobs_shape(api: OpenAIRing) -> None:
     r = await api.client.chat.completions.create(
         model=api.model, messages=MESSAGES, max_tokens=10, logprobs=True, top_logprobs=3
     )
@@ -203,7 +191,7 @@ async def test_chat_logprobs_shape(api: Api) -> None:
     assert all(e.top_logprobs == [] for e in entries)
 
 
-async def test_completion_logprobs_shape(api: Api) -> None:
+async def test_completion_logprobs_shape(api: OpenAIRing) -> None:
     r = await api.client.completions.create(
         model=api.model, prompt=PROMPT, max_tokens=8, logprobs=2
     )
@@ -215,7 +203,7 @@ async def test_completion_logprobs_shape(api: Api) -> None:
     assert lp.text_offset == sorted(lp.text_offset)
 
 
-async def test_usage_and_include_usage(api: Api) -> None:
+async def test_usage_and_include_usage(api: OpenAIRing) -> None:
     n_prompt = len(chat_ids(MODEL, MESSAGES))
     r = await api.client.chat.completions.create(model=api.model, messages=MESSAGES, max_tokens=9)
     assert r.usage is not None
@@ -237,7 +225,7 @@ async def test_usage_and_include_usage(api: Api) -> None:
     assert r2.usage is not None and r2.usage.prompt_tokens == len(encode(MODEL, PROMPT))
 
 
-async def test_seed_makes_sampling_reproducible(api: Api) -> None:
+async def test_seed_makes_sampling_reproducible(api: OpenAIRing) -> None:
     async def sample(seed: int) -> str:
         r = await api.client.chat.completions.create(
             model=api.model, messages=MESSAGES, max_tokens=24, temperature=1.0, seed=seed
@@ -258,7 +246,7 @@ async def test_seed_makes_sampling_reproducible(api: Api) -> None:
     assert r.choices[0].text == streamed
 
 
-async def test_sampling_parameters_are_accepted(api: Api) -> None:
+async def test_sampling_parameters_are_accepted(api: OpenAIRing) -> None:
     r = await api.client.chat.completions.create(
         model=api.model,
         messages=MESSAGES,
@@ -283,7 +271,7 @@ async def test_sampling_parameters_are_accepted(api: Api) -> None:
     assert biased.choices[0].text == decode(MODEL, [261] * 4)
 
 
-async def test_32_concurrent_streams_each_equal_their_reference(api: Api) -> None:
+async def test_32_concurrent_streams_each_equal_their_reference(api: OpenAIRing) -> None:
     prompts = [f"Request {i} asks about topic number {i * 7}." for i in range(32)]
     wants = [want_completion(p, 12) for p in prompts]
 
@@ -297,7 +285,7 @@ async def test_32_concurrent_streams_each_equal_their_reference(api: Api) -> Non
     await caches_freed(api.rt)
 
 
-async def test_client_closing_a_stream_frees_caches_on_every_shard(api: Api) -> None:
+async def test_client_closing_a_stream_frees_caches_on_every_shard(api: OpenAIRing) -> None:
     stream = await api.client.chat.completions.create(
         model=api.model, messages=MESSAGES, max_tokens=3000, stream=True
     )
@@ -314,7 +302,7 @@ async def test_client_closing_a_stream_frees_caches_on_every_shard(api: Api) -> 
     assert r.choices[0].message.content == want_chat(8)
 
 
-async def test_models_health_and_cluster_status(api: Api) -> None:
+async def test_models_health_and_cluster_status(api: OpenAIRing) -> None:
     models = await api.client.models.list()
     assert [m.id for m in models.data] == [api.model]
     assert (await api.client.models.retrieve(api.model)).id == api.model
@@ -339,7 +327,7 @@ async def test_models_health_and_cluster_status(api: Api) -> None:
     assert status["requests"]["generating"] == 0 and "tokens_per_s" in status["requests"]
 
 
-async def test_every_port_of_the_process_serves(api: Api) -> None:
+async def test_every_port_of_the_process_serves(api: OpenAIRing) -> None:
     """A process hosting several nodes serves the API on each node's port."""
     port = api.rt.config.api_port("n2")
     c = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,14 +15,15 @@ import openai
 import pytest
 
 from mlxring.engine.text import BYTE_LEVEL, assembler
-from mlxring.ring.runtime import Runtime
 
 from .ringutil import (
+    OpenAIRing,
     chat_ids,
     decode,
     encode,
     loaded,
     local_ring,
+    openai_ring,
     process_ring,
     reference,
     serve_api,
@@ -46,23 +46,10 @@ TOOLS = [
 ]
 
 
-@dataclass
-class Api:
-    rt: Runtime
-    url: str
-    client: openai.AsyncOpenAI
-
-    @property
-    def model(self) -> str:
-        return self.rt.model_name
-
-
 @pytest.fixture
-async def api(tmp_path: Path) -> AsyncIterator[Api]:
-    async with local_ring(write_valid_config(tmp_path, MODEL, 2)) as rt, serve_api(rt) as url:
-        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
-        yield Api(rt, url, client)
-        await client.close()
+async def api(tmp_path: Path) -> AsyncIterator[OpenAIRing]:
+    async with openai_ring(tmp_path, MODEL, 2) as ring:
+        yield ring
 
 
 def want_chat(n: int) -> str:
@@ -159,7 +146,9 @@ async def test_tools_with_tool_choice_none_are_accepted_and_not_shown(tmp_path: 
         await client.close()
 
 
-async def test_any_model_name_is_served_and_the_answer_names_the_served_model(api: Api) -> None:
+async def test_any_model_name_is_served_and_the_answer_names_the_served_model(
+    api: OpenAIRing,
+) -> None:
     want = want_chat(6)
     for name in ("gpt-4o", "local", api.model):
         r = await api.client.chat.completions.create(model=name, messages=MESSAGES, max_tokens=6)  # type: ignore[arg-type]
@@ -170,7 +159,7 @@ async def test_any_model_name_is_served_and_the_answer_names_the_served_model(ap
     assert {c.model async for c in stream} == {api.model}
 
 
-async def test_routes_without_v1(api: Api) -> None:
+async def test_routes_without_v1(api: OpenAIRing) -> None:
     client = openai.AsyncOpenAI(base_url=api.url, api_key="x", max_retries=0)
     r = await client.chat.completions.create(model="m", messages=MESSAGES, max_tokens=6)  # type: ignore[arg-type]
     assert r.choices[0].message.content == want_chat(6)
@@ -181,7 +170,7 @@ async def test_routes_without_v1(api: Api) -> None:
     await client.close()
 
 
-async def test_cors_default_allows_every_origin_on_every_answer(api: Api) -> None:
+async def test_cors_default_allows_every_origin_on_every_answer(api: OpenAIRing) -> None:
     origin = {"Origin": "http://localhost:3000"}
     async with aiohttp.ClientSession() as s:
         ask = {
@@ -242,7 +231,7 @@ async def test_cors_listed_origins_only_and_preflight_without_the_key(tmp_path: 
             assert r.status == 200 and "Access-Control-Allow-Origin" not in r.headers
 
 
-async def test_n_choices_are_batched_rows_streamed_and_not(api: Api) -> None:
+async def test_n_choices_are_batched_rows_streamed_and_not(api: OpenAIRing) -> None:
     want = want_chat(10)
     r = await api.client.chat.completions.create(
         model=api.model, messages=MESSAGES, max_tokens=10, n=3
@@ -277,7 +266,7 @@ async def test_n_choices_are_batched_rows_streamed_and_not(api: Api) -> None:
     assert got == [c.message.content for c in b.choices] and got[0] != got[1]
 
 
-async def test_echo_and_a_batch_of_prompts(api: Api) -> None:
+async def test_echo_and_a_batch_of_prompts(api: OpenAIRing) -> None:
     second = "A ring"
     r = await api.client.completions.create(
         model=api.model, prompt=[PROMPT, second], max_tokens=6, n=2, echo=True
@@ -305,7 +294,7 @@ async def test_echo_and_a_batch_of_prompts(api: Api) -> None:
     assert isinstance(e.value.body, dict) and e.value.body["param"] == "echo"
 
 
-async def test_stream_finish_chunk_carries_no_text(api: Api) -> None:
+async def test_stream_finish_chunk_carries_no_text(api: OpenAIRing) -> None:
     full = want_chat(12)
     body = {"messages": MESSAGES, "max_tokens": 12, "stream": True, "stop": [full[6:8]]}
     chunks = await raw_stream(f"{api.url}/v1/chat/completions", body)
@@ -326,7 +315,7 @@ def byte_ids() -> dict[int, int]:
     return {b: int(tok.convert_tokens_to_ids(c)) for c, b in BYTE_LEVEL.items()}
 
 
-async def test_logprobs_of_byte_tokens_keep_every_entry(api: Api) -> None:
+async def test_logprobs_of_byte_tokens_keep_every_entry(api: OpenAIRing) -> None:
     ids = byte_ids()
     # Steer the ring onto five partial-UTF-8 byte tokens (each alone decodes as U+FFFD).
     steer = {str(ids[b]): 100 for b in (0xE2, 0x82, 0xAC, 0xC3, 0xA9)}
@@ -381,7 +370,7 @@ def test_n_and_choices_are_bounded() -> None:
         assert e.value.status == 400 and e.value.param == "n"
 
 
-async def test_responses_api_streamed_and_not(api: Api) -> None:
+async def test_responses_api_streamed_and_not(api: OpenAIRing) -> None:
     want = want_chat(8)
     r = await api.client.responses.create(
         model="any", input=MESSAGES[0]["content"], max_output_tokens=8

@@ -26,6 +26,7 @@ from .ringutil import (
     FAST,
     encode,
     local_ring,
+    post_json,
     process_ring,
     reference,
     serve_api,
@@ -38,20 +39,6 @@ MODEL = tiny_model("qwen3")
 MESSAGES = [{"role": "user", "content": "Say something about rings."}]
 # Each node holds half of the tiny model (~650 KB) but not all of it: one node alone cannot serve.
 HALF_MEMORY = ["memory_gb = 0.0005", "memory_gb = 0.0005"]
-
-
-async def post(
-    url: str, body: Any, *, raw: bytes | None = None, headers: dict[str, str] | None = None
-) -> tuple[int, dict[str, Any], Any]:
-    async with (
-        aiohttp.ClientSession() as s,
-        s.post(
-            url,
-            data=raw if raw is not None else json.dumps(body).encode(),
-            headers={"Content-Type": "application/json", **(headers or {})},
-        ) as r,
-    ):
-        return r.status, dict(r.headers), await r.json(content_type=None)
 
 
 async def get(url: str, headers: dict[str, str] | None = None) -> tuple[int, dict[str, Any], Any]:
@@ -82,7 +69,7 @@ async def url(tmp_path: Path) -> AsyncIterator[str]:
 
 async def test_bad_json_is_400(url: str) -> None:
     for raw in (b"{not json", b"", b"[1, 2]", b'"text"', b'{"max_tokens": NaN}', b"\xff\xfe"):
-        status, _, body = await post(f"{url}/v1/chat/completions", None, raw=raw)
+        status, _, body = await post_json(f"{url}/v1/chat/completions", None, raw=raw)
         assert status == 400, raw
         assert_error(body, type_="invalid_request_error", code="invalid_json")
 
@@ -91,7 +78,7 @@ async def assert_400_naming(url: str, path: str, patch: dict[str, Any], param: s
     """A valid request of `path` with `patch` applied is a 400 naming `param`."""
     base: dict[str, Any] = {"max_tokens": 2}
     base.update({"messages": MESSAGES} if path == "chat" else {"prompt": "Hi"})
-    status, _, body = await post(
+    status, _, body = await post_json(
         f"{url}/v1/{path.replace('chat', 'chat/completions')}", base | patch
     )
     assert status == 400, body
@@ -187,13 +174,13 @@ async def test_unknown_path_is_404_and_wrong_method_405(url: str) -> None:
     status, _, body = await get(f"{url}/v1/engines")
     assert status == 404
     assert_error(body, type_="invalid_request_error", code="unknown_url")
-    status, _, body = await post(f"{url}/nope", {})
+    status, _, body = await post_json(f"{url}/nope", {})
     assert status == 404
     assert_error(body)
     status, headers, body = await get(f"{url}/v1/chat/completions")
     assert status == 405 and headers["Allow"] == "POST"
     assert_error(body, code="method_not_allowed")
-    status, _, body = await post(f"{url}/v1/models", {})
+    status, _, body = await post_json(f"{url}/v1/models", {})
     assert status == 405
     assert_error(body)
 
@@ -202,7 +189,7 @@ async def test_api_key_is_required_except_for_the_listed_paths(tmp_path: Path) -
     cfg = write_valid_config(tmp_path, MODEL, 2, api='api_key = "sekrit"')
     async with local_ring(cfg) as rt, serve_api(rt) as url:
         for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "sekrit"}):
-            status, _, body = await post(
+            status, _, body = await post_json(
                 f"{url}/v1/completions", {"prompt": "Hi", "max_tokens": 2}, headers=headers
             )
             assert status == 401, headers
@@ -237,7 +224,7 @@ async def test_body_over_the_limit_is_413(tmp_path: Path) -> None:
     cfg = write_valid_config(tmp_path, MODEL, 2, api="max_body_bytes = 2000")
     async with local_ring(cfg) as rt, serve_api(rt) as url:
         big = {"prompt": "x" * 3000, "max_tokens": 2}
-        status, _, body = await post(f"{url}/v1/completions", big)
+        status, _, body = await post_json(f"{url}/v1/completions", big)
         assert status == 413
         assert_error(body, type_="invalid_request_error", code="request_too_large")
 
@@ -251,21 +238,23 @@ async def test_body_over_the_limit_is_413(tmp_path: Path) -> None:
         ):
             assert r.status == 413
             assert_error(await r.json(), code="request_too_large")
-        status, _, body = await post(f"{url}/v1/completions", {"prompt": "Hi", "max_tokens": 2})
+        status, _, body = await post_json(
+            f"{url}/v1/completions", {"prompt": "Hi", "max_tokens": 2}
+        )
         assert status == 200, body
 
 
 async def test_prompt_or_budget_over_the_context_is_400(url: str) -> None:
     long = "hello " * 2000
     assert len(encode(MODEL, long)) > 4096  # the tiny model's max_position_embeddings
-    status, _, body = await post(f"{url}/v1/completions", {"prompt": long, "max_tokens": 2})
+    status, _, body = await post_json(f"{url}/v1/completions", {"prompt": long, "max_tokens": 2})
     assert status == 400  # OpenAI's status, the one clients catch; 413 is for a big body
     assert_error(body, param="prompt", code="context_length_exceeded")
     msgs = [{"role": "user", "content": long}]
-    status, _, body = await post(f"{url}/v1/chat/completions", {"messages": msgs})
+    status, _, body = await post_json(f"{url}/v1/chat/completions", {"messages": msgs})
     assert status == 400
     assert_error(body, param="messages", code="context_length_exceeded")
-    status, _, body = await post(f"{url}/v1/completions", {"prompt": "Hi", "max_tokens": 5000})
+    status, _, body = await post_json(f"{url}/v1/completions", {"prompt": "Hi", "max_tokens": 5000})
     assert status == 400
     assert_error(body, param="max_tokens", code="context_length_exceeded")
     # Right at the edge is accepted: prompt + max_tokens == the context (streamed, and closed
@@ -275,7 +264,7 @@ async def test_prompt_or_budget_over_the_context_is_400(url: str) -> None:
     async with aiohttp.ClientSession() as s, s.post(f"{url}/v1/completions", json=edge) as r:
         assert r.status == 200
         assert (await r.content.readuntil(b"\n\n")).startswith(b"data: {")
-    status, _, body = await post(
+    status, _, body = await post_json(
         f"{url}/v1/completions", {"prompt": ids, "max_tokens": 4097 - len(ids)}
     )
     assert status == 400
@@ -291,7 +280,7 @@ async def test_full_queue_is_429(tmp_path: Path) -> None:
         async with s.post(f"{url}/v1/completions", json=body) as held:
             await held.content.readuntil(b"\n\n")  # generating: the one slot is taken
             queued = asyncio.create_task(
-                post(f"{url}/v1/completions", {"prompt": prompt, "max_tokens": 6})
+                post_json(f"{url}/v1/completions", {"prompt": prompt, "max_tokens": 6})
             )
             for _ in range(200):
                 if (await get(f"{url}/cluster/status"))[2]["requests"]["waiting"] == 1:
@@ -299,7 +288,7 @@ async def test_full_queue_is_429(tmp_path: Path) -> None:
                 await asyncio.sleep(0.05)
             else:
                 raise AssertionError("the second request never queued")
-            status, headers, err = await post(f"{url}/v1/completions", {"prompt": "x"})
+            status, headers, err = await post_json(f"{url}/v1/completions", {"prompt": "x"})
             assert status == 429 and headers["Retry-After"]
             assert_error(err, type_="rate_limit_exceeded", code="queue_full")
             assert not queued.done()
@@ -343,7 +332,7 @@ async def test_ring_that_cannot_serve_is_503_at_once(tmp_path: Path) -> None:
             assert headers["Retry-After"]
             for stream in (False, True):
                 t0 = time.monotonic()
-                status, headers, body = await post(
+                status, headers, body = await post_json(
                     f"{url}/v1/chat/completions",
                     {"messages": MESSAGES, "max_tokens": 4, "stream": stream},
                 )
@@ -354,7 +343,7 @@ async def test_ring_that_cannot_serve_is_503_at_once(tmp_path: Path) -> None:
             assert status == 200 and body["ring"]["ok"] is False and body["ring"]["reason"]
             assert [n["up"] for n in body["nodes"]] == [True, False]
             # Bad input is still a 400, not a 503.
-            status, _, body = await post(f"{url}/v1/completions", {"prompt": 5})
+            status, _, body = await post_json(f"{url}/v1/completions", {"prompt": 5})
             assert status == 400
     finally:
         await rt.stop()
@@ -368,7 +357,7 @@ async def test_non_head_node_with_the_head_unreachable_is_503(tmp_path: Path) ->
         assert rt.head_name == "n0" and rt.engine is None
         async with serve_api(rt) as url:
             t0 = time.monotonic()
-            status, headers, body = await post(
+            status, headers, body = await post_json(
                 f"{url}/v1/completions", {"prompt": "Hi", "max_tokens": 2}
             )
             assert status == 503 and headers["Retry-After"] and time.monotonic() - t0 < 5
@@ -395,7 +384,7 @@ async def test_node_lost_mid_stream_ends_with_an_error_event(tmp_path: Path) -> 
             assert rt.members == ("n0", "n1")
             async with aiohttp.ClientSession() as s:
                 plain = asyncio.create_task(
-                    post(f"{url}/v1/completions", {"prompt": "Hi", "max_tokens": 3000})
+                    post_json(f"{url}/v1/completions", {"prompt": "Hi", "max_tokens": 3000})
                 )
                 body = {"messages": MESSAGES, "max_tokens": 3000, "stream": True}
                 async with s.post(f"{url}/v1/chat/completions", json=body) as r:
