@@ -438,6 +438,7 @@ def smollm2(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return d / member
 
 
+@pytest.mark.slow  # ~20 s; the packaged smollm2 (test_smollm2) is the same conversion, whole
 def test_the_smollm2_gguf_through_two_processes_is_exact(smollm2: Path, tmp_path: Path) -> None:
     whole = tmp_path / "whole"
     converter.write_model(smollm2, whole)  # what the packaged model keeps
