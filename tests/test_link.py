@@ -363,3 +363,40 @@ async def test_an_open_ring_takes_a_name_only_from_that_nodes_address() -> None:
     finally:
         await a.stop()
         await listener.stop()
+
+
+async def test_a_peer_whose_attempt_fails_unforeseen_links_again() -> None:
+    """An attempt that fails in a way no network error covers (here the address lookup raises,
+    then the runtime's state callback does) is logged and retried: the link comes up, it is
+    never left down for good with its task ended."""
+    port = free_port()
+    listener = Listener(settings("b"), "127.0.0.1", port, lambda msg, peer: None)
+    await listener.start()
+    lookups = 0
+
+    def address() -> tuple[str, int]:
+        nonlocal lookups
+        lookups += 1
+        if lookups <= 2:
+            raise RuntimeError("discovery is not ready")
+        return ("127.0.0.1", port)
+
+    states: list[bool] = []
+
+    def on_state(up: bool) -> None:
+        states.append(up)
+        if len(states) == 1:
+            raise RuntimeError("the runtime could not take the link yet")
+
+    peer = Peer(settings("a"), "b", address, on_state)
+    peer.start()
+    try:
+        for _ in range(1000):  # two failed lookups, a refused callback: a few backoffs
+            if states[-1:] == [True] and len(states) >= 2 and peer.up:
+                break
+            await asyncio.sleep(0.01)
+        assert lookups >= 3 and peer.up
+        assert states[0] is True and states[-1] is True
+    finally:
+        await peer.stop()
+        await listener.stop()

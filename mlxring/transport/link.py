@@ -314,50 +314,68 @@ class Peer:
                     raise
 
     def _drop(self, conn: FrameConnection, why: str) -> None:
+        conn.close()
         if self._conn is conn:
             self._conn = None
             self._up.clear()
             log.warning("link_down", peer=self.name, reason=why)
             self._on_state(False)
-        conn.close()
 
     async def _maintain(self) -> None:
+        """Link, watch, link again, until stopped. Whatever an attempt raises beyond the
+        network's failures (an address lookup, a peer's odd answer, a state callback) is
+        logged with its cause and retried after the backoff: a link never stays down for good
+        because one attempt failed in a way nobody foresaw."""
         backoff = 0.05
         while not self._stopping:
-            addr = self._address()
-            if addr is None:
-                await asyncio.sleep(self.s.heartbeat_s)
-                continue
             try:
-                conn = await connect(
-                    *addr, HANDSHAKE_MAX_FRAME, self.s.connect_timeout_s, self.s.bind
-                )
-            except (OSError, TimeoutError):
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, self.s.max_backoff_s)
-                continue
-            try:
-                peer = await handshake_connect(conn, self.s)
-                if peer != self.name:
-                    raise LinkError(f"{addr[0]}:{addr[1]} is node {peer!r}, expected {self.name!r}")
-            except (LinkError, wire.FrameError, OSError, TimeoutError) as e:
-                log.warning(
-                    "handshake_failed", peer=self.name, address=f"{addr[0]}:{addr[1]}", error=str(e)
-                )
-                await conn.wait_closed()
+                backoff = await self._attempt(backoff)
+            except Exception as e:  # noqa: BLE001 - logged with its cause, then retried
+                why = f"{type(e).__name__}: {e}"
+                log.error("link_failed", peer=self.name, error=why, exc_info=e)
+                if self._conn is not None:
+                    try:
+                        self._drop(self._conn, why)
+                    except Exception as again:  # noqa: BLE001 - the state callback failed again
+                        log.error("link_failed", peer=self.name, error=repr(again))
                 await asyncio.sleep(max(backoff, 0.5))
                 backoff = min(backoff * 2, self.s.max_backoff_s)
-                continue
-            backoff = 0.05
-            conn.max_frame = self.s.max_frame
-            self._conn = conn
-            self.last_pong = time.monotonic()
-            conn.deliver(self._pong)
-            self._up.set()
-            log.info("link_up", peer=self.name, address=f"{addr[0]}:{addr[1]}")
-            self._on_state(True)
-            await self._watch(conn)
-            self.reconnects += 1
+
+    async def _attempt(self, backoff: float) -> float:
+        """One connection to the next node, through its life; returns the next backoff."""
+        addr = self._address()
+        if addr is None:
+            await asyncio.sleep(self.s.heartbeat_s)
+            return backoff
+        try:
+            conn = await connect(*addr, HANDSHAKE_MAX_FRAME, self.s.connect_timeout_s, self.s.bind)
+        except (OSError, TimeoutError):
+            await asyncio.sleep(backoff)
+            return min(backoff * 2, self.s.max_backoff_s)
+        try:
+            peer = await handshake_connect(conn, self.s)
+            if peer != self.name:
+                raise LinkError(f"{addr[0]}:{addr[1]} is node {peer!r}, expected {self.name!r}")
+        except (LinkError, wire.FrameError, OSError, TimeoutError) as e:
+            log.warning(
+                "handshake_failed", peer=self.name, address=f"{addr[0]}:{addr[1]}", error=str(e)
+            )
+            await conn.wait_closed()
+            await asyncio.sleep(max(backoff, 0.5))
+            return min(backoff * 2, self.s.max_backoff_s)
+        except BaseException:
+            conn.close()
+            raise
+        conn.max_frame = self.s.max_frame
+        self._conn = conn
+        self.last_pong = time.monotonic()
+        conn.deliver(self._pong)
+        self._up.set()
+        log.info("link_up", peer=self.name, address=f"{addr[0]}:{addr[1]}")
+        self._on_state(True)
+        await self._watch(conn)
+        self.reconnects += 1
+        return 0.05
 
     def _pong(self, msg: Message) -> None:
         if isinstance(msg, Pong):
