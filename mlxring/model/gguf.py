@@ -394,15 +394,18 @@ def sizes(directory: Path) -> dict[str, int]:
     }
 
 
-def convert(path: Path, directory: Path, parts: Iterable[int | str]) -> None:
-    """Write the safetensors files of `parts` of GGUF `path` into `directory` (those not there
-    yet), each whole or not at all."""
-    todo = [p for p in parts if not (directory / file_of(p)).exists()]
+def missing(directory: Path, parts: Iterable[int | str]) -> list[int | str]:
+    """The `parts` whose files `directory` does not hold yet."""
+    return [p for p in parts if not (directory / file_of(p)).exists()]
+
+
+def convert(g: GgufFile, directory: Path, todo: list[int | str]) -> None:
+    """Write the safetensors files of parts `todo` of the open GGUF `g` into `directory`, each
+    whole or not at all."""
     if not todo:
         return
-    g = GgufFile(path)
     t0 = time.perf_counter()
-    log.info("gguf_converting", file=str(path), parts=len(todo))
+    log.info("gguf_converting", file=str(g.path), parts=len(todo))
     for i, part in enumerate(todo, 1):
         target = directory / file_of(part)
         tmp = target.with_name(f".{target.stem}.{os.getpid()}.safetensors")
@@ -417,7 +420,8 @@ def convert(path: Path, directory: Path, parts: Iterable[int | str]) -> None:
 def fetch_shard(path: Path, directory: Path, start: int, end: int) -> Path:
     """Convert what layers [start, end) need into `directory` (made by `metadata`)."""
     config = json.loads((directory / "config.json").read_text())
-    convert(path, directory, parts_for(config, start, end))
+    if todo := missing(directory, parts_for(config, start, end)):
+        convert(GgufFile(path), directory, todo)  # the file is read only when a part is missing
     return directory
 
 
@@ -428,4 +432,4 @@ def write_model(path: Path, target: Path) -> None:
     target.mkdir(parents=True, exist_ok=True)
     g.write_tokenizer(target)
     _write_json(target / "config.json", g.config)
-    convert(path, target, parts_for(g.config, 0, g.config["num_hidden_layers"]))
+    convert(g, target, missing(target, parts_for(g.config, 0, g.config["num_hidden_layers"])))
