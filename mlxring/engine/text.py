@@ -28,6 +28,16 @@ class TokenInfo:
 
 
 @dataclass(frozen=True)
+class ToolCall:
+    """A call of a tool the model wrote: OpenAI's `id`, the function's name, its arguments as
+    JSON text."""
+
+    id: str
+    name: str
+    arguments: str
+
+
+@dataclass(frozen=True)
 class Piece:
     """A part of the completion ready to go to the client; the last one has a finish_reason."""
 
@@ -36,6 +46,9 @@ class Piece:
     finish_reason: str | None = None
     completion_tokens: int = 0
     stop: str | None = None  # the stop string that ended the text, when one did
+    # A chat's other channels (engine.channels): `text` is then the answer alone.
+    reasoning: str = ""
+    calls: tuple[ToolCall, ...] = ()
 
 
 class IncrementalDecoder:
