@@ -48,15 +48,25 @@ def tiny_model(
     quantize: int | None = None,
     layers: int | None = None,
     seed: int = 0,
+    chat: str = "chatml",
 ) -> Path:
     """A tiny random model, made once per machine and reused (same args and same make-model
     code -> same bytes)."""
     name = f"{family}-tie{tie}-q{quantize}-l{layers}-s{seed}-{_maker_version()}"
+    if chat != "chatml":
+        name += f"-{chat}"
     out = _MODELS / name
     if not (out / "config.json").exists():
         tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=_mkdir(_MODELS)))
         make_model(
-            tmp, family=family, preset="tiny", layers=layers, tie=tie, quantize=quantize, seed=seed
+            tmp,
+            family=family,
+            preset="tiny",
+            layers=layers,
+            tie=tie,
+            quantize=quantize,
+            seed=seed,
+            chat=chat,
         )
         with contextlib.suppress(OSError):
             tmp.rename(out)

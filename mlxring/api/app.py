@@ -26,7 +26,11 @@ Decisions worth knowing:
 - A prompt that leaves no room for one generated token, or an explicit `max_tokens` that does
   not fit, is 400 `context_length_exceeded` (OpenAI's answer, which clients catch; 413 is only
   for a body too big). Without `max_tokens` a request may generate up to the end of the context.
-- `tools` with `tool_choice: "none"` are accepted and not shown to the model (api/tools.py).
+- Tools go to the model through its chat template; its calls come back parsed by mlx-lm's
+  parser for the family (engine.channels). A model whose template or tokenizer cannot take
+  tools is a 400 for a request that offers them; `tool_choice: "none"` shows them to no one.
+- A thinking model's reasoning is split from the answer (engine.channels); a chat's
+  `chat_template_kwargs` reach the template (`enable_thinking: false`, ...).
 - `temperature` defaults to 0 (greedy), as in mlx-lm's server, not OpenAI's 1.
 - Generation ends at the first token after which a stop string appears; the text is cut right
   before it. While streaming, a tail that could begin a stop string is held back.
@@ -55,6 +59,13 @@ from mlxring.api.schema import GenerationRequest, Kind, parse_generation, parse_
 from mlxring.api.state import ARRIVED, RID, STATE, ApiState, note
 from mlxring.api.status import cluster_status, get_model, health, list_models, metrics
 from mlxring.api.web import web_file, web_index
+from mlxring.engine.channels import (
+    marker,
+    split_pieces,
+    splitter,
+    tools_refused,
+    writes_json_calls,
+)
 from mlxring.engine.lifecycle import GeneratedToken
 from mlxring.engine.text import Piece, assembler, pieces
 from mlxring.protocol.messages import SamplingParams
@@ -135,6 +146,7 @@ async def _start(
 ) -> tuple[list[list[int]], AsyncGenerator[tuple[int, Piece], None]]:
     """Each prompt's ids, and its choices' rows (which start when first read)."""
     state = request.app[STATE]
+    req = _with_tools(state, req)
     prompts = await _prompt_ids(state, req)
     budgets = [_fit_context(state.context_length(), req, len(ids)) for ids in prompts]
     # Refuse at once when the ring cannot serve, rather than time out inside the engine.
@@ -142,6 +154,20 @@ async def _start(
         raise unavailable(reason)
     note(request, prompt_tokens=sum(map(len, prompts)))
     return prompts, _rows(request, req, prompts, budgets)
+
+
+def _with_tools(state: ApiState, req: GenerationRequest) -> GenerationRequest:
+    """The request with its tools checked against the model (a 400 when it cannot take them)
+    and, where the family's format allows, a required call enforced as a grammar."""
+    tok = state.tokenizer
+    if not req.tools.offered or tok is None:
+        return req
+    if why := tools_refused(tok):
+        raise invalid("tools", f"This model cannot call tools: {why}.", code="unsupported_value")
+    if req.tools.grammar() is None or not writes_json_calls(tok):
+        return req
+    grammar = req.tools.grammar(*(marker(tok, m) for m in ("<tool_call>", "</tool_call>")))
+    return replace(req, params=replace(req.params, grammar=grammar))
 
 
 async def _rows(
@@ -206,6 +232,8 @@ async def _row(
             engine.generate(ids, params, max_tokens, rid=rid, ignore_eos=req.ignore_eos),
         )
         text = pieces(tokens, assembler(tok, ids, req.stop), timer.token)
+        if req.kind == "chat" and (channels := splitter(tok, req.tools.template(), ids)):
+            text = split_pieces(text, channels)
         async with contextlib.aclosing(text):
             async for piece in text:
                 yield piece
@@ -219,7 +247,13 @@ async def _prompt_ids(state: ApiState, req: GenerationRequest) -> list[list[int]
     def run() -> list[list[int]]:
         if req.kind == "chat":
             msgs = [m.template_dict() for m in req.messages]
-            return [list(tok.apply_chat_template(msgs, add_generation_prompt=True))]
+            ids = tok.apply_chat_template(
+                msgs,
+                tools=req.tools.template(),
+                add_generation_prompt=True,
+                **req.template_kwargs,
+            )
+            return [list(ids)]
         return [list(tok.encode(p)) if isinstance(p, str) else list(p) for p in req.prompts]
 
     loop = asyncio.get_running_loop()

@@ -25,7 +25,7 @@ from mlxring.api.errors import ApiError, internal_error, unavailable
 from mlxring.api.schema import GenerationRequest
 from mlxring.api.state import RID, STATE, ApiState, note
 from mlxring.engine.lifecycle import RingUnavailable
-from mlxring.engine.text import Piece, TokenInfo, token_name
+from mlxring.engine.text import Piece, TokenInfo, ToolCall, token_name
 
 log = structlog.get_logger()
 
@@ -110,12 +110,27 @@ class Formatter:
         return {**self._envelope(obj), "choices": choices, "usage": usage}
 
     def choice(
-        self, index: int, text: str, tokens: Sequence[TokenInfo], finish: str | None
+        self,
+        index: int,
+        text: str,
+        tokens: Sequence[TokenInfo],
+        finish: str | None,
+        reasoning: str = "",
+        calls: Sequence[ToolCall] = (),
     ) -> dict[str, Any]:
         if self.chat:
+            # OpenAI's content is null in a message that only calls tools.
+            message: dict[str, Any] = {
+                "role": "assistant",
+                "content": text if text or not calls else None,
+                "refusal": None,
+            }
+            message.update(_reasoning(reasoning))
+            if calls:
+                message["tool_calls"] = [_call(c) for c in calls]
             return {
                 "index": index,
-                "message": {"role": "assistant", "content": text, "refusal": None},
+                "message": message,
                 "logprobs": self.logprobs(tokens),
                 "finish_reason": finish,
             }
@@ -133,16 +148,23 @@ class Formatter:
         tokens: Sequence[TokenInfo] = (),
         finish: str | None = None,
         first: bool = False,
+        reasoning: str = "",
+        calls: Sequence[tuple[int, ToolCall]] = (),
     ) -> dict[str, Any]:
         """A stream chunk of one choice. A chat's first chunk is OpenAI's own `{"role":
         "assistant", "content": ""}`; the finish chunk carries only the finish_reason (an empty
-        delta, or empty text), after the chunk with the last text."""
+        delta, or empty text), after the chunk with the last text. Reasoning travels in
+        `reasoning_content` (and `reasoning`); each tool call whole, in one `tool_calls` delta
+        with its index among the choice's calls."""
         usage: dict[str, Any] = {"usage": None} if self.req.include_usage else {}
         logprobs = self.logprobs(tokens) if tokens else None
         if self.chat:
             delta: dict[str, Any] = {"role": "assistant", "content": ""} if first else {}
             if text:
                 delta["content"] = text
+            delta.update(_reasoning(reasoning))
+            if calls:
+                delta["tool_calls"] = [{"index": k, **_call(c)} for k, c in calls]
             choice: dict[str, Any] = {
                 "index": index,
                 "delta": delta,
@@ -158,6 +180,16 @@ class Formatter:
         return {**self._envelope(obj), "choices": [], "usage": usage}
 
 
+def _reasoning(text: str) -> dict[str, str]:
+    """A thinking model's reasoning under both names clients read: `reasoning_content` (vLLM,
+    DeepSeek, llama.cpp) and `reasoning` (newer OpenAI-compatible clients)."""
+    return {"reasoning_content": text, "reasoning": text} if text else {}
+
+
+def _call(c: ToolCall) -> dict[str, Any]:
+    return {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+
+
 def _prompt_tokens(choices: Sequence[Choice], n: int) -> int:
     """Prompt tokens as OpenAI counts them: each prompt once, however many choices it has."""
     return sum(c.n_prompt for c in choices[::n])
@@ -171,11 +203,15 @@ async def complete(
 ) -> web.StreamResponse:
     fmt = Formatter(request.app[STATE], req, request[RID])
     texts: list[list[str]] = [[c.echo] for c in choices]
+    thoughts: list[list[str]] = [[] for _ in choices]
+    calls: list[list[ToolCall]] = [[] for _ in choices]
     tokens: list[list[TokenInfo]] = [[] for _ in choices]
     last = [Piece("", ()) for _ in choices]
     try:
         async for i, p in rows:
             texts[i].append(p.text)
+            thoughts[i].append(p.reasoning)
+            calls[i].extend(p.calls)
             tokens[i].extend(p.tokens)
             last[i] = p
     except RingUnavailable as e:
@@ -183,7 +219,14 @@ async def complete(
     usage = _usage(_prompt_tokens(choices, req.n), sum(p.completion_tokens for p in last))
     note(request, **usage, finish_reason=last[0].finish_reason)
     body = [
-        fmt.choice(c.index, "".join(texts[c.index]), tokens[c.index], last[c.index].finish_reason)
+        fmt.choice(
+            c.index,
+            "".join(texts[c.index]),
+            tokens[c.index],
+            last[c.index].finish_reason,
+            "".join(thoughts[c.index]),
+            calls[c.index],
+        )
         for c in choices
     ]
     return web.json_response(fmt.response(body, usage))
@@ -207,6 +250,7 @@ async def stream(
     await resp.prepare(request)
     completion = 0
     finish: str | None = None
+    n_calls = [0 for _ in choices]  # each choice's calls so far: the next call's index
     try:
         try:
             for c in choices:
@@ -216,8 +260,13 @@ async def stream(
                     await resp.write(sse(fmt.chunk(c.index, c.echo)))
             while item is not None:
                 i, piece = item
-                if piece.text or piece.tokens:
-                    await resp.write(sse(fmt.chunk(i, piece.text, piece.tokens)))
+                if piece.text or piece.tokens or piece.reasoning or piece.calls:
+                    calls = list(enumerate(piece.calls, n_calls[i]))
+                    n_calls[i] += len(calls)
+                    chunk = fmt.chunk(
+                        i, piece.text, piece.tokens, reasoning=piece.reasoning, calls=calls
+                    )
+                    await resp.write(sse(chunk))
                 if piece.finish_reason is not None:
                     await resp.write(sse(fmt.chunk(i, "", finish=piece.finish_reason)))
                     completion += piece.completion_tokens

@@ -8,7 +8,7 @@ do; unknown fields are ignored, as OpenAI does. The body is read with its size a
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal, TypeGuard
 
 from aiohttp import web
@@ -18,6 +18,7 @@ from mlxring.api.errors import ApiError, body_too_large, body_too_slow, invalid
 from mlxring.api.structured import grammar_of
 from mlxring.api.tools import NO_TOOLS, Tools, parse_tools
 from mlxring.config import ApiConfig
+from mlxring.engine.text import ToolCall
 from mlxring.fields import FieldErrors, Fields
 from mlxring.fields import Kind as FieldKind
 from mlxring.model.sharded import config_value
@@ -41,14 +42,29 @@ Prompt = str | tuple[int, ...]  # a completions prompt: text, or token ids
 class ChatMessage:
     role: str
     content: str
-    tool_call_id: str | None = None
+    tool_call_id: str | None = None  # a tool's result: the call it answers
+    tool_calls: tuple[ToolCall, ...] = ()  # an assistant's turn: the calls it made
+    reasoning: str | None = None  # an assistant's turn: its thinking, given back
 
-    def template_dict(self) -> dict[str, str]:
+    def template_dict(self) -> dict[str, Any]:
+        """The message as chat templates read it (the shape mlx-lm's server gives them)."""
         # "developer" is OpenAI's newer name for "system"; chat templates know only the latter.
         role = "system" if self.role == "developer" else self.role
-        out = {"role": role, "content": self.content}
+        out: dict[str, Any] = {"role": role, "content": self.content}
         if self.tool_call_id is not None:
             out["tool_call_id"] = self.tool_call_id
+        if self.tool_calls:
+            # Templates write the arguments with `tojson`: they take them as an object.
+            out["tool_calls"] = [
+                {
+                    "id": c.id,
+                    "type": "function",
+                    "function": {"name": c.name, "arguments": json.loads(c.arguments)},
+                }
+                for c in self.tool_calls
+            ]
+        if self.reasoning is not None:
+            out["reasoning_content"] = self.reasoning
         return out
 
 
@@ -66,6 +82,9 @@ class GenerationRequest:
     n: int = 1  # choices per prompt
     echo: bool = False  # completion: the prompt's text opens each choice's text
     tools: Tools = NO_TOOLS  # chat
+    # chat: extra variables for the chat template (`chat_template_kwargs`, as vLLM's and
+    # mlx-lm's servers take them: `enable_thinking`, `reasoning_effort`, ...).
+    template_kwargs: dict[str, Any] = field(default_factory=dict)
     # Extension (as in vLLM): keep generating past EOS, for benchmarks of fixed length.
     ignore_eos: bool = False
 
@@ -195,8 +214,57 @@ def _parse_messages(value: Any) -> tuple[ChatMessage, ...]:
                 f"Invalid value for '{p}.role': {role!r}; supported: {', '.join(CHAT_ROLES)}.",
             )
         content = _parse_content(f"{p}.content", m.get("content"), role)
-        out.append(ChatMessage(role, content, f.opt_string("tool_call_id")))
+        calls: tuple[ToolCall, ...] = ()
+        reasoning = None
+        if role == "assistant":
+            calls = _parse_tool_calls(f)
+            # Clients give a thinking model's reasoning back under either name.
+            reasoning = f.opt_string("reasoning_content")
+            if reasoning is None:
+                reasoning = f.opt_string("reasoning")
+        out.append(ChatMessage(role, content, f.opt_string("tool_call_id"), calls, reasoning))
     return tuple(out)
+
+
+def _parse_tool_calls(f: Fields) -> tuple[ToolCall, ...]:
+    """An assistant message's `tool_calls`: the calls it made, for the template to show."""
+    if f.raw("tool_calls") is None:
+        return ()
+    items = f.elements("tool_calls")
+    out = []
+    for i in range(len(items.data)):
+        c = items.table(i)
+        fn = c.table("function")
+        args = fn.string("arguments")
+        try:
+            parsed = json.loads(args)
+        except ValueError:
+            parsed = None
+        if not isinstance(parsed, dict):
+            raise invalid(
+                fn.path("arguments"),
+                f"Invalid value for '{fn.path('arguments')}': the arguments must be a JSON "
+                "object, as a string.",
+            )
+        out.append(ToolCall(c.opt_string("id") or "", fn.string("name"), args))
+    return tuple(out)
+
+
+# Template variables a request may not set: the server sets them.
+RESERVED_TEMPLATE_KWARGS = ("messages", "tools", "add_generation_prompt", "tokenize")
+
+
+def _parse_template_kwargs(f: Fields) -> dict[str, Any]:
+    if f.raw("chat_template_kwargs") is None:
+        return {}
+    kwargs = dict(f.table("chat_template_kwargs").data)
+    for key in kwargs:
+        if key in RESERVED_TEMPLATE_KWARGS or key.startswith("_"):
+            raise invalid(
+                "chat_template_kwargs",
+                f"Invalid key {key!r} in 'chat_template_kwargs': the server sets it.",
+            )
+    return kwargs
 
 
 def _parse_content(param: str, value: Any, role: str) -> str:
@@ -363,10 +431,18 @@ def parse_generation(kind: Kind, data: dict[str, Any], vocab_size: int) -> Gener
     messages: tuple[ChatMessage, ...] = ()
     prompts: tuple[Prompt, ...] = ()
     tools = NO_TOOLS
+    template_kwargs: dict[str, Any] = {}
     echo = False
     if kind == "chat":
         tools = parse_tools(data, API)
+        if tools.grammar() is not None and params.grammar is not None:
+            raise invalid(
+                "response_format",
+                "A 'response_format' other than text cannot be combined with a 'tool_choice' "
+                "that requires a tool call.",
+            )
         messages = _parse_messages(data.get("messages"))
+        template_kwargs = _parse_template_kwargs(f)
     else:
         echo = f.boolean("echo", False)
         if echo and logprobs is not None:
@@ -401,6 +477,7 @@ def parse_generation(kind: Kind, data: dict[str, Any], vocab_size: int) -> Gener
         n=n,
         echo=echo,
         tools=tools,
+        template_kwargs=template_kwargs,
         ignore_eos=bool(f.boolean("ignore_eos", False)),
     )
 

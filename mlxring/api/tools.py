@@ -1,15 +1,18 @@
 """OpenAI's tool fields of a chat request: `tools`, `tool_choice`, `parallel_tool_calls`.
 
 Each is parsed into a frozen `Tools` and checked as OpenAI checks it (a 400 naming the `param`).
-This server does not call tools yet: a request may declare them with `tool_choice: "none"`, and
-then the model is not shown them at all (mlx-lm's server renders `tools` into the chat template
-whatever `tool_choice` says; here nothing would parse a call the model wrote, so a model shown
-tools it may not call could only answer with a call as plain text). Any other choice, with
-tools declared, is a 400 saying tool calling is not supported yet.
+The functions offered go to the model through its own chat template (`template`); the calls it
+writes come back through `engine.channels`. With `tool_choice: "none"` the model is not shown
+the tools at all (mlx-lm's server shows them whatever the choice, and a model shown tools may
+call one anyway). `required` and a named function are enforced while sampling where the family
+writes its calls as JSON between markers (Qwen, Hermes: mlx-lm's `json_tools` format): the
+output is then a grammar of calls (`grammar`), each valid against its function's parameters;
+for other formats the choice reaches the model only through the template.
 """
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -43,8 +46,54 @@ class Tools:
         """The functions the model is shown: none when it may not call any."""
         return () if self.mode == "none" else self.functions
 
+    def template(self) -> list[dict[str, Any]] | None:
+        """The offered functions as chat templates (and mlx-lm's tool parsers) take them."""
+        if not self.offered:
+            return None
+        out = []
+        for fn in self.offered:
+            spec: dict[str, Any] = {"name": fn.name}
+            if fn.description is not None:
+                spec["description"] = fn.description
+            spec["parameters"] = fn.parameters or {"type": "object", "properties": {}}
+            out.append({"type": "function", "function": spec})
+        return out
+
+    def grammar(self, start: str = '"<tool_call>"', end: str = '"</tool_call>"') -> str | None:
+        """llguidance's lark grammar of the calls this choice requires, in the json_tools
+        format (`<tool_call>\n{"name": ..., "arguments": {...}}\n</tool_call>`), or None
+        when the model may answer without one. `start` and `end` are the markers in lark: a
+        quoted string, or `<tool_call>` for the tokenizer's own token (llguidance matches an
+        added token only by that reference)."""
+        if self.mode != "required":
+            return None
+        fns = [fn for fn in self.functions if self.named in (None, fn.name)]
+        one = {"anyOf": [_call_schema(fn) for fn in fns]} if len(fns) > 1 else _call_schema(fns[0])
+        more = ' ("\\n" call)*' if self.parallel else ""
+        return (
+            f"start: call{more}\n"
+            f'call: {start} "\\n" body "\\n" {end}\n'
+            f"body: %json {json.dumps({**one, 'x-guidance': _LAYOUT})}\n"
+        )
+
 
 NO_TOOLS = Tools((), "none")
+
+# How the call's JSON is laid out: as Qwen's template writes calls (json.dumps's separators).
+_LAYOUT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+
+
+def _call_schema(fn: Function) -> dict[str, Any]:
+    """The JSON schema of one call of `fn`: its name, then arguments valid for it."""
+    return {
+        "type": "object",
+        "properties": {
+            "name": {"const": fn.name},
+            "arguments": fn.parameters or {"type": "object"},
+        },
+        "required": ["name", "arguments"],
+        "additionalProperties": False,
+    }
 
 
 def parse_tools(data: dict[str, Any], errors: FieldErrors) -> Tools:
@@ -53,16 +102,7 @@ def parse_tools(data: dict[str, Any], errors: FieldErrors) -> Tools:
     functions = _functions(f)
     mode, named = _choice(data.get("tool_choice"), functions, errors)
     parallel = f.boolean("parallel_tool_calls", True)
-    tools = Tools(functions, mode, named, parallel)
-    if tools.offered:
-        what = f"tool_choice {named!r}" if named else f"tool_choice {mode!r}"
-        raise invalid(
-            "tool_choice",
-            f"Tool calling is not supported by this server yet ({what} with {len(functions)} "
-            "tools); send tool_choice 'none' to generate a message without calling a tool.",
-            code="unsupported_value",
-        )
-    return tools
+    return Tools(functions, mode, named, bool(parallel))
 
 
 def _functions(f: Fields) -> tuple[Function, ...]:

@@ -101,6 +101,8 @@ class TaggedSplitter:
         tools: Sequence[dict[str, Any]] | None,
         reasoning: bool,
     ) -> None:
+        """`tools`: the functions offered (None: none, and a call the model writes anyway is
+        content); `reasoning`: the completion starts inside a think block."""
         self._machine = make_text_state_machine(tok)
         self._state = self._machine.make_state("reasoning" if reasoning else "normal")
         self._parse: ParseCall | None = tok.tool_parser
@@ -109,6 +111,10 @@ class TaggedSplitter:
         self._tools = list(tools) if tools else None
         self._call = ""  # the text of the call being written
         self._in_call = False
+        # Answer text that is only whitespace waits: between and around calls it is dropped
+        # (a message of calls has no content), before more answer it is the answer's.
+        self._space = ""
+        self._called = False
 
     def feed(self, text: str) -> Split:
         self._state, segments = TextStateMachine.split(self._state, text)
@@ -118,7 +124,10 @@ class TaggedSplitter:
         self._state, rest, where = TextStateMachine.flush(self._state)
         out = self._take([(where, rest)])
         if self._in_call:  # a call with no end marker (or one cut short)
-            out += self._close()
+            out += self._close(ended=False)
+        if self._space and not self._called:
+            out += Split(content=self._space)
+        self._space = ""
         return out
 
     def _take(self, segments: list[tuple[str | None, str]]) -> Split:
@@ -132,17 +141,66 @@ class TaggedSplitter:
                 out += self._close()
             if where == "reasoning":
                 out += Split(reasoning=text)
+            elif text.isspace():
+                self._space += text
             elif text:
-                out += Split(content=text)
+                out += Split(content=self._space + text)
+                self._space = ""
         # The last segment is the current state: a call still being written stays open.
         return out
 
-    def _close(self) -> Split:
+    def _close(self, ended: bool = True) -> Split:
+        """The call written so far, as calls; `ended`: its end marker was seen."""
         text, self._call, self._in_call = self._call, "", False
-        calls = parsed_calls(self._parse, text, self._tools) if self._parse else None
+        calls = None
+        if self._parse is not None and self._tools is not None:
+            calls = parsed_calls(self._parse, text, self._tools)
         if calls is None:  # shown as written, markers included, rather than lost
-            return Split(content=self._start + text + self._finish)
+            shown = self._space + self._start + text + (self._finish if ended else "")
+            self._space = ""
+            return Split(content=shown)
+        self._space, self._called = "", True
         return Split(calls=calls)
+
+
+def splitter(
+    tok: TokenizerWrapper, tools: Sequence[dict[str, Any]] | None, prompt: Sequence[int]
+) -> Splitter | None:
+    """The splitter for a chat completion of `prompt` (None: the text is all answer)."""
+    if tok.has_thinking or tok.has_tool_calling:
+        return TaggedSplitter(tok, tools, prompt_thinks(tok, prompt))
+    return None
+
+
+def tools_refused(tok: TokenizerWrapper) -> str | None:
+    """Why this model cannot be offered tools, or None when it can: its template must show
+    them to the model and mlx-lm must know how to read the calls it writes."""
+    if not tok.has_tool_calling:
+        return "mlx-lm knows no tool-call format for this model's tokenizer"
+    template = getattr(tok, "chat_template", None)
+    if isinstance(template, str) and "tools" not in template:
+        return "the model's chat template does not show tools to the model"
+    return None
+
+
+def writes_json_calls(tok: TokenizerWrapper) -> bool:
+    """Whether the family writes calls as JSON between `<tool_call>` markers (mlx-lm's
+    json_tools format), the one a required call is enforced in (`api.tools.Tools.grammar`)."""
+    parse = tok.tool_parser
+    return (
+        parse is not None
+        and getattr(parse, "__module__", "") == "mlx_lm.tool_parsers.json_tools"
+        and tok.tool_call_start == "<tool_call>"
+        and tok.tool_call_end == "</tool_call>"
+    )
+
+
+def marker(tok: TokenizerWrapper, text: str) -> str:
+    """`text` as llguidance's lark grammars match it: a token of its own is named `<...>` (a
+    quoted string would not match it), other text is quoted."""
+    if len(tok.encode(text, add_special_tokens=False)) == 1 and text[0] + text[-1] == "<>":
+        return text
+    return json.dumps(text)
 
 
 def prompt_thinks(tok: TokenizerWrapper, prompt: Sequence[int]) -> bool:

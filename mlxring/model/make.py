@@ -68,6 +68,14 @@ CHAT_TEMPLATE = (
 )
 
 
+#: Chat formats a made model's tokenizer may have: "chatml" (the default, text only) or
+#: "qwen3" (Qwen3's own template with tools and thinking, and its marker tokens, so that
+#: mlx-lm finds thinking and the json_tools parser in it as in a real Qwen3).
+CHATS = ("chatml", "qwen3")
+QWEN3_MARKERS: tuple[str, ...] = ("<tool_call>", "</tool_call>", "<tool_response>")
+QWEN3_MARKERS += ("</tool_response>", "<think>", "</think>")
+
+
 #: make-model's families: every family the ring runs (mlxring.model.families), by name.
 FAMILIES = MADE
 
@@ -175,7 +183,24 @@ def _tokenizer_size(tok_json: str) -> int:
     return Tokenizer.from_str(tok_json).get_vocab_size(with_added_tokens=True)
 
 
-def _tokenizer_config(max_length: int) -> dict[str, Any]:
+def _with_markers(tok_json: str, markers: tuple[str, ...]) -> str:
+    """The tokenizer with `markers` added as whole tokens that are not special (as Qwen3's:
+    decoding keeps them in the text)."""
+    from tokenizers import AddedToken, Tokenizer
+
+    tok = Tokenizer.from_str(tok_json)
+    tok.add_tokens([AddedToken(m, special=False, normalized=False) for m in markers])
+    return cast(str, tok.to_str(pretty=True))
+
+
+def _chat_template(chat: str) -> str:
+    if chat == "qwen3":
+        data = resources.files("mlxring").joinpath("data/qwen3_chat_template.jinja")
+        return data.read_text(encoding="utf-8")
+    return CHAT_TEMPLATE
+
+
+def _tokenizer_config(max_length: int, chat: str) -> dict[str, Any]:
     return {
         "tokenizer_class": "PreTrainedTokenizerFast",
         "bos_token": None,
@@ -186,7 +211,7 @@ def _tokenizer_config(max_length: int) -> dict[str, Any]:
         # Keeps decode(encode(s)) == s; the default would eat spaces before punctuation.
         "clean_up_tokenization_spaces": False,
         "model_max_length": max_length,
-        "chat_template": CHAT_TEMPLATE,
+        "chat_template": _chat_template(chat),
     }
 
 
@@ -318,12 +343,14 @@ def make_model(
     seed: int = 0,
     scale: float | None = None,
     shards: int = 1,
+    chat: str = "chatml",
 ) -> Path:
     """Write a random-weight mlx-lm model directory at ``out`` and return ``out``.
 
     ``layers``, ``tie`` and ``scale`` override the preset; ``quantize`` (4 or 8) stores the
     linear and embedding weights affine-quantized with group size 64, as ``mlx_lm.convert -q``;
-    ``shards`` > 1 writes that many weight files, split along layer boundaries.
+    ``shards`` > 1 writes that many weight files, split along layer boundaries; ``chat`` picks
+    the tokenizer's chat format (CHATS).
     """
     if family not in FAMILIES:
         raise ValueError(f"unknown family {family!r}; choose from {', '.join(FAMILIES)}")
@@ -335,12 +362,16 @@ def make_model(
         raise ValueError(f"layers must be >= 1, not {layers}")
     if shards < 1:
         raise ValueError(f"shards must be >= 1, not {shards}")
+    if chat not in CHATS:
+        raise ValueError(f"unknown chat format {chat!r}; choose from {', '.join(CHATS)}")
     fam, pre = FAMILIES[family], PRESETS[preset]
     n_layers = pre.num_hidden_layers if layers is None else layers
     tied = tie if tie is not None else (pre.tie if pre.tie is not None else fam.tie)
     gain = pre.scale if scale is None else scale
 
     tok_json = tokenizer_json(pre.tokenizer_vocab)
+    if chat == "qwen3":
+        tok_json = _with_markers(tok_json, QWEN3_MARKERS)
     tok_size = _tokenizer_size(tok_json)
     vocab = pre.vocab_size if pre.vocab_size is not None else tok_size
     eos_id = SPECIAL_TOKENS.index(EOS_TOKEN)  # the trainer puts special tokens first
@@ -376,7 +407,7 @@ def make_model(
         _split(out, shards, n_layers)
     save_config(config, out / "config.json")
     (out / "tokenizer.json").write_text(tok_json, encoding="utf-8")
-    tok_config = _tokenizer_config(pre.max_position_embeddings)
+    tok_config = _tokenizer_config(pre.max_position_embeddings, chat)
     (out / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2) + "\n")
     return out
 
@@ -436,6 +467,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--shards", type=int, default=1, help="weight files, split along layer boundaries"
     )
+    parser.add_argument(
+        "--chat",
+        choices=list(CHATS),
+        default="chatml",
+        help="chat format: chatml (text only), qwen3 (Qwen3's template: tools, thinking)",
+    )
     parser.add_argument("--out", type=Path, required=True, help="output directory")
 
 
@@ -459,6 +496,7 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         scale=args.scale,
         shards=args.shards,
+        chat=args.chat,
     )
     index = json.loads((out / "model.safetensors.index.json").read_text())
     config = json.loads((out / "config.json").read_text())
