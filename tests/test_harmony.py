@@ -13,9 +13,9 @@ from mlx_lm.tokenizer_utils import TokenizerWrapper
 from tokenizers import AddedToken, Tokenizer
 from transformers import PreTrainedTokenizerFast
 
-from mlxring.engine.channels import Split, split_pieces
+from mlxring.engine.channels import split_pieces
 from mlxring.engine.harmony import MARKERS, HarmonySplitter, is_harmony
-from mlxring.engine.text import IncrementalDecoder, Piece
+from mlxring.engine.text import IncrementalDecoder, Piece, Split
 from mlxring.model.make import tokenizer_json
 
 HARMONY_TOKENS = [*MARKERS, "<|endoftext|>"]

@@ -19,51 +19,18 @@ from __future__ import annotations
 
 import contextlib
 import json
-import secrets
 from collections.abc import AsyncGenerator, Callable, Sequence
-from dataclasses import dataclass, replace
-from typing import Any, Protocol
+from dataclasses import replace
+from typing import Any
 
 import structlog
 from mlx_lm.generate import TextStateMachine, make_text_state_machine
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
-from mlxring.engine.text import Piece, ToolCall
+from mlxring.engine.harmony import HarmonySplitter, is_harmony
+from mlxring.engine.text import Piece, Split, Splitter, ToolCall, call_id
 
 log = structlog.get_logger()
-
-
-def call_id() -> str:
-    """A tool call's id, in OpenAI's form."""
-    return "call_" + secrets.token_hex(12)
-
-
-@dataclass(frozen=True)
-class Split:
-    """What a piece of completion text added to each channel."""
-
-    content: str = ""
-    reasoning: str = ""
-    calls: tuple[ToolCall, ...] = ()
-
-    def __add__(self, other: Split) -> Split:
-        return Split(
-            self.content + other.content,
-            self.reasoning + other.reasoning,
-            self.calls + other.calls,
-        )
-
-
-class Splitter(Protocol):
-    """One completion's channels, fed its text in order."""
-
-    def feed(self, text: str) -> Split:
-        """The channels' new parts; text that could begin a marker is held back."""
-        ...
-
-    def end(self) -> Split:
-        """What was held back, at the completion's end (an unfinished call is parsed)."""
-        ...
 
 
 ParseCall = Callable[[str, Any], Any]
@@ -167,6 +134,8 @@ def splitter(
     tok: TokenizerWrapper, tools: Sequence[dict[str, Any]] | None, prompt: Sequence[int]
 ) -> Splitter | None:
     """The splitter for a chat completion of `prompt` (None: the text is all answer)."""
+    if is_harmony(tok):
+        return HarmonySplitter()
     if tok.has_thinking or tok.has_tool_calling:
         return TaggedSplitter(tok, tools, prompt_thinks(tok, prompt))
     return None
@@ -174,8 +143,9 @@ def splitter(
 
 def tools_refused(tok: TokenizerWrapper) -> str | None:
     """Why this model cannot be offered tools, or None when it can: its template must show
-    them to the model and mlx-lm must know how to read the calls it writes."""
-    if not tok.has_tool_calling:
+    them to the model and mlx-lm must know how to read the calls it writes (or it writes
+    harmony, read by `engine.harmony`)."""
+    if not tok.has_tool_calling and not is_harmony(tok):
         return "mlx-lm knows no tool-call format for this model's tokenizer"
     template = getattr(tok, "chat_template", None)
     if isinstance(template, str) and "tools" not in template:

@@ -21,8 +21,7 @@ from dataclasses import dataclass
 
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
-from mlxring.engine.channels import Split, call_id
-from mlxring.engine.text import ToolCall
+from mlxring.engine.text import Split, ToolCall, call_id
 
 START, END, MESSAGE, CHANNEL = "<|start|>", "<|end|>", "<|message|>", "<|channel|>"
 CONSTRAIN, RETURN, CALL = "<|constrain|>", "<|return|>", "<|call|>"

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import contextlib
 import re
+import secrets
 from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from mlx_lm.tokenizer_utils import BPEStreamingDetokenizer, TokenizerWrapper
 
@@ -35,6 +37,39 @@ class ToolCall:
     id: str
     name: str
     arguments: str
+
+
+def call_id() -> str:
+    """A tool call's id, in OpenAI's form."""
+    return "call_" + secrets.token_hex(12)
+
+
+@dataclass(frozen=True)
+class Split:
+    """What a piece of completion text added to each channel."""
+
+    content: str = ""
+    reasoning: str = ""
+    calls: tuple[ToolCall, ...] = ()
+
+    def __add__(self, other: Split) -> Split:
+        return Split(
+            self.content + other.content,
+            self.reasoning + other.reasoning,
+            self.calls + other.calls,
+        )
+
+
+class Splitter(Protocol):
+    """One completion's channels, fed its text in order."""
+
+    def feed(self, text: str) -> Split:
+        """The channels' new parts; text that could begin a marker is held back."""
+        ...
+
+    def end(self) -> Split:
+        """What was held back, at the completion's end (an unfinished call is parsed)."""
+        ...
 
 
 @dataclass(frozen=True)
