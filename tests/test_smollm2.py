@@ -112,6 +112,8 @@ def test_openai_client_gets_paris_streamed_and_not(ring: Ring) -> None:
     assert len([p for p in pieces if p]) > 1 and "Paris" in "".join(pieces)
 
 
+# In the slow set: 11 s of the suite's time; the second turn's test checks the same rendering.
+@pytest.mark.slow
 def test_a_system_prompt_changes_the_answer(ring: Ring) -> None:
     question = {"role": "user", "content": "Hello! Who are you?"}
     pirate = [{"role": "system", "content": "You are a pirate."}, question]
@@ -150,6 +152,8 @@ def test_a_second_turn_reads_the_first_answer(ring: Ring) -> None:
     assert "Paris" in want
 
 
+# In the slow set: 24 s of the suite's time; test_bench runs bench's every path on a tiny model.
+@pytest.mark.slow
 def test_bench_measures_the_real_model(smollm2: Path) -> None:
     args = ["--model", "smollm2", "--nodes", "2", "--prompt-tokens", "8", "--gen-tokens", "4"]
     args += ["--concurrency", "1", "--prefill-chunk", "8", "--json"]
