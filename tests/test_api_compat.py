@@ -374,52 +374,6 @@ def test_n_and_choices_are_bounded() -> None:
         assert e.value.status == 400 and e.value.param == "n"
 
 
-async def test_responses_api_streamed_and_not(api: OpenAIRing) -> None:
-    want = want_chat(8)
-    r = await api.client.responses.create(
-        model="any", input=MESSAGES[0]["content"], max_output_tokens=8
-    )  # type: ignore[arg-type]
-    assert r.output_text == want and r.model == api.model
-    assert r.status == "incomplete" and r.incomplete_details is not None
-    assert r.usage is not None and r.usage.input_tokens == len(chat_ids(MODEL, MESSAGES))
-    assert r.usage.output_tokens == 8
-    # instructions are the system message; input items with text parts are messages
-    system = [{"role": "system", "content": "Be brief."}, *MESSAGES]
-    items = [{"role": "user", "content": [{"type": "input_text", "text": MESSAGES[0]["content"]}]}]
-    async with api.client.responses.stream(
-        model="any",
-        instructions="Be brief.",
-        input=items,
-        max_output_tokens=8,  # type: ignore[arg-type]
-    ) as stream:
-        kinds, deltas = [], []
-        async for event in stream:
-            kinds.append(event.type)
-            if event.type == "response.output_text.delta":
-                deltas.append(event.delta)
-        final = await stream.get_final_response()
-    want_system = decode(MODEL, reference(MODEL, chat_ids(MODEL, system), 8))
-    assert "".join(deltas) == final.output_text == want_system
-    assert kinds[:4] == [
-        "response.created",
-        "response.in_progress",
-        "response.output_item.added",
-        "response.content_part.added",
-    ]
-    assert kinds[-4:] == [
-        "response.output_text.done",
-        "response.content_part.done",
-        "response.output_item.done",
-        "response.completed",
-    ]
-    assert final.status == "incomplete"
-    with pytest.raises(openai.BadRequestError):
-        await api.client.responses.create(
-            model="any",
-            input=[{"type": "function_call_output", "call_id": "c", "output": "x"}],  # type: ignore[list-item]
-        )
-
-
 async def test_a_non_head_node_forwards_the_new_shapes(tmp_path: Path) -> None:
     """n0 (the head) runs here; n1 is a node process that forwards to it."""
     cfg = write_valid_config(tmp_path, MODEL, 2)

@@ -1,21 +1,38 @@
-"""OpenAI's Responses API (`POST /v1/responses`), text only, on the chat pieces.
+"""OpenAI's Responses API (`POST /v1/responses`), text and function tools, on the chat pieces.
 
-A Responses request is read as the chat request it amounts to (`instructions` a system message,
-`input` the messages, `max_output_tokens` the budget; parts of type `input_text` / `output_text`
-are text) and checked by the chat schema, so its errors name the chat field. The answer is one
-assistant message with one `output_text` part, as a body or as Responses' event sequence
-(`response.created`, `response.output_item.added`, `response.content_part.added`,
-`response.output_text.delta`..., the `.done` events, `response.completed`, also when the
-budget ran out: then its response's status is "incomplete", the event stays the one the
-official client's stream helper waits for). Not served: input
-items other than messages (function calls and their outputs, reasoning), `previous_response_id`
-and stored responses, built-in tools; `text.format` other than `text` is a 400.
+A Responses request is read as the chat request it amounts to and checked by the chat schema
+(`parse_responses`): `instructions` is a system message, `input` the messages (parts of type
+`input_text` / `output_text` are text), `max_output_tokens` the budget, function `tools` (flat
+in Responses: `{type, name, description, parameters, strict}`) and `tool_choice` the chat's,
+`reasoning.effort` the template variable `reasoning_effort` (gpt-oss's templates read it). Input
+items of type `function_call` become the assistant's `tool_calls` (consecutive ones, and an
+assistant message right before them, one assistant turn), `function_call_output` a `tool`
+message, and a `reasoning` item's text the `reasoning_content` of the assistant turn after it
+(templates that show past thinking show it; others drop it). A chat error names the chat field,
+but a tool's (`tools[0].name`, not `tools[0].function.name`) and the budget's keep their
+Responses names.
+
+The answer is its output items in the order the model wrote them (`Items`): its reasoning as a
+`reasoning` item (`content` of one `reasoning_text`; no summary), its text as a `message` with
+one `output_text`, each tool call as a `function_call` item (`call_id` the call's id). A
+message with no text is left out when there are calls, and given empty when nothing else is.
+Streamed, each item is `response.output_item.added` ... `.done` around its own events
+(`response.content_part.*` and `response.reasoning_text.delta`/`.done`, `output_text` likewise,
+`response.function_call_arguments.delta`/`.done` with the arguments whole), then
+`response.completed` with the whole output, the same as the body: also when the budget ran out
+(its status "incomplete", incomplete_details max_output_tokens, the last item "incomplete"),
+as the official client's stream helper waits for that event alone.
+
+Not served: `previous_response_id` and stored responses (`item_reference` items), built-in
+tools (web_search, file_search, ...), content other than text, reasoning summaries (a request
+may ask; none are written), and `text.format` other than `text` (a 400).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -28,7 +45,7 @@ from mlxring.api.openai import SSE_DONE, SSE_HEADERS
 from mlxring.api.schema import API, GenerationRequest, parse_generation
 from mlxring.api.state import RID, STATE, note
 from mlxring.engine.lifecycle import RingUnavailable
-from mlxring.engine.text import Piece
+from mlxring.engine.text import Piece, ToolCall
 from mlxring.fields import Fields
 
 log = structlog.get_logger()
@@ -46,7 +63,7 @@ def parse_responses(data: dict[str, Any], vocab_size: int) -> GenerationRequest:
     if isinstance(value, str):
         messages.append({"role": "user", "content": value})
     elif isinstance(value, list):
-        messages += [_message(f"input[{i}]", item) for i, item in enumerate(value)]
+        messages += _messages(value)
     else:
         raise invalid("input", "'input' must be a string or an array of input items.")
     if data.get("text") is not None:
@@ -59,26 +76,134 @@ def parse_responses(data: dict[str, Any], vocab_size: int) -> GenerationRequest:
     chat["messages"] = messages
     if "max_output_tokens" in data:
         chat["max_completion_tokens"] = data["max_output_tokens"]
-    if "tools" in data:  # Responses' function tools are flat: {"type", "name", ...}
+    if "tools" in data:
         chat["tools"] = [_chat_tool(i, t) for i, t in enumerate(f.array("tools"))]
     choice = data.get("tool_choice")
-    if isinstance(choice, dict) and "name" in choice:
+    if isinstance(choice, dict) and "name" in choice:  # Responses names the function flat
         chat["tool_choice"] = {"type": choice.get("type"), "function": {"name": choice["name"]}}
-    return parse_generation("chat", chat, vocab_size)
+    if data.get("reasoning") is not None:
+        effort = f.table("reasoning").opt_string("effort")
+        if effort is not None:
+            kwargs = chat.get("chat_template_kwargs")
+            kwargs = dict(kwargs) if isinstance(kwargs, dict) else {}
+            chat["chat_template_kwargs"] = {"reasoning_effort": effort, **kwargs}
+    try:
+        return parse_generation("chat", chat, vocab_size)
+    except ApiError as e:
+        raise _renamed(e) from None
 
 
-_SAME = ("model", "stream", "temperature", "top_p", "tool_choice", "parallel_tool_calls", "seed")
+# Fields a Responses request shares with a chat request (`chat_template_kwargs` is an extension,
+# as on the chat API: `enable_thinking: false`, ...).
+_SAME = (
+    "model",
+    "stream",
+    "temperature",
+    "top_p",
+    "tool_choice",
+    "parallel_tool_calls",
+    "seed",
+    "chat_template_kwargs",
+)
+
+# Chat names of fields Responses names otherwise: (chat pattern, Responses replacement).
+_RENAMES = (
+    (re.compile(r"\btools\[(\d+)\]\.function\b"), r"tools[\1]"),
+    (re.compile(r"\btool_choice\.function\.name\b"), "tool_choice.name"),
+    (re.compile(r"\bmax_completion_tokens\b"), "max_output_tokens"),
+)
 
 
-def _message(param: str, item: Any) -> dict[str, Any]:
-    if not isinstance(item, dict):
-        raise invalid(param, f"'{param}' must be an input item (an object).")
-    kind = item.get("type", "message")
-    if kind != "message":
-        raise invalid(
-            f"{param}.type",
-            f"Input items of type {kind!r} are not supported by this server; only messages.",
-        )
+def _renamed(e: ApiError) -> ApiError:
+    """The chat schema's error with the fields named as the Responses request names them."""
+    param, message = e.param, e.message
+    for pattern, name in _RENAMES:
+        if param is not None:
+            param = pattern.sub(name, param)
+        message = pattern.sub(name, message)
+    if (param, message) == (e.param, e.message):
+        return e
+    return ApiError(e.status, message, type_=e.type, param=param, code=e.code, headers=e.headers)
+
+
+def _messages(items: list[Any]) -> list[dict[str, Any]]:
+    """The chat messages of `input`'s items."""
+    out: list[dict[str, Any]] = []
+    reasoning: str | None = None  # a reasoning item's text, for the assistant turn after it
+    for i, item in enumerate(items):
+        param = f"input[{i}]"
+        if not isinstance(item, dict):
+            raise invalid(param, f"'{param}' must be an input item (an object).")
+        f = Fields(item, API, param)
+        kind = item.get("type", "message")
+        if kind == "reasoning":
+            reasoning = (reasoning or "") + _reasoning_text(f)
+            continue
+        if kind == "function_call":
+            call = {
+                "id": f.string("call_id"),
+                "type": "function",
+                "function": {"name": f.string("name"), "arguments": f.string("arguments")},
+            }
+            last = out[-1] if out else None
+            # A turn's calls are one assistant message, after the turn's text if it had any.
+            if last is None or last["role"] != "assistant":
+                last = {"role": "assistant", "content": None}
+                out.append(last)
+            last.setdefault("tool_calls", []).append(call)
+        elif kind == "function_call_output":
+            out.append(
+                {
+                    "role": "tool",
+                    "tool_call_id": f.string("call_id"),
+                    "content": _output(f),
+                }
+            )
+        elif kind == "message":
+            out.append(_message(param, item))
+        else:
+            raise invalid(
+                f"{param}.type",
+                f"Input items of type {kind!r} are not supported by this server; only "
+                "message, function_call, function_call_output and reasoning.",
+            )
+        if out[-1]["role"] == "assistant" and reasoning is not None:
+            out[-1].setdefault("reasoning_content", reasoning)
+        reasoning = None
+    return out
+
+
+def _reasoning_text(f: Fields) -> str:
+    """A reasoning item's text: its reasoning_text content, else its summary."""
+    for key, part in (("content", "reasoning_text"), ("summary", "summary_text")):
+        if f.raw(key) is None:
+            continue
+        parts = f.elements(key)
+        texts = [parts.table(j).string("text") for j in range(len(parts.data))]
+        if texts and all(parts.table(j).raw("type") == part for j in range(len(parts.data))):
+            return "".join(texts)
+    return ""
+
+
+def _output(f: Fields) -> str:
+    """A function_call_output's `output`: a string, or text parts."""
+    value = f.raw("output")
+    if isinstance(value, list):
+        parts = f.elements("output")
+        texts = []
+        for j in range(len(parts.data)):
+            part = parts.table(j)
+            if part.raw("type") not in TEXT_PARTS:
+                raise invalid(
+                    part.path("type"),
+                    f"Only output parts of type {', '.join(TEXT_PARTS)} are supported.",
+                )
+            texts.append(part.string("text"))
+        return "".join(texts)
+    return f.string("output")
+
+
+def _message(param: str, item: dict[str, Any]) -> dict[str, Any]:
     content = item.get("content")
     if isinstance(content, list):
         parts = []
@@ -94,43 +219,43 @@ def _message(param: str, item: Any) -> dict[str, Any]:
 
 
 def _chat_tool(i: int, tool: Any) -> Any:
-    if not isinstance(tool, dict) or tool.get("type") != "function":
+    if not isinstance(tool, dict):
         return tool  # the chat schema names what is wrong
-    return {
-        "type": "function",
-        "function": {
-            k: tool[k] for k in ("name", "description", "parameters", "strict") if k in tool
-        },
-    }
+    kind = tool.get("type")
+    if kind != "function":
+        raise invalid(
+            f"tools[{i}].type",
+            f"Tools of type {kind!r} are not supported by this server; only 'function'.",
+            code="unsupported_value",
+        )
+    fields = ("name", "description", "parameters", "strict")
+    return {"type": "function", "function": {k: tool[k] for k in fields if k in tool}}
 
 
 class Shapes:
-    """The Responses API's JSON for one request: the response object, its message, events."""
+    """The Responses API's JSON for one request: the response object, its items, events."""
 
     def __init__(self, model: str, req: GenerationRequest, rid: str) -> None:
         self.id = f"resp_{rid}"
-        self.msg_id = f"msg_{rid}"
+        self.rid = rid
         self.created = int(time.time())
         self.model = model
         self.req = req
         self.seq = 0
 
-    def message(self, text: str, done: bool) -> dict[str, Any]:
-        content = [{"type": "output_text", "text": text, "annotations": []}] if done else []
-        return {
-            "type": "message",
-            "id": self.msg_id,
-            "status": "completed" if done else "in_progress",
-            "role": "assistant",
-            "content": content,
-        }
+    def item_id(self, prefix: str, index: int) -> str:
+        return f"{prefix}_{self.rid}_{index}"
 
     def response(
-        self, text: str | None, finish: str | None, usage: dict[str, Any] | None
+        self, output: list[dict[str, Any]] | None, finish: str | None, usage: dict[str, Any] | None
     ) -> dict[str, Any]:
-        status = "in_progress" if text is None else "completed"
+        status = "in_progress" if output is None else "completed"
         if finish == "length":
             status = "incomplete"
+        tools = self.req.tools
+        choice: Any = tools.mode
+        if tools.named is not None:
+            choice = {"type": "function", "name": tools.named}
         return {
             "id": self.id,
             "object": "response",
@@ -139,10 +264,19 @@ class Shapes:
             "error": None,
             "incomplete_details": {"reason": "max_output_tokens"} if finish == "length" else None,
             "model": self.model,
-            "output": [] if text is None else [self.message(text, True)],
-            "parallel_tool_calls": self.req.tools.parallel,
-            "tool_choice": self.req.tools.mode,
-            "tools": [],
+            "output": output or [],
+            "parallel_tool_calls": tools.parallel,
+            "tool_choice": choice,
+            "tools": [
+                {
+                    "type": "function",
+                    "name": fn.name,
+                    "description": fn.description,
+                    "parameters": fn.parameters,
+                    "strict": fn.strict,
+                }
+                for fn in tools.functions
+            ],
             "temperature": self.req.params.temperature,
             "top_p": self.req.params.top_p,
             "max_output_tokens": self.req.max_tokens,
@@ -158,11 +292,146 @@ class Shapes:
         return f"event: {kind}\ndata: {json.dumps(body, separators=(',', ':'))}\n\n".encode()
 
 
+Event = tuple[str, dict[str, Any]]
+
+
+class Items:
+    """A completion's output items, built as its Pieces come, and the events that build them.
+
+    An item of text (`reasoning`, `message`) stays open while its channel goes on; text of the
+    other channel, or a call, closes it. The body's output and the stream's are the same."""
+
+    def __init__(self, shapes: Shapes) -> None:
+        self.shapes = shapes
+        self.output: list[dict[str, Any]] = []  # items done
+        self.kind: str | None = None  # the open item's type
+        self.texts: list[str] = []  # the open item's text so far
+        self.messages = 0  # message items written
+        self.calls = 0
+
+    def piece(self, p: Piece) -> list[Event]:
+        out: list[Event] = []
+        if p.reasoning:
+            out += self._write("reasoning", p.reasoning)
+        if p.text:
+            out += self._write("message", p.text)
+        for c in p.calls:
+            out += self._close("completed") + self._call(c)
+        return out
+
+    def end(self, finish: str | None) -> list[Event]:
+        """The events that close the output; a message with no text is given when there is
+        neither a message nor a call."""
+        status = "incomplete" if finish == "length" else "completed"
+        out = self._close(status)
+        if not self.messages and not self.calls:
+            out += self._open("message") + self._close(status)
+        return out
+
+    @property
+    def _where(self) -> dict[str, Any]:
+        index = len(self.output)
+        prefix = "rs" if self.kind == "reasoning" else "msg"
+        return {
+            "item_id": self.shapes.item_id(prefix, index),
+            "output_index": index,
+            "content_index": 0,
+        }
+
+    def _write(self, kind: str, text: str) -> list[Event]:
+        out = self._close("completed") if self.kind not in (None, kind) else []
+        if self.kind is None:
+            out += self._open(kind)
+        self.texts.append(text)
+        delta = (
+            "response.reasoning_text.delta" if kind == "reasoning" else "response.output_text.delta"
+        )
+        extra: dict[str, Any] = {} if kind == "reasoning" else {"logprobs": []}
+        return [*out, (delta, {**self._where, "delta": text, **extra})]
+
+    def _item(self, kind: str, text: str | None, status: str) -> dict[str, Any]:
+        index = len(self.output)
+        if kind == "reasoning":
+            return {
+                "type": "reasoning",
+                "id": self.shapes.item_id("rs", index),
+                "summary": [],
+                "content": [] if text is None else [_part(kind, text)],
+                "status": status,
+            }
+        return {
+            "type": "message",
+            "id": self.shapes.item_id("msg", index),
+            "status": status,
+            "role": "assistant",
+            "content": [] if text is None else [_part(kind, text)],
+        }
+
+    def _open(self, kind: str) -> list[Event]:
+        self.kind, self.texts = kind, []
+        index = len(self.output)
+        item = self._item(kind, None, "in_progress")
+        return [
+            ("response.output_item.added", {"output_index": index, "item": item}),
+            ("response.content_part.added", {**self._where, "part": _part(kind, "")}),
+        ]
+
+    def _close(self, status: str) -> list[Event]:
+        kind = self.kind
+        if kind is None:
+            return []
+        text = "".join(self.texts)
+        where = self._where
+        done = (
+            "response.reasoning_text.done" if kind == "reasoning" else "response.output_text.done"
+        )
+        extra: dict[str, Any] = {} if kind == "reasoning" else {"logprobs": []}
+        item = self._item(kind, text, status)
+        self.messages += kind == "message"
+        self.output.append(item)
+        self.kind, self.texts = None, []
+        return [
+            (done, {**where, "text": text, **extra}),
+            ("response.content_part.done", {**where, "part": _part(kind, text)}),
+            ("response.output_item.done", {"output_index": where["output_index"], "item": item}),
+        ]
+
+    def _call(self, c: ToolCall) -> list[Event]:
+        index = len(self.output)
+        item = {
+            "type": "function_call",
+            "id": self.shapes.item_id("fc", index),
+            "call_id": c.id,
+            "name": c.name,
+            "arguments": c.arguments,
+            "status": "completed",
+        }
+        self.output.append(item)
+        self.calls += 1
+        where = {"item_id": item["id"], "output_index": index}
+        return [
+            (
+                "response.output_item.added",
+                {"output_index": index, "item": {**item, "arguments": "", "status": "in_progress"}},
+            ),
+            ("response.function_call_arguments.delta", {**where, "delta": c.arguments}),
+            ("response.function_call_arguments.done", {**where, "arguments": c.arguments}),
+            ("response.output_item.done", {"output_index": index, "item": item}),
+        ]
+
+
+def _part(kind: str, text: str) -> dict[str, Any]:
+    if kind == "reasoning":
+        return {"type": "reasoning_text", "text": text}
+    return {"type": "output_text", "text": text, "annotations": []}
+
+
 def _usage(n_prompt: int, n_completion: int) -> dict[str, Any]:
     return {
         "input_tokens": n_prompt,
         "input_tokens_details": {"cached_tokens": 0},
         "output_tokens": n_completion,
+        # Not counted: the splitter hands out text, not which channel each token went to.
         "output_tokens_details": {"reasoning_tokens": 0},
         "total_tokens": n_prompt + n_completion,
     }
@@ -175,57 +444,45 @@ async def respond(
     rows: AsyncIterator[tuple[int, Piece]],
 ) -> web.StreamResponse:
     shapes = Shapes(request.app[STATE].model_name, req, request[RID])
+    items = Items(shapes)
     if not req.stream:
-        texts: list[str] = []
         last = Piece("", ())
         try:
             async for _, p in rows:
-                texts.append(p.text)
+                items.piece(p)
                 last = p
         except RingUnavailable as e:
             raise unavailable(str(e)) from None
+        items.end(last.finish_reason)
         usage = _usage(n_prompt, last.completion_tokens)
         note(request, prompt_tokens=n_prompt, completion_tokens=last.completion_tokens)
-        return web.json_response(shapes.response("".join(texts), last.finish_reason, usage))
+        return web.json_response(shapes.response(items.output, last.finish_reason, usage))
     try:
         item: tuple[int, Piece] | None = await anext(rows)
     except RingUnavailable as e:
         raise unavailable(str(e)) from None
+    except StopAsyncIteration:
+        item = None
     resp = web.StreamResponse(headers={**SSE_HEADERS, "X-Request-Id": request[RID]})
     await resp.prepare(request)
     ev = shapes.event
-    where = {"item_id": shapes.msg_id, "output_index": 0, "content_index": 0}
     try:
         try:
             await resp.write(ev("response.created", response=shapes.response(None, None, None)))
             await resp.write(ev("response.in_progress", response=shapes.response(None, None, None)))
-            await resp.write(
-                ev("response.output_item.added", output_index=0, item=shapes.message("", False))
-            )
-            part = {"type": "output_text", "text": "", "annotations": []}
-            await resp.write(ev("response.content_part.added", **where, part=part))
-            texts = []
             piece = Piece("", ())
             while item is not None:
                 piece = item[1]
-                if piece.text:
-                    texts.append(piece.text)
-                    await resp.write(
-                        ev("response.output_text.delta", **where, delta=piece.text, logprobs=[])
-                    )
+                for kind, fields in items.piece(piece):
+                    await resp.write(ev(kind, **fields))
                 item = await anext(rows, None)
-            text = "".join(texts)
-            await resp.write(ev("response.output_text.done", **where, text=text, logprobs=[]))
-            part = {"type": "output_text", "text": text, "annotations": []}
-            await resp.write(ev("response.content_part.done", **where, part=part))
-            await resp.write(
-                ev("response.output_item.done", output_index=0, item=shapes.message(text, True))
-            )
+            for kind, fields in items.end(piece.finish_reason):
+                await resp.write(ev(kind, **fields))
             usage = _usage(n_prompt, piece.completion_tokens)
             note(request, prompt_tokens=n_prompt, completion_tokens=piece.completion_tokens)
             # Always `response.completed` (its status may say "incomplete"): the official
             # client's stream helper takes its final response from that event alone.
-            final = shapes.response(text, piece.finish_reason, usage)
+            final = shapes.response(items.output, piece.finish_reason, usage)
             await resp.write(ev("response.completed", response=final))
         except (ConnectionError, asyncio.CancelledError):
             raise
