@@ -144,9 +144,7 @@ async def test_tools_with_tool_choice_none_are_accepted_and_not_shown(tmp_path: 
                 tools=TOOLS,
                 max_tokens=2,  # type: ignore[arg-type]
             )
-        assert "This model cannot call tools: mlx-lm knows no tool-call format" in str(
-            e.value.body
-        )
+        assert "This model cannot call tools: mlx-lm knows no tool-call format" in str(e.value.body)
         await client.close()
 
 

@@ -24,7 +24,8 @@ from openai.types.responses import Response, ResponseStreamEvent
 from pydantic import TypeAdapter
 
 from mlxring.api.errors import ApiError
-from mlxring.api.responses import Items, Shapes, parse_responses
+from mlxring.api.responses import Items, Shapes
+from mlxring.api.responses_request import parse_responses
 from mlxring.engine.text import Piece, ToolCall
 
 from .ringutil import OpenAIRing, openai_ring, tiny_model

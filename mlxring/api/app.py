@@ -4,8 +4,9 @@ node, and their wiring.
 The process hosting the head (the one with the engine) serves generation itself; any other node
 forwards API requests to the head's API and streams the answer back event by event.
 
-Endpoints: `POST /v1/chat/completions`, `POST /v1/completions`, `POST /v1/responses` (text
-only, on the chat pieces: api/responses.py), `GET /v1/models[/{id}]` (each also without
+Endpoints: `POST /v1/chat/completions`, `POST /v1/completions`, `POST /v1/responses` (text,
+function tools and reasoning, on the chat pieces: api/responses.py), `GET /v1/models[/{id}]`
+(each also without
 `/v1`), `POST /v1/messages` and `POST /v1/messages/count_tokens` (Anthropic's: api/anthropic.py),
 `GET /health`, `GET /cluster/status`, `GET /metrics` (Prometheus text, this process's own), and
 the web page `GET /` with its files under `/web/`. Every error body has OpenAI's shape
@@ -54,7 +55,8 @@ from mlxring.api.limits import Gate, GatedSite, raise_fd_limit
 from mlxring.api.middleware import middleware
 from mlxring.api.openai import Choice, complete, stream
 from mlxring.api.proxy import forward
-from mlxring.api.responses import parse_responses, respond
+from mlxring.api.responses import respond
+from mlxring.api.responses_request import parse_responses
 from mlxring.api.schema import GenerationRequest, Kind, parse_generation, parse_json_body, read_body
 from mlxring.api.state import ARRIVED, RID, STATE, ApiState, note
 from mlxring.api.status import cluster_status, get_model, health, list_models, metrics
