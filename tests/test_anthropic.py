@@ -520,11 +520,10 @@ async def test_a_required_call_is_a_tool_use_block_streamed_and_not(tool_api: Ap
         "message_stop",
     ], names
     assert final.stop_reason == "tool_use"
-    assert [b.model_dump() for b in final.content] == [
-        {**b.model_dump(), "id": final.content[0].id}
-        for b in r.content  # ids are each call's
-    ]
-    assert final.content[0].id.startswith("toolu_")  # type: ignore[union-attr]
+    got = [b.model_dump() for b in final.content]
+    # The same blocks, greedy; the ids are each call's own.
+    assert [{**b, "id": None} for b in got] == [{**b.model_dump(), "id": None} for b in r.content]
+    assert got[0]["id"].startswith("toolu_") and got[0]["id"] != use.id
     # Raw SSE: the block's start, its whole input in one delta, its end.
     events = await sse_events(tool_api.url, CALL)
     assert [n for n, _ in events] == [
@@ -570,7 +569,7 @@ async def test_a_tool_result_and_thinking_go_through_the_template(tool_api: Api)
             ],
         },
     ]
-    openai_chat = [
+    openai_chat: list[dict[str, Any]] = [
         *ASK,
         {
             "role": "assistant",
@@ -588,52 +587,35 @@ async def test_a_tool_result_and_thinking_go_through_the_template(tool_api: Api)
         {"role": "user", "content": "And tomorrow?"},
     ]
     n_prompt = len(template_ids(openai_chat, tools=template_tools()))
-    r = await tool_api.client.messages.create(
-        model="m",
-        messages=messages,
-        tools=TOOLS,
-        max_tokens=8,  # type: ignore[arg-type]
-    )
+    kw: dict[str, Any] = dict(model="m", messages=messages, tools=TOOLS)
+    r = await tool_api.client.messages.create(**kw, max_tokens=8)
     assert r.stop_reason in ("end_turn", "max_tokens") and r.usage.input_tokens == n_prompt
-    c = await tool_api.client.messages.count_tokens(model="m", messages=messages, tools=TOOLS)  # type: ignore[arg-type]
-    assert c.input_tokens == n_prompt
-    # Result blocks as text blocks, and an error result: the same prompt.
+    assert (await tool_api.client.messages.count_tokens(**kw)).input_tokens == n_prompt
+    # The result as text blocks, marked an error: the same prompt (its text says what failed).
     result = {
         "type": "tool_result",
         "tool_use_id": "toolu_1",
         "content": [{"type": "text", "text": "Sunny, "}, {"type": "text", "text": "21 C"}],
-        "is_error": False,
+        "is_error": True,
     }
-    c = await tool_api.client.messages.count_tokens(
-        model="m",
-        messages=[*messages[:2], {"role": "user", "content": [result, messages[2]["content"][1]]}],
-        tools=TOOLS,  # type: ignore[arg-type]
-    )
-    assert c.input_tokens == n_prompt
+    kw["messages"] = [
+        *messages[:2],
+        {"role": "user", "content": [result, messages[2]["content"][1]]},
+    ]
+    assert (await tool_api.client.messages.count_tokens(**kw)).input_tokens == n_prompt
     # Thinking off: the template writes an empty think block after the generation prompt.
     plain = template_ids(ASK, enable_thinking=True)
     empty = template_ids(ASK, enable_thinking=False)
     assert len(empty) > len(plain)
-    for thinking, want_ids in (
-        ({"type": "enabled", "budget_tokens": 1024}, plain),
-        ({"type": "disabled"}, empty),
-    ):
-        c = await tool_api.client.messages.count_tokens(model="m", messages=ASK, thinking=thinking)  # type: ignore[arg-type]
-        assert c.input_tokens == len(want_ids)
-    r = await tool_api.client.messages.create(
-        model="m",
-        messages=ASK,
-        thinking={"type": "disabled"},
-        max_tokens=2,  # type: ignore[arg-type]
-    )
+    off: dict[str, Any] = dict(model="m", messages=ASK, thinking={"type": "disabled"})
+    on: dict[str, Any] = {**off, "thinking": {"type": "enabled", "budget_tokens": 1024}}
+    assert (await tool_api.client.messages.count_tokens(**off)).input_tokens == len(empty)
+    assert (await tool_api.client.messages.count_tokens(**on)).input_tokens == len(plain)
+    r = await tool_api.client.messages.create(**off, max_tokens=2)
     assert r.usage.input_tokens == len(empty)
-    r = await tool_api.client.messages.create(
-        model="m",
-        messages=ASK,  # type: ignore[arg-type]
-        thinking={"type": "enabled", "budget_tokens": 1024},
-        max_tokens=1025,
-        stop_sequences=[decode(TOOL_MODEL, reference(TOOL_MODEL, plain, 2))],
-    )
+    # max_tokens above the budget; a stop sequence (the greedy text's start) ends it early.
+    stop = decode(TOOL_MODEL, reference(TOOL_MODEL, plain, 2))
+    r = await tool_api.client.messages.create(**on, max_tokens=1025, stop_sequences=[stop])
     assert r.usage.input_tokens == len(plain) and r.stop_reason == "stop_sequence"
 
 
@@ -721,7 +703,42 @@ KEYS = [
     "thinking",
     "metadata",
 ]
-BLOCK = st.fixed_dictionaries({"type": st.sampled_from(["text", "tool_use", "image", 3])}) | JSON
+TOOL = st.fixed_dictionaries(
+    {}, optional={"type": JSON, "name": st.sampled_from(["f", "g h"]) | JSON, "input_schema": JSON}
+)
+AGENT = st.fixed_dictionaries(
+    {},
+    optional={
+        "tools": st.lists(TOOL, max_size=2) | JSON,
+        "tool_choice": st.fixed_dictionaries(
+            {"type": st.sampled_from(["auto", "any", "tool", "none", 1])},
+            optional={"name": JSON, "disable_parallel_tool_use": JSON},
+        )
+        | JSON,
+        "thinking": st.fixed_dictionaries(
+            {"type": st.sampled_from(["enabled", "disabled", "adaptive", 1])},
+            optional={"budget_tokens": st.integers(0, 3000) | JSON},
+        )
+        | JSON,
+    },
+)
+KINDS = ["text", "tool_use", "tool_result", "thinking", "redacted_thinking", "image", 3]
+BLOCK = (
+    st.fixed_dictionaries(
+        {"type": st.sampled_from(KINDS)},
+        optional={
+            "text": JSON,
+            "id": JSON,
+            "name": JSON,
+            "input": JSON,
+            "tool_use_id": JSON,
+            "content": st.lists(st.fixed_dictionaries({"type": st.sampled_from(KINDS)})) | JSON,
+            "is_error": JSON,
+            "thinking": JSON,
+        },
+    )
+    | JSON
+)
 MESSAGE = st.fixed_dictionaries(
     {"role": st.sampled_from(["user", "assistant", "system"]), "content": st.lists(BLOCK) | JSON}
 )
@@ -730,15 +747,16 @@ MESSAGE = st.fixed_dictionaries(
 @settings(max_examples=400, deadline=None)
 @given(
     body=st.dictionaries(st.sampled_from(KEYS), JSON, max_size=6),
+    agent=AGENT,
     messages=st.lists(MESSAGE, max_size=3) | JSON,
     count=st.booleans(),
 )
 def test_no_request_body_breaks_the_parser(
-    body: dict[str, Any], messages: Any, count: bool
+    body: dict[str, Any], agent: dict[str, Any], messages: Any, count: bool
 ) -> None:
     """Whatever the body, parsing gives a request or a 400 (never another exception: a 500)."""
     try:
-        req = parse_request({**body, "messages": messages}, 1000, count=count)
+        req = parse_request({**body, **agent, "messages": messages}, 1000, count=count)
     except ApiError as e:
         assert e.status == 400 and e.message
     else:
