@@ -2,7 +2,11 @@
 client and raw SSE over HTTP: text equal to mlx-lm's greedy output, the event sequence, stop
 sequences, usage equal to the OpenAI routes', count_tokens, x-api-key, Anthropic-shaped errors,
 a non-head node forwarding (a stream cut by a lost node ends with an error event), and the real
-smollm2 answering "Paris"."""
+smollm2 answering "Paris". Tools and thinking run on a tiny model with Qwen3's template and
+markers: a required call (a grammar makes random weights write one) as a tool_use block,
+streamed and not, a tool result given back through the template as mlx-lm renders it, thinking
+on and off in the template; the content blocks of reasoning, text and calls from scripted
+pieces."""
 
 from __future__ import annotations
 
@@ -16,20 +20,23 @@ from typing import Any
 
 import aiohttp
 import anthropic
+import jsonschema
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mlxring import aio
-from mlxring.api.anthropic import parse_request
+from mlxring.api.anthropic import Blocks, parse_request
 from mlxring.api.errors import ApiError
 from mlxring.config import load_config
+from mlxring.engine.text import Piece, ToolCall
 from mlxring.ring.runtime import Runtime
 
 from .ringutil import (
     FAST,
     chat_ids,
     decode,
+    loaded,
     local_ring,
     packaged_model,
     post_json,
@@ -46,6 +53,79 @@ SYSTEM = "You are a ring of Macs."
 MESSAGES = [{"role": "user", "content": "Tell me about activations travelling over Thunderbolt."}]
 CHAT = [{"role": "system", "content": SYSTEM}, *MESSAGES]  # the same prompt as an OpenAI chat
 KEY = "sekrit"
+
+TOOL_MODEL = tiny_model("qwen3", chat="qwen3")  # Qwen3's template: it takes tools and thinks
+CITY = {
+    "type": "object",
+    "properties": {"city": {"type": "string", "maxLength": 8}},
+    "required": ["city"],
+    "additionalProperties": False,
+}
+TOOLS = [
+    {"name": "get_weather", "description": "The weather in a city.", "input_schema": CITY},
+    {"name": "get_time", "input_schema": {"type": "object", "properties": {}}},
+]
+ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
+# A required call of get_weather, one call only: a grammar makes random weights write it.
+CALL: dict[str, Any] = dict(
+    model="m",
+    messages=ASK,
+    max_tokens=60,
+    tools=TOOLS,
+    tool_choice={"type": "tool", "name": "get_weather", "disable_parallel_tool_use": True},
+)
+
+
+def _ok(**kw: Any) -> dict[str, Any]:
+    return {"messages": MESSAGES, "max_tokens": 2, **kw}
+
+
+def _turns(*content: dict[str, Any]) -> dict[str, Any]:
+    """A body whose assistant turn holds `content`, answered by a user turn."""
+    return _ok(
+        messages=[*ASK, {"role": "assistant", "content": list(content)}, *MESSAGES], tools=TOOLS
+    )
+
+
+# Tool and thinking fields Anthropic refuses, and a word of each message.
+BAD_AGENT_FIELDS: list[tuple[dict[str, Any], str]] = [
+    (_ok(tool_choice={"type": "any"}), "tool_choice"),  # requires tools
+    (_ok(tool_choice={"type": "tool", "name": "get_weather"}), "tool_choice"),
+    (_ok(tools=TOOLS, tool_choice={"type": "tool", "name": "nope"}), "nope"),
+    (_ok(tools=TOOLS, tool_choice={"type": "sometimes"}), "tool_choice.type"),
+    (_ok(tools=[{"name": "a b", "input_schema": {"type": "object"}}]), "tools[0].name"),
+    (_ok(tools=[{"name": "x" * 65, "input_schema": {"type": "object"}}]), "tools[0].name"),
+    (_ok(tools=[TOOLS[0], TOOLS[0]]), "unique"),
+    (_ok(tools=[{"name": "f"}]), "input_schema"),
+    (_ok(tools=[{"name": "f", "input_schema": {"type": "string"}}]), "input_schema"),
+    (_ok(tools=[{"type": "web_search_20250305", "name": "web_search"}]), "server tools"),
+    (_turns({"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": "x"}), "input"),
+    (_turns({"type": "tool_use", "id": "toolu_1", "name": "get_weather"}), "input"),
+    (_turns({"type": "image"}), "image"),
+    (
+        _ok(messages=[{"role": "user", "content": [{"type": "tool_result", "content": "x"}]}]),
+        "tool_use_id",
+    ),
+    (
+        _ok(
+            messages=[
+                {
+                    "role": "user",
+                    "content": [{"type": "tool_result", "tool_use_id": "t", "content": [{}]}],
+                }
+            ]
+        ),
+        "content[0].content[0]",
+    ),
+    (
+        _ok(messages=[{"role": "user", "content": [{"type": "tool_use", "id": "t", "name": "f"}]}]),
+        "tool_use",
+    ),
+    (_ok(thinking={"type": "enabled", "budget_tokens": 1000}, max_tokens=2000), "1024"),
+    (_ok(thinking={"type": "enabled", "budget_tokens": 1024}, max_tokens=1024), "max_tokens"),
+    (_ok(thinking={"type": "enabled"}), "budget_tokens"),
+    (_ok(thinking={"type": "sometimes"}), "thinking.type"),
+]
 
 
 def want(n: int, model: Path = MODEL, chat: list[dict[str, str]] = CHAT) -> str:
@@ -105,8 +185,8 @@ def assert_sequence(events: list[tuple[str, dict[str, Any]]], n_prompt: int) -> 
     k = names.count("content_block_delta")
     assert names == [
         "message_start",
-        "content_block_start",
         "ping",
+        "content_block_start",
         *["content_block_delta"] * k,
         "content_block_stop",
         "message_delta",
@@ -116,7 +196,7 @@ def assert_sequence(events: list[tuple[str, dict[str, Any]]], n_prompt: int) -> 
     assert start["id"].startswith("msg_") and start["role"] == "assistant"
     assert start["content"] == [] and start["stop_reason"] is None
     assert start["usage"] == {"input_tokens": n_prompt, "output_tokens": 0}
-    assert events[1][1] == {
+    assert events[2][1] == {
         "type": "content_block_start",
         "index": 0,
         "content_block": {"type": "text", "text": ""},
@@ -206,18 +286,9 @@ async def test_errors_have_anthropics_shape(api: Api) -> None:
         ({**ok, "messages": [{"role": "system", "content": "x"}]}, "role"),
         ({**ok, "messages": [{"role": "user"}]}, "content"),
         ({**ok, "messages": [*MESSAGES, {"role": "assistant", "content": "Sure"}]}, "prefill"),
-        ({**ok, "tools": [{"name": "f", "input_schema": {"type": "object"}}]}, "tools"),
-        ({**ok, "tool_choice": {"type": "any"}}, "tool_choice"),
-        ({**ok, "thinking": {"type": "enabled", "budget_tokens": 1024}}, "thinking"),
-        (
-            {
-                **ok,
-                "messages": [
-                    {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t"}]}
-                ],
-            },
-            "tool_result",
-        ),
+        # This model's template shows no tools: it cannot be offered them.
+        ({**ok, "tools": [{"name": "f", "input_schema": {"type": "object"}}]}, "cannot call"),
+        *BAD_AGENT_FIELDS,
         (
             {"messages": [{"role": "user", "content": [{"type": "image"}]}], "max_tokens": 2},
             "image",
@@ -351,7 +422,7 @@ async def test_any_node_answers_with_the_key_and_a_lost_node_ends_the_stream(
                 session.post(f"{n1_url}/v1/messages", json=long, headers={"x-api-key": KEY}) as r,
             ):
                 assert r.status == 200
-                for _ in range(4):  # message_start, content_block_start, ping, a delta
+                for _ in range(4):  # message_start, ping, content_block_start, a delta
                     await r.content.readuntil(b"\n\n")
                 procs["n2"].kill()
                 t0 = time.monotonic()
@@ -386,6 +457,232 @@ async def test_smollm2_answers_paris_through_the_anthropic_stream(tmp_path: Path
     assert final.usage.output_tokens == min(len(ref) + 1, n)
 
 
+@pytest.fixture
+async def tool_api(tmp_path: Path) -> AsyncIterator[Api]:
+    """A ring of the model with Qwen3's template, for tools and thinking."""
+    cfg = write_valid_config(tmp_path, TOOL_MODEL, 2)
+    async with local_ring(cfg) as rt, serve_api(rt) as url:
+        client = anthropic.AsyncAnthropic(base_url=url, api_key="unused", max_retries=0)
+        yield Api(rt, url, client)
+        await client.close()
+
+
+def template_tools() -> list[dict[str, Any]]:
+    """TOOLS as OpenAI's chat (and so the chat template) takes them."""
+    return [
+        {
+            "type": "function",
+            "function": {
+                "name": t["name"],
+                **({"description": t["description"]} if "description" in t else {}),
+                "parameters": t["input_schema"],
+            },
+        }
+        for t in TOOLS
+    ]
+
+
+def template_ids(messages: list[dict[str, Any]], **kw: Any) -> list[int]:
+    """mlx-lm's own template applied to an OpenAI-style chat, as the oracle of input_tokens."""
+    _, tok = loaded(TOOL_MODEL)
+    return list(tok.apply_chat_template(messages, add_generation_prompt=True, **kw))
+
+
+async def test_a_required_call_is_a_tool_use_block_streamed_and_not(tool_api: Api) -> None:
+    r = await tool_api.client.messages.create(**CALL)
+    assert r.stop_reason == "tool_use" and r.stop_sequence is None
+    assert [b.type for b in r.content] == ["tool_use"], r.content
+    use = r.content[0]
+    assert use.type == "tool_use" and use.name == "get_weather"
+    assert use.id.startswith("toolu_") and len(use.id) > len("toolu_")
+    jsonschema.validate(use.input, CITY)
+    assert r.usage.input_tokens == len(template_ids(ASK, tools=template_tools()))
+    assert 0 < r.usage.output_tokens <= 60
+    # Streamed by the client: Anthropic's events in order, and the same message in the end.
+    async with tool_api.client.messages.stream(**CALL) as s:
+        names = [e.type async for e in s]
+        final = await s.get_final_message()
+    raw = {
+        "message_start",
+        "ping",
+        "content_block_start",
+        "content_block_delta",
+        "content_block_stop",
+        "message_delta",
+        "message_stop",
+    }
+    assert [n for n in names if n in raw] == [
+        "message_start",
+        "content_block_start",
+        *["content_block_delta"] * names.count("content_block_delta"),
+        "content_block_stop",
+        "message_delta",
+        "message_stop",
+    ], names
+    assert final.stop_reason == "tool_use"
+    got = [b.model_dump() for b in final.content]
+    # The same blocks, greedy; the ids are each call's own.
+    assert [{**b, "id": None} for b in got] == [{**b.model_dump(), "id": None} for b in r.content]
+    assert got[0]["id"].startswith("toolu_") and got[0]["id"] != use.id
+    # Raw SSE: the block's start, its whole input in one delta, its end.
+    events = await sse_events(tool_api.url, CALL)
+    assert [n for n, _ in events] == [
+        "message_start",
+        "ping",
+        "content_block_start",
+        "content_block_delta",
+        "content_block_stop",
+        "message_delta",
+        "message_stop",
+    ]
+    block = events[2][1]["content_block"]
+    assert block == {"type": "tool_use", "id": block["id"], "name": "get_weather", "input": {}}
+    delta = events[3][1]
+    assert delta["index"] == 0 and delta["delta"]["type"] == "input_json_delta"
+    assert json.loads(delta["delta"]["partial_json"]) == use.input
+    assert events[5][1]["delta"] == {"stop_reason": "tool_use", "stop_sequence": None}
+
+
+async def test_a_tool_result_and_thinking_go_through_the_template(tool_api: Api) -> None:
+    """The call and its result go back to the model as mlx-lm's template renders the same
+    chat in OpenAI's shape; thinking on and off reaches the template."""
+    messages: list[dict[str, Any]] = [
+        *ASK,
+        {
+            "role": "assistant",
+            "content": [
+                {"type": "thinking", "thinking": "Ask the tool.", "signature": "sig"},
+                {"type": "redacted_thinking", "data": "opaque"},
+                {
+                    "type": "tool_use",
+                    "id": "toolu_1",
+                    "name": "get_weather",
+                    "input": {"city": "Paris"},
+                },
+            ],
+        },
+        {
+            "role": "user",
+            "content": [
+                {"type": "tool_result", "tool_use_id": "toolu_1", "content": "Sunny, 21 C"},
+                {"type": "text", "text": "And tomorrow?"},
+            ],
+        },
+    ]
+    openai_chat: list[dict[str, Any]] = [
+        *ASK,
+        {
+            "role": "assistant",
+            "content": "",
+            "tool_calls": [
+                {
+                    "id": "toolu_1",
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": {"city": "Paris"}},
+                }
+            ],
+            "reasoning_content": "Ask the tool.",
+        },
+        {"role": "tool", "content": "Sunny, 21 C", "tool_call_id": "toolu_1"},
+        {"role": "user", "content": "And tomorrow?"},
+    ]
+    n_prompt = len(template_ids(openai_chat, tools=template_tools()))
+    kw: dict[str, Any] = dict(model="m", messages=messages, tools=TOOLS)
+    r = await tool_api.client.messages.create(**kw, max_tokens=8)
+    assert r.stop_reason in ("end_turn", "max_tokens") and r.usage.input_tokens == n_prompt
+    assert (await tool_api.client.messages.count_tokens(**kw)).input_tokens == n_prompt
+    # The result as text blocks, marked an error: the same prompt (its text says what failed).
+    result = {
+        "type": "tool_result",
+        "tool_use_id": "toolu_1",
+        "content": [{"type": "text", "text": "Sunny, "}, {"type": "text", "text": "21 C"}],
+        "is_error": True,
+    }
+    kw["messages"] = [
+        *messages[:2],
+        {"role": "user", "content": [result, messages[2]["content"][1]]},
+    ]
+    assert (await tool_api.client.messages.count_tokens(**kw)).input_tokens == n_prompt
+    # Thinking off: the template writes an empty think block after the generation prompt.
+    plain = template_ids(ASK, enable_thinking=True)
+    empty = template_ids(ASK, enable_thinking=False)
+    assert len(empty) > len(plain)
+    off: dict[str, Any] = dict(model="m", messages=ASK, thinking={"type": "disabled"})
+    on: dict[str, Any] = {**off, "thinking": {"type": "enabled", "budget_tokens": 1024}}
+    assert (await tool_api.client.messages.count_tokens(**off)).input_tokens == len(empty)
+    assert (await tool_api.client.messages.count_tokens(**on)).input_tokens == len(plain)
+    r = await tool_api.client.messages.create(**off, max_tokens=2)
+    assert r.usage.input_tokens == len(empty)
+    # max_tokens above the budget; a stop sequence (the greedy text's start) ends it early.
+    stop = decode(TOOL_MODEL, reference(TOOL_MODEL, plain, 2))
+    r = await tool_api.client.messages.create(**on, max_tokens=1025, stop_sequences=[stop])
+    assert r.usage.input_tokens == len(plain) and r.stop_reason == "stop_sequence"
+
+
+def test_reasoning_text_and_calls_make_blocks_in_order() -> None:
+    """Scripted pieces, as the engine side hands them over: each kind opens a block of its
+    own, in order; the stream's events rebuild the same content."""
+    calls = (
+        ToolCall("call_ab12", "get_weather", '{"city": "Paris"}'),
+        ToolCall("call_cd34", "get_time", "{}"),
+    )
+    pieces = [
+        Piece("", (), reasoning="Let me "),
+        Piece("", (), reasoning="think."),
+        Piece("Checking", (), reasoning=" Done."),
+        Piece(" now.", (), calls=calls[:1]),
+        Piece("", (), "tool_calls", 9, calls=calls[1:]),
+    ]
+    blocks = Blocks()
+    events = [e for p in pieces for e in blocks.feed(p)] + blocks.finish()
+    assert blocks.content == [
+        {"type": "thinking", "thinking": "Let me think. Done.", "signature": ""},
+        {"type": "text", "text": "Checking now."},
+        {"type": "tool_use", "id": "toolu_ab12", "name": "get_weather", "input": {"city": "Paris"}},
+        {"type": "tool_use", "id": "toolu_cd34", "name": "get_time", "input": {}},
+    ]
+    shape = [(e["type"], e.get("index"), e.get("delta", {}).get("type")) for e in events]
+    assert shape == [
+        ("content_block_start", 0, None),
+        ("content_block_delta", 0, "thinking_delta"),
+        ("content_block_delta", 0, "thinking_delta"),
+        ("content_block_delta", 0, "thinking_delta"),
+        ("content_block_delta", 0, "signature_delta"),
+        ("content_block_stop", 0, None),
+        ("content_block_start", 1, None),
+        ("content_block_delta", 1, "text_delta"),
+        ("content_block_delta", 1, "text_delta"),
+        ("content_block_stop", 1, None),
+        ("content_block_start", 2, None),
+        ("content_block_delta", 2, "input_json_delta"),
+        ("content_block_stop", 2, None),
+        ("content_block_start", 3, None),
+        ("content_block_delta", 3, "input_json_delta"),
+        ("content_block_stop", 3, None),
+    ]
+    # The starts are empty blocks; the deltas fill them as a client's accumulator does.
+    rebuilt: list[dict[str, Any]] = []
+    partial: dict[int, str] = {}
+    for e in events:
+        if e["type"] == "content_block_start":
+            rebuilt.append(dict(e["content_block"]))
+        elif e["type"] == "content_block_delta":
+            d, b = e["delta"], rebuilt[e["index"]]
+            if d["type"] == "input_json_delta":
+                partial[e["index"]] = partial.get(e["index"], "") + d["partial_json"]
+                b["input"] = json.loads(partial[e["index"]])
+            else:
+                key = {"thinking_delta": "thinking", "signature_delta": "signature"}
+                field = key.get(d["type"], "text")
+                b[field] += d[field]
+    assert rebuilt == blocks.content
+    # No content at all: one empty text block.
+    empty = Blocks()
+    assert empty.feed(Piece("", (), "stop", 1)) == []
+    assert [e["type"] for e in empty.finish()] == ["content_block_start", "content_block_stop"]
+    assert empty.content == [{"type": "text", "text": ""}]
+
+
 JSON = st.recursive(
     st.none() | st.booleans() | st.integers(-3, 3) | st.floats(allow_nan=False) | st.text(),
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(), inner, max_size=3),
@@ -406,7 +703,42 @@ KEYS = [
     "thinking",
     "metadata",
 ]
-BLOCK = st.fixed_dictionaries({"type": st.sampled_from(["text", "tool_use", "image", 3])}) | JSON
+TOOL = st.fixed_dictionaries(
+    {}, optional={"type": JSON, "name": st.sampled_from(["f", "g h"]) | JSON, "input_schema": JSON}
+)
+AGENT = st.fixed_dictionaries(
+    {},
+    optional={
+        "tools": st.lists(TOOL, max_size=2) | JSON,
+        "tool_choice": st.fixed_dictionaries(
+            {"type": st.sampled_from(["auto", "any", "tool", "none", 1])},
+            optional={"name": JSON, "disable_parallel_tool_use": JSON},
+        )
+        | JSON,
+        "thinking": st.fixed_dictionaries(
+            {"type": st.sampled_from(["enabled", "disabled", "adaptive", 1])},
+            optional={"budget_tokens": st.integers(0, 3000) | JSON},
+        )
+        | JSON,
+    },
+)
+KINDS = ["text", "tool_use", "tool_result", "thinking", "redacted_thinking", "image", 3]
+BLOCK = (
+    st.fixed_dictionaries(
+        {"type": st.sampled_from(KINDS)},
+        optional={
+            "text": JSON,
+            "id": JSON,
+            "name": JSON,
+            "input": JSON,
+            "tool_use_id": JSON,
+            "content": st.lists(st.fixed_dictionaries({"type": st.sampled_from(KINDS)})) | JSON,
+            "is_error": JSON,
+            "thinking": JSON,
+        },
+    )
+    | JSON
+)
 MESSAGE = st.fixed_dictionaries(
     {"role": st.sampled_from(["user", "assistant", "system"]), "content": st.lists(BLOCK) | JSON}
 )
@@ -415,16 +747,17 @@ MESSAGE = st.fixed_dictionaries(
 @settings(max_examples=400, deadline=None)
 @given(
     body=st.dictionaries(st.sampled_from(KEYS), JSON, max_size=6),
+    agent=AGENT,
     messages=st.lists(MESSAGE, max_size=3) | JSON,
     count=st.booleans(),
 )
 def test_no_request_body_breaks_the_parser(
-    body: dict[str, Any], messages: Any, count: bool
+    body: dict[str, Any], agent: dict[str, Any], messages: Any, count: bool
 ) -> None:
     """Whatever the body, parsing gives a request or a 400 (never another exception: a 500)."""
     try:
-        req = parse_request({**body, "messages": messages}, 1000, count=count)
+        req = parse_request({**body, **agent, "messages": messages}, 1000, count=count)
     except ApiError as e:
         assert e.status == 400 and e.message
     else:
-        assert req.kind == "chat" and req.messages and req.messages[-1].role == "user"
+        assert req.kind == "chat" and req.messages and req.messages[-1].role in ("user", "tool")

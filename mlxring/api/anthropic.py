@@ -2,16 +2,32 @@
 parsing into the GenerationRequest the OpenAI chat uses, their response shapes, their SSE event
 stream, and their error bodies.
 
-A request becomes a chat: `system` (a string or text blocks) is the first message, then the turns
-with their text; `stop_sequences` are stop strings; `max_tokens` is required, as Anthropic's
-is. Tools, tool_choice other than "auto"/"none", tool_use/tool_result blocks and thinking other
-than `{"type": "disabled"}` are refused with a 400 for now, as is a last turn of the assistant's
-(a prefill). Any model name is accepted: Anthropic clients send their own model ids, and the ring
-serves one model, which the response names.
+A request becomes a chat: `system` (a string or text blocks) is the first message, then the
+turns. A user turn's `tool_result` blocks become tool messages (one per result, before the
+turn's text, which follows as a user message when there is any); an assistant turn's `text`,
+`tool_use` and `thinking` blocks become one assistant message with its content, its tool calls
+and its reasoning (`redacted_thinking` is dropped: there is nothing in it to show the model).
+`tools` (custom tools: name, description, input_schema) and `tool_choice` are the OpenAI
+chat's tools (`api.tools`): `auto`, `any` (a call is required), `tool` (that one is), `none`
+(the model is not shown them), `disable_parallel_tool_use`; a required call is enforced by a
+grammar where the family allows (app._with_tools). `thinking` reaches the chat template as
+`enable_thinking`: `enabled` (and `adaptive`) true, `disabled` false, absent the template's
+own default; `budget_tokens` is checked as Anthropic checks it (>= 1024, < max_tokens) but
+not enforced: the model thinks for as long as it does, within max_tokens. `stop_sequences` are
+stop strings; `max_tokens` is required, as Anthropic's is. Refused with a 400: server tools,
+image and document blocks, and a last turn of the assistant's (a prefill). Any model name is
+accepted: Anthropic clients send their own model ids, and the ring serves one model, which the
+response names.
 
-A stream is `message_start`, `content_block_start` (one text block), `ping`,
-`content_block_delta`s (`text_delta`), `content_block_stop`, `message_delta` (the stop reason
-and the usage) and `message_stop`; an error after the headers is an `error` event, the last.
+The answer's content blocks follow the completion's channels (engine.channels): `thinking`
+(its `signature` empty: there is nothing to sign), `text`, then a `tool_use` block per call
+(its id `toolu_...`, its `input` the arguments object); `stop_reason` is `tool_use` after a
+call. A stream is `message_start`, `ping`, then each block as `content_block_start`, its
+deltas (`thinking_delta` and a closing `signature_delta`, `text_delta`, or the whole arguments
+in one `input_json_delta`) and `content_block_stop`, then `message_delta` (the stop reason and
+the usage) and `message_stop`. A block opens when its first content arrives and closes when
+content of another kind (or another call) comes; a completion with no content at all has one
+empty text block. An error after the headers is an `error` event, the last.
 
 Every error on these routes has Anthropic's shape `{"type": "error", "error": {"type",
 "message"}}`: the status picks the type. Two choices: a prompt over the context is 400 (as
@@ -36,8 +52,9 @@ from mlxring.api.openai import SSE_HEADERS
 from mlxring.api.proxy import StreamKind
 from mlxring.api.schema import API, MAX_STOP, ChatMessage, GenerationRequest
 from mlxring.api.state import RID, STATE, note
+from mlxring.api.tools import NAME, Function, Mode, Tools
 from mlxring.engine.lifecycle import RingUnavailable
-from mlxring.engine.text import Piece
+from mlxring.engine.text import Piece, ToolCall
 from mlxring.fields import Fields
 from mlxring.protocol.messages import SamplingParams
 
@@ -46,14 +63,13 @@ log = structlog.get_logger()
 PREFIX = "/v1/messages"  # every route under it answers errors in Anthropic's shape
 MAX_STOP_SEQUENCES = 4 * MAX_STOP  # each is checked against every new piece of text
 ROLES = ("user", "assistant")
-# Block types known to the Messages API that this server does not take yet, and why.
-NOT_YET = {
-    "tool_use": "tool calling is not supported by this server yet",
-    "tool_result": "tool calling is not supported by this server yet",
-    "server_tool_use": "tool calling is not supported by this server yet",
-    "thinking": "extended thinking is not supported by this server yet",
-    "redacted_thinking": "extended thinking is not supported by this server yet",
+# The content blocks each place may hold here (others are refused with a 400).
+BLOCKS = {
+    "text": ("text",),  # `system`, a tool result's content
+    "user": ("text", "tool_result"),
+    "assistant": ("text", "tool_use", "thinking", "redacted_thinking"),
 }
+MIN_THINKING_BUDGET = 1024  # Anthropic's least `budget_tokens`
 
 # The error type for each status, as Anthropic's API names them.
 ERROR_TYPES = {
@@ -114,32 +130,82 @@ STREAM = StreamKind((b"event: message_stop\n", b"event: error\n"), error_event)
 # --- requests -------------------------------------------------------------------------------
 
 
-def _text_blocks(param: str, value: Any) -> str:
-    """A content value (a string or blocks) as text; refuses blocks that are not text."""
+def _blocks(param: str, value: Any, place: str) -> list[Fields]:
+    """A content value's blocks (a string is one text block), each of a type `place` takes."""
     if isinstance(value, str):
-        return value
+        return [Fields({"type": "text", "text": value}, API, param)]
     if not isinstance(value, list):
         raise invalid(
             param, f"Invalid type for '{param}': expected a string or an array of content blocks."
         )
-    parts = []
+    out = []
     for j, block in enumerate(value):
         p = f"{param}[{j}]"
         if not isinstance(block, dict):
             raise API.wrong_type(p, "table", block)
         kind = block.get("type")
-        if kind != "text":
-            why = NOT_YET.get(str(kind), "this server serves a text model and takes text blocks")
-            raise invalid(f"{p}.type", f"Unsupported content block type {kind!r} in '{p}': {why}.")
-        parts.append(Fields(block, API, p).string("text"))
-    return "".join(parts)
+        if kind not in BLOCKS[place]:
+            raise invalid(
+                f"{p}.type",
+                f"Unsupported content block type {kind!r} in '{p}': this server serves a text "
+                f"model and takes here only blocks of type {', '.join(map(repr, BLOCKS[place]))}.",
+            )
+        out.append(Fields(block, API, p))
+    return out
+
+
+def _text(param: str, value: Any) -> str:
+    """A content value of text blocks (or a string) as its text."""
+    return "".join(b.string("text") for b in _blocks(param, value, "text"))
+
+
+def _user_turn(param: str, value: Any) -> list[ChatMessage]:
+    """A user turn: a tool message per `tool_result`, then its text (if any is left beside
+    them) as a user message."""
+    tools = []
+    texts = []
+    for b in _blocks(param, value, "user"):
+        if b.data["type"] == "text":
+            texts.append(b.string("text"))
+            continue
+        content = b.raw("content")
+        result = "" if content is None else _text(b.path("content"), content)
+        b.boolean("is_error", False)  # checked; the result's own text says what went wrong
+        tools.append(ChatMessage("tool", result, tool_call_id=b.string("tool_use_id")))
+    if not tools or texts:
+        return [*tools, ChatMessage("user", "".join(texts))]
+    return tools
+
+
+def _assistant_turn(param: str, value: Any) -> ChatMessage:
+    """An assistant turn: its text, its calls and its thinking, as one message."""
+    texts = []
+    calls = []
+    thoughts: list[str] = []
+    for b in _blocks(param, value, "assistant"):
+        kind = b.data["type"]
+        if kind == "text":
+            texts.append(b.string("text"))
+        elif kind == "thinking":
+            thoughts.append(b.string("thinking"))
+            b.opt_string("signature")
+        elif kind == "tool_use":
+            args = b.get("input")
+            if not isinstance(args, dict):
+                raise invalid(
+                    b.path("input"),
+                    f"Invalid type for '{b.path('input')}': a tool_use block's input is an object.",
+                )
+            calls.append(ToolCall(b.string("id"), b.string("name"), json.dumps(args)))
+    reasoning = "".join(thoughts) if thoughts else None
+    return ChatMessage("assistant", "".join(texts), tool_calls=tuple(calls), reasoning=reasoning)
 
 
 def _messages(data: dict[str, Any]) -> tuple[ChatMessage, ...]:
     out = []
     system = data.get("system")
     if system is not None:
-        text = _text_blocks("system", system)
+        text = _text("system", system)
         if text:
             out.append(ChatMessage("system", text))
     value = data.get("messages")
@@ -161,7 +227,10 @@ def _messages(data: dict[str, Any]) -> tuple[ChatMessage, ...]:
             )
         if "content" not in m:
             raise API.missing(f"{p}.content")
-        out.append(ChatMessage(role, _text_blocks(f"{p}.content", m["content"])))
+        if role == "user":
+            out.extend(_user_turn(f"{p}.content", m["content"]))
+        else:
+            out.append(_assistant_turn(f"{p}.content", m["content"]))
     if out[-1].role == "assistant":
         raise invalid(
             f"messages[{len(value) - 1}].role",
@@ -171,34 +240,95 @@ def _messages(data: dict[str, Any]) -> tuple[ChatMessage, ...]:
     return tuple(out)
 
 
-def _refuse_agent_fields(data: dict[str, Any]) -> None:
-    """Tools and thinking are parsed and refused until this server runs them."""
-    tools = data.get("tools")
-    if tools is not None and not isinstance(tools, list):
-        raise API.wrong_type("tools", "list", tools)
-    if tools:
-        raise invalid("tools", "Tool use is not supported by this server yet: send no 'tools'.")
-    choice = data.get("tool_choice")
-    if choice is not None:
-        if not isinstance(choice, dict):
-            raise API.wrong_type("tool_choice", "table", choice)
-        kind = Fields(choice, API, "tool_choice").string("type")
-        if kind not in ("auto", "none"):
+def _functions(f: Fields) -> tuple[Function, ...]:
+    """`tools`: custom tools, each a function the model may call."""
+    if f.raw("tools") is None:
+        return ()
+    items = f.elements("tools")
+    out: list[Function] = []
+    seen: set[str] = set()
+    for i in range(len(items.data)):
+        t = items.table(i)
+        kind = t.opt_string("type")
+        if kind not in (None, "custom"):
             raise invalid(
-                "tool_choice.type",
-                f"tool_choice {kind!r} is not supported by this server yet (no tool use): "
-                "only 'auto' and 'none'.",
+                t.path("type"),
+                f"Unsupported tool type {kind!r} in '{t.prefix}': this server runs no server "
+                "tools; it takes custom tools (name, description, input_schema).",
             )
-    thinking = data.get("thinking")
-    if thinking is not None:
-        if not isinstance(thinking, dict):
-            raise API.wrong_type("thinking", "table", thinking)
-        kind = Fields(thinking, API, "thinking").string("type")
-        if kind != "disabled":
+        name = t.string("name")
+        if not NAME.match(name):
             raise invalid(
-                "thinking.type",
-                f"thinking {kind!r} is not supported by this server yet: only 'disabled'.",
+                t.path("name"),
+                f"Invalid value for '{t.path('name')}': {name!r}; a tool name is 1 to 64 "
+                "letters, digits, underscores or dashes.",
             )
+        if name in seen:
+            raise invalid(t.path("name"), f"Tool names must be unique: {name!r} is repeated.")
+        seen.add(name)
+        schema = t.table("input_schema")
+        if schema.data.get("type") != "object":
+            raise invalid(
+                schema.path("type"),
+                f"Invalid value for '{schema.path('type')}': an input_schema is a JSON schema "
+                "of type 'object'.",
+            )
+        out.append(Function(name, t.opt_string("description"), dict(schema.data), strict=False))
+    return tuple(out)
+
+
+def _tools(f: Fields) -> Tools:
+    """`tools` and `tool_choice` as the chat's Tools."""
+    functions = _functions(f)
+    if f.raw("tool_choice") is None:
+        return Tools(functions, "auto" if functions else "none")
+    c = f.table("tool_choice")
+    kind = c.string("type")
+    parallel = not c.boolean("disable_parallel_tool_use", False)
+    modes: dict[str, Mode] = {"auto": "auto", "none": "none", "any": "required", "tool": "required"}
+    mode = modes.get(kind)
+    if mode is None:
+        raise invalid(
+            "tool_choice.type",
+            f"Invalid value for 'tool_choice.type': {kind!r}; expected one of 'auto', 'any', "
+            "'tool', 'none'.",
+        )
+    if mode == "required" and not functions:
+        raise invalid(
+            "tool_choice", f"tool_choice {kind!r} may be given only when 'tools' are specified."
+        )
+    named = c.string("name") if kind == "tool" else None
+    if named is not None and named not in {fn.name for fn in functions}:
+        raise invalid(
+            "tool_choice.name", f"Tool {named!r} of 'tool_choice.name' is not one of 'tools'."
+        )
+    return Tools(functions, mode, named, parallel)
+
+
+def _thinking(f: Fields, max_tokens: int | None) -> dict[str, Any]:
+    """`thinking` as chat template variables: `enable_thinking`, or nothing when absent."""
+    if f.raw("thinking") is None:
+        return {}
+    t = f.table("thinking")
+    kind = t.string("type")
+    if kind == "disabled":
+        return {"enable_thinking": False}
+    if kind == "adaptive":  # the model decides how much to think: it may
+        return {"enable_thinking": True}
+    if kind != "enabled":
+        raise invalid(
+            "thinking.type",
+            f"Invalid value for 'thinking.type': {kind!r}; expected 'enabled', 'adaptive' or "
+            "'disabled'.",
+        )
+    budget = t.integer("budget_tokens", lo=MIN_THINKING_BUDGET)
+    if max_tokens is not None and budget >= max_tokens:
+        raise invalid(
+            "max_tokens",
+            f"'max_tokens' ({max_tokens}) must be greater than 'thinking.budget_tokens' "
+            f"({budget}).",
+        )
+    return {"enable_thinking": True}
 
 
 def _stop_sequences(value: Any) -> tuple[str, ...]:
@@ -223,14 +353,26 @@ def parse_request(
     data: dict[str, Any], vocab_size: int, *, count: bool = False
 ) -> GenerationRequest:
     """A Messages request as the chat GenerationRequest; `count`: a count_tokens request, which
-    has no max_tokens and no sampling."""
+    has no max_tokens and no sampling (its tools and thinking shape the prompt all the same)."""
     f = Fields(data, API)
     model = f.opt_string("model")
-    _refuse_agent_fields(data)
+    tools = _tools(f)
     messages = _messages(data)
     if count:
-        return GenerationRequest("chat", model, SamplingParams(), None, (), False, False, messages)
+        return GenerationRequest(
+            "chat",
+            model,
+            SamplingParams(),
+            None,
+            (),
+            False,
+            False,
+            messages,
+            tools=tools,
+            template_kwargs=_thinking(f, None),
+        )
     max_tokens = f.integer("max_tokens", lo=1)
+    template_kwargs = _thinking(f, max_tokens)
     temperature = f.opt_number("temperature", lo=0, hi=1)
     top_p = f.opt_number("top_p", lo=0, hi=1, lo_open=True)
     top_k = f.opt_integer("top_k", lo=0)
@@ -249,6 +391,8 @@ def parse_request(
         stream=f.boolean("stream", False),
         include_usage=False,
         messages=messages,
+        tools=tools,
+        template_kwargs=template_kwargs,
     )
 
 
@@ -259,9 +403,92 @@ def _stop(last: Piece) -> tuple[str | None, str | None]:
     """Anthropic's stop_reason and stop_sequence for the last piece of a completion."""
     if last.finish_reason == "length":
         return "max_tokens", None
+    if last.finish_reason == "tool_calls":
+        return "tool_use", None
     if last.finish_reason == "stop":
         return ("stop_sequence", last.stop) if last.stop is not None else ("end_turn", None)
     return None, None
+
+
+def tool_use_id(call: ToolCall) -> str:
+    """A call's id in Anthropic's form: `toolu_` and the random part of OpenAI's `call_...`."""
+    if call.id.startswith("toolu_"):
+        return call.id
+    return "toolu_" + call.id.removeprefix("call_")
+
+
+def _input(call: ToolCall) -> dict[str, Any]:
+    """A call's arguments as the object a tool_use block's input is."""
+    try:
+        args = json.loads(call.arguments)
+    except ValueError:
+        args = None
+    if not isinstance(args, dict):  # the family's parser let other JSON through
+        log.info("tool_input_not_an_object", name=call.name, arguments=call.arguments[:200])
+        return {}
+    return args
+
+
+Event = dict[str, Any]  # one SSE event's data; its "type" is the event's name
+
+
+class Blocks:
+    """A completion's content blocks, built as its pieces arrive, with the events that stream
+    them: a block opens on its first content and closes when content of another kind comes."""
+
+    def __init__(self) -> None:
+        self.content: list[dict[str, Any]] = []
+        self._open: str | None = None  # the type of the block taking content, if one is
+
+    def feed(self, piece: Piece) -> list[Event]:
+        """The events for one piece's content: reasoning, then text, then each call."""
+        out: list[Event] = []
+        if piece.reasoning:
+            out += self._add("thinking", piece.reasoning)
+        if piece.text:
+            out += self._add("text", piece.text)
+        for call in piece.calls:
+            args = _input(call)
+            block = {"type": "tool_use", "id": tool_use_id(call), "name": call.name}
+            out += self._start({**block, "input": {}})
+            self.content[-1]["input"] = args
+            delta = {"type": "input_json_delta", "partial_json": json.dumps(args)}
+            out.append(self._delta(delta))
+        return out
+
+    def finish(self) -> list[Event]:
+        """The events that end the content (an empty text block when there was none)."""
+        out = [] if self.content else self._start({"type": "text", "text": ""})
+        return out + self._close()
+
+    def _add(self, kind: str, text: str) -> list[Event]:
+        out = [] if self._open == kind else self._start({"type": kind, kind: ""})
+        self.content[-1][kind] += text
+        out.append(self._delta({"type": f"{kind}_delta", kind: text}))
+        return out
+
+    def _start(self, block: dict[str, Any]) -> list[Event]:
+        out = self._close()
+        if block["type"] == "thinking":
+            block["signature"] = ""
+        out.append(
+            {"type": "content_block_start", "index": len(self.content), "content_block": block}
+        )
+        self.content.append(dict(block))  # the block as it grows (its event keeps the start)
+        self._open = block["type"]
+        return out
+
+    def _delta(self, delta: dict[str, Any]) -> Event:
+        return {"type": "content_block_delta", "index": len(self.content) - 1, "delta": delta}
+
+    def _close(self) -> list[Event]:
+        if self._open is None:
+            return []
+        out = []
+        if self._open == "thinking":  # Anthropic's thinking blocks end with their signature
+            out.append(self._delta({"type": "signature_delta", "signature": ""}))
+        self._open = None
+        return [*out, {"type": "content_block_stop", "index": len(self.content) - 1}]
 
 
 class Shapes:
@@ -294,18 +521,22 @@ async def complete(
     request: web.Request, n_prompt: int, pieces: AsyncIterator[Piece]
 ) -> web.StreamResponse:
     shapes = Shapes(request, n_prompt)
-    parts: list[str] = []
+    blocks = Blocks()
     last = Piece("", ())
     try:
         async for p in pieces:
-            parts.append(p.text)
+            blocks.feed(p)
             last = p
     except RingUnavailable as e:
         raise unavailable(str(e)) from None
+    blocks.finish()
     n_out = last.completion_tokens
     note(request, output_tokens=n_out, finish_reason=last.finish_reason)
-    body = shapes.message([{"type": "text", "text": "".join(parts)}], _stop(last), n_out)
-    return web.json_response(body)
+    return web.json_response(shapes.message(blocks.content, _stop(last), n_out))
+
+
+def _events(events: list[Event]) -> bytes:
+    return b"".join(event(e["type"], e) for e in events)
 
 
 async def stream(
@@ -319,50 +550,36 @@ async def stream(
         raise unavailable(str(e)) from None
     resp = web.StreamResponse(headers={**SSE_HEADERS, "X-Request-Id": request[RID]})
     await resp.prepare(request)
+    blocks = Blocks()
     try:
         try:
             start = shapes.message([], (None, None), 0)
-            await resp.write(event("message_start", {"type": "message_start", "message": start}))
-            block = {"type": "text", "text": ""}
             await resp.write(
-                event(
-                    "content_block_start",
-                    {"type": "content_block_start", "index": 0, "content_block": block},
-                )
+                _events([{"type": "message_start", "message": start}, {"type": "ping"}])
             )
-            await resp.write(event("ping", {"type": "ping"}))
             while True:
-                if piece.text:
-                    delta = {"type": "text_delta", "text": piece.text}
-                    await resp.write(
-                        event(
-                            "content_block_delta",
-                            {"type": "content_block_delta", "index": 0, "delta": delta},
-                        )
-                    )
+                if events := blocks.feed(piece):
+                    await resp.write(_events(events))
                 if piece.finish_reason is not None:
                     break
                 piece = await anext(pieces)
             n_out = piece.completion_tokens
             note(request, output_tokens=n_out, finish_reason=piece.finish_reason)
             reason, sequence = _stop(piece)
-            end = [
-                event("content_block_stop", {"type": "content_block_stop", "index": 0}),
-                event(
-                    "message_delta",
-                    {
-                        "type": "message_delta",
-                        "delta": {"stop_reason": reason, "stop_sequence": sequence},
-                        "usage": {"input_tokens": n_prompt, "output_tokens": n_out},
-                    },
-                ),
-                event("message_stop", {"type": "message_stop"}),
-            ]
-            await resp.write(b"".join(end))
+            end = {
+                "type": "message_delta",
+                "delta": {"stop_reason": reason, "stop_sequence": sequence},
+                "usage": {"input_tokens": n_prompt, "output_tokens": n_out},
+            }
+            await resp.write(_events([*blocks.finish(), end, {"type": "message_stop"}]))
         except RingUnavailable as e:
             log.warning("stream_failed", reason=str(e))
             note(request, finish_reason="error")
             await resp.write(error_event(unavailable(str(e))))
+        except ApiError as e:  # refused after the headers (the ring went down meanwhile)
+            log.warning("stream_failed", reason=e.message)
+            note(request, finish_reason="error")
+            await resp.write(error_event(e))
         except (ConnectionError, asyncio.CancelledError):
             raise
         except Exception:  # headers are sent: the error can only travel as an event
