@@ -26,7 +26,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mlxring import aio
-from mlxring.api.anthropic import Blocks, parse_request
+from mlxring.api.anthropic import Blocks
+from mlxring.api.anthropic_request import parse_request
 from mlxring.api.errors import ApiError
 from mlxring.config import load_config
 from mlxring.engine.text import Piece, ToolCall

@@ -49,6 +49,7 @@ import structlog
 from aiohttp import web
 
 from mlxring.api import anthropic
+from mlxring.api.anthropic_request import parse_request
 from mlxring.api.cors import allow
 from mlxring.api.errors import invalid, unavailable
 from mlxring.api.limits import Gate, GatedSite, raise_fd_limit
@@ -112,7 +113,7 @@ async def messages(request: web.Request) -> web.StreamResponse:
     if not state.hosts_head:
         return await forward(request, anthropic.STREAM)
     data = parse_json_body(await read_body(request, state.api))
-    req = anthropic.parse_request(data, state.vocab_size())
+    req = parse_request(data, state.vocab_size())
     prompts, rows = await _start(request, req)
     async with contextlib.aclosing(rows):
         answer = anthropic.stream if req.stream else anthropic.complete
@@ -125,7 +126,7 @@ async def count_tokens(request: web.Request) -> web.StreamResponse:
     if not state.hosts_head:
         return await forward(request, anthropic.STREAM)
     data = parse_json_body(await read_body(request, state.api))
-    req = anthropic.parse_request(data, state.vocab_size(), count=True)
+    req = parse_request(data, state.vocab_size(), count=True)
     if state.tokenizer is None:
         raise unavailable(state.not_serving() or "the head has no tokenizer yet")
     return web.json_response({"input_tokens": len((await _prompt_ids(state, req))[0])})
