@@ -368,10 +368,11 @@ async def test_any_node_answers_with_the_key_and_a_lost_node_ends_the_stream(
     tmp_path: Path,
 ) -> None:
     """n0 (the head) runs here; n1 and n2 are `mlxring node` processes, n1's API forwards. The
-    API key is set: Anthropic's client sends it as x-api-key, which the head must get too."""
-    cfg = write_valid_config(tmp_path, MODEL, 3, extra_cluster=FAST, api=f'api_key = "{KEY}"')
-    text = want(20)
-    n_prompt = len(chat_ids(MODEL, CHAT))
+    API key is set: Anthropic's client sends it as x-api-key, which the head must get too. The
+    model takes tools (Qwen3's template): a tool use streams from either node too."""
+    cfg = write_valid_config(tmp_path, TOOL_MODEL, 3, extra_cluster=FAST, api=f'api_key = "{KEY}"')
+    text = want(20, TOOL_MODEL)
+    n_prompt = len(chat_ids(TOOL_MODEL, CHAT))
     kw: dict[str, Any] = dict(model="m", system=SYSTEM, messages=MESSAGES, max_tokens=20)
     with process_ring(cfg, ["n1", "n2"], tmp_path) as procs:
         async with local_ring(cfg, ["n0"]) as rt, serve_api(rt) as head_url:
@@ -384,6 +385,10 @@ async def test_any_node_answers_with_the_key_and_a_lost_node_ends_the_stream(
                 assert r.content[0].text == text and r.usage.input_tokens == n_prompt
                 async with client.messages.stream(**kw) as s:
                     assert "".join([t async for t in s.text_stream]) == text
+                async with client.messages.stream(**CALL) as s:
+                    use = await s.get_final_message()
+                assert use.stop_reason == "tool_use" and use.content[0].type == "tool_use"
+                jsonschema.validate(use.content[0].input, CITY)
                 c = await client.messages.count_tokens(model="m", system=SYSTEM, messages=MESSAGES)  # type: ignore[arg-type]
                 assert c.input_tokens == n_prompt
                 # Without the key, or with a wrong one: Anthropic's 401.
