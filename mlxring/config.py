@@ -65,6 +65,9 @@ class ClusterConfig:
     # Run a model whose type is not verified exactly through the ring (mlxring/model/families), with
     # the llama-style forward pass, at the user's risk: its output may silently differ.
     allow_unverified: bool = False
+    # Keep finished requests' KV caches on the shards, so that a prompt that starts the same
+    # way (a conversation's next turn) prefills only its new tokens (shard/prefix.py).
+    prompt_cache: bool = True
 
     @property
     def max_frame_bytes(self) -> int:
@@ -84,6 +87,9 @@ class TuningConfig:
     # fails. None: half of this machine's memory that the shard's weights leave
     # (`shard.checks.kv_bound`).
     kv_cache_gb: float | None = None
+    # Bytes of kept prompts (`[cluster] prompt_cache`) a shard may hold; they yield to live
+    # requests. None: as much as `kv_cache_gb`'s bound; 0: keep none here.
+    prompt_cache_gb: float | None = None
     # Keep a process's event loop polling its sockets while it has requests in flight, instead
     # of sleeping until a frame comes: waking costs 50-400 µs a hop, polling costs a core.
     # None: on where the machine has BUSY_POLL_MIN_CORES cores or more.
@@ -218,9 +224,12 @@ def parse_config(text: str, source: str = "nodes.toml") -> Config:
 
 _CLUSTER_KEYS = (
     "name", "model", "secret", "strategy", "prefill_chunk", "heartbeat_s", "down_after_s",
-    "request_timeout_s", "max_frame_mb", "interfaces", "allow_unverified",
+    "request_timeout_s", "max_frame_mb", "interfaces", "allow_unverified", "prompt_cache",
 )  # fmt: skip
-_TUNING_KEYS = ("max_batch", "cache_limit_gb", "kv_cache_gb", "busy_poll", "gates", "convoys")
+_TUNING_KEYS = (
+    "max_batch", "cache_limit_gb", "kv_cache_gb", "prompt_cache_gb", "busy_poll", "gates",
+    "convoys",
+)  # fmt: skip
 _API_KEYS = (
     "host", "port", "api_key", "max_body_bytes", "max_concurrent", "max_queue",
     "header_timeout_s", "idle_timeout_s", "body_timeout_s", "max_connections",
@@ -254,6 +263,7 @@ def _parse_cluster(t: Fields) -> ClusterConfig:
         max_frame_mb=t.number("max_frame_mb", 256.0, gt=0, hi=4096.0),
         interfaces=_parse_interfaces(t),
         allow_unverified=t.boolean("allow_unverified", False),
+        prompt_cache=t.boolean("prompt_cache", True),
     )
 
 
@@ -278,6 +288,7 @@ def _parse_tuning(
         max_batch=at("max_batch").integer("max_batch", 32, lo=1, hi=1024),
         cache_limit_gb=at("cache_limit_gb").opt_number("cache_limit_gb", gt=0, hi=MAX_GB),
         kv_cache_gb=at("kv_cache_gb").opt_number("kv_cache_gb", gt=0, hi=MAX_GB),
+        prompt_cache_gb=at("prompt_cache_gb").opt_number("prompt_cache_gb", lo=0, hi=MAX_GB),
         busy_poll=_parse_busy_poll(at("busy_poll")),
         gates=at("gates").boolean("gates", True),
         convoys=_parse_convoys(at("convoys")),

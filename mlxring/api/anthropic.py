@@ -200,6 +200,18 @@ class Shapes:
         self.id = f"msg_{request[RID]}"
         self.model = request.app[STATE].model_name
         self.n_prompt = n_prompt
+        self.cached = 0  # prompt tokens the ring's prompt cache gave, once the first piece came
+
+    def usage(self, n_out: int) -> dict[str, int]:
+        """Anthropic's usage: `input_tokens` are those after the cached ones, which are
+        `cache_read_input_tokens` (this server writes no cache on request, it keeps prompts
+        by itself: nothing is `cache_creation_input_tokens`)."""
+        return {
+            "input_tokens": self.n_prompt - self.cached,
+            "cache_creation_input_tokens": 0,
+            "cache_read_input_tokens": self.cached,
+            "output_tokens": n_out,
+        }
 
     def message(
         self,
@@ -215,7 +227,7 @@ class Shapes:
             "content": content,
             "stop_reason": stop[0],
             "stop_sequence": stop[1],
-            "usage": {"input_tokens": self.n_prompt, "output_tokens": n_out},
+            "usage": self.usage(n_out),
         }
 
 
@@ -233,6 +245,7 @@ async def complete(
         raise unavailable(str(e)) from None
     blocks.finish()
     n_out = last.completion_tokens
+    shapes.cached = last.cached
     note(request, output_tokens=n_out, finish_reason=last.finish_reason)
     return web.json_response(shapes.message(blocks.content, _stop(last), n_out))
 
@@ -248,6 +261,7 @@ async def stream(
     # Headers wait for the first piece so that a ring that cannot serve still gets a real 529.
     try:
         piece = await anext(pieces)
+        shapes.cached = piece.cached
     except RingUnavailable as e:
         raise unavailable(str(e)) from None
     resp = web.StreamResponse(headers={**SSE_HEADERS, "X-Request-Id": request[RID]})
@@ -271,7 +285,7 @@ async def stream(
             end = {
                 "type": "message_delta",
                 "delta": {"stop_reason": reason, "stop_sequence": sequence},
-                "usage": {"input_tokens": n_prompt, "output_tokens": n_out},
+                "usage": shapes.usage(n_out),
             }
             await resp.write(_events([*blocks.finish(), end, {"type": "message_stop"}]))
         except RingUnavailable as e:

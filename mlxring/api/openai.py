@@ -41,11 +41,13 @@ def sse(obj: Any) -> bytes:
     return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
 
 
-def _usage(n_prompt: int, n_completion: int) -> dict[str, int]:
+def _usage(n_prompt: int, n_completion: int, cached: int = 0) -> dict[str, Any]:
+    """OpenAI's usage; `cached`: prompt tokens the ring's prompt cache gave (not prefilled)."""
     return {
         "prompt_tokens": n_prompt,
         "completion_tokens": n_completion,
         "total_tokens": n_prompt + n_completion,
+        "prompt_tokens_details": {"cached_tokens": cached},
     }
 
 
@@ -175,7 +177,7 @@ class Formatter:
         choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
         return {**self._envelope("text_completion"), "choices": [choice], **usage}
 
-    def usage_chunk(self, usage: dict[str, int]) -> dict[str, Any]:
+    def usage_chunk(self, usage: dict[str, Any]) -> dict[str, Any]:
         obj = "chat.completion.chunk" if self.chat else "text_completion"
         return {**self._envelope(obj), "choices": [], "usage": usage}
 
@@ -188,6 +190,12 @@ def _reasoning(text: str) -> dict[str, str]:
 
 def _call(c: ToolCall) -> dict[str, Any]:
     return {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+
+
+def _logged(usage: dict[str, Any]) -> dict[str, int]:
+    """The usage's counts for the request's log line."""
+    counts = {k: v for k, v in usage.items() if isinstance(v, int)}
+    return {**counts, "cached_tokens": usage["prompt_tokens_details"]["cached_tokens"]}
 
 
 def _prompt_tokens(choices: Sequence[Choice], n: int) -> int:
@@ -216,8 +224,12 @@ async def complete(
             last[i] = p
     except RingUnavailable as e:
         raise unavailable(str(e)) from None
-    usage = _usage(_prompt_tokens(choices, req.n), sum(p.completion_tokens for p in last))
-    note(request, **usage, finish_reason=last[0].finish_reason)
+    usage = _usage(
+        _prompt_tokens(choices, req.n),
+        sum(p.completion_tokens for p in last),
+        sum(p.cached for p in last[:: req.n]),
+    )
+    note(request, **_logged(usage), finish_reason=last[0].finish_reason)
     body = [
         fmt.choice(
             c.index,
@@ -248,7 +260,7 @@ async def stream(
         item = None
     resp = web.StreamResponse(headers={**SSE_HEADERS, "X-Request-Id": request[RID]})
     await resp.prepare(request)
-    completion = 0
+    completion = cached = 0
     finish: str | None = None
     n_calls = [0 for _ in choices]  # each choice's calls so far: the next call's index
     try:
@@ -270,10 +282,11 @@ async def stream(
                 if piece.finish_reason is not None:
                     await resp.write(sse(fmt.chunk(i, "", finish=piece.finish_reason)))
                     completion += piece.completion_tokens
+                    cached += piece.cached if i % req.n == 0 else 0
                     finish = finish or piece.finish_reason
                 item = await anext(rows, None)
-            usage = _usage(_prompt_tokens(choices, req.n), completion)
-            note(request, **usage, finish_reason=finish)
+            usage = _usage(_prompt_tokens(choices, req.n), completion, cached)
+            note(request, **_logged(usage), finish_reason=finish)
             if req.include_usage:
                 await resp.write(sse(fmt.usage_chunk(usage)))
         except RingUnavailable as e:

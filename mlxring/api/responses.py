@@ -233,10 +233,10 @@ def _part(kind: str, text: str) -> dict[str, Any]:
     return {"type": "output_text", "text": text, "annotations": []}
 
 
-def _usage(n_prompt: int, n_completion: int) -> dict[str, Any]:
+def _usage(n_prompt: int, n_completion: int, cached: int) -> dict[str, Any]:
     return {
         "input_tokens": n_prompt,
-        "input_tokens_details": {"cached_tokens": 0},
+        "input_tokens_details": {"cached_tokens": cached},
         "output_tokens": n_completion,
         # Not counted: the splitter hands out text, not which channel each token went to.
         "output_tokens_details": {"reasoning_tokens": 0},
@@ -261,7 +261,7 @@ async def respond(
         except RingUnavailable as e:
             raise unavailable(str(e)) from None
         items.end(last.finish_reason)
-        usage = _usage(n_prompt, last.completion_tokens)
+        usage = _usage(n_prompt, last.completion_tokens, last.cached)
         note(request, prompt_tokens=n_prompt, completion_tokens=last.completion_tokens)
         return web.json_response(shapes.response(items.output, last.finish_reason, usage))
     try:
@@ -285,7 +285,7 @@ async def respond(
                 item = await anext(rows, None)
             for kind, fields in items.end(piece.finish_reason):
                 await resp.write(ev(kind, **fields))
-            usage = _usage(n_prompt, piece.completion_tokens)
+            usage = _usage(n_prompt, piece.completion_tokens, piece.cached)
             note(request, prompt_tokens=n_prompt, completion_tokens=piece.completion_tokens)
             # Always `response.completed` (its status may say "incomplete"): the official
             # client's stream helper takes its final response from that event alone.

@@ -18,12 +18,13 @@ import contextlib
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 import structlog
 
 from mlxring.aio import wait_for
+from mlxring.engine.prefix import Hit, PrefixIndex
 from mlxring.protocol.messages import End, Failure, Forward, Message, SamplingParams, Token
 
 log = structlog.get_logger()
@@ -40,12 +41,17 @@ class RingUnavailable(Exception):
     """The ring cannot serve this request (a node is down, a step failed or timed out)."""
 
 
+class CacheMissed(RingUnavailable):
+    """A shard no longer holds the prompt-cache entry the request started from."""
+
+
 @dataclass(frozen=True)
 class GeneratedToken:
     token: int
     logprob: float
     top_logprobs: tuple[tuple[int, float], ...]
     finish_reason: str | None  # "stop" | "length" | None while generating
+    cached: int = 0  # the first token's: prompt tokens the ring's prompt cache gave
 
 
 class Engine:
@@ -59,6 +65,7 @@ class Engine:
         prefill_chunk: int = 512,
         step_timeout_s: float = 30.0,
         one_convoy: bool = False,
+        prompt_cache: bool = False,
     ) -> None:
         self._entry = entry
         self.eos_token_ids = frozenset(eos_token_ids)
@@ -75,6 +82,11 @@ class Engine:
         self._out: set[str] = set()
         self._ready: list[Forward] = []
         self._flushed = asyncio.Event()
+        # What the shards keep of finished requests, for prompts that start the same way.
+        self.prefixes = PrefixIndex() if prompt_cache else None
+        self.cache_hits = 0  # requests that started from an entry
+        self.cache_misses = 0  # ... whose entry a shard no longer held
+        self.cache_tokens = 0  # prompt tokens the entries gave
 
     @property
     def active(self) -> int:
@@ -93,7 +105,10 @@ class Engine:
             q.put_nowait(msg)
 
     def fail_all(self, reason: str) -> None:
-        """The ring broke: every request in flight ends now with this reason."""
+        """The ring broke: every request in flight ends now with this reason (and the prompt
+        cache is forgotten: a re-plan drops it on the shards)."""
+        if self.prefixes is not None:
+            self.prefixes.clear()
         for rid, q in self._streams.items():
             q.put_nowait(Failure(rid, reason, "ring"))
 
@@ -113,26 +128,35 @@ class Engine:
         rid = rid or uuid.uuid4().hex[:16]
         params = params or SamplingParams()
         stops = frozenset(stop_token_ids) | (frozenset() if ignore_eos else self.eos_token_ids)
-        q: asyncio.Queue[Token | Failure] = asyncio.Queue()
-        self._streams[rid] = q
-        bound = log.bind(rid=rid)
+        hit = self.prefixes.match(prompt) if self.prefixes is not None else None
+        sent = list(prompt)  # the tokens the shards computed on: what they can keep
+        ended = False  # the request ran to its end (or its reader left): no step failed
+        q = self._open(rid)
         try:
-            seq = 0
-            head = list(prompt[:-1])
-            for i in range(0, len(head), self.prefill_chunk):
-                chunk = tuple(head[i : i + self.prefill_chunk])
-                await self._step(
-                    Forward(rid, seq, chunk, False, params=params if seq == 0 else None)
-                )
-                seq += 1
-            await self._step(
-                Forward(rid, seq, (prompt[-1],), True, params=params if seq == 0 else None)
-            )
+            try:
+                seq, msg = await self._start(rid, q, prompt, params, hit)
+            except CacheMissed as e:
+                assert hit is not None and self.prefixes is not None
+                log.info("prompt_cache_miss", rid=rid, reason=str(e))
+                self.prefixes.discard(hit.eid)
+                self.cache_misses += 1
+                await self._end(End(rid, "cache_miss"))
+                # Anew, under another id: late failures of the first start go nowhere.
+                self._close(rid)
+                rid, hit = f"{rid}-full", None
+                q = self._open(rid)
+                seq, msg = await self._start(rid, q, prompt, params, None)
+            cached = 0
+            if hit is not None:
+                self.cache_hits += 1
+                cached = hit.positions
+                self.cache_tokens += cached
             # Not in the convoy yet: the others must not wait for a prompt still prefilling.
             # Its first token's step waits for them, and from then on they go together.
             n = 0
             while True:
-                msg = await self._next(q, rid)
+                if n:
+                    msg = await self._next(q, rid)
                 n += 1
                 self.tokens_generated += 1
                 finish = "stop" if msg.token in stops else "length" if n >= max_tokens else None
@@ -140,20 +164,72 @@ class Engine:
                     # The next step leaves before this token is handed out, so the ring
                     # computes while the client writes.
                     seq += 1
+                    sent.append(msg.token)
                     await self._decode_step(Forward(rid, seq, (msg.token,), True))
                 else:
                     await self._leave_convoy(rid)
-                yield GeneratedToken(msg.token, msg.logprob, msg.top_logprobs, finish)
+                ended = finish is not None
+                yield GeneratedToken(
+                    msg.token, msg.logprob, msg.top_logprobs, finish, cached if n == 1 else 0
+                )
                 if finish is not None:
                     return
+        except GeneratorExit:
+            ended = True  # the reader stopped (a stop string, a client gone): steps are good
+            raise
         finally:
-            del self._streams[rid]
-            self._step_sent.pop(rid, None)
+            self._close(rid)
             await self._leave_convoy(rid)
-            try:
-                await self._entry.enter(End(rid))
-            except Exception as e:  # noqa: BLE001 - the ring may be down; caches expire anyway
-                bound.warning("end_not_sent", error=str(e))
+            keep = 0
+            drop: tuple[str, ...] = ()
+            if ended and self.prefixes is not None and len(sent) >= self.prefixes.min_reuse:
+                keep, drop = len(sent), self.prefixes.add(rid, sent)
+            await self._end(End(rid, keep=keep, drop=drop))
+
+    def _open(self, rid: str) -> asyncio.Queue[Token | Failure]:
+        q: asyncio.Queue[Token | Failure] = asyncio.Queue()
+        self._streams[rid] = q
+        return q
+
+    def _close(self, rid: str) -> None:
+        self._streams.pop(rid, None)
+        self._step_sent.pop(rid, None)
+
+    async def _end(self, end: End) -> None:
+        try:
+            await self._entry.enter(end)
+        except Exception as e:  # noqa: BLE001 - the ring may be down; caches expire anyway
+            log.warning("end_not_sent", rid=end.rid, error=str(e))
+
+    async def _start(
+        self,
+        rid: str,
+        q: asyncio.Queue[Token | Failure],
+        prompt: Sequence[int],
+        params: SamplingParams,
+        hit: Hit | None,
+    ) -> tuple[int, Token]:
+        """Prefill `prompt` (from `hit`'s entry: only the tokens after it) and wait for its
+        first token; the step number it came with."""
+        skip = hit.positions if hit is not None else 0
+        head = list(prompt[skip:-1])
+        steps = [
+            Forward(rid, seq, tuple(head[i : i + self.prefill_chunk]), False)
+            for seq, i in enumerate(range(0, len(head), self.prefill_chunk))
+        ]
+        steps.append(Forward(rid, len(steps), (prompt[-1],), True))
+        # The first step carries what every shard needs once: the sampling parameters, and
+        # the entry to start from.
+        steps[0] = replace(
+            steps[0],
+            params=params,
+            reuse=hit.eid if hit is not None else "",
+            reused=skip,
+        )
+        for f in steps:
+            await self._step(f)
+        seq = steps[-1].seq
+        return seq, await self._next(q, rid)
 
     async def _decode_step(self, f: Forward) -> None:
         if not self.one_convoy:
@@ -217,7 +293,8 @@ class Engine:
             ) from None
         if isinstance(msg, Failure):
             where = f" on {msg.origin}" if msg.origin else ""
-            raise RingUnavailable(f"request {rid} failed{where}: {msg.message}")
+            error = CacheMissed if msg.kind == "cache_miss" else RingUnavailable
+            raise error(f"request {rid} failed{where}: {msg.message}")
         return msg
 
 

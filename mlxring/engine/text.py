@@ -51,6 +51,7 @@ class Split:
     content: str = ""
     reasoning: str = ""
     calls: tuple[ToolCall, ...] = ()
+    cached: int = 0  # prompt tokens the ring's prompt cache gave (engine.prefix)
 
     def __add__(self, other: Split) -> Split:
         return Split(
@@ -84,6 +85,7 @@ class Piece:
     # A chat's other channels (engine.channels): `text` is then the answer alone.
     reasoning: str = ""
     calls: tuple[ToolCall, ...] = ()
+    cached: int = 0  # prompt tokens the ring's prompt cache gave (engine.prefix)
 
 
 class IncrementalDecoder:
@@ -206,12 +208,13 @@ async def pieces(
     on_token: Callable[[], None],
 ) -> AsyncGenerator[Piece, None]:
     """The engine's tokens as Pieces of text; `on_token` is called as each token arrives."""
-    n = 0
+    n = cached = 0
     # Leaving this block early (stop string, client gone, error) closes the engine's generator,
     # which sends End(rid) and frees the request's caches on every shard.
     async with contextlib.aclosing(tokens):
         async for g in tokens:
             n += 1
+            cached = cached or g.cached
             on_token()
             if g.finish_reason != "stop":  # the EOS token ends the text; it is not part of it
                 text.add(g.token, g.logprob, g.top_logprobs)
@@ -220,14 +223,15 @@ async def pieces(
                 text.finalize()
             out, infos, stopped = text.take(final)
             if stopped:
-                yield Piece(out, infos, "stop", n, stop=text.stop_at(text.sent))
+                yield Piece(out, infos, "stop", n, stop=text.stop_at(text.sent), cached=cached)
                 return
             if final:
-                yield Piece(out, infos, g.finish_reason, n)
+                yield Piece(out, infos, g.finish_reason, n, cached=cached)
                 return
             if out or infos:
-                yield Piece(out, infos)
-    yield Piece("", (), "length", n)  # the engine ended without a finish reason (max_tokens)
+                yield Piece(out, infos, cached=cached)
+    # The engine ended without a finish reason (max_tokens).
+    yield Piece("", (), "length", n, cached=cached)
 
 
 def _byte_level_alphabet() -> dict[str, int]:

@@ -39,7 +39,7 @@ from mlxring.protocol.messages import (
 )
 from mlxring.protocol.schema import schema
 
-PROTOCOL_VERSION = 5  # 5: the handshake is SPAKE2 with key confirmation (transport/link.py)
+PROTOCOL_VERSION = 6  # 6: prompt-cache fields (Forward.reuse, End.keep); 5: SPAKE2 handshake
 DEFAULT_MAX_FRAME = 256 * 1024 * 1024
 PREFIX = struct.Struct(">I")
 

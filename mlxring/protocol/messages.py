@@ -110,6 +110,11 @@ class Forward:
     # (the ring re-planned under it) fails instead of computing garbage.
     layer: int = 0
     params: SamplingParams | None = None  # sent once, with a request's first step
+    # Sent with a request's first step when it starts from a prompt-cache entry: every shard
+    # starts from entry `reuse`'s caches cut to `reused` positions (shard/prefix.py), and the
+    # step's tokens follow them.
+    reuse: str = ""
+    reused: NonNegInt = 0
     # Per-hop timing of decode steps (mlxring/ring/hoptime.py): seconds spent inside processes so
     # far, and network hops taken.
     spent: NonNegFloat = 0.0
@@ -152,10 +157,14 @@ class Token:
 
 @dataclass(frozen=True)
 class End:
-    """A request is finished, cancelled or failed: every shard frees its caches for it."""
+    """A request is finished, cancelled or failed: every shard frees its caches for it, or,
+    with `keep`, keeps them as a prompt-cache entry under its id when they hold exactly `keep`
+    positions (the head's count of what it sent). `drop`: entries the head no longer reuses."""
 
     rid: str
     reason: str = "done"
+    keep: NonNegInt = 0
+    drop: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -165,6 +174,9 @@ class Failure:
     rid: str
     message: str
     origin: str = ""
+    # "cache_miss": the prompt-cache entry the request started from was not there; the head
+    # starts it again without one.
+    kind: str = ""
 
 
 @dataclass(frozen=True)
@@ -181,6 +193,8 @@ class NodeStats:
     # The part of busy_s and steps that ran single-token steps (decode), for `mlxring bench`.
     decode_busy_s: float = 0.0
     decode_steps: int = 0
+    cache_bytes: int = 0  # its prompt cache's (shard/prefix.py)
+    cache_entries: int = 0
 
 
 @dataclass(frozen=True)

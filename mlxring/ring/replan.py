@@ -179,6 +179,7 @@ class Replanner:
             prefill_chunk=c.prefill_chunk,
             step_timeout_s=c.request_timeout_s,
             one_convoy=self.convoys == 1,
+            prompt_cache=c.prompt_cache,
         )
         expected = tuple((n, s, e) for n, (s, e) in self.layout.items())
         monitor = RingMonitor(self.config, name, expected, head, engine.fail_all)

@@ -222,6 +222,7 @@ class Runtime:
             max_requests=self.config.api.max_concurrent + self.config.api.max_queue,
             kv_cache_gb=self.config.tuning.kv_cache_gb,
             grammars=self.grammars,
+            prompt_cache_gb=self.config.tuning.prompt_cache_gb,
         )
 
     async def stop(self) -> None:

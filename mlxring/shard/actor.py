@@ -34,6 +34,7 @@ from mlxring.shard.compute import Compute
 from mlxring.shard.convoys import DecodePick, convoy_rows, is_prompt_chunk, rids_in, rows_in
 from mlxring.shard.grammar import Grammars
 from mlxring.shard.mailbox import Actor
+from mlxring.shard.prefix import CacheMiss
 from mlxring.shard.state import Reconfigure, Sweep
 from mlxring.shard.step import BatchError, Stepper
 
@@ -54,12 +55,20 @@ class ShardActor(Actor[Message | Sweep | Reconfigure]):
         max_requests: int = 1024,  # requests with KV state at once; new ones beyond fail
         kv_cache_gb: float | None = None,  # KV bytes they may hold (None: `checks.kv_bound`)
         grammars: Grammars | None = None,  # the process's, for requests with a grammar
+        prompt_cache_gb: float | None = None,  # kept prompts' bytes (None: `Stepper`'s)
     ) -> None:
         super().__init__(f"shard:{name}")
         self.node = name
         self.backend: Backend = backend or Plain()
         self.stepper = Stepper(
-            name, model, self.backend, max_requests, kv_cache_gb, total_memory, grammars
+            name,
+            model,
+            self.backend,
+            max_requests,
+            kv_cache_gb,
+            total_memory,
+            grammars,
+            prompt_cache_gb,
         )
         self.requests = self.stepper.requests  # the same dict and convoys, for short
         self.convoys = self.stepper.convoys
@@ -103,7 +112,9 @@ class ShardActor(Actor[Message | Sweep | Reconfigure]):
                 self.stages = max(1, msg.stages)
                 self.next_local = msg.next_local
             case End():
-                self._forget(msg.rid)
+                # On the loop's thread, as decode steps: a kept request's last steps left
+                # arrays there to compute (the stepper computes them before keeping them).
+                await self.compute.run_here(self.stepper.end, msg.rid, msg.keep, msg.drop)
                 if self.model is not None and not self.model.is_last:
                     await self.send_next(msg)
             case Failure():
@@ -193,6 +204,7 @@ class ShardActor(Actor[Message | Sweep | Reconfigure]):
             self.node, mx.get_active_memory(), mx.get_peak_memory(),
             self.total_memory, self.busy_s, self.steps, len(self.requests),
             self.decode_busy_s, self.decode_steps,
+            self.stepper.prompts.nbytes, len(self.stepper.prompts),
         )  # fmt: skip
         await self.send_next(Probe(msg.origin, msg.sent, (*msg.hops, here), (*msg.stats, stats)))
 
@@ -203,9 +215,10 @@ class ShardActor(Actor[Message | Sweep | Reconfigure]):
             rids = sorted(rids_in(msg))
             if isinstance(error, BatchError):
                 rids = list(dict.fromkeys(error.rids))
-            await self._fail(rids, f"{type(error).__name__}: {error}")
+            kind = "cache_miss" if isinstance(error, CacheMiss) else ""
+            await self._fail(rids, f"{type(error).__name__}: {error}", kind)
 
-    async def _fail(self, rids: list[str], why: str) -> None:
+    async def _fail(self, rids: list[str], why: str, kind: str = "") -> None:
         """Fail `rids` here: their state goes, and a Failure for each goes on to the head."""
         for rid in rids:
             self.requests.pop(rid, None)
@@ -214,7 +227,7 @@ class ShardActor(Actor[Message | Sweep | Reconfigure]):
             self.convoys.dissolve(rid, self.requests)
         self.convoys.drop_dead(self.requests)
         for rid in rids:
-            await self.send_next(Failure(rid, why, self.node))
+            await self.send_next(Failure(rid, why, self.node, kind))
 
     def _forget(self, rid: str) -> None:
         self.requests.pop(rid, None)

@@ -101,6 +101,8 @@ class Limits:
             )
         if not known and f.seq != 0:
             return f"no state for request {f.rid} at step {f.seq}"
+        if (f.reuse or f.reused) and (known or f.seq != 0 or not f.reuse or not f.reused):
+            return f"step {f.seq} of {f.rid} names a prompt-cache entry it cannot start from"
         return None
 
     def tokens(self, f: Forward) -> str | None:
@@ -208,7 +210,8 @@ class Screen:
         if why is None and fresh and len(self.requests) + self.new >= lim.max_requests:
             why = f"the shard keeps {lim.max_requests} requests at most"
         if why is None and (fresh or not f.is_decode):
-            why = self._room(len(f.tokens))
+            # A request that starts from a prompt-cache entry holds a copy of its positions.
+            why = self._room(len(f.tokens) + (f.reused if fresh else 0))
         if why is not None:
             self._refuse(f.rid, why)
         if f.rid in self.refused:
@@ -220,7 +223,7 @@ class Screen:
         """Why `more` positions of `f`'s request would take it past the model's context (a
         step that no honest head sends: it trims prompts and max_tokens to fit), or None."""
         st, context = self.requests.get(f.rid), self.limits.context
-        total = (st.positions if st is not None else 0) + more
+        total = (st.positions if st is not None else f.reused) + more
         if context is not None and total > context:
             return f"request {f.rid} would reach {total} positions, past the context of {context}"
         return None

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import mlx.core as mx
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
@@ -13,6 +13,9 @@ from mlx_lm.sample_utils import make_logits_processors, make_sampler
 from mlxring.model.sharded import ShardModel
 from mlxring.protocol.messages import SamplingParams
 from mlxring.shard.grammar import GrammarError, Grammars, Matcher
+
+if TYPE_CHECKING:  # shard.prefix reads cache_bytes from here
+    from mlxring.shard.prefix import Start
 
 
 @dataclass(frozen=True)
@@ -73,11 +76,19 @@ def cache_bytes(caches: list[Any]) -> int:
 
 
 def make_request_state(
-    model: ShardModel, params: SamplingParams | None, now: float, grammars: Grammars | None = None
+    model: ShardModel,
+    params: SamplingParams | None,
+    now: float,
+    grammars: Grammars | None = None,
+    start: Start | None = None,
 ) -> RequestState:
-    """A new request's state; on the last shard its sampler, processors and grammar matcher
-    (`grammars`: the process's, None where it has no tokenizer)."""
-    st = RequestState(caches=model.make_cache(), last_used=now)
+    """A new request's state, on fresh caches or on a prompt-cache entry's copy (`start`); on
+    the last shard its sampler, processors and grammar matcher (`grammars`: the process's,
+    None where it has no tokenizer)."""
+    if start is None:
+        st = RequestState(caches=model.make_cache(), last_used=now)
+    else:
+        st = RequestState(start.caches, now, history=start.history, positions=start.positions)
     if model.is_last:
         p = params or SamplingParams()
         st.sampler = make_sampler(temp=p.temperature, top_p=p.top_p, min_p=p.min_p, top_k=p.top_k)

@@ -6,6 +6,7 @@ Runs on whichever thread the actor gives it (`compute`); a step the backend buil
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from typing import Any
 
 import mlx.core as mx
@@ -16,6 +17,7 @@ from mlxring.protocol.messages import Forward, ForwardBatch, Message, Tensor, ro
 from mlxring.shard.checks import Limits, Screen, kv_bound
 from mlxring.shard.convoys import Convoys
 from mlxring.shard.grammar import Grammars
+from mlxring.shard.prefix import PromptCache
 from mlxring.shard.sample import sample, sample_rows
 from mlxring.shard.state import RequestState, cache_bytes, make_request_state
 
@@ -54,6 +56,7 @@ class Stepper:
         kv_cache_gb: float | None = None,
         total_memory: int = 0,
         grammars: Grammars | None = None,
+        prompt_cache_gb: float | None = None,
     ) -> None:
         self.node = node
         self.grammars = grammars  # the process's llguidance tokenizer (None: no grammars here)
@@ -70,6 +73,10 @@ class Stepper:
         self.per_position = 0.0
         self.requests: dict[str, RequestState] = {}
         self.convoys = Convoys()
+        # Finished requests' caches kept for later requests with the same start (None: its
+        # bound is the KV bound's; entries yield to live requests, see `screen`).
+        self.prompt_cache_gb = prompt_cache_gb
+        self.prompts = PromptCache(self._prompt_bound())
         self.batches = 0  # forward passes that ran more than one request
         self.batched_rows = 0
 
@@ -79,12 +86,35 @@ class Stepper:
             self.model = model
             self.limits = self._limits(model)
             self.per_position = 0.0
+            self.prompts.max_bytes = self._prompt_bound()
         self.requests.clear()
         self.convoys.clear()
+        self.prompts.clear()  # a re-plan: the layers (and so the caches) may be others now
 
     def _limits(self, model: ShardModel) -> Limits:
         bound = kv_bound(model, self.kv_cache_gb, self.total_memory)
         return Limits.of(model, self.max_requests, bound)
+
+    def _prompt_bound(self) -> int:
+        """The prompt cache's bytes: `prompt_cache_gb`, else the live requests' KV bound (or
+        1 GiB where memory is not known)."""
+        if self.prompt_cache_gb is not None:
+            return int(self.prompt_cache_gb * (1 << 30))
+        bound = None if self.limits is None else self.limits.kv_bytes
+        return bound if bound is not None else 1 << 30
+
+    def end(self, rid: str, keep: int, drop: tuple[str, ...]) -> None:
+        """A request ended: its state goes, kept as a prompt-cache entry when `keep` is the
+        positions it holds here (the head's count of what it sent); `drop` entries go too."""
+        self.prompts.drop(drop)
+        self.convoys.dissolve(rid, self.requests)  # its own caches back from a convoy's
+        st = self.requests.pop(rid, None)
+        self.convoys.drop_dead(self.requests)
+        if st is not None and keep and st.positions == keep:
+            # Computed here: a later request's first step may run on the other thread, which
+            # cannot compute what this one left (MLX streams are per thread).
+            mx.eval(st.arrays())
+            self.prompts.keep(rid, st.caches, st.history, st.positions)
 
     def kv_held(self) -> int:
         """KV-cache bytes the shard's requests hold, as of each one's last step."""
@@ -114,6 +144,10 @@ class Stepper:
             for p in parts
         )
         held = self.kv_held() if adds and self.limits.kv_bytes is not None else 0
+        if adds and self.limits.kv_bytes is not None:
+            # Kept prompts take only what live requests leave: new work comes first.
+            new = sum(len(p.tokens) + p.reused for p in parts if isinstance(p, Forward))
+            self.prompts.fit(self.limits.kv_bytes - held - int(new * self.per_position))
         screen = Screen(self.limits, self.requests, held, self.per_position)
         good: list[Forward | ForwardBatch] = []
         for kept in screen.sort(parts):
@@ -158,8 +192,11 @@ class Stepper:
         if st is None:
             if f.seq != 0:
                 raise StepError(f"no state for request {f.rid} at step {f.seq} on {self.node}")
+            # A prompt-cache entry to start from (CacheMiss when it is gone: the head then
+            # starts the request again without one).
+            start = self.prompts.start(f.reuse, f.reused) if f.reuse else None
             st = self.requests[f.rid] = make_request_state(
-                model, f.params, time.monotonic(), self.grammars
+                model, f.params, time.monotonic(), self.grammars, start
             )
         st.last_used = time.monotonic()
         if model.is_first:
@@ -246,7 +283,8 @@ class Stepper:
         self, f: Forward, model: ShardModel, st: RequestState, h: mx.array
     ) -> Message | None:
         self._measure(f, st)
-        if model.is_last and st.processors:
+        if model.is_last and (st.processors or self.prompts.max_bytes):
+            # Kept for a later request that starts from this one's entry with processors.
             st.remember(f.tokens)
         # A prompt chunk leaves nothing of its request unevaluated: the request's next step
         # may run on the other thread (`compute`). The last shard needs only the caches of a
@@ -254,17 +292,9 @@ class Stepper:
         kept = [] if f.sample else st.arrays()
         if not model.is_last:
             mx.eval(h, kept)
-            return Forward(
-                f.rid,
-                f.seq,
-                f.tokens,
-                f.sample,
-                h=h,
-                layer=model.end,
-                params=f.params,
-                spent=f.spent,
-                hops=f.hops,
-            )
+            # On to the next shard with everything it needs of the step (its parameters, the
+            # prompt-cache entry to start from), at the layer where this shard ends.
+            return replace(f, h=h, layer=model.end)
         if not f.sample:
             mx.eval(kept)
             return None
