@@ -180,6 +180,12 @@ def assert_error(body: Any, kind: str) -> str:
     return str(message)
 
 
+def prompt_of(usage: Any) -> int:
+    """The prompt's tokens in Anthropic's usage: those computed and those the ring's prompt
+    cache gave (Anthropic counts cache reads apart from `input_tokens`)."""
+    return int(usage.input_tokens + (usage.cache_read_input_tokens or 0))
+
+
 def assert_sequence(events: list[tuple[str, dict[str, Any]]], n_prompt: int) -> tuple[str, Any]:
     """Anthropic's event order for one text block; the text and the final message_delta."""
     names = [n for n, _ in events]
@@ -196,7 +202,10 @@ def assert_sequence(events: list[tuple[str, dict[str, Any]]], n_prompt: int) -> 
     start = events[0][1]["message"]
     assert start["id"].startswith("msg_") and start["role"] == "assistant"
     assert start["content"] == [] and start["stop_reason"] is None
-    assert start["usage"] == {"input_tokens": n_prompt, "output_tokens": 0}
+    # The ring's prompt cache may have given some of the prompt (Anthropic counts those apart).
+    usage = start["usage"]
+    assert usage["input_tokens"] + usage["cache_read_input_tokens"] == n_prompt
+    assert usage["cache_creation_input_tokens"] == usage["output_tokens"] == 0
     assert events[2][1] == {
         "type": "content_block_start",
         "index": 0,
@@ -234,13 +243,20 @@ async def test_messages_streamed_and_not_equal_mlx_lm_with_the_openai_usage(api:
     assert len(parts) > 1 and "".join(parts) == text
     assert final.content[0].text == text  # type: ignore[union-attr]
     assert final.stop_reason == "max_tokens"
-    assert (final.usage.input_tokens, final.usage.output_tokens) == (n_prompt, 24)
+    # The same prompt again: the ring's prompt cache gave all of it but its last token.
+    assert (final.usage.input_tokens, final.usage.output_tokens) == (1, 24)
+    assert final.usage.cache_read_input_tokens == n_prompt - 1
     # Raw SSE: Anthropic's event sequence, in order.
     events = await sse_events(api.url, {**kw, "system": SYSTEM})
     streamed, delta = assert_sequence(events, n_prompt)
     assert streamed == text
     assert delta["delta"] == {"stop_reason": "max_tokens", "stop_sequence": None}
-    assert delta["usage"] == {"input_tokens": n_prompt, "output_tokens": 24}
+    assert delta["usage"] == {
+        "input_tokens": 1,
+        "cache_creation_input_tokens": 0,
+        "cache_read_input_tokens": n_prompt - 1,
+        "output_tokens": 24,
+    }
     # thinking disabled and tool_choice auto/none without tools change nothing.
     r = await api.client.messages.create(
         system=SYSTEM, thinking={"type": "disabled"}, tool_choice={"type": "none"}, **kw
@@ -382,7 +398,7 @@ async def test_any_node_answers_with_the_key_and_a_lost_node_ends_the_stream(
             for url in (head_url, n1_url):
                 client = anthropic.AsyncAnthropic(base_url=url, api_key=KEY, max_retries=0)
                 r = await client.messages.create(**kw)
-                assert r.content[0].text == text and r.usage.input_tokens == n_prompt
+                assert r.content[0].text == text and prompt_of(r.usage) == n_prompt
                 async with client.messages.stream(**kw) as s:
                     assert "".join([t async for t in s.text_stream]) == text
                 async with client.messages.stream(**CALL) as s:
@@ -502,7 +518,7 @@ async def test_a_required_call_is_a_tool_use_block_streamed_and_not(tool_api: Ap
     assert use.type == "tool_use" and use.name == "get_weather"
     assert use.id.startswith("toolu_") and len(use.id) > len("toolu_")
     jsonschema.validate(use.input, CITY)
-    assert r.usage.input_tokens == len(template_ids(ASK, tools=template_tools()))
+    assert prompt_of(r.usage) == len(template_ids(ASK, tools=template_tools()))
     assert 0 < r.usage.output_tokens <= 60
     # Streamed by the client: Anthropic's events in order, and the same message in the end.
     async with tool_api.client.messages.stream(**CALL) as s:
@@ -595,7 +611,7 @@ async def test_a_tool_result_and_thinking_go_through_the_template(tool_api: Api)
     n_prompt = len(template_ids(openai_chat, tools=template_tools()))
     kw: dict[str, Any] = dict(model="m", messages=messages, tools=TOOLS)
     r = await tool_api.client.messages.create(**kw, max_tokens=8)
-    assert r.stop_reason in ("end_turn", "max_tokens") and r.usage.input_tokens == n_prompt
+    assert r.stop_reason in ("end_turn", "max_tokens") and prompt_of(r.usage) == n_prompt
     assert (await tool_api.client.messages.count_tokens(**kw)).input_tokens == n_prompt
     # The result as text blocks, marked an error: the same prompt (its text says what failed).
     result = {
@@ -618,11 +634,11 @@ async def test_a_tool_result_and_thinking_go_through_the_template(tool_api: Api)
     assert (await tool_api.client.messages.count_tokens(**off)).input_tokens == len(empty)
     assert (await tool_api.client.messages.count_tokens(**on)).input_tokens == len(plain)
     r = await tool_api.client.messages.create(**off, max_tokens=2)
-    assert r.usage.input_tokens == len(empty)
+    assert prompt_of(r.usage) == len(empty)
     # max_tokens above the budget; a stop sequence (the greedy text's start) ends it early.
     stop = decode(TOOL_MODEL, reference(TOOL_MODEL, plain, 2))
     r = await tool_api.client.messages.create(**on, max_tokens=1025, stop_sequences=[stop])
-    assert r.usage.input_tokens == len(plain) and r.stop_reason == "stop_sequence"
+    assert prompt_of(r.usage) == len(plain) and r.stop_reason == "stop_sequence"
 
 
 def test_reasoning_text_and_calls_make_blocks_in_order() -> None:
