@@ -23,6 +23,8 @@ from .ringutil import local_ring, serve_api, tiny_model, wait_for, write_valid_c
 
 MODEL = tiny_model("qwen3")
 MESSAGES = [{"role": "user", "content": "Count the hops around the ring."}]
+FIRST = [(7 * i + 3) % 200 + 20 for i in range(40)]  # a prompt of 40 token ids
+MORE = [31, 41, 59, 26, 53, 58, 97, 93]  # what the next one adds to it
 Samples = dict[str, dict[frozenset[tuple[str, str]], float]]
 
 
@@ -148,6 +150,35 @@ async def test_metrics_count_requests_tokens_and_read_the_ring(tmp_path: Path) -
         assert value(after, "mlxring_requests_running") == 0
         assert per_node(after, "mlxring_kv_cache_bytes") == dict.fromkeys(names, 0)
 
+        # Two prompts starting alike: the second starts from what the first left on the shards.
+        greedy = {"max_tokens": 8, "temperature": 0}
+        status, body = await post(s, completions, {"prompt": FIRST, **greedy})
+        assert status == 200
+        status, body = await post(s, completions, {"prompt": FIRST + MORE, **greedy})
+        assert status == 200
+        reused = body["usage"]["prompt_tokens_details"]["cached_tokens"]
+        assert reused == len(FIRST)
+        # Each node's prompt cache, once a probe has brought the nodes' reports back.
+        monitor = rt.monitor
+        assert monitor is not None
+        await wait_for(
+            lambda: (
+                len(monitor.stats) == 3
+                and all(st.cache_entries > 0 for st in monitor.stats.values())
+            ),
+            10,
+        )
+        cached = await scrape(s, url)
+        hits = value(cached, "mlxring_prompt_cache_hits_total")
+        assert hits - value(after, "mlxring_prompt_cache_hits_total") == 1
+        tokens = value(cached, "mlxring_prompt_cache_tokens_total")
+        assert tokens - value(after, "mlxring_prompt_cache_tokens_total") == reused
+        assert value(cached, "mlxring_prompt_cache_misses_total") == 0
+        cache_bytes = per_node(cached, "mlxring_prompt_cache_bytes")
+        assert set(cache_bytes) == names and all(v > 0 for v in cache_bytes.values()), cache_bytes
+        entries = per_node(cached, "mlxring_prompt_cache_entries")
+        assert set(entries) == names and all(v > 0 for v in entries.values()), entries
+
 
 async def test_metrics_need_the_key_and_speak_openmetrics(tmp_path: Path) -> None:
     cfg = write_valid_config(tmp_path, MODEL, 2, api='api_key = "sekrit"')
@@ -190,6 +221,7 @@ async def test_each_runtime_has_its_own_registry(tmp_path: Path) -> None:
     assert value(ma, "mlxring_requests_waiting") == 2
     assert value(ma, "mlxring_ring_up") == 0  # not formed yet
     assert per_node(mb, "mlxring_node_up") == {"n0": 0, "n1": 0}  # no shard, no link yet
+    assert "mlxring_prompt_cache_hits_total" not in ma  # no head's engine in this process yet
 
 
 def test_rate_window_and_quantiles() -> None:

@@ -47,6 +47,7 @@ def test_status_shows_every_node_of_the_default_config(tmp_path: Path) -> None:
         lines = table.stdout.splitlines()
         rows = {ln.split()[0]: ln for ln in lines if ln[:1] == "n" and ln[1:2].isdigit()}
         assert set(rows) == {"n1", "n2", "n3"}, table.stdout
+        assert "prompt cache" in lines[lines.index("") + 1], table.stdout
         for name, layers in [("n1", "[0, 10)"), ("n2", "[10, 20)"), ("n3", "[20, 30)")]:
             assert layers in rows[name] and " up " in rows[name], rows[name]
         raw = subprocess.run(
@@ -65,19 +66,41 @@ def test_status_shows_every_node_of_the_default_config(tmp_path: Path) -> None:
             ("n2", [10, 20], True),
             ("n3", [20, 30], True),
         ]
+        assert all(isinstance(n["prompt_cache_bytes"], int) for n in body["nodes"]), body
+        assert body["requests"]["prompt_cache_hits"] == 0
     finally:
         node.terminate()
         node.wait(15)
         log.close()
 
 
-def test_status_table_names_each_failing_task_and_where_it_runs() -> None:
+def test_status_table_names_failing_tasks_and_the_prompt_cache() -> None:
     status = {
         "cluster": "c",
         "model": "m",
         "head": "n1",
         "ring": {"ok": False, "reason": "task membership failed: OSError: x (retry 2 in 1.0 s)"},
-        "nodes": [{"name": "n1", "layers": [0, 3], "up": True, "head": True, "ring_port": 1}],
+        "requests": {
+            "generating": 0,
+            "waiting": 0,
+            "prompt_cache_hits": 1,
+            "prompt_cache_misses": 0,
+            "prompt_cache_tokens": 40,
+        },
+        "nodes": [
+            {
+                "name": "n1",
+                "layers": [0, 3],
+                "up": True,
+                "head": True,
+                "ring_port": 1,
+                "memory_active_bytes": 3 << 30,
+                "memory_total_bytes": 16 << 30,
+                "prompt_cache_bytes": 12 << 20,
+                "prompt_cache_entries": 3,
+            },
+            {"name": "n2", "layers": [3, 6], "up": False, "ring_port": 2},
+        ],
         "tasks": [
             {"task": "membership", "nodes": ["n1"], "text": "task membership failed: OSError: x"},
             {"task": "sweep", "nodes": ["n2", "n3"], "text": "task sweep failed: KeyError: 'r'"},
@@ -90,3 +113,10 @@ def test_status_table_names_each_failing_task_and_where_it_runs() -> None:
         "  n2,n3: task sweep failed: KeyError: 'r'",
     ]
     assert "failing tasks:" not in render({**status, "tasks": []})
+    # Each node's prompt cache beside its memory, the head's hits on the requests line.
+    assert "requests: 0 generating, 0 waiting, prompt cache 1 hit, 40 tokens reused" in lines
+    n1 = next(line for line in lines if line.startswith("n1 "))
+    assert "3.0 / 16.0    12.0 MB (3)" in n1, n1
+    n2 = next(line for line in lines if line.startswith("n2 "))
+    assert " - / -         -  " in n2, n2
+    assert all(len(line) <= 100 for line in lines)

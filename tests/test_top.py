@@ -13,10 +13,20 @@ from typing import Any
 from mlxring import aio
 from mlxring.commands.top import Sample, Style, bar, busy_share, render, tokens_per_s
 
-from .ringutil import ROOT, local_ring, serve_api, tiny_model, write_valid_config
+from .ringutil import (
+    ROOT,
+    local_ring,
+    post_json,
+    serve_api,
+    tiny_model,
+    wait_for,
+    write_valid_config,
+)
 
 MODEL = tiny_model("qwen3")
 HOME = b"\x1b[H"  # each frame starts by moving the cursor home
+FIRST = [(7 * i + 3) % 200 + 20 for i in range(40)]  # a prompt of 40 token ids
+MORE = [31, 41, 59, 26, 53, 58, 97, 93]  # what the next one adds to it
 
 
 async def run_top(
@@ -51,9 +61,24 @@ async def run_top(
 
 async def test_top_once_shows_every_node_with_its_layers(tmp_path: Path) -> None:
     cfg = write_valid_config(tmp_path, MODEL, 3)
-    async with local_ring(cfg) as rt, serve_api(rt):
+    async with local_ring(cfg) as rt, serve_api(rt) as url:
+        # Two prompts starting alike, so each node keeps a prompt and the head counts a hit.
+        for prompt in (FIRST, FIRST + MORE):
+            body = {"prompt": prompt, "max_tokens": 8, "temperature": 0}
+            status, _, answer = await post_json(f"{url}/v1/completions", body)
+            assert status == 200, answer
+        monitor = rt.monitor
+        assert monitor is not None
+        await wait_for(  # a probe has brought every node's report back
+            lambda: (
+                len(monitor.stats) == 3 and all(st.cache_entries for st in monitor.stats.values())
+            ),
+            10,
+        )
         rc, out = await run_top(cfg, "--once")
     assert rc == 0, out
+    assert f"prompt cache 1 hit, {len(FIRST)} tokens reused" in out, out
+    assert all(len(line) <= 100 for line in out.splitlines()), out
     assert "\x1b[" not in out  # not a terminal: no colours, no cursor moves
     assert "ring up" in out
     rows = {m.group(1): m.group(0) for m in re.finditer(r"^[* ] (n\d)\s.*$", out, re.M)}
@@ -61,6 +86,7 @@ async def test_top_once_shows_every_node_with_its_layers(tmp_path: Path) -> None
     for name, (start, end) in rt.layout.items():
         assert f"[{start}, {end})" in rows[name], rows[name]
         assert " up " in rows[name]
+        assert re.search(r" \d+\.\d MB \([12]\)$", rows[name]), rows[name]  # its prompt cache
     assert rows["n0"].startswith("*")  # the head
 
 
@@ -94,6 +120,9 @@ def status(busy: dict[str, float], tokens: int, up: tuple[str, ...] = ("a", "b")
             "waiting": 0,
             "tokens_generated": tokens,
             "tokens_per_s": 7.0,
+            "prompt_cache_hits": 3,
+            "prompt_cache_misses": 1,
+            "prompt_cache_tokens": 120,
         },
         "nodes": [
             {
@@ -107,6 +136,8 @@ def status(busy: dict[str, float], tokens: int, up: tuple[str, ...] = ("a", "b")
                 "busy_share": 0.25,
                 "steps": 100 * (i + 1),
                 "kv_requests": 1,
+                "prompt_cache_bytes": (i + 1) * (3 << 20),
+                "prompt_cache_entries": i + 1,
             }
             for i, n in enumerate(("a", "b"))
         ],
@@ -132,10 +163,12 @@ def test_frame_marks_a_down_node_and_the_head() -> None:
     lines = render(down, None, Style(color=False, bar_width=10))
     text = "\n".join(lines)
     assert "DOWN (b is down)" in text and "1 of 2 nodes up" in text
+    assert "prompt cache 3 hits, 1 missed, 120 tokens reused" in text
     assert "hop 0.50 ms (decoding 0.12 ms)" in text
     a = next(line for line in lines if line[2:4] == "a ")
     b = next(line for line in lines if line[2:4] == "b ")
     assert a.startswith("*") and "[0, 4)" in a and "[##########]" not in a and "1.0 GB" in a
+    assert a.endswith(" 3.0 MB (1)") and b.endswith(" 6.0 MB (2)")
     assert b.startswith(" ") and "DOWN" in b and "[4, 8)" in b
     coloured = "\n".join(render(down, None, Style(color=True, bar_width=10)))
     assert "\x1b[31mDOWN" in coloured

@@ -180,6 +180,14 @@ async def chromium(tmp_path: Path) -> AsyncIterator[Cdp]:
                 await proc.wait()
 
 
+# Every card shows a prompt cache holding a kept prompt (the chat's, once a probe has passed).
+CACHES_DRAWN = """(() => {
+  const gs = [...document.querySelectorAll('#ring g.node text.cache')];
+  const kept = /^prompt cache \\d+\\.\\d [MG]B \\([1-9]/;
+  return gs.length === 3 && gs.every(t => kept.test(t.textContent))
+    ? gs.map(t => t.textContent) : null;
+})()"""
+
 NODES_DRAWN = """(() => {
   const gs = [...document.querySelectorAll('#ring g.node')];
   return gs.length === 3 && gs.every(g => g.dataset.layers)
@@ -218,6 +226,7 @@ async def test_web_page_draws_the_ring_and_streams_a_chat(tmp_path: Path) -> Non
             start, end = rt.layout[name]
             assert up == "true" and layers == f"{start},{end}"
             assert f"layers [{start}, {end})" in text
+            assert "prompt cache " in text
         summary = await page.eval("document.getElementById('summary').textContent")
         assert "ring up" in summary and "head n1" in summary
 
@@ -235,6 +244,7 @@ async def test_web_page_draws_the_ring_and_streams_a_chat(tmp_path: Path) -> Non
         assert reply["chunks"] > 1  # it arrived in pieces, not at once
         assert f"{max_tokens} tokens" in reply["meta"] or "finish: stop" in reply["meta"]
 
+        await page.wait(CACHES_DRAWN)  # each node keeps the chat's prompt now
         await asyncio.sleep(1.2)  # one more status poll, so busy shares come from deltas
         shot = await page.send("Page.captureScreenshot", format="png")
     path = tmp_path / "web-page.png"

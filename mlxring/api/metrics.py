@@ -24,6 +24,13 @@ Names (all prefixed `mlxring_`; `{node}` is a ring node, `{peer}` the far end of
     shard_batched_steps_total{node}  shard_batched_rows_total{node}
     link_up{peer}  link_reconnects_total{peer}  link_rtt_seconds{peer}
     link_rejected_total{node}
+    prompt_cache_hits_total  prompt_cache_misses_total  prompt_cache_tokens_total  (head only)
+    prompt_cache_bytes{node}  prompt_cache_entries{node}
+
+The prompt cache's counters are the head's engine's: hits (requests that started from a kept
+prompt), misses (a hit whose entry a shard no longer held, so the prompt was prefilled in full)
+and the prompt tokens the hits reused. Its bytes and entries per node are what each node
+reported as the head's last probe passed it.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from prometheus_client import (
@@ -47,6 +55,7 @@ from prometheus_client.registry import Collector
 from mlxring.ring.snapshot import LinkRow, NodeRow, QueueDepth, RingSnapshot, take
 
 if TYPE_CHECKING:
+    from mlxring.engine.lifecycle import Engine
     from mlxring.ring.runtime import Runtime
 
 RATE_WINDOW_S = 10.0  # prefill/decode tokens per second are averaged over this many seconds
@@ -54,6 +63,22 @@ QUANTILES = (0.5, 0.9, 0.99)
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 1.0, 2.5)
 DURATION_BUCKETS = (0.005, 0.025, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
+
+
+@dataclass(frozen=True)
+class PromptCacheCounts:
+    """The head's prompt-cache counters since it started."""
+
+    hits: int  # requests that started from a kept prompt
+    misses: int  # ... whose entry a shard no longer held (prefilled in full instead)
+    tokens: int  # prompt tokens the hits reused
+
+
+def prompt_cache_counts(engine: Engine | None) -> PromptCacheCounts | None:
+    """The counters of the head's engine, when this process hosts it (None elsewhere)."""
+    if engine is None:
+        return None
+    return PromptCacheCounts(engine.cache_hits, engine.cache_misses, engine.cache_tokens)
 
 
 class RateWindow:
@@ -206,6 +231,7 @@ class RingCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         snap = take(self.rt, self.queue())
         yield from self._requests(snap)
+        yield from self._prompt_cache(prompt_cache_counts(self.rt.engine))
         yield from self._ring(snap)
         yield from self._nodes(snap.nodes)
         yield from self._links(snap.links)
@@ -238,6 +264,25 @@ class RingCollector(Collector):
                 "inside processes, per hop (recent steps)",
                 snap.decode_hop_samples_s,
             )
+
+    def _prompt_cache(self, counts: PromptCacheCounts | None) -> Iterator[Metric]:
+        if counts is None:  # the head's engine runs in another process
+            return
+        yield CounterMetricFamily(
+            "mlxring_prompt_cache_hits",
+            "Requests whose prompt started from a kept earlier prompt",
+            value=counts.hits,
+        )
+        yield CounterMetricFamily(
+            "mlxring_prompt_cache_misses",
+            "Requests that matched a kept prompt a shard no longer held (prefilled in full)",
+            value=counts.misses,
+        )
+        yield CounterMetricFamily(
+            "mlxring_prompt_cache_tokens",
+            "Prompt tokens reused from kept prompts instead of prefilled",
+            value=counts.tokens,
+        )
 
     def _ring(self, snap: RingSnapshot) -> Iterator[Metric]:
         info = GaugeMetricFamily(
@@ -304,6 +349,17 @@ class RingCollector(Collector):
         steps = CounterMetricFamily(
             "mlxring_shard_steps", "Forward passes run by the node's shard", labels=labels
         )
+        cache_bytes = GaugeMetricFamily(
+            "mlxring_prompt_cache_bytes",
+            "Bytes of kept prompts (the prompt cache) on the node, as the head's last probe "
+            "found them",
+            labels=labels,
+        )
+        cache_entries = GaugeMetricFamily(
+            "mlxring_prompt_cache_entries",
+            "Kept prompts (prompt-cache entries) on the node, as the head's last probe found them",
+            labels=labels,
+        )
         # Local nodes only: NodeStats carries none of these.
         kv_bytes = GaugeMetricFamily(
             "mlxring_kv_cache_bytes", "Bytes held by the node's KV caches", labels=labels
@@ -329,6 +385,9 @@ class RingCollector(Collector):
         for row in nodes:
             n = [row.name]
             # This process's shards are read here; the others' from their last probe report.
+            if (report := row.report) is not None:
+                cache_bytes.add_metric(n, report.cache_bytes)
+                cache_entries.add_metric(n, report.cache_entries)
             st = row.local if row.local is not None else row.report
             if st is None:
                 continue
@@ -344,7 +403,7 @@ class RingCollector(Collector):
                 batched.add_metric(n, here.batched_steps)
                 rows.add_metric(n, here.batched_rows)
                 rejected.add_metric(n, here.rejected)
-        yield from (active, peak, total, kv_requests, busy, steps)
+        yield from (active, peak, total, kv_requests, busy, steps, cache_bytes, cache_entries)
         yield from (kv_bytes, mailbox, batched, rows, rejected)
 
     def _links(self, links: Sequence[LinkRow]) -> Iterator[Metric]:

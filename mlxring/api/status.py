@@ -16,6 +16,7 @@ import aiohttp
 from aiohttp import web
 
 from mlxring.api.errors import ApiError
+from mlxring.api.metrics import PromptCacheCounts, prompt_cache_counts
 from mlxring.api.proxy import ask_head, error_text
 from mlxring.api.state import AUTHORIZED, STATE, ApiState
 from mlxring.ring.snapshot import NodeRow, RingSnapshot, TaskRow
@@ -102,7 +103,7 @@ async def cluster_status(request: web.Request) -> web.Response:
     state = request.app[STATE]
     snap = state.snapshot()
     if state.hosts_head:
-        return web.json_response(status_here(snap))
+        return web.json_response(status_here(snap, prompt_cache_counts(state.engine)))
     try:
         status, body = await ask_head(state, "/cluster/status")
         if status == 200 and isinstance(body, dict):
@@ -151,6 +152,8 @@ def _node_json(
         "decode_busy_s": round(st.decode_busy_s, 4) if st else None,
         "decode_steps": st.decode_steps if st else None,
         "kv_requests": st.requests if st else None,
+        "prompt_cache_bytes": st.cache_bytes if st else None,
+        "prompt_cache_entries": st.cache_entries if st else None,
     }
 
 
@@ -177,9 +180,10 @@ def _head(snap: RingSnapshot) -> dict[str, Any]:
     }
 
 
-def status_here(snap: RingSnapshot) -> dict[str, Any]:
+def status_here(snap: RingSnapshot, cache: PromptCacheCounts | None) -> dict[str, Any]:
     """The head's view: while the ring serves, a node is up if the last probe passed through it
-    (with the layers it reported); otherwise up means its heartbeat link is alive."""
+    (with the layers it reported); otherwise up means its heartbeat link is alive. `cache`: the
+    head's prompt-cache counters (None before its engine starts)."""
     trips = snap.decode_trip_samples_s[-DECODE_TRIPS:]
     decode_hops = snap.decode_hop_samples_s
     return {
@@ -202,6 +206,11 @@ def status_here(snap: RingSnapshot) -> dict[str, Any]:
             "tokens_generated": snap.tokens_generated,
             "tokens_per_s": _round(snap.tokens_per_s, 2),
             "decode_trip_ms": _ms(statistics.median(trips)) if trips else None,
+            # Requests that started from a kept prompt, those whose entry a shard had lost,
+            # and the prompt tokens the hits did not prefill.
+            "prompt_cache_hits": cache.hits if cache is not None else 0,
+            "prompt_cache_misses": cache.misses if cache is not None else 0,
+            "prompt_cache_tokens": cache.tokens if cache is not None else 0,
         },
         "tasks": [_task_json(t) for t in snap.tasks],
     }

@@ -1,9 +1,10 @@
 """`mlxring top`: a live terminal view of the ring, redrawn in place from /cluster/status.
 
 Nodes in ring order with their layers, up/down, a memory bar (MLX active memory over the
-machine's memory), their share of compute time and steps per second, and the requests holding
-KV caches there; above them the ring's tokens per second, requests in flight, and any long-lived
-task of a node that is failing. Shares and rates are deltas over the last few seconds of
+machine's memory), their share of compute time and steps per second, the requests holding
+KV caches there and the prompt cache they keep (bytes and entries); above them the ring's tokens
+per second, requests in flight, the head's prompt-cache hits, and any long-lived task of a node
+that is failing. Shares and rates are deltas over the last few seconds of
 refreshes; the first frame (and `--once`) shows what the status itself reports (the head's
 shares over its last few seconds).
 """
@@ -19,11 +20,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TextIO
 
-from mlxring.commands.status import fetch_status, task_lines
+from mlxring.commands.status import cache_hits, fetch_status, fit, prompt_cache, size, task_lines
 from mlxring.config import Config, load_config_or_exit
-from mlxring.ring.plan import GB
 
-MB = 1 << 20
 # Rates are taken against the oldest refresh this many seconds back: remote nodes' busy time
 # and steps arrive with the head's probe once a heartbeat, so a shorter span would jitter.
 RATE_SPAN_S = 5.0
@@ -97,13 +96,6 @@ def bar(used: float | None, total: float | None, width: int) -> str:
     return "[" + "#" * filled + "." * (width - filled) + "]"
 
 
-def size(n: float | None) -> str:
-    """Bytes as GB from 1 GiB up, else as MB (tiny test models hold well under a GB)."""
-    if n is None:
-        return "-"
-    return f"{n / GB:.1f} GB" if n >= GB else f"{n / MB:.1f} MB"
-
-
 def _pct(x: float | None) -> str:
     return f"{x:.0%}" if x is not None else "-"
 
@@ -136,19 +128,20 @@ def render(cur: Sample, prev: Sample | None, style: Style) -> list[str]:
     if isinstance(req, dict):
         tps = tokens_per_s(prev, cur)
         trip = _num(req.get("decode_trip_ms"))
-        lines.append(
+        line = (
             f"requests {req.get('generating', 0)} generating, {req.get('waiting', 0)} waiting"
             + (f"  {tps:.1f} tok/s" if tps is not None else "")
             + (f"  decode step {trip:.1f} ms" if trip is not None else "")
             + f"  {req.get('tokens_generated', 0)} tokens"
         )
+        lines += fit(line, cache_hits(req), "  ")
     else:
         lines.append("requests: the head did not answer")
     lines += [style.paint(f"failing: {t}", RED) for t in task_lines(st)]
     w = style.bar_width
     header = (
         f"  {'NODE':<12} {'LAYERS':<10} {'STATE':<6} {'MEMORY (active / total)':<{w + 22}} "
-        f"{'BUSY':>5} {'STEPS/S':>8} {'KV REQS':>7}"
+        f"{'BUSY':>5} {'STEPS/S':>8} {'KV REQS':>7} {'PROMPT CACHE':>14}"
     )
     lines += ["", style.paint(header, DIM)]
     for n in nodes:
@@ -165,7 +158,7 @@ def render(cur: Sample, prev: Sample | None, style: Style) -> list[str]:
             + style.paint(f"{'up' if node_up else 'DOWN':<6}", GREEN if node_up else RED)
             + f" {memory:<{w + 22}} {_pct(busy_share(prev, cur, name)):>5} "
             f"{f'{steps:.1f}' if steps is not None else '-':>8} "
-            f"{kv if kv is not None else '-':>7}"
+            f"{kv if kv is not None else '-':>7} {prompt_cache(n):>14}"
         )
     lines += ["", style.paint("* head   busy = share of wall time the shard computed", DIM)]
     return lines
@@ -173,8 +166,9 @@ def render(cur: Sample, prev: Sample | None, style: Style) -> list[str]:
 
 def _style(out: TextIO) -> Style:
     cols = shutil.get_terminal_size((100, 24)).columns
-    # The other columns take 80 characters; the memory bar gets the rest, within reason.
-    return Style(color=out.isatty(), bar_width=max(10, min(40, cols - 82)))
+    # The other columns take 93 characters; the memory bar gets the rest, within reason (at
+    # 100 columns and below, 6: a line is then 99 long).
+    return Style(color=out.isatty(), bar_width=max(6, min(40, cols - 97)))
 
 
 def once(config: Config, out: TextIO) -> int:

@@ -115,6 +115,14 @@ function size(bytes) {
   return bytes >= gb ? `${(bytes / gb).toFixed(1)} GB` : `${(bytes / (1 << 20)).toFixed(1)} MB`;
 }
 
+// A node's prompt cache: its bytes and how many prompts it keeps ("12.0 MB (3)").
+function cacheText(node) {
+  const bytes = node.prompt_cache_bytes;
+  if (typeof bytes !== "number") return "–";
+  const n = node.prompt_cache_entries;
+  return `${size(bytes)} (${typeof n === "number" ? n : "?"})`;
+}
+
 function pct(x) {
   return typeof x === "number" ? `${Math.round(x * 100)}%` : "–";
 }
@@ -173,7 +181,7 @@ function text(parent, x, y, content, cls = "") {
 }
 
 const C = 320; // the diagram's centre (viewBox 640 x 640)
-const CARD_H = 112;
+const CARD_H = 128;
 
 // Where a ray from a card's centre along (dx, dy) leaves the card: the arc starts there.
 function exitDistance(w, h, dx, dy) {
@@ -274,11 +282,14 @@ function drawNode(svg, node, [x, y], w, busy) {
   const memFrac = typeof active === "number" && total ? Math.min(1, active / total) : 0;
   el("rect", { class: "mem", x: 12, y: 69, width: Math.max(memFrac > 0 ? 2 : 0, bw * memFrac), height: 6, rx: 3 }, card);
 
+  // Under its memory, the part of it kept for prompts that start alike (the prompt cache).
+  text(card, 12, 90, `prompt cache ${cacheText(node)}`, "small cache");
+
   const kv = typeof node.kv_requests === "number" ? ` · ${node.kv_requests} in KV` : "";
-  text(card, 12, 92, `busy ${pct(busy)}${kv}`, "small");
-  el("rect", { class: "track", x: 12, y: 97, width: bw, height: 6, rx: 3 }, card);
+  text(card, 12, 108, `busy ${pct(busy)}${kv}`, "small");
+  el("rect", { class: "track", x: 12, y: 113, width: bw, height: 6, rx: 3 }, card);
   const b = typeof busy === "number" ? Math.max(0, Math.min(1, busy)) : 0;
-  el("rect", { class: "busy", x: 12, y: 97, width: Math.max(b > 0 ? 2 : 0, bw * b), height: 6, rx: 3 }, card);
+  el("rect", { class: "busy", x: 12, y: 113, width: Math.max(b > 0 ? 2 : 0, bw * b), height: 6, rx: 3 }, card);
   const tip = el("title", {}, g);
   tip.textContent = `${node.name} at ${node.address}:${node.ring_port} (API port ${node.api_port})`;
 }
