@@ -29,16 +29,10 @@ from mlxring.api.responses_request import parse_responses
 from mlxring.engine.text import Piece, ToolCall
 
 from .ringutil import OpenAIRing, openai_ring, tiny_model
-from .test_tools import oracle, qwen_split
+from .test_tools import CITY, oracle, qwen_split
 
 MODEL = tiny_model("qwen3", chat="qwen3")
 ASK = "What is the weather in Paris?"
-CITY = {
-    "type": "object",
-    "properties": {"city": {"type": "string", "maxLength": 8}},
-    "required": ["city"],
-    "additionalProperties": False,
-}
 # Responses' function tools are flat; the chat form the template gets is CHAT_TOOLS.
 TOOLS: list[Any] = [
     {"type": "function", "name": "get_weather", "description": "Weather now", "parameters": CITY},

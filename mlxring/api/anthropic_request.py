@@ -25,7 +25,7 @@ from typing import Any
 
 from mlxring.api.errors import invalid
 from mlxring.api.schema import API, MAX_STOP, ChatMessage, GenerationRequest
-from mlxring.api.tools import NAME, Function, Mode, Tools
+from mlxring.api.tools import Function, Mode, Tools, unique_name
 from mlxring.engine.text import ToolCall
 from mlxring.fields import Fields
 from mlxring.protocol.messages import SamplingParams
@@ -167,16 +167,7 @@ def _functions(f: Fields) -> tuple[Function, ...]:
                 f"Unsupported tool type {kind!r} in '{t.prefix}': this server runs no server "
                 "tools; it takes custom tools (name, description, input_schema).",
             )
-        name = t.string("name")
-        if not NAME.match(name):
-            raise invalid(
-                t.path("name"),
-                f"Invalid value for '{t.path('name')}': {name!r}; a tool name is 1 to 64 "
-                "letters, digits, underscores or dashes.",
-            )
-        if name in seen:
-            raise invalid(t.path("name"), f"Tool names must be unique: {name!r} is repeated.")
-        seen.add(name)
+        name = unique_name(t, seen)
         schema = t.table("input_schema")
         if schema.data.get("type") != "object":
             raise invalid(

@@ -125,16 +125,7 @@ def _functions(f: Fields) -> tuple[Function, ...]:
                 f"Invalid value for '{t.path('type')}': {kind!r}; expected 'function'.",
             )
         fn = t.table("function")
-        name = fn.string("name")
-        if not NAME.match(name):
-            raise invalid(
-                fn.path("name"),
-                f"Invalid value for '{fn.path('name')}': {name!r}; a function name is 1 to 64 "
-                "letters, digits, underscores or dashes.",
-            )
-        if name in seen:
-            raise invalid(fn.path("name"), f"Duplicate function name {name!r} in 'tools'.")
-        seen.add(name)
+        name = unique_name(fn, seen)
         params = fn.raw("parameters")
         if params is not None:
             params = dict(fn.table("parameters").data)
@@ -147,6 +138,22 @@ def _functions(f: Fields) -> tuple[Function, ...]:
             )
         )
     return tuple(out)
+
+
+def unique_name(f: Fields, seen: set[str]) -> str:
+    """A tool's `name`, as OpenAI's and Anthropic's rule has it, and not one of `seen` (which
+    it joins)."""
+    name = f.string("name")
+    if not NAME.match(name):
+        raise invalid(
+            f.path("name"),
+            f"Invalid value for '{f.path('name')}': {name!r}; a tool's name is 1 to 64 "
+            "letters, digits, underscores or dashes.",
+        )
+    if name in seen:
+        raise invalid(f.path("name"), f"Tool names must be unique: {name!r} is repeated.")
+    seen.add(name)
+    return name
 
 
 def _choice(
