@@ -15,6 +15,8 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
+
 #: Fewer shared tokens than this are prefilled anew: a reuse copies the entry's caches on every
 #: shard, which costs more than prefilling a few tokens.
 MIN_REUSE = 16
@@ -28,13 +30,16 @@ class Hit:
     positions: int
 
 
-def shared(a: Sequence[int], b: Sequence[int]) -> int:
-    """How many tokens `a` and `b` start with in common."""
+def shared(a: np.ndarray, b: np.ndarray) -> int:
+    """How many tokens `a` and `b` start with in common (compared in numpy: an agent's
+    prompts run to tens of thousands of tokens, against every entry)."""
     n = min(len(a), len(b))
-    for i in range(n):
-        if a[i] != b[i]:
-            return i
-    return n
+    differ = np.flatnonzero(a[:n] != b[:n])
+    return int(differ[0]) if len(differ) else n
+
+
+def _ids(tokens: Sequence[int]) -> np.ndarray:
+    return np.asarray(tokens, dtype=np.int64)
 
 
 class PrefixIndex:
@@ -44,7 +49,7 @@ class PrefixIndex:
     def __init__(self, max_entries: int = 256, min_reuse: int = MIN_REUSE) -> None:
         self.max_entries = max_entries
         self.min_reuse = min_reuse
-        self._entries: OrderedDict[str, tuple[int, ...]] = OrderedDict()
+        self._entries: OrderedDict[str, np.ndarray] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -53,8 +58,9 @@ class PrefixIndex:
         """The entry sharing the longest start with `prompt`, and how much of it to take: at
         most all but the prompt's last token, which the ring must compute to sample from."""
         best: Hit | None = None
+        ids = _ids(prompt)
         for eid, tokens in self._entries.items():
-            n = min(shared(tokens, prompt), len(prompt) - 1)
+            n = min(shared(tokens, ids), len(ids) - 1)
             if n >= self.min_reuse and (best is None or n > best.positions):
                 best = Hit(eid, n)
         if best is not None:
@@ -64,7 +70,7 @@ class PrefixIndex:
     def add(self, eid: str, tokens: Sequence[int]) -> tuple[str, ...]:
         """Entry `eid` now holds `tokens`; the entries it supersedes and those past the bound,
         which the shards should drop."""
-        new = tuple(tokens)
+        new = _ids(tokens)
         gone = [e for e, t in self._entries.items() if shared(t, new) == len(t)]
         for e in gone:
             del self._entries[e]
