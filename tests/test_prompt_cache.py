@@ -243,3 +243,40 @@ async def test_two_hundred_long_prompts_stay_within_the_bound(tmp_path: Path) ->
             assert 0 < len(prompts) < 20
             assert list(prompts._entries)[-1] in engine.prefixes._entries  # the latest kept
         assert len(engine.prefixes) <= engine.prefixes.max_entries
+
+
+async def test_an_entry_gives_its_history_to_a_later_requests_penalty(tmp_path: Path) -> None:
+    """Two first turns decode together (a batched pass, no processors); the next turn of one
+    asks for a repetition penalty, which reads every token before it: the entry carried the
+    whole history, so the output is mlx-lm's with the penalty over the whole prompt."""
+    from mlx_lm.sample_utils import make_logits_processors
+
+    model = tiny_model("qwen3")
+    other = [t + 3 for t in FIRST]
+    out1 = reference(model, FIRST, 12)
+    second = [*FIRST, *out1, *MORE]
+    m, tok = loaded(model)
+    procs = make_logits_processors(repetition_penalty=1.5, repetition_context_size=64)
+    want: list[int] = []
+    for t, _ in generate_step(mx.array(second), m, max_tokens=10, logits_processors=procs):
+        if int(t) in tok.eos_token_ids:
+            break
+        want.append(int(t))
+    assert want != reference(model, second, 10)  # the penalty changes the answer
+    async with openai_ring(tmp_path, model, 2) as api:
+        first = await asyncio.gather(complete(api, FIRST, 12), complete(api, other, 12))
+        assert first[0]["choices"][0]["text"] == decode(model, out1)
+        assert any(n.actor.batches for n in api.rt.nodes.values())  # decoded in one pass
+        status, _, body = await post_json(
+            f"{api.url}/v1/completions",
+            {
+                "prompt": second,
+                "max_tokens": 10,
+                "temperature": 0,
+                "repetition_penalty": 1.5,
+                "repetition_context_size": 64,
+            },
+        )
+        assert status == 200, body
+        assert body["usage"]["prompt_tokens_details"]["cached_tokens"] == len(FIRST) + 11
+        assert body["choices"][0]["text"] == decode(model, want)

@@ -80,7 +80,7 @@ def sample_rows(rows: list[Forward], states: list[RequestState], logits: mx.arra
     """The tokens of a batched pass's rows: greedy rows in one argmax, others (a grammar's
     among them, each masked by its own) one by one."""
     for r, st in zip(rows, states, strict=True):
-        if st.processors:
+        if st.remembers:
             st.remember(r.tokens)
     if all(
         st.sampler is greedy_sampler

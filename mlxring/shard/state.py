@@ -52,6 +52,9 @@ class RequestState:
     grammar: Matcher | None = None  # where its output is in its grammar, when it has one
     kv_bytes: int = 0  # its KV caches' bytes after its last step (in a convoy: its share)
     positions: int = 0  # tokens it has had through this shard
+    # The last shard keeps `history` (its processors read it; a prompt-cache entry made of
+    # this request gives it to a later one whose processors do).
+    remembers: bool = False
 
     def arrays(self) -> list[Any]:
         """Every array this request keeps between steps."""
@@ -81,10 +84,12 @@ def make_request_state(
     now: float,
     grammars: Grammars | None = None,
     start: Start | None = None,
+    remember: bool = False,
 ) -> RequestState:
     """A new request's state, on fresh caches or on a prompt-cache entry's copy (`start`); on
     the last shard its sampler, processors and grammar matcher (`grammars`: the process's,
-    None where it has no tokenizer)."""
+    None where it has no tokenizer); `remember`: keep the token history even without
+    processors."""
     if start is None:
         st = RequestState(caches=model.make_cache(), last_used=now)
     else:
@@ -99,6 +104,7 @@ def make_request_state(
             presence_penalty=p.presence_penalty,
             frequency_penalty=p.frequency_penalty,
         )
+        st.remembers = remember or bool(st.processors)
         st.logprobs = p.logprobs
         st.key = mx.random.key(p.seed) if p.seed is not None else None
         st.params = p

@@ -196,7 +196,12 @@ class Stepper:
             # starts the request again without one).
             start = self.prompts.start(f.reuse, f.reused) if f.reuse else None
             st = self.requests[f.rid] = make_request_state(
-                model, f.params, time.monotonic(), self.grammars, start
+                model,
+                f.params,
+                time.monotonic(),
+                self.grammars,
+                start,
+                remember=self.prompts.max_bytes > 0,
             )
         st.last_used = time.monotonic()
         if model.is_first:
@@ -283,8 +288,7 @@ class Stepper:
         self, f: Forward, model: ShardModel, st: RequestState, h: mx.array
     ) -> Message | None:
         self._measure(f, st)
-        if model.is_last and (st.processors or self.prompts.max_bytes):
-            # Kept for a later request that starts from this one's entry with processors.
+        if model.is_last and st.remembers:
             st.remember(f.tokens)
         # A prompt chunk leaves nothing of its request unevaluated: the request's next step
         # may run on the other thread (`compute`). The last shard needs only the caches of a
