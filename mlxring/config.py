@@ -68,6 +68,11 @@ class ClusterConfig:
     # Keep finished requests' KV caches on the shards, so that a prompt that starts the same
     # way (a conversation's next turn) prefills only its new tokens (shard/prefix.py).
     prompt_cache: bool = True
+    # Draft tokens from the request's own text and verify them in one pass around the ring
+    # (engine/speculate.py): greedy requests only, output unchanged; off by itself where the
+    # model's caches cannot drop rejected drafts. Off by default until measured to cost
+    # nothing where nothing is copied (benchmarks/RESULTS.md).
+    speculative: bool = False
 
     @property
     def max_frame_bytes(self) -> int:
@@ -225,6 +230,7 @@ def parse_config(text: str, source: str = "nodes.toml") -> Config:
 _CLUSTER_KEYS = (
     "name", "model", "secret", "strategy", "prefill_chunk", "heartbeat_s", "down_after_s",
     "request_timeout_s", "max_frame_mb", "interfaces", "allow_unverified", "prompt_cache",
+    "speculative",
 )  # fmt: skip
 _TUNING_KEYS = (
     "max_batch", "cache_limit_gb", "kv_cache_gb", "prompt_cache_gb", "busy_poll", "gates",
@@ -264,6 +270,7 @@ def _parse_cluster(t: Fields) -> ClusterConfig:
         interfaces=_parse_interfaces(t),
         allow_unverified=t.boolean("allow_unverified", False),
         prompt_cache=t.boolean("prompt_cache", True),
+        speculative=t.boolean("speculative", False),
     )
 
 

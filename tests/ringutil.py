@@ -49,10 +49,13 @@ def tiny_model(
     layers: int | None = None,
     seed: int = 0,
     chat: str = "chatml",
+    scale: float | None = None,
 ) -> Path:
     """A tiny random model, made once per machine and reused (same args and same make-model
     code -> same bytes)."""
     name = f"{family}-tie{tie}-q{quantize}-l{layers}-s{seed}-{_maker_version()}"
+    if scale is not None:
+        name += f"-x{scale}"
     if chat != "chatml":
         name += f"-{chat}"
     out = _MODELS / name
@@ -67,6 +70,7 @@ def tiny_model(
             quantize=quantize,
             seed=seed,
             chat=chat,
+            scale=scale,
         )
         with contextlib.suppress(OSError):
             tmp.rename(out)

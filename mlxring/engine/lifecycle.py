@@ -25,6 +25,7 @@ import structlog
 
 from mlxring.aio import wait_for
 from mlxring.engine.prefix import Hit, PrefixIndex
+from mlxring.engine.speculate import Drafter
 from mlxring.protocol.messages import End, Failure, Forward, Message, SamplingParams, Token
 
 log = structlog.get_logger()
@@ -66,6 +67,7 @@ class Engine:
         step_timeout_s: float = 30.0,
         one_convoy: bool = False,
         prompt_cache: bool = False,
+        speculative: bool = False,
     ) -> None:
         self._entry = entry
         self.eos_token_ids = frozenset(eos_token_ids)
@@ -87,6 +89,10 @@ class Engine:
         self.cache_hits = 0  # requests that started from an entry
         self.cache_misses = 0  # ... whose entry a shard no longer held
         self.cache_tokens = 0  # prompt tokens the entries gave
+        # Prompt-lookup speculation (engine/speculate.py), for requests whose sampling allows.
+        self.speculative = speculative
+        self.drafted = 0  # tokens drafted
+        self.accepted = 0  # ... that the model agreed with
 
     @property
     def active(self) -> int:
@@ -120,7 +126,11 @@ class Engine:
         stop_token_ids: Iterable[int] = (),
         rid: str | None = None,
         ignore_eos: bool = False,
+        speculate: bool = True,
     ) -> AsyncIterator[GeneratedToken]:
+        """The request's tokens as they come; `speculate`: draft tokens for it where the
+        engine speculates and its sampling allows (greedy, no processors, grammar or
+        logprobs)."""
         if not prompt:
             raise ValueError("the prompt has no tokens")
         if max_tokens < 1:
@@ -130,6 +140,8 @@ class Engine:
         stops = frozenset(stop_token_ids) | (frozenset() if ignore_eos else self.eos_token_ids)
         hit = self.prefixes.match(prompt) if self.prefixes is not None else None
         sent = list(prompt)  # the tokens the shards computed on: what they can keep
+        trim = 0  # positions the shards hold past `sent`: the last step's rejected drafts
+        drafts: list[int] = []
         ended = False  # the request ran to its end (or its reader left): no step failed
         q = self._open(rid)
         try:
@@ -153,29 +165,69 @@ class Engine:
                 self.cache_tokens += cached
             # Not in the convoy yet: the others must not wait for a prompt still prefilling.
             # Its first token's step waits for them, and from then on they go together.
+            drafter = (
+                Drafter() if self.speculative and speculate and self._speculable(params) else None
+            )
+            history = list(prompt)  # the prompt and the answer so far: what drafts copy
             n = 0
+            fed = 0  # positions that step gave the shards (0: the prompt's, all kept)
             while True:
                 if n:
                     msg = await self._next(q, rid)
-                n += 1
-                self.tokens_generated += 1
-                finish = "stop" if msg.token in stops else "length" if n >= max_tokens else None
+                got = [msg.token, *msg.more]
+                if drafter is not None and drafts:
+                    drafter.took(len(drafts), len(got) - 1)
+                    self.drafted += len(drafts)
+                    self.accepted += len(got) - 1
+                out: list[tuple[int, str | None]] = []
+                for t in got:
+                    n += 1
+                    finish = "stop" if t in stops else "length" if n >= max_tokens else None
+                    out.append((t, finish))
+                    if finish is not None:
+                        break
+                self.tokens_generated += len(out)
+                history += [t for t, _ in out]
+                # The shards hold the step's inputs; those after the last token used (drafts
+                # the model rejected, or past the end) go at the next step or at End.
+                trim = fed - len(out) if fed else 0
+                del sent[len(sent) - trim :]
+                finish = out[-1][1]
+                drafts, fed = [], 0
                 if finish is None:
-                    # The next step leaves before this token is handed out, so the ring
+                    # The next step leaves before these tokens are handed out, so the ring
                     # computes while the client writes.
                     seq += 1
-                    sent.append(msg.token)
-                    await self._decode_step(Forward(rid, seq, (msg.token,), True))
+                    last = out[-1][0]
+                    if drafter is not None:
+                        drafts = drafter.draft(history)[: max_tokens - n - 1]
+                    fed = 1 + len(drafts)
+                    sent += [last, *drafts]
+                    step = Forward(rid, seq, (last, *drafts), True, draft=len(drafts), trim=trim)
+                    if step.is_decode:
+                        await self._decode_step(step)
+                    else:  # drafts to verify, or a trim: a step of its own, not a convoy's
+                        await self._leave_convoy(rid)
+                        self._step_sent[rid] = time.perf_counter()
+                        await self._step(step)
                 else:
                     await self._leave_convoy(rid)
-                ended = finish is not None
-                yield GeneratedToken(
-                    msg.token, msg.logprob, msg.top_logprobs, finish, cached if n == 1 else 0
-                )
+                    ended = True
+                for i, (t, fin) in enumerate(out):
+                    first = n - len(out) + i == 0
+                    yield GeneratedToken(
+                        t,
+                        msg.logprob if i == 0 else 0.0,
+                        msg.top_logprobs if i == 0 else (),
+                        fin,
+                        cached if first else 0,
+                    )
                 if finish is not None:
                     return
         except GeneratorExit:
-            ended = True  # the reader stopped (a stop string, a client gone): steps are good
+            # The reader stopped (a stop string, a client gone): the steps are good, but one
+            # with drafts in flight leaves the shards holding what is not known yet.
+            ended = not drafts
             raise
         finally:
             self._close(rid)
@@ -184,7 +236,21 @@ class Engine:
             drop: tuple[str, ...] = ()
             if ended and self.prefixes is not None and len(sent) >= self.prefixes.min_reuse:
                 keep, drop = len(sent), self.prefixes.add(rid, sent)
-            await self._end(End(rid, keep=keep, drop=drop))
+            await self._end(End(rid, keep=keep, drop=drop, trim=trim))
+
+    @staticmethod
+    def _speculable(p: SamplingParams) -> bool:
+        """Whether drafts can be verified for a request sampling with `p`: greedy, and
+        nothing that reads or changes the logits (shard.checks refuses others)."""
+        return (
+            p.temperature == 0
+            and p.repetition_penalty is None
+            and p.presence_penalty is None
+            and p.frequency_penalty is None
+            and not p.logit_bias
+            and p.grammar is None
+            and p.logprobs is None
+        )
 
     def _open(self, rid: str) -> asyncio.Queue[Token | Failure]:
         q: asyncio.Queue[Token | Failure] = asyncio.Queue()

@@ -15,6 +15,7 @@ from typing import Any, cast
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
+from mlx_lm.models.cache import KVCache, QuantizedKVCache
 from mlx_lm.utils import _get_classes, load_model
 
 from mlxring.model.checkpoint import LAYER_KEY, ModelError, is_head, is_unused
@@ -138,6 +139,14 @@ class ShardModel:
         """Fresh caches for this shard's layers, of the kinds the model itself would use."""
         return self.family.make_cache(self._model)[self.start : self.end]
 
+    def trims_every_layer(self) -> bool:
+        """Whether the caches of every layer of the model (not only this shard's) are of
+        kinds that can drop their last positions at any length: plain and quantized KV caches
+        (a sliding window's cannot once it wrapped, a linear-attention state never can)."""
+        return all(
+            type(c) in (KVCache, QuantizedKVCache) for c in self.family.make_cache(self._model)
+        )
+
     def __call__(self, x: mx.array, caches: list[Any], defer: bool = False) -> mx.array:
         """Token ids [B, L] on the first shard, hidden states [B, L, D] elsewhere. With
         `defer`, nothing is evaluated (the input is not there yet: see `ahead`)."""
@@ -186,11 +195,13 @@ class ShardModel:
             ]
         mx.eval(outs)
 
-    def logits(self, h: mx.array) -> mx.array:
-        """Logits of the last position, [B, vocab] (the last shard only)."""
+    def logits(self, h: mx.array, positions: int = 1) -> mx.array:
+        """Logits of the last position, [B, vocab], or of the last `positions` > 1,
+        [B, positions, vocab] (the last shard only)."""
         assert self.is_last
-        x = self.family.inner(self._model).norm(h[:, -1:, :])
-        return self.family.project(self._model, x)[:, -1, :]
+        x = self.family.inner(self._model).norm(h[:, -positions:, :])
+        out = self.family.project(self._model, x)
+        return out[:, -1, :] if positions == 1 else out
 
 
 def build_model(config: dict[str, Any]) -> nn.Module:

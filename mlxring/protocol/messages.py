@@ -115,6 +115,12 @@ class Forward:
     # step's tokens follow them.
     reuse: str = ""
     reused: NonNegInt = 0
+    # Speculative decoding (engine/speculate.py): the step's last `draft` tokens are drafted;
+    # the last shard samples at every position and keeps the run the model agrees with.
+    # `trim`: positions every shard drops from the request's caches first (the drafts its
+    # previous step rejected).
+    draft: NonNegInt = 0
+    trim: NonNegInt = 0
     # Per-hop timing of decode steps (mlxring/ring/hoptime.py): seconds spent inside processes so
     # far, and network hops taken.
     spent: NonNegFloat = 0.0
@@ -123,8 +129,8 @@ class Forward:
     @property
     def is_decode(self) -> bool:
         """One token in, one sampled out: a decode step (or a prompt's last token), not a
-        prompt chunk."""
-        return self.sample and len(self.tokens) == 1
+        prompt chunk; one that trims its caches first runs alone, not in a batched pass."""
+        return self.sample and len(self.tokens) == 1 and not self.trim
 
 
 @dataclass(frozen=True)
@@ -153,6 +159,9 @@ class Token:
     top_logprobs: tuple[tuple[int, float], ...] = ()
     spent: NonNegFloat = 0.0  # the step's, carried home (see Forward)
     hops: NonNegInt = 0
+    # A step with drafts: the tokens after `token` it decided too (each draft the model
+    # agreed with was the input of the next position, so each of these follows).
+    more: tuple[NonNegInt, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -165,6 +174,7 @@ class End:
     reason: str = "done"
     keep: NonNegInt = 0
     drop: tuple[str, ...] = ()
+    trim: NonNegInt = 0  # as Forward's: the last step's rejected drafts, dropped before keeping
 
 
 @dataclass(frozen=True)

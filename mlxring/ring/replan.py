@@ -12,6 +12,7 @@ import structlog
 from mlxring.aio import wait_for
 from mlxring.config import Config
 from mlxring.engine.lifecycle import Engine
+from mlxring.model.sharded import ShardModel
 from mlxring.ring.loading import LoadError, ModelMeta, load_layers
 from mlxring.ring.membership import CannotPlan, NewRing, convoy_stages, decide, next_in_ring
 from mlxring.ring.monitor import RingMonitor
@@ -149,23 +150,25 @@ class Replanner:
             nodes = self.router.nodes
             stages = convoy_stages(self.convoys, live, nodes)
             c = self.config.cluster
+            shards: dict[str, ShardModel] = {}
             for name, node in nodes.items():
                 rng = self.layout[name]
                 local = next_in_ring(live, name) in nodes
                 if old.get(name) == rng and node.actor.model is not None:
+                    shards[name] = node.actor.model
                     node.actor.send(Reconfigure(stages=stages, next_local=local))
                     continue
-                shard = await load_layers(
+                shard = shards[name] = await load_layers(
                     c.model, self.meta, name, rng, self.compute, c.allow_unverified
                 )
                 node.actor.send(Reconfigure(shard, stages, local))
             self.unavailable = ""
             if live[0] in nodes:
-                self._start_head(live[0])
+                self._start_head(live[0], shards[live[0]])
             else:
                 self._stop_head()
 
-    def _start_head(self, name: str) -> None:
+    def _start_head(self, name: str, shard: ShardModel) -> None:
         """Serve from local node `name`, the ring's first: its engine, and a monitor that
         probes the ring (in the node's task group; vital: while it is down, nothing sees the
         ring fail)."""
@@ -180,6 +183,9 @@ class Replanner:
             step_timeout_s=c.request_timeout_s,
             one_convoy=self.convoys == 1,
             prompt_cache=c.prompt_cache,
+            # Drafts rejected are dropped from every shard's caches: only where every layer's
+            # cache can drop positions (not a sliding window's, not a linear-attention state).
+            speculative=c.speculative and shard.trims_every_layer(),
         )
         expected = tuple((n, s, e) for n, (s, e) in self.layout.items())
         monitor = RingMonitor(self.config, name, expected, head, engine.fail_all)

@@ -114,7 +114,8 @@ class ShardActor(Actor[Message | Sweep | Reconfigure]):
             case End():
                 # On the loop's thread, as decode steps: a kept request's last steps left
                 # arrays there to compute (the stepper computes them before keeping them).
-                await self.compute.run_here(self.stepper.end, msg.rid, msg.keep, msg.drop)
+                end = self.stepper.end
+                await self.compute.run_here(end, msg.rid, msg.keep, msg.drop, msg.trim)
                 if self.model is not None and not self.model.is_last:
                     await self.send_next(msg)
             case Failure():
@@ -163,7 +164,9 @@ class ShardActor(Actor[Message | Sweep | Reconfigure]):
             # A prompt chunk of a new length may make MLX build kernels first (seconds for a
             # quantized model: `benchmarks/first_steps.py`): off the loop, frames and
             # heartbeats go on meanwhile.
-            run = self.compute.run_here if msg.is_decode else self.compute.run
+            # A sampled step (a decode, a prompt's last token, drafts to verify) is short, and
+            # runs where its request's decode steps ran (MLX streams are per thread).
+            run = self.compute.run_here if msg.sample else self.compute.run
             outs = [await run(self._timed, functools.partial(s.step, built=built), msg)]
         else:
             step_batch = functools.partial(s.step_batch, built=built)

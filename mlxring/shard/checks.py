@@ -63,6 +63,29 @@ def kv_bound(model: ShardModel, kv_cache_gb: float | None, total_memory: int) ->
     return int(max(0, total_memory - model.parameter_bytes()) * KV_SHARE)
 
 
+#: The most drafted tokens a step may carry (engine/speculate.py drafts fewer).
+MAX_DRAFT = 16
+
+
+def drafts(f: Forward, st: RequestState | None, last: bool) -> str | None:
+    """Why a step's speculation fields do not fit its request here, or None: drafts and
+    trims come in later steps only, a trim within what the request holds, drafts only of
+    requests the last shard verifies greedily (no processors, grammar or logprobs)."""
+    if not f.draft and not f.trim:
+        return None
+    if st is None:
+        return f"step {f.seq} of {f.rid} drafts or trims a request not under way here"
+    if f.draft > MAX_DRAFT or f.trim > MAX_DRAFT or f.trim > st.positions:
+        return f"step {f.seq} of {f.rid} drafts {f.draft} and trims {f.trim} positions"
+    if f.draft and (not f.sample or len(f.tokens) != f.draft + 1):
+        return f"step {f.seq} of {f.rid} carries {len(f.tokens)} tokens for {f.draft} drafts"
+    if f.draft and last and (st.processors or st.grammar or st.logprobs is not None):
+        return f"request {f.rid} samples with processors, a grammar or logprobs: no drafts"
+    if f.draft and last and st.params is not None and st.params.temperature > 0:
+        return f"request {f.rid} samples at a temperature: no drafts"
+    return None
+
+
 def _dtype(h: mx.array | Tensor) -> str:
     return h.dtype if isinstance(h, Tensor) else str(h.dtype).removeprefix("mlx.core.")
 
@@ -84,12 +107,13 @@ class Limits:
     kv_bytes: int | None = None
     start: int = 0  # the shard's first layer: where its steps must be addressed
     context: int | None = None  # positions a request may reach (the model's context length)
+    last: bool = False  # the last shard: it samples (and verifies drafts)
 
     @staticmethod
     def of(model: ShardModel, max_requests: int, kv_bytes: int | None = None) -> Limits:
         return Limits(
             vocab_size(model), hidden_size(model), model.is_first, max_requests, kv_bytes,
-            model.start, context_length(model.config),
+            model.start, context_length(model.config), model.is_last,
         )  # fmt: skip
 
     def place(self, f: Forward, known: bool) -> str | None:
@@ -206,6 +230,7 @@ class Screen:
         lim = self.limits
         fresh = f.rid not in self.requests
         why = lim.place(f, not fresh) or lim.tokens(f) or lim.sampling(f)
+        why = why or drafts(f, self.requests.get(f.rid), lim.last)
         why = why or lim.activations(f.h, 1, len(f.tokens)) or self._length(f, len(f.tokens))
         if why is None and fresh and len(self.requests) + self.new >= lim.max_requests:
             why = f"the shard keeps {lim.max_requests} requests at most"

@@ -76,6 +76,20 @@ def sample(f: Forward, st: RequestState, logits: mx.array) -> Token | Failure:
     return Token(f.rid, f.seq, token, spent=f.spent, hops=f.hops)
 
 
+def verify(f: Forward, st: RequestState, logits: mx.array) -> Token:
+    """A step with drafts (`f.tokens`: the last token, then `f.draft` drafted ones): the
+    model's greedy token at every position, kept while it agrees with the draft that follows,
+    and the first that does not (or the one after all of them): what one position at a time
+    would have given. Greedy requests without processors, grammar or logprobs only (the
+    head drafts for no others; the screen refuses a draft step of one)."""
+    ys = cast(list[int], mx.argmax(logits[0], axis=-1).tolist())
+    drafts = f.tokens[1:]
+    n = 0
+    while n < len(drafts) and ys[n] == drafts[n]:
+        n += 1
+    return Token(f.rid, f.seq, ys[0], spent=f.spent, hops=f.hops, more=tuple(ys[1 : n + 1]))
+
+
 def sample_rows(rows: list[Forward], states: list[RequestState], logits: mx.array) -> list[Message]:
     """The tokens of a batched pass's rows: greedy rows in one argmax, others (a grammar's
     among them, each masked by its own) one by one."""

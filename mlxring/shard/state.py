@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import mlx.core as mx
+from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
 from mlxring.model.sharded import ShardModel
@@ -65,6 +66,17 @@ class RequestState:
         """Add a step's tokens to the history that the logits processors look at."""
         toks = mx.array(list(tokens), dtype=mx.uint32)
         self.history = toks if self.history is None else mx.concatenate([self.history, toks])
+
+
+def drop_positions(st: RequestState, n: int) -> None:
+    """Drop a request's last `n` positions here (drafts the model did not agree with): its
+    caches', and its history's on the last shard."""
+    if not can_trim_prompt_cache(st.caches) or n > st.positions:
+        raise ValueError(f"cannot drop {n} of {st.positions} positions from these caches")
+    trim_prompt_cache(st.caches, n)
+    st.positions -= n
+    if st.history is not None:
+        st.history = st.history[:-n]
 
 
 def cache_bytes(caches: list[Any]) -> int:

@@ -18,8 +18,8 @@ from mlxring.shard.checks import Limits, Screen, kv_bound
 from mlxring.shard.convoys import Convoys
 from mlxring.shard.grammar import Grammars
 from mlxring.shard.prefix import PromptCache
-from mlxring.shard.sample import sample, sample_rows
-from mlxring.shard.state import RequestState, cache_bytes, make_request_state
+from mlxring.shard.sample import sample, sample_rows, verify
+from mlxring.shard.state import RequestState, cache_bytes, drop_positions, make_request_state
 
 #: A request measures the KV bytes of a position (`Stepper.per_position`) once it holds this
 #: many: a cache allocates in steps (mlx-lm's KVCache: 256 positions), so a shorter one would
@@ -103,13 +103,16 @@ class Stepper:
         bound = None if self.limits is None else self.limits.kv_bytes
         return bound if bound is not None else 1 << 30
 
-    def end(self, rid: str, keep: int, drop: tuple[str, ...]) -> None:
+    def end(self, rid: str, keep: int, drop: tuple[str, ...], trim: int = 0) -> None:
         """A request ended: its state goes, kept as a prompt-cache entry when `keep` is the
-        positions it holds here (the head's count of what it sent); `drop` entries go too."""
+        positions it holds here after dropping `trim` (its last step's rejected drafts): the
+        head's count of what it sent. `drop` entries go too."""
         self.prompts.drop(drop)
         self.convoys.dissolve(rid, self.requests)  # its own caches back from a convoy's
         st = self.requests.pop(rid, None)
         self.convoys.drop_dead(self.requests)
+        if st is not None and trim:
+            drop_positions(st, trim)
         if st is not None and keep and st.positions == keep:
             # Computed here: a later request's first step may run on the other thread, which
             # cannot compute what this one left (MLX streams are per thread).
@@ -204,6 +207,8 @@ class Stepper:
                 remember=self.prompts.max_bytes > 0,
             )
         st.last_used = time.monotonic()
+        if f.trim:
+            drop_positions(st, f.trim)
         if model.is_first:
             x = mx.array([list(f.tokens)], dtype=mx.int32)
         else:
@@ -302,4 +307,6 @@ class Stepper:
         if not f.sample:
             mx.eval(kept)
             return None
+        if f.draft:
+            return verify(f, st, model.logits(h, positions=f.draft + 1))
         return sample(f, st, model.logits(h))
