@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import aiohttp
 import pytest
 
 from mlxring.engine.speculate import MISSES, PAUSE, Drafter, lookup
@@ -91,7 +92,7 @@ async def test_stops_budgets_opt_out_and_the_prompt_cache_after_drafts(tmp_path:
 
         first = [t + 5 for t in PERIODIC]
         out1, second, held, out2 = mlx_lm_turns(model, first, 24, [31, 41, 59, 26], 12)
-        from .ringutil import OpenAIRing, decode, serve_api
+        from .ringutil import OpenAIRing, decode, post_json, serve_api
 
         async with serve_api(rt) as url:
             api = OpenAIRing(rt, url, None)  # type: ignore[arg-type]
@@ -102,6 +103,17 @@ async def test_stops_budgets_opt_out_and_the_prompt_cache_after_drafts(tmp_path:
             turn2 = await complete(api, second, 12)
             assert turn2["usage"]["prompt_tokens_details"]["cached_tokens"] == held
             assert turn2["choices"][0]["text"] == decode(model, out2)
+            # The API's opt-out, and the counters on /metrics.
+            drafted = engine.drafted
+            status, _, body = await post_json(
+                f"{url}/v1/completions",
+                {"prompt": PERIODIC, "max_tokens": 24, "temperature": 0, "speculative": False},
+            )
+            assert status == 200 and engine.drafted == drafted
+            async with aiohttp.ClientSession() as s, s.get(f"{url}/metrics") as r:
+                text = await r.text()
+            assert f"mlxring_speculative_drafted_tokens_total {float(drafted)}" in text
+            assert f"mlxring_speculative_accepted_tokens_total {float(engine.accepted)}" in text
 
 
 async def test_a_model_whose_caches_cannot_drop_positions_does_not_draft(tmp_path: Path) -> None:

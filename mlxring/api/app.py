@@ -232,7 +232,14 @@ async def _row(
         timer = state.metrics.timer(len(ids), request[ARRIVED])
         tokens = cast(
             AsyncGenerator[GeneratedToken, None],
-            engine.generate(ids, params, max_tokens, rid=rid, ignore_eos=req.ignore_eos),
+            engine.generate(
+                ids,
+                params,
+                max_tokens,
+                rid=rid,
+                ignore_eos=req.ignore_eos,
+                speculate=req.speculative,
+            ),
         )
         text = pieces(tokens, assembler(tok, ids, req.stop), timer.token)
         if req.kind == "chat" and (channels := splitter(tok, req.tools.template(), ids)):

@@ -26,6 +26,7 @@ Names (all prefixed `mlxring_`; `{node}` is a ring node, `{peer}` the far end of
     link_rejected_total{node}
     prompt_cache_hits_total  prompt_cache_misses_total  prompt_cache_tokens_total  (head only)
     prompt_cache_bytes{node}  prompt_cache_entries{node}
+    speculative_drafted_tokens_total  speculative_accepted_tokens_total  (head, when on)
 
 The prompt cache's counters are the head's engine's: hits (requests that started from a kept
 prompt), misses (a hit whose entry a shard no longer held, so the prompt was prefilled in full)
@@ -232,6 +233,7 @@ class RingCollector(Collector):
         snap = take(self.rt, self.queue())
         yield from self._requests(snap)
         yield from self._prompt_cache(prompt_cache_counts(self.rt.engine))
+        yield from self._speculation(self.rt.engine)
         yield from self._ring(snap)
         yield from self._nodes(snap.nodes)
         yield from self._links(snap.links)
@@ -282,6 +284,20 @@ class RingCollector(Collector):
             "mlxring_prompt_cache_tokens",
             "Prompt tokens reused from kept prompts instead of prefilled",
             value=counts.tokens,
+        )
+
+    def _speculation(self, engine: Engine | None) -> Iterator[Metric]:
+        if engine is None or not engine.speculative:
+            return
+        yield CounterMetricFamily(
+            "mlxring_speculative_drafted_tokens",
+            "Tokens drafted from requests' own text and sent to be verified",
+            value=engine.drafted,
+        )
+        yield CounterMetricFamily(
+            "mlxring_speculative_accepted_tokens",
+            "Drafted tokens the model agreed with (each saved a trip around the ring)",
+            value=engine.accepted,
         )
 
     def _ring(self, snap: RingSnapshot) -> Iterator[Metric]:

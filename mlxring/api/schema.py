@@ -87,6 +87,9 @@ class GenerationRequest:
     template_kwargs: dict[str, Any] = field(default_factory=dict)
     # Extension (as in vLLM): keep generating past EOS, for benchmarks of fixed length.
     ignore_eos: bool = False
+    # Extension: `"speculative": false` opts a request out of speculative decoding (where
+    # the ring speculates: `[cluster] speculative`).
+    speculative: bool = True
 
     @property
     def prompt_param(self) -> str:
@@ -479,6 +482,7 @@ def parse_generation(kind: Kind, data: dict[str, Any], vocab_size: int) -> Gener
         tools=tools,
         template_kwargs=template_kwargs,
         ignore_eos=bool(f.boolean("ignore_eos", False)),
+        speculative=bool(f.boolean("speculative", True)),
     )
 
 
