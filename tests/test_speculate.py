@@ -14,7 +14,14 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from mlxring.engine.speculate import MISSES, PAUSE, Drafter, lookup
+from mlxring.engine.speculate import (
+    MISSES,
+    PAUSE,
+    PLAIN_EVERY,
+    WINDOW,
+    Drafter,
+    lookup,
+)
 
 from .ringutil import local_ring, reference, tiny_model, write_valid_config
 from .test_prompt_cache import complete, mlx_lm_turns
@@ -34,6 +41,8 @@ def test_lookup_copies_what_followed_the_latest_run_like_the_end() -> None:
 def test_a_drafter_whose_drafts_keep_failing_pauses_longer_each_time() -> None:
     d = Drafter(k=3)
     text = [1, 2, 3, 1, 2]
+    assert d.draft(text) == []  # a plain step first: its time is what drafts must beat
+    d.took(0, 0, 0.1)
     assert d.draft(text) == [3, 1, 2]
     for _ in range(MISSES):
         d.took(3, 0)
@@ -122,3 +131,23 @@ async def test_a_model_whose_caches_cannot_drop_positions_does_not_draft(tmp_pat
     async with local_ring(cfg) as rt:
         assert rt.engine is not None and not rt.engine.speculative
         assert await generate(rt, PERIODIC, 16) == reference(model, PERIODIC, 16)
+
+
+def test_drafts_that_give_fewer_tokens_a_second_than_plain_steps_are_misses() -> None:
+    """Where each verified position costs about a step (a CPU), even kept drafts may not pay:
+    such steps count as misses, and drafting pauses as for rejected ones."""
+    text = [1, 2, 3, 1, 2]
+    slow, fast = Drafter(k=3), Drafter(k=3)
+    for d in (slow, fast):
+        d.took(0, 0, 0.1)  # a plain step: 0.1 s
+    for _ in range(WINDOW // 2):  # enough steps to weigh
+        slow.took(3, 2, 0.4)  # 3 tokens in 0.4 s: fewer a second than plain steps
+        fast.took(3, 2, 0.2)  # 3 tokens in 0.2 s: worth it
+    assert [slow.draft(text) for _ in range(PAUSE)] == [[]] * PAUSE
+    assert fast.draft(text) == [3, 1, 2]
+    for _ in range(WINDOW // 2):  # slow again: the next pause is twice as long
+        slow.took(3, 2, 0.4)
+    assert [slow.draft(text) for _ in range(2 * PAUSE)] == [[]] * (2 * PAUSE)
+    for _ in range(PLAIN_EVERY - WINDOW // 2):
+        fast.took(3, 2, 0.2)
+    assert fast.draft(text) == []  # a plain step now and then keeps its time known

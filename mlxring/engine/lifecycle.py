@@ -91,6 +91,9 @@ class Engine:
         self.cache_tokens = 0  # prompt tokens the entries gave
         # Prompt-lookup speculation (engine/speculate.py), for requests whose sampling allows.
         self.speculative = speculative
+        # Requests that time their steps (speculating ones), and when their token came.
+        self._timed: set[str] = set()
+        self._arrived: dict[str, float] = {}
         self.drafted = 0  # tokens drafted
         self.accepted = 0  # ... that the model agreed with
 
@@ -109,6 +112,8 @@ class Engine:
         q = self._streams.get(msg.rid)
         if q is not None:
             q.put_nowait(msg)
+            if msg.rid in self._timed:
+                self._arrived[msg.rid] = time.perf_counter()
 
     def fail_all(self, reason: str) -> None:
         """The ring broke: every request in flight ends now with this reason (and the prompt
@@ -168,15 +173,19 @@ class Engine:
             drafter = (
                 Drafter() if self.speculative and speculate and self._speculable(params) else None
             )
+            if drafter is not None:
+                self._timed.add(rid)
             history = list(prompt)  # the prompt and the answer so far: what drafts copy
             n = 0
             fed = 0  # positions that step gave the shards (0: the prompt's, all kept)
+            sent_at = 0.0  # when that step left
             while True:
                 if n:
                     msg = await self._next(q, rid)
                 got = [msg.token, *msg.more]
-                if drafter is not None and drafts:
-                    drafter.took(len(drafts), len(got) - 1)
+                if drafter is not None and fed:
+                    step_s = self._arrived.pop(rid, time.perf_counter()) - sent_at
+                    drafter.took(len(drafts), len(got) - 1, step_s)
                     self.drafted += len(drafts)
                     self.accepted += len(got) - 1
                 out: list[tuple[int, str | None]] = []
@@ -204,11 +213,11 @@ class Engine:
                     fed = 1 + len(drafts)
                     sent += [last, *drafts]
                     step = Forward(rid, seq, (last, *drafts), True, draft=len(drafts), trim=trim)
+                    sent_at = time.perf_counter()
                     if step.is_decode:
                         await self._decode_step(step)
                     else:  # drafts to verify, or a trim: a step of its own, not a convoy's
                         await self._leave_convoy(rid)
-                        self._step_sent[rid] = time.perf_counter()
                         await self._step(step)
                 else:
                     await self._leave_convoy(rid)
@@ -260,6 +269,8 @@ class Engine:
     def _close(self, rid: str) -> None:
         self._streams.pop(rid, None)
         self._step_sent.pop(rid, None)
+        self._timed.discard(rid)
+        self._arrived.pop(rid, None)
 
     async def _end(self, end: End) -> None:
         try:

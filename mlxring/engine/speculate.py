@@ -11,15 +11,16 @@ repeat long runs of their input. Greedy output is unchanged: a draft is kept onl
 the token the model gives there.
 
 `Drafter` is one request's: it drafts only while its drafts are worth it. A step whose drafts
-the model all rejects costs about a plain step (one pass over k + 1 positions); after
-`MISSES` such steps in a row it pauses for a while, longer each time, so a request with nothing
-to copy runs as without speculation.
+the model all rejects, or that gave fewer tokens a second than plain steps do (where the
+machine pays for every position it verifies, as a CPU does), is a miss; after `MISSES` misses
+in a row it pauses for a while, longer each time, so a request with nothing to copy, or a
+machine where copying does not pay, runs as without speculation.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 #: Tokens drafted per step (at most; the shards accept up to `shard.checks.MAX_DRAFT`).
 DRAFT = 5
@@ -30,6 +31,10 @@ MIN_NGRAM = 2
 MISSES = 3
 #: Steps a pause lasts at first; each pause after lasts twice as long (at most 256).
 PAUSE = 8
+#: A plain step (no drafts) after this many with drafts, to keep its time known.
+PLAIN_EVERY = 16
+#: Steps with drafts whose tokens a second are weighed against plain steps' (at least half).
+WINDOW = 8
 
 
 def lookup(tokens: Sequence[int], k: int = DRAFT) -> list[int]:
@@ -55,29 +60,59 @@ class Drafter:
     drafted: int = 0
     accepted: int = 0
     steps: int = 0
-    _misses: int = 0  # steps in a row with every draft rejected
+    plain_s: float = 0.0  # a plain step's time around the ring (recent average; 0: none yet)
+    _misses: int = 0  # steps in a row whose drafts did not pay
     _paused: int = 0  # steps left before drafting again
     _pause: int = PAUSE
+    _since_plain: int = 0  # steps with drafts since the last plain one
+    # (tokens given, seconds taken) of the recent steps with drafts
+    _recent: list[tuple[int, float]] = field(default_factory=list)
 
     def draft(self, tokens: Sequence[int]) -> list[int]:
-        """Drafts to follow `tokens` (the prompt and the answer so far), none while paused."""
+        """Drafts to follow `tokens` (the prompt and the answer so far): none while paused,
+        and none now and then, so that a plain step's time stays known."""
         if self._paused:
             self._paused -= 1
+            return []
+        if not self.plain_s or self._since_plain >= PLAIN_EVERY:
             return []
         # Only the recent text is looked up: a lookup costs a scan of what it searches.
         return lookup(tokens[-4096:], self.k)
 
-    def took(self, drafted: int, accepted: int) -> None:
-        """A step with `drafted` drafts kept `accepted` of them."""
+    def took(self, drafted: int, accepted: int, step_s: float = 0.0) -> None:
+        """A step with `drafted` drafts (0: a plain step) kept `accepted` of them, in `step_s`
+        around the ring. Drafting pauses after MISSES steps in a row whose drafts were all
+        rejected, and at once when the recent steps with drafts gave fewer tokens a second
+        than plain steps do: where verifying each position costs about a step of its own (a
+        CPU), drafts pay only when nearly all are kept."""
+        if not drafted:
+            if step_s:
+                self.plain_s = step_s if not self.plain_s else 0.7 * self.plain_s + 0.3 * step_s
+            self._since_plain = 0
+            return
         self.steps += 1
+        self._since_plain += 1
         self.drafted += drafted
         self.accepted += accepted
-        if accepted:
+        if step_s:
+            self._recent = [*self._recent[-(WINDOW - 1) :], (accepted + 1, step_s)]
+        weighed = bool(self.plain_s) and len(self._recent) >= WINDOW // 2
+        slow = False
+        if weighed:
+            tokens = sum(t for t, _ in self._recent)
+            seconds = sum(s for _, s in self._recent)
+            slow = tokens / seconds < 1 / self.plain_s
+        if slow:
+            self._misses = MISSES  # pause now
+        elif accepted:
             self._misses = 0
-            self._pause = PAUSE
+            if weighed:  # drafts that pay: the next pause is short again
+                self._pause = PAUSE
             return
-        self._misses += 1
+        else:
+            self._misses += 1
         if self._misses >= MISSES:
             self._misses = 0
+            self._recent = []
             self._paused = self._pause
             self._pause = min(256, self._pause * 2)
