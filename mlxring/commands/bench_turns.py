@@ -33,6 +33,7 @@ import aiohttp
 
 from mlxring.commands.bench import (
     baseline_dir,
+    bench_model,
     head_url,
     make_prompt,
     node_work,
@@ -87,7 +88,10 @@ def turns_model(args: argparse.Namespace, need: int) -> tuple[str, Path]:
         return args.model, baseline_dir(args.model)
     from mlxring.model.make import PRESETS, make_model
 
-    ctx = max(PRESETS[args.preset].max_position_embeddings, 1 << (need - 1).bit_length())
+    preset = PRESETS.get(args.preset)
+    if preset is None or preset.max_position_embeddings >= need:
+        return bench_model(args)  # as plain bench: that model, or make-model's error
+    ctx = 1 << (need - 1).bit_length()
     q = f"-q{args.quantize}" if args.quantize else ""
     path = cache_dir() / f"bench-{args.family}-{args.preset}{q}-ctx{ctx}"
     if not (path / "config.json").exists():
