@@ -238,6 +238,13 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
         default="auto",
         help="the spawned nodes' convoys (auto: one per process; 1 where they share one GPU)",
     )
+    p.add_argument(
+        "--turns",
+        type=int,
+        default=0,
+        help="instead: a conversation of this many turns, TTFT with the prompt cache and without",
+    )
+    p.add_argument("--history-tokens", type=int, default=2048, help="new tokens a turn (--turns)")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
 
 

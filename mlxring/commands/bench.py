@@ -332,6 +332,7 @@ def spawn_ring(
     busy_poll: str = "auto",
     gates: bool = True,
     convoys: str = "auto",
+    prompt_cache: bool = True,
 ) -> tuple[Config, list[subprocess.Popen[bytes]]]:
     """N local nodes: N processes, or one process hosting all N shard actors. With `gpus`,
     process i sees only CUDA device gpus[i % len(gpus)]."""
@@ -343,6 +344,7 @@ def spawn_ring(
         f"prefill_chunk = {prefill_chunk}",
         "heartbeat_s = 0.2",
         "down_after_s = 10.0",
+        f"prompt_cache = {'true' if prompt_cache else 'false'}",
         "[tuning]",
         # The node processes share this machine's accelerator: keep each one's cache modest.
         "cache_limit_gb = 2",
@@ -408,6 +410,10 @@ def head_url(config: Config) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.turns:  # a conversation, with the prompt cache and without
+        from mlxring.commands.bench_turns import run_turns
+
+        return run_turns(args)
     # Log lines (say, a packaged model's first fetch) go to stderr: stdout is --json's alone.
     setup_logging()
     levels = [int(c) for c in str(args.concurrency).split(",") if c.strip()]
