@@ -244,7 +244,12 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
         default=0,
         help="instead: a conversation of this many turns, TTFT with the prompt cache and without",
     )
-    p.add_argument("--history-tokens", type=int, default=2048, help="new tokens a turn (--turns)")
+    p.add_argument(
+        "--history-tokens", type=int, default=2048, help="turn 1's prompt: the history (--turns)"
+    )
+    p.add_argument(
+        "--turn-tokens", type=int, default=64, help="new tokens each later turn adds (--turns)"
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
 
 

@@ -155,17 +155,18 @@ def test_bench_turns_measures_a_conversation_with_the_prompt_cache_and_without()
     model = tiny_model("qwen3")
     r, _ = bench(
         *["--model", str(model), "--nodes", "2", "--turns", "2", "--history-tokens", "64"],
-        *["--gen-tokens", "4"],
+        *["--turn-tokens", "16", "--gen-tokens", "4"],
     )
     turns = r["turns"]
     assert len(turns) == 2 and r["history_tokens"] == 64 and r["gen_tokens"] == 4
+    assert r["turn_tokens"] == 16
     for t in turns:
         assert t["ttft_on_s"] > 0 and t["ttft_off_s"] > 0
         assert t["ratio"] == t["ttft_off_s"] / t["ttft_on_s"]
         assert t["prefill_compute_on_s"] > 0 and t["prefill_compute_off_s"] > 0
-    # Turn 2 is turn 1's prompt, its answer's 4 tokens and 64 more: with the cache on it
+    # Turn 2 is turn 1's prompt, its answer's 4 tokens and 16 more: with the cache on it
     # starts from all that the ring computed (the last answer token was never fed).
-    assert [t["prompt_tokens"] for t in turns] == [64, 64 + 4 + 64]
+    assert [t["prompt_tokens"] for t in turns] == [64, 64 + 4 + 16]
     assert [t["cached_tokens"] for t in turns] == [0, 64 + 4 - 1]
     assert [t["cached_tokens_off"] for t in turns] == [0, 0]
     assert r["last_turn_ttft_ratio"] == turns[-1]["ratio"]

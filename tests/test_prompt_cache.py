@@ -280,3 +280,19 @@ async def test_an_entry_gives_its_history_to_a_later_requests_penalty(tmp_path: 
         assert status == 200, body
         assert body["usage"]["prompt_tokens_details"]["cached_tokens"] == len(FIRST) + 11
         assert body["choices"][0]["text"] == decode(model, want)
+
+
+async def test_cache_prompt_false_neither_reuses_nor_keeps(tmp_path: Path) -> None:
+    """llama.cpp's `cache_prompt: false`: the request prefills in full and leaves nothing."""
+    model = tiny_model("qwen3")
+    async with openai_ring(tmp_path, model, 2) as api:
+        await complete(api, FIRST, 4)
+        for _ in range(2):
+            status, _, body = await post_json(
+                f"{api.url}/v1/completions",
+                {"prompt": FIRST, "max_tokens": 4, "temperature": 0, "cache_prompt": False},
+            )
+            assert status == 200 and body["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+        assert api.rt.engine is not None and len(api.rt.engine.prefixes or ()) == 1
+        again = await complete(api, FIRST, 4)  # the first request's entry is still there
+        assert again["usage"]["prompt_tokens_details"]["cached_tokens"] == len(FIRST) - 1

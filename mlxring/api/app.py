@@ -239,6 +239,7 @@ async def _row(
                 rid=rid,
                 ignore_eos=req.ignore_eos,
                 speculate=req.speculative,
+                cache_prompt=req.cache_prompt,
             ),
         )
         text = pieces(tokens, assembler(tok, ids, req.stop), timer.token)

@@ -90,6 +90,9 @@ class GenerationRequest:
     # Extension: `"speculative": false` opts a request out of speculative decoding (where
     # the ring speculates: `[cluster] speculative`).
     speculative: bool = True
+    # Extension (llama.cpp's server's name): `"cache_prompt": false` neither starts from the
+    # ring's prompt cache nor leaves an entry in it (benchmarks of prefill want that).
+    cache_prompt: bool = True
 
     @property
     def prompt_param(self) -> str:
@@ -483,6 +486,7 @@ def parse_generation(kind: Kind, data: dict[str, Any], vocab_size: int) -> Gener
         template_kwargs=template_kwargs,
         ignore_eos=bool(f.boolean("ignore_eos", False)),
         speculative=bool(f.boolean("speculative", True)),
+        cache_prompt=bool(f.boolean("cache_prompt", True)),
     )
 
 

@@ -132,6 +132,9 @@ async def stream_completion(
         "stream": True,
         "stream_options": {"include_usage": True},
         "ignore_eos": True,
+        # Every run prefills the whole prompt: the same prompt again would start from the
+        # ring's prompt cache (bench --turns measures that).
+        "cache_prompt": False,
     }
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     t0 = time.perf_counter()

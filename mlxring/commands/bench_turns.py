@@ -1,7 +1,8 @@
 """`mlxring bench --turns N`: a conversation through the ring, with the prompt cache and without.
 
-Turn k's prompt is turn k-1's prompt, then the token ids the ring answered it with, then
-`--history-tokens` new ids of the bundled corpus: a chat client's history as a token-id
+Turn 1's prompt is `--history-tokens` ids of the bundled corpus (the conversation so far, as
+an agent resends it); turn k's is turn k-1's prompt, then the token ids the ring answered it
+with, then `--turn-tokens` new ids (a few new lines): a chat client's history as a token-id
 `/v1/completions` prompt, so the next prompt starts with exactly what the ring computed. Each
 turn streams a greedy answer of `--gen-tokens` tokens, and its time to first token is what the
 prompt cache (engine/prefix.py, shard/prefix.py) should shorten: a hit prefills only the
@@ -68,9 +69,10 @@ class Turn:
     prefill_compute_off_s: float
 
 
-def context_needed(turns: int, history: int, gen: int) -> int:
-    """The last turn's prompt and answer."""
-    return turns * history + turns * gen
+def context_needed(turns: int, history: int, gen: int, more: int) -> int:
+    """The last turn's prompt and answer: the history, then each turn's answer and the next
+    turn's new tokens."""
+    return history + (turns - 1) * (gen + more) + gen
 
 
 def model_context(path: Path) -> int:
@@ -244,21 +246,23 @@ def run_turns(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    n, h, gen = args.turns, args.history_tokens, args.gen_tokens
+    n, h, gen, more = args.turns, args.history_tokens, args.gen_tokens, args.turn_tokens
+    need = context_needed(n, h, gen, more)
     try:
-        spec, model = turns_model(args, context_needed(n, h, gen))
+        spec, model = turns_model(args, need)
     except ModelError as e:
         print(f"mlxring: {e}", file=sys.stderr)
         return 2
-    if model_context(model) and model_context(model) < context_needed(n, h, gen):
+    if model_context(model) and model_context(model) < need:
         print(
             f"mlxring: {model}'s context of {model_context(model)} tokens is shorter than "
-            f"the last turn's {context_needed(n, h, gen)}",
+            f"the last turn's {need}",
             file=sys.stderr,
         )
         return 2
-    corpus = make_prompt(model, n * h + 64)
-    history = [corpus[k * h : (k + 1) * h] for k in range(n)]
+    corpus = make_prompt(model, h + (n - 1) * more + 64)
+    # Turn 1 brings the history; each later turn a few new lines (`--turn-tokens`).
+    history = [corpus[:h]] + [corpus[h + k * more : h + (k + 1) * more] for k in range(n - 1)]
     warm = corpus[-64:][::-1]  # shares no start with the conversation: no cache hit
     ids = TokenIds(model)
     work = Path(tempfile.mkdtemp(prefix="mlxring-bench-turns-"))
@@ -292,6 +296,7 @@ def run_turns(args: argparse.Namespace) -> int:
         "nodes": args.nodes,
         "turns": [asdict(t) for t in turns],
         "history_tokens": h,
+        "turn_tokens": more,
         "gen_tokens": gen,
         "prefill_chunk": args.prefill_chunk,
         "last_turn_ttft_ratio": turns[-1].ratio,
@@ -308,7 +313,8 @@ def run_turns(args: argparse.Namespace) -> int:
 
 def print_turns(out: dict[str, Any]) -> None:
     print(
-        f"{out['model']}, {out['nodes']} nodes, {out['history_tokens']} new tokens a turn, "
+        f"{out['model']}, {out['nodes']} nodes, {out['history_tokens']} tokens of history, "
+        f"{out['turn_tokens']} new tokens a turn, "
         f"{out['gen_tokens']}-token answers"
     )
     print(

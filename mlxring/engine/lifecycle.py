@@ -132,10 +132,11 @@ class Engine:
         rid: str | None = None,
         ignore_eos: bool = False,
         speculate: bool = True,
+        cache_prompt: bool = True,
     ) -> AsyncIterator[GeneratedToken]:
         """The request's tokens as they come; `speculate`: draft tokens for it where the
         engine speculates and its sampling allows (greedy, no processors, grammar or
-        logprobs)."""
+        logprobs); `cache_prompt`: start from the prompt cache and leave an entry in it."""
         if not prompt:
             raise ValueError("the prompt has no tokens")
         if max_tokens < 1:
@@ -143,7 +144,8 @@ class Engine:
         rid = rid or uuid.uuid4().hex[:16]
         params = params or SamplingParams()
         stops = frozenset(stop_token_ids) | (frozenset() if ignore_eos else self.eos_token_ids)
-        hit = self.prefixes.match(prompt) if self.prefixes is not None else None
+        prefixes = self.prefixes if cache_prompt else None
+        hit = prefixes.match(prompt) if prefixes is not None else None
         sent = list(prompt)  # the tokens the shards computed on: what they can keep
         trim = 0  # positions the shards hold past `sent`: the last step's rejected drafts
         drafts: list[int] = []
@@ -243,8 +245,8 @@ class Engine:
             await self._leave_convoy(rid)
             keep = 0
             drop: tuple[str, ...] = ()
-            if ended and self.prefixes is not None and len(sent) >= self.prefixes.min_reuse:
-                keep, drop = len(sent), self.prefixes.add(rid, sent)
+            if ended and prefixes is not None and len(sent) >= prefixes.min_reuse:
+                keep, drop = len(sent), prefixes.add(rid, sent)
             await self._end(End(rid, keep=keep, drop=drop, trim=trim))
 
     @staticmethod
