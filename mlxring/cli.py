@@ -250,6 +250,13 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--turn-tokens", type=int, default=64, help="new tokens each later turn adds (--turns)"
     )
+    p.add_argument(
+        "--speculative",
+        choices=["ngram"],
+        default=None,
+        help="instead: one stream's decode with speculative decoding (prompt lookup) and "
+        "without, on a copy-heavy prompt",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
 
 

@@ -171,3 +171,18 @@ def test_bench_turns_measures_a_conversation_with_the_prompt_cache_and_without()
     assert [t["cached_tokens_off"] for t in turns] == [0, 0]
     assert r["last_turn_ttft_ratio"] == turns[-1]["ratio"]
     assert r["same_answers"] is True  # the cache is exact
+
+
+def test_bench_speculative_measures_one_stream_with_drafts_and_without() -> None:
+    """A model whose greedy text falls into runs (a small weight scale) copies some of its own
+    text: drafts are accepted, and both rings answer the same."""
+    model = tiny_model("qwen3", scale=1.0)
+    r, _ = bench(
+        *["--model", str(model), "--nodes", "2", "--speculative", "ngram"],
+        *["--gen-tokens", "48"],
+    )
+    for k in ("baseline_decode_tok_s", "ring_decode_tok_s", "speculative_decode_tok_s"):
+        assert isinstance(r[k], float) and r[k] > 0, k
+    assert r["ratio_vs_ring"] == r["speculative_decode_tok_s"] / r["ring_decode_tok_s"]
+    assert r["drafted"] > 0 and 0 < r["acceptance"] <= 1
+    assert r["same_text"] is True

@@ -336,6 +336,7 @@ def spawn_ring(
     gates: bool = True,
     convoys: str = "auto",
     prompt_cache: bool = True,
+    speculative: bool = False,
 ) -> tuple[Config, list[subprocess.Popen[bytes]]]:
     """N local nodes: N processes, or one process hosting all N shard actors. With `gpus`,
     process i sees only CUDA device gpus[i % len(gpus)]."""
@@ -348,6 +349,7 @@ def spawn_ring(
         "heartbeat_s = 0.2",
         "down_after_s = 10.0",
         f"prompt_cache = {'true' if prompt_cache else 'false'}",
+        f"speculative = {'true' if speculative else 'false'}",
         "[tuning]",
         # The node processes share this machine's accelerator: keep each one's cache modest.
         "cache_limit_gb = 2",
@@ -417,6 +419,10 @@ def run(args: argparse.Namespace) -> int:
         from mlxring.commands.bench_turns import run_turns
 
         return run_turns(args)
+    if args.speculative:  # one stream with speculative decoding and without
+        from mlxring.commands.bench_spec import run_speculative
+
+        return run_speculative(args)
     # Log lines (say, a packaged model's first fetch) go to stderr: stdout is --json's alone.
     setup_logging()
     levels = [int(c) for c in str(args.concurrency).split(",") if c.strip()]

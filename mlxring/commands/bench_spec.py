@@ -1,0 +1,183 @@
+"""`mlxring bench --speculative ngram`: one stream's decode with speculative decoding, against
+the ring without it and against single-process mlx-lm, on a copy-heavy workload.
+
+The prompt asks the model to repeat a passage of the bundled corpus (through its chat template,
+where it has one), so that the answer quotes its prompt, as an agent editing code does: the
+case prompt lookup drafts for. The same greedy request goes to two freshly spawned rings, one
+with `[cluster] speculative = true`, one without; decode tok/s is the streamed answer's tokens
+after the first over the time they took. The acceptance rate (drafted tokens the model agreed
+with) comes from the speculating ring's /metrics; the answers of both rings should be the same
+token for token (`same_text`). A random-weight model copies nothing: its acceptance says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import re
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from mlxring.commands.bench import (
+    bench_model,
+    head_url,
+    progress,
+    spawn_ring,
+    stop,
+    wait_healthy,
+)
+from mlxring.log import setup_logging
+from mlxring.model.checkpoint import ModelError
+
+PASSAGE_CHARS = 1200  # the passage to repeat: a few hundred tokens
+
+
+def copy_prompt(model: Path) -> list[int]:
+    """A request to repeat a passage of the corpus, through the model's chat template."""
+    from mlx_lm.utils import load_tokenizer
+
+    tok = load_tokenizer(model)
+    corpus = (Path(__file__).parent.parent / "data" / "corpus.txt").read_text()
+    passage = corpus[:PASSAGE_CHARS]
+    ask = f"Repeat the following text exactly, word for word:\n\n{passage}"
+    if tok.has_chat_template:
+        messages = [{"role": "user", "content": ask}]
+        return list(tok.apply_chat_template(messages, add_generation_prompt=True))
+    return list(tok.encode(ask + "\n\n"))
+
+
+async def decode(url: str, prompt: list[int], gen: int) -> tuple[float, str]:
+    """One greedy streamed answer of `gen` tokens: its decode tok/s and its text."""
+    body = {
+        "prompt": prompt,
+        "max_tokens": gen,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "ignore_eos": True,
+        "cache_prompt": False,
+    }
+    first = last = 0.0
+    text: list[str] = []
+    tokens = 0
+    timeout = aiohttp.ClientTimeout(total=3600, sock_read=600)
+    async with (
+        aiohttp.ClientSession(timeout=timeout) as s,
+        s.post(f"{url}/v1/completions", json=body) as resp,
+    ):
+        if resp.status != 200:
+            raise RuntimeError(f"completion failed: {resp.status} {await resp.text()}")
+        async for raw in resp.content:
+            line = raw.strip()
+            if not line.startswith(b"data: ") or line == b"data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if not chunk.get("choices"):
+                tokens = int((chunk.get("usage") or {}).get("completion_tokens", 0))
+                continue
+            now = time.perf_counter()
+            first = first or now
+            last = now
+            text.append(chunk["choices"][0]["text"])
+    return (tokens - 1) / (last - first) if last > first else 0.0, "".join(text)
+
+
+async def counters(url: str) -> dict[str, float]:
+    async with aiohttp.ClientSession() as s, s.get(f"{url}/metrics") as r:
+        page = await r.text()
+    out = {}
+    for name in ("drafted", "accepted"):
+        m = re.search(rf"^mlxring_speculative_{name}_tokens_total (\S+)$", page, re.M)
+        out[name] = float(m[1]) if m else 0.0
+    return out
+
+
+def ring_decode(
+    spec: str, args: argparse.Namespace, speculative: bool, work: Path, prompt: list[int]
+) -> tuple[float, str, dict[str, float]]:
+    """Decode tok/s (the better of two runs, after a warm-up) on a freshly spawned ring."""
+    work.mkdir()
+    config, procs = spawn_ring(
+        spec,
+        args.nodes,
+        args.prefill_chunk,
+        work,
+        args.one_process,
+        [g.strip() for g in args.gpus.split(",") if g.strip()],
+        args.busy_poll,
+        args.gates == "on",
+        args.convoys,
+        speculative=speculative,
+    )
+    try:
+        url = head_url(config)
+        what = "with" if speculative else "without"
+        progress(f"waiting for the ring at {url} ({what} speculation) ...")
+        asyncio.run(wait_healthy(url, 600, procs, work))
+        asyncio.run(decode(url, prompt, 8))  # warm-up: kernels of the shapes measured
+        runs = [asyncio.run(decode(url, prompt, args.gen_tokens)) for _ in range(2)]
+        return max(r[0] for r in runs), runs[0][1], asyncio.run(counters(url))
+    finally:
+        stop(procs)
+
+
+def run_speculative(args: argparse.Namespace) -> int:
+    setup_logging()
+    if args.config:
+        print(
+            "mlxring: --speculative spawns its own rings (with and without speculation); "
+            "leave out --config",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        spec, model = bench_model(args)
+    except ModelError as e:
+        print(f"mlxring: {e}", file=sys.stderr)
+        return 2
+    prompt = copy_prompt(model)
+    progress("baseline: single-process mlx-lm ...")
+    from mlxring.commands.bench import baseline
+
+    base = baseline(model, prompt, args.gen_tokens)["baseline_decode_tok_s"]
+    work = Path(tempfile.mkdtemp(prefix="mlxring-bench-spec-"))
+    on, text_on, count = ring_decode(spec, args, True, work / "on", prompt)
+    off, text_off, _ = ring_decode(spec, args, False, work / "off", prompt)
+    out: dict[str, Any] = {
+        "model": str(model),
+        "nodes": args.nodes,
+        "speculative": args.speculative,
+        "prompt_tokens": len(prompt),
+        "gen_tokens": args.gen_tokens,
+        "baseline_decode_tok_s": base,
+        "ring_decode_tok_s": off,
+        "speculative_decode_tok_s": on,
+        "ratio_vs_ring": on / off if off else None,
+        "ratio_vs_baseline": on / base if base else None,
+        "drafted": count["drafted"],
+        "accepted": count["accepted"],
+        "acceptance": count["accepted"] / count["drafted"] if count["drafted"] else 0.0,
+        "same_text": text_on == text_off,
+        "logs": str(work),
+    }
+    progress("")
+    if args.json:
+        print(json.dumps(out))
+    else:
+        print(
+            f"{out['model']}, {args.nodes} nodes, {len(prompt)}-token copy prompt, "
+            f"{args.gen_tokens} tokens"
+        )
+        print(f"mlx-lm alone      {base:8.2f} tok/s")
+        print(f"ring              {off:8.2f} tok/s")
+        print(
+            f"ring, speculative {on:8.2f} tok/s  ({out['ratio_vs_ring']:.2f}x the ring, "
+            f"acceptance {out['acceptance']:.0%} of {count['drafted']:.0f} drafted)"
+        )
+    return 0
