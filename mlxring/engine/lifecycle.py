@@ -147,7 +147,9 @@ class Engine:
         prefixes = self.prefixes if cache_prompt else None
         hit = prefixes.match(prompt) if prefixes is not None else None
         sent = list(prompt)  # the tokens the shards computed on: what they can keep
-        trim = 0  # positions the shards hold past `sent`: the last step's rejected drafts
+        # Positions the shards hold past `sent` that no step in flight drops (the last step's
+        # rejected drafts, when no step follows): End drops them.
+        trim = 0
         drafts: list[int] = []
         ended = False  # the request ran to its end (or its reader left): no step failed
         q = self._open(rid)
@@ -215,6 +217,7 @@ class Engine:
                     fed = 1 + len(drafts)
                     sent += [last, *drafts]
                     step = Forward(rid, seq, (last, *drafts), True, draft=len(drafts), trim=trim)
+                    trim = 0  # the step carries it: End must not drop it again
                     sent_at = time.perf_counter()
                     if step.is_decode:
                         await self._decode_step(step)
