@@ -22,7 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -116,6 +116,44 @@ def baseline(model: Path, prompt: list[int], gen_tokens: int) -> dict[str, float
     return {"baseline_prefill_tok_s": max(prefill), "baseline_decode_tok_s": max(decode)}
 
 
+async def completion_chunks(
+    session: aiohttp.ClientSession,
+    url: str,
+    body: dict[str, Any],
+    headers: dict[str, str] | None = None,
+) -> AsyncIterator[dict[str, Any]]:
+    """A streamed `/v1/completions` request's chunks as they come; an error says so."""
+    async with session.post(f"{url}/v1/completions", json=body, headers=headers or {}) as resp:
+        if resp.status != 200:
+            raise RuntimeError(f"completion failed: {resp.status} {await resp.text()}")
+        async for raw in resp.content:
+            line = raw.strip()
+            if not line.startswith(b"data: ") or line == b"data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if "error" in chunk:
+                raise RuntimeError(f"stream failed: {chunk['error']}")
+            yield chunk
+
+
+def spawn_for(
+    spec: str, args: argparse.Namespace, work: Path, **cluster: bool
+) -> tuple[Config, list[subprocess.Popen[bytes]]]:
+    """spawn_ring with the command line's node settings; `cluster`: prompt_cache, speculative."""
+    return spawn_ring(
+        spec,
+        args.nodes,
+        args.prefill_chunk,
+        work,
+        args.one_process,
+        [g.strip() for g in args.gpus.split(",") if g.strip()],
+        args.busy_poll,
+        args.gates == "on",
+        args.convoys,
+        **cluster,
+    )
+
+
 async def stream_completion(
     session: aiohttp.ClientSession,
     url: str,
@@ -140,27 +178,18 @@ async def stream_completion(
     t0 = time.perf_counter()
     first = last = 0.0
     tokens = 0
-    async with session.post(f"{url}/v1/completions", json=body, headers=headers) as resp:
-        if resp.status != 200:
-            raise RuntimeError(f"completion failed: {resp.status} {await resp.text()}")
-        async for raw in resp.content:
-            line = raw.strip()
-            if not line.startswith(b"data: ") or line == b"data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            if "error" in chunk:
-                raise RuntimeError(f"stream failed: {chunk['error']}")
-            if not chunk.get("choices"):
-                # Count tokens from usage, not chunks: text held back (a partial UTF-8
-                # character, a possible stop string) rides on a later chunk.
-                tokens = int((chunk.get("usage") or {}).get("completion_tokens", 0))
-                continue
-            now = time.perf_counter()
-            if not first:
-                first = now
-            last = now
-            if times is not None:
-                times.append(now)
+    async for chunk in completion_chunks(session, url, body, headers):
+        if not chunk.get("choices"):
+            # Count tokens from usage, not chunks: text held back (a partial UTF-8
+            # character, a possible stop string) rides on a later chunk.
+            tokens = int((chunk.get("usage") or {}).get("completion_tokens", 0))
+            continue
+        now = time.perf_counter()
+        if not first:
+            first = now
+        last = now
+        if times is not None:
+            times.append(now)
     if not tokens:
         raise RuntimeError("the stream ended without a usage chunk")
     return StreamResult(first - t0, tokens, last - first)
@@ -453,17 +482,7 @@ def run(args: argparse.Namespace) -> int:
             assert spec is not None
             work = Path(tempfile.mkdtemp(prefix="mlxring-bench-"))
             gpus = [g.strip() for g in args.gpus.split(",") if g.strip()]
-            config, procs = spawn_ring(
-                spec,
-                args.nodes,
-                args.prefill_chunk,
-                work,
-                args.one_process,
-                gpus,
-                args.busy_poll,
-                args.gates == "on",
-                args.convoys,
-            )
+            config, procs = spawn_for(spec, args, work)
             out["gpus"] = gpus
             out["busy_poll"] = args.busy_poll
             out["gates"] = args.gates

@@ -26,9 +26,10 @@ import aiohttp
 
 from mlxring.commands.bench import (
     bench_model,
+    completion_chunks,
     head_url,
     progress,
-    spawn_ring,
+    spawn_for,
     stop,
     wait_healthy,
 )
@@ -67,17 +68,8 @@ async def decode(url: str, prompt: list[int], gen: int) -> tuple[float, str]:
     text: list[str] = []
     tokens = 0
     timeout = aiohttp.ClientTimeout(total=3600, sock_read=600)
-    async with (
-        aiohttp.ClientSession(timeout=timeout) as s,
-        s.post(f"{url}/v1/completions", json=body) as resp,
-    ):
-        if resp.status != 200:
-            raise RuntimeError(f"completion failed: {resp.status} {await resp.text()}")
-        async for raw in resp.content:
-            line = raw.strip()
-            if not line.startswith(b"data: ") or line == b"data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
+    async with aiohttp.ClientSession(timeout=timeout) as s:
+        async for chunk in completion_chunks(s, url, body):
             if not chunk.get("choices"):
                 tokens = int((chunk.get("usage") or {}).get("completion_tokens", 0))
                 continue
@@ -103,18 +95,7 @@ def ring_decode(
 ) -> tuple[float, str, dict[str, float]]:
     """Decode tok/s (the better of two runs, after a warm-up) on a freshly spawned ring."""
     work.mkdir()
-    config, procs = spawn_ring(
-        spec,
-        args.nodes,
-        args.prefill_chunk,
-        work,
-        args.one_process,
-        [g.strip() for g in args.gpus.split(",") if g.strip()],
-        args.busy_poll,
-        args.gates == "on",
-        args.convoys,
-        speculative=speculative,
-    )
+    config, procs = spawn_for(spec, args, work, speculative=speculative)
     try:
         url = head_url(config)
         what = "with" if speculative else "without"

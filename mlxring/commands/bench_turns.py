@@ -35,12 +35,13 @@ import aiohttp
 from mlxring.commands.bench import (
     baseline_dir,
     bench_model,
+    completion_chunks,
     head_url,
     make_prompt,
     node_work,
     progress,
     settled_status,
-    spawn_ring,
+    spawn_for,
     stop,
     wait_healthy,
 )
@@ -150,21 +151,12 @@ async def answer(
     first = 0.0
     names: list[str] = []
     usage: dict[str, Any] = {}
-    async with s.post(f"{url}/v1/completions", json=body) as resp:
-        if resp.status != 200:
-            raise RuntimeError(f"completion failed: {resp.status} {await resp.text()}")
-        async for raw in resp.content:
-            line = raw.strip()
-            if not line.startswith(b"data: ") or line == b"data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            if "error" in chunk:
-                raise RuntimeError(f"stream failed: {chunk['error']}")
-            if not chunk.get("choices"):
-                usage = chunk.get("usage") or {}
-                continue
-            first = first or time.perf_counter()
-            names += (chunk["choices"][0].get("logprobs") or {}).get("tokens", [])
+    async for chunk in completion_chunks(s, url, body):
+        if not chunk.get("choices"):
+            usage = chunk.get("usage") or {}
+            continue
+        first = first or time.perf_counter()
+        names += (chunk["choices"][0].get("logprobs") or {}).get("tokens", [])
     tokens = ids(names)
     if len(tokens) != gen or usage.get("completion_tokens") != gen:
         raise RuntimeError(f"asked for {gen} tokens, got {len(tokens)} ({usage})")
@@ -216,18 +208,7 @@ async def conversation(
 
 def ring_run(spec: str, args: argparse.Namespace, cache: bool, work: Path, run: Any) -> Any:
     """`run(url)` against a freshly spawned ring with the prompt cache on or off."""
-    config, procs = spawn_ring(
-        spec,
-        args.nodes,
-        args.prefill_chunk,
-        work,
-        args.one_process,
-        [g.strip() for g in args.gpus.split(",") if g.strip()],
-        args.busy_poll,
-        args.gates == "on",
-        args.convoys,
-        prompt_cache=cache,
-    )
+    config, procs = spawn_for(spec, args, work, prompt_cache=cache)
     try:
         url = head_url(config)
         progress(f"waiting for the ring at {url} (prompt cache {'on' if cache else 'off'}) ...")
