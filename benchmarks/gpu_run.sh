@@ -8,7 +8,8 @@
 # own cost per token, compute being almost nothing), wire (one hop between processes idle for
 # 0, 10, 50 ms: how slowly this machine wakes them), wide (one hop of a 2048-token prompt
 # chunk's activations), copy (what crossing between host and device costs one shard:
-# benchmarks/device_copy.py). MPS=1 runs every step under CUDA MPS (with gates, several processes
+# benchmarks/device_copy.py), spec (one stream with speculative decoding and without, 3
+# processes on one GPU, a made model whose text repeats: SCALE, default 1.0). MPS=1 runs every step under CUDA MPS (with gates, several processes
 # on one GPU need it: see mlxring/backends/cuda/gate.py); GATES=off turns gates off; CONVOYS=1 runs all
 # requests as one convoy (for processes sharing the GPU: benchmarks/RESULTS.md). Each writes JSON under $OUT
 # (or /tmp/out).
@@ -35,6 +36,9 @@ for step in "${@:-profile sep prefill shared}"; do
              --gen-tokens 128 --concurrency 1,4,16 ;;
       prefill) CUDA_VISIBLE_DEVICES=0 timeout 300 $bench --gpus "${GPUS:-1,2,3}" --prompt-tokens 2048 \
              --gen-tokens 16 --concurrency 1 --prefill-chunk "${CHUNK:-512}" ;;
+      spec) CUDA_VISIBLE_DEVICES=0 timeout 500 python3 -m mlxring bench --preset qwen3-1.7b \
+             --scale "${SCALE:-1.0}" --nodes "${NODES:-3}" --gpus 0 --speculative ngram \
+             --gen-tokens 128 --convoys 1 --json ;;
       shared) CUDA_VISIBLE_DEVICES=0 timeout 300 $bench --gpus 0 --prompt-tokens 512 \
              --gen-tokens 128 --concurrency 1,4,16 ;;
       mps) mps_start

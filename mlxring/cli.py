@@ -206,6 +206,12 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default="small", help="make-model preset when no --model is given")
     p.add_argument("--family", default="qwen3", help="make-model family when no --model is given")
     p.add_argument("--quantize", type=int, choices=[4, 8], help="make-model quantization")
+    p.add_argument(
+        "--scale",
+        type=float,
+        default=None,
+        help="make-model weight scale (a small one makes text that repeats: drafts to accept)",
+    )
     p.add_argument("--nodes", type=int, default=3, help="spawn this many local node processes")
     p.add_argument(
         "--one-process", action="store_true", help="host all --nodes in one process instead"

@@ -57,10 +57,13 @@ def bench_model(args: argparse.Namespace) -> tuple[str, Path]:
     from mlxring.model.make import make_model
 
     q = f"-q{args.quantize}" if args.quantize else ""
-    path = cache_dir() / f"bench-{args.family}-{args.preset}{q}"
+    x = f"-x{args.scale}" if args.scale is not None else ""
+    path = cache_dir() / f"bench-{args.family}-{args.preset}{q}{x}"
     if not (path / "config.json").exists():
         progress(f"making a {args.preset} {args.family} model in {path} ...")
-        make_model(path, family=args.family, preset=args.preset, quantize=args.quantize)
+        make_model(
+            path, family=args.family, preset=args.preset, quantize=args.quantize, scale=args.scale
+        )
     return str(path), path
 
 
