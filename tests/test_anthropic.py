@@ -457,6 +457,8 @@ async def test_any_node_answers_with_the_key_and_a_lost_node_ends_the_stream(
             assert "stopped answering" not in assert_error(err, "overloaded_error")
 
 
+# In the slow set (9 s of the suite): the event stream is checked on the tiny model above.
+@pytest.mark.slow
 async def test_smollm2_answers_paris_through_the_anthropic_stream(tmp_path: Path) -> None:
     model = packaged_model("smollm2")
     question = [{"role": "user", "content": "What is the capital of France?"}]

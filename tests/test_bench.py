@@ -151,6 +151,8 @@ def test_bench_shows_its_progress_on_a_tty_and_only_json_on_stdout() -> None:
     assert "\r\x1b[2K" in tty  # each line replaces the one before
 
 
+# In the slow set (13 s of the suite): tests/test_prompt_cache.py checks the cache itself.
+@pytest.mark.slow
 def test_bench_turns_measures_a_conversation_with_the_prompt_cache_and_without() -> None:
     model = tiny_model("qwen3")
     r, _ = bench(
@@ -173,6 +175,8 @@ def test_bench_turns_measures_a_conversation_with_the_prompt_cache_and_without()
     assert r["same_answers"] is True  # the cache is exact
 
 
+# In the slow set (9 s of the suite): tests/test_speculate.py checks speculation itself.
+@pytest.mark.slow
 def test_bench_speculative_measures_one_stream_with_drafts_and_without() -> None:
     """A model whose greedy text falls into runs (a small weight scale) copies some of its own
     text: drafts are accepted, and both rings answer the same."""

@@ -248,6 +248,8 @@ async def test_a_grammar_that_cannot_run_fails_its_request_only(tmp_path: Path) 
     assert plain == decode(MODEL, reference(MODEL, prompt, 60))
 
 
+# In the slow set (10 s of the suite): the 50-request schema test runs the grammar path.
+@pytest.mark.slow
 def test_smollm2_answers_with_schema_valid_json(tmp_path: Path) -> None:
     """The real model, asked a question with a schema, answers valid JSON that ends by itself."""
     model = packaged_model("smollm2")

@@ -164,9 +164,9 @@ def test_junk_bodies_raise_frame_error_only(body: bytes) -> None:
 
 # A well-formed fwd and tok map; each bad case below breaks exactly one thing.
 FWD = {"type": "fwd", "rid": "r", "seq": 0, "tokens": [], "sample": True, "layer": 0,
-       "spent": 0.0, "hops": 0}  # fmt: skip
+       "reuse": "", "reused": 0, "draft": 0, "trim": 0, "spent": 0.0, "hops": 0}  # fmt: skip
 TOK = {"type": "tok", "rid": "r", "seq": 0, "token": 1, "logprob": 0.0, "top_logprobs": [],
-       "spent": 0.0, "hops": 0}  # fmt: skip
+       "spent": 0.0, "hops": 0, "more": []}  # fmt: skip
 TENSOR = {"dtype": "bfloat16", "shape": [1, 4], "data": b"\x00" * 8}
 
 

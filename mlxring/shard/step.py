@@ -108,7 +108,10 @@ class Stepper:
         positions it holds here after dropping `trim` (its last step's rejected drafts): the
         head's count of what it sent. `drop` entries go too."""
         self.prompts.drop(drop)
-        self.convoys.dissolve(rid, self.requests)  # its own caches back from a convoy's
+        if keep:
+            # Its own caches back from its convoy's merged ones (the others', too: they merge
+            # again at their next pass). A convoy otherwise stays merged while any is live.
+            self.convoys.dissolve(rid, self.requests)
         st = self.requests.pop(rid, None)
         self.convoys.drop_dead(self.requests)
         if st is not None and trim:
