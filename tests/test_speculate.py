@@ -22,6 +22,7 @@ from mlxring.engine.speculate import (
     Drafter,
     lookup,
 )
+from mlxring.model.families import MADE
 
 from .ringutil import local_ring, reference, tiny_model, write_valid_config
 from .test_prompt_cache import complete, mlx_lm_turns
@@ -151,3 +152,20 @@ def test_drafts_that_give_fewer_tokens_a_second_than_plain_steps_are_misses() ->
     for _ in range(PLAIN_EVERY - WINDOW // 2):
         fast.took(3, 2, 0.2)
     assert fast.draft(text) == []  # a plain step now and then keeps its time known
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", list(MADE))
+async def test_every_family_is_exact_with_speculation_where_it_drafts(
+    tmp_path: Path, family: str
+) -> None:
+    """Every family: greedy output with speculation on equals mlx-lm's; families whose caches
+    cannot drop positions do not draft at all."""
+    model = tiny_model(family, scale=1.0)
+    want = reference(model, PERIODIC, 40)
+    cfg = write_valid_config(tmp_path, model, 2, extra_cluster=SPEC)
+    async with local_ring(cfg) as rt:
+        assert await generate(rt, PERIODIC, 40) == want
+        assert rt.engine is not None
+        if not rt.engine.speculative:
+            assert rt.engine.drafted == 0
