@@ -244,6 +244,17 @@ async def complete(
     return web.json_response(fmt.response(body, usage))
 
 
+async def first_row(rows: AsyncIterator[tuple[int, Piece]]) -> tuple[int, Piece] | None:
+    """A stream's first piece (None: there is none), read before its headers are sent, so that
+    a ring that cannot serve still gets a real 503."""
+    try:
+        return await anext(rows)
+    except RingUnavailable as e:
+        raise unavailable(str(e)) from None
+    except StopAsyncIteration:
+        return None
+
+
 async def stream(
     request: web.Request,
     req: GenerationRequest,
@@ -251,13 +262,7 @@ async def stream(
     rows: AsyncIterator[tuple[int, Piece]],
 ) -> web.StreamResponse:
     fmt = Formatter(request.app[STATE], req, request[RID])
-    # Headers wait for the first piece so that a ring that cannot serve still gets a real 503.
-    try:
-        item: tuple[int, Piece] | None = await anext(rows)
-    except RingUnavailable as e:
-        raise unavailable(str(e)) from None
-    except StopAsyncIteration:
-        item = None
+    item = await first_row(rows)
     resp = web.StreamResponse(headers={**SSE_HEADERS, "X-Request-Id": request[RID]})
     await resp.prepare(request)
     completion = cached = 0

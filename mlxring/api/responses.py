@@ -30,7 +30,7 @@ import structlog
 from aiohttp import web
 
 from mlxring.api.errors import ApiError, internal_error, unavailable
-from mlxring.api.openai import SSE_DONE, SSE_HEADERS
+from mlxring.api.openai import SSE_DONE, SSE_HEADERS, first_row
 from mlxring.api.schema import GenerationRequest
 from mlxring.api.state import RID, STATE, note
 from mlxring.engine.lifecycle import RingUnavailable
@@ -264,12 +264,7 @@ async def respond(
         usage = _usage(n_prompt, last.completion_tokens, last.cached)
         note(request, prompt_tokens=n_prompt, completion_tokens=last.completion_tokens)
         return web.json_response(shapes.response(items.output, last.finish_reason, usage))
-    try:
-        item: tuple[int, Piece] | None = await anext(rows)
-    except RingUnavailable as e:
-        raise unavailable(str(e)) from None
-    except StopAsyncIteration:
-        item = None
+    item = await first_row(rows)
     resp = web.StreamResponse(headers={**SSE_HEADERS, "X-Request-Id": request[RID]})
     await resp.prepare(request)
     ev = shapes.event

@@ -157,6 +157,31 @@ def spawn_for(
     )
 
 
+def on_fresh_ring(
+    spec: str, args: argparse.Namespace, work: Path, what: str, run: Any, **cluster: bool
+) -> Any:
+    """`run(url)` (a coroutine function) against a ring spawned for it with `cluster`'s
+    settings (`spawn_for`), stopped after; `what` names the ring in the progress line."""
+    config, procs = spawn_for(spec, args, work, **cluster)
+    try:
+        url = head_url(config)
+        progress(f"waiting for the ring at {url} ({what}) ...")
+        asyncio.run(wait_healthy(url, 600, procs, work))
+        return asyncio.run(run(url))
+    finally:
+        stop(procs)
+
+
+def refuse_config(args: argparse.Namespace, option: str, rings: str) -> bool:
+    """Whether `option` was given with --config, said in one line: it spawns its own rings."""
+    if args.config:
+        print(
+            f"mlxring: {option} spawns its own rings ({rings}); leave out --config",
+            file=sys.stderr,
+        )
+    return bool(args.config)
+
+
 async def stream_completion(
     session: aiohttp.ClientSession,
     url: str,

@@ -13,7 +13,6 @@ token for token (`same_text`). A random-weight model copies nothing: its accepta
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import re
 import sys
@@ -27,11 +26,9 @@ import aiohttp
 from mlxring.commands.bench import (
     bench_model,
     completion_chunks,
-    head_url,
+    on_fresh_ring,
     progress,
-    spawn_for,
-    stop,
-    wait_healthy,
+    refuse_config,
 )
 from mlxring.log import setup_logging
 from mlxring.model.checkpoint import ModelError
@@ -94,28 +91,23 @@ def ring_decode(
     spec: str, args: argparse.Namespace, speculative: bool, work: Path, prompt: list[int]
 ) -> tuple[float, str, dict[str, float]]:
     """Decode tok/s (the better of two runs, after a warm-up) on a freshly spawned ring."""
+
+    async def run(url: str) -> tuple[float, str, dict[str, float]]:
+        await decode(url, prompt, 8)  # warm-up: kernels of the shapes measured
+        runs = [await decode(url, prompt, args.gen_tokens) for _ in range(2)]
+        return max(r[0] for r in runs), runs[0][1], await counters(url)
+
     work.mkdir()
-    config, procs = spawn_for(spec, args, work, speculative=speculative)
-    try:
-        url = head_url(config)
-        what = "with" if speculative else "without"
-        progress(f"waiting for the ring at {url} ({what} speculation) ...")
-        asyncio.run(wait_healthy(url, 600, procs, work))
-        asyncio.run(decode(url, prompt, 8))  # warm-up: kernels of the shapes measured
-        runs = [asyncio.run(decode(url, prompt, args.gen_tokens)) for _ in range(2)]
-        return max(r[0] for r in runs), runs[0][1], asyncio.run(counters(url))
-    finally:
-        stop(procs)
+    what = f"{'with' if speculative else 'without'} speculation"
+    result: tuple[float, str, dict[str, float]] = on_fresh_ring(
+        spec, args, work, what, run, speculative=speculative
+    )
+    return result
 
 
 def run_speculative(args: argparse.Namespace) -> int:
     setup_logging()
-    if args.config:
-        print(
-            "mlxring: --speculative spawns its own rings (with and without speculation); "
-            "leave out --config",
-            file=sys.stderr,
-        )
+    if refuse_config(args, "--speculative", "with and without speculation"):
         return 2
     try:
         spec, model = bench_model(args)

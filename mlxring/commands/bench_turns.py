@@ -20,7 +20,6 @@ says whether they did.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import sys
 import tempfile
@@ -36,14 +35,12 @@ from mlxring.commands.bench import (
     baseline_dir,
     bench_model,
     completion_chunks,
-    head_url,
     make_prompt,
     node_work,
+    on_fresh_ring,
     progress,
+    refuse_config,
     settled_status,
-    spawn_for,
-    stop,
-    wait_healthy,
 )
 from mlxring.log import setup_logging
 from mlxring.model.checkpoint import ModelError
@@ -208,24 +205,13 @@ async def conversation(
 
 def ring_run(spec: str, args: argparse.Namespace, cache: bool, work: Path, run: Any) -> Any:
     """`run(url)` against a freshly spawned ring with the prompt cache on or off."""
-    config, procs = spawn_for(spec, args, work, prompt_cache=cache)
-    try:
-        url = head_url(config)
-        progress(f"waiting for the ring at {url} (prompt cache {'on' if cache else 'off'}) ...")
-        asyncio.run(wait_healthy(url, 600, procs, work))
-        return asyncio.run(run(url))
-    finally:
-        stop(procs)
+    what = f"prompt cache {'on' if cache else 'off'}"
+    return on_fresh_ring(spec, args, work, what, run, prompt_cache=cache)
 
 
 def run_turns(args: argparse.Namespace) -> int:
     setup_logging()
-    if args.config:
-        print(
-            "mlxring: --turns spawns its own rings (with and without the prompt cache); "
-            "leave out --config",
-            file=sys.stderr,
-        )
+    if refuse_config(args, "--turns", "with and without the prompt cache"):
         return 2
     n, h, gen, more = args.turns, args.history_tokens, args.gen_tokens, args.turn_tokens
     need = context_needed(n, h, gen, more)
