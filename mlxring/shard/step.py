@@ -114,9 +114,11 @@ class Stepper:
             self.convoys.dissolve(rid, self.requests)
         st = self.requests.pop(rid, None)
         self.convoys.drop_dead(self.requests)
-        if st is not None and trim:
+        if st is None or not keep:
+            return  # nothing to keep: its rejected drafts go with the rest of it
+        if trim:
             drop_positions(st, trim)
-        if st is not None and keep and st.positions == keep:
+        if st.positions == keep:
             # Computed here: a later request's first step may run on the other thread, which
             # cannot compute what this one left (MLX streams are per thread).
             mx.eval(st.arrays())
