@@ -89,7 +89,7 @@ def through_prebuilt(
         f = Forward("r", k, (prompt[-1] if k == 0 else out[-1],), True, layer=0)
         for i, s in enumerate(shards):
             t = time.perf_counter()
-            spec = placeholder.input_of(f, 1, s.is_first)
+            spec = placeholder.input_of(f, 1, 1, s.is_first)
             assert spec is not None
             shape, dtype = spec
             slot = placeholder.place([("r", k)], shape, dtype, s.is_first)

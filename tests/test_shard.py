@@ -351,6 +351,55 @@ async def test_a_lone_requests_next_decode_step_is_built_before_its_input_arrive
             assert mx.array_equal(got.h, exp.h), (wired, got.seq)
 
 
+@pytest.mark.parametrize("gates", [False, True])
+async def test_a_step_with_drafts_has_its_next_built_as_wide_and_a_trim_computes_on_arrival(
+    gates: bool,
+) -> None:
+    """A step verifying drafts has its request's next step built ahead as wide (the head drafts
+    as many again while they are kept), on the first-and-last shard and on a middle one; a step
+    of another width, or one that first drops rejected positions, does not fit and is computed
+    on arrival. Every output equals computing each step on arrival. With `gates`, the
+    process's backend builds (on CUDA: launched behind a gate)."""
+    path = tiny_model("qwen3")
+    n_layers = load_shard(path, 0, 1).n_layers
+    steps = [
+        Forward("r", 0, tuple(range(1, 9)), True),
+        Forward("r", 1, (9, 4, 17), True, draft=2),
+        Forward("r", 2, (2, 30, 5), True, draft=2),  # as wide: the built step takes it
+        Forward("r", 3, (7,), True, trim=1),  # drops a position first: computed on arrival
+        Forward("r", 4, (8, 1, 2, 3), True, draft=3),  # wider than built: on arrival
+        Forward("r", 5, (4, 5, 6, 7), True, draft=3),  # as wide again: built
+    ]
+    widths = [None, 3, 3, 1, 4, 4]  # the width each step has its next one built at
+    sent, keep = recorder()
+    whole = shard("a", load_shard(path, 0, n_layers), keep, gates=gates)
+    direct = stepper("b", load_shard(path, 0, n_layers))
+    for f, width in zip(steps, widths, strict=True):
+        await whole.handle(f)
+        built = whole._built
+        if width is None:
+            assert built is None
+        else:
+            slot = built.slot if isinstance(built, Prebuilt) else built.hold.slot
+            assert slot.buf.shape == (1, width)
+    assert sent == [direct.step(f) for f in steps]
+
+    first = stepper("f", load_shard(path, 0, 1))
+    inputs = [first.step(f) for f in steps]
+    sent.clear()
+    mid = shard("m", load_shard(path, 1, 2), keep, gates=gates)
+    ref = stepper("d", load_shard(path, 1, 2))
+    want = []
+    for f in inputs:
+        assert isinstance(f, Forward)
+        want.append(ref.step(f))
+        await mid.handle(_over_the_wire(f))
+    for got, exp in zip(sent, want, strict=True):
+        assert isinstance(got, Forward) and isinstance(exp, Forward)
+        assert isinstance(got.h, mx.array) and isinstance(exp.h, mx.array)
+        assert mx.array_equal(got.h, exp.h), got.seq
+
+
 async def test_a_shard_whose_next_node_is_in_its_process_does_not_build_ahead() -> None:
     """Building ahead runs on the process's one loop thread: while the output crosses to another
     process that is free time, but when the next shard is in this process it would wait for

@@ -88,12 +88,13 @@ def can_build(caches: Sequence[Any]) -> bool:
 
 
 def input_of(
-    f: Forward | ForwardBatch, rows: int, first: bool
+    f: Forward | ForwardBatch, rows: int, width: int, first: bool
 ) -> tuple[tuple[int, ...], mx.Dtype] | None:
-    """The shape and dtype of the input that the next decode step of `f`'s `rows` requests
-    brings to a shard (token ids on the first); None when `f` carries no activations to go by."""
+    """The shape and dtype of the input that the next step of `f`'s `rows` requests brings to
+    a shard, `width` positions a row (token ids on the first); None when `f` carries no
+    activations to go by."""
     if first:
-        return (rows, 1), mx.int32
+        return (rows, width), mx.int32
     if isinstance(f.h, Tensor):
         return f.h.shape, wire.DTYPES[f.h.dtype][0]
     if f.h is not None:
@@ -102,13 +103,15 @@ def input_of(
 
 
 def next_slot(model: ShardModel, parts: Parts, caches: list[Any]) -> Slot | None:
-    """The placeholder for the next decode step of the rows of `parts`, where one can be built:
-    a convoy's activations come as one ForwardBatch; on the first shard its tokens come one
-    message per request, gathered into one pass as they are in `parts`."""
+    """The placeholder for the next step of the rows of `parts`, as wide as theirs (a decode
+    step's one position, or a step's token and drafts), where one can be built: a convoy's
+    activations come as one ForwardBatch; on the first shard its tokens come one message per
+    request, gathered into one pass as they are in `parts`."""
     rows = rows_of(parts)
-    if not can_build(caches) or (len(parts) > 1 and not model.is_first):
+    widths = {len(r.tokens) for r in rows}
+    if not can_build(caches) or (len(parts) > 1 and not model.is_first) or len(widths) != 1:
         return None
-    spec = input_of(parts[0], len(rows), model.is_first)
+    spec = input_of(parts[0], len(rows), widths.pop(), model.is_first)
     if spec is None:
         return None
     return place([(r.rid, r.seq + 1) for r in rows], *spec, model.is_first)

@@ -184,10 +184,10 @@ class ShardActor(Actor[Message | Sweep | Reconfigure]):
         """Whether `parts` are the steps that `built` was built for."""
         rows = rows_of(parts)
         keys = tuple((r.rid, r.seq) for r in rows)
-        return keys == built.rows and all(map(self.stepper.continues, rows))
+        return keys == built.rows and all(map(self.stepper.builds_on, rows))
 
     def _build_next(self, parts: list[Forward | ForwardBatch]) -> None:
-        """Have the backend build the next decode step of the requests of `parts` now, while
+        """Have the backend build the next step of the requests of `parts` now, while
         nothing else waits: only when they are every request of the shard (one, or one convoy)
         and only while the output is on its way to another process."""
         m = self.model
@@ -195,7 +195,9 @@ class ShardActor(Actor[Message | Sweep | Reconfigure]):
         if m is None or self.next_local or self.backlog or self.compute.queued:
             return
         caches = self.stepper.caches_of_all(tuple(r.rid for r in rows))
-        if caches is not None and all(r.is_decode for r in rows):
+        # The next step is built like this one: a decode step like a decode step, a step with
+        # drafts like one with as many (the head drafts as many again while they are kept).
+        if caches is not None and all(r.sample and (len(r.tokens) == 1 or r.draft) for r in rows):
             self._built = self.backend.build(m, parts, caches, self.compute.run)
 
     async def pass_probe(self, msg: Probe) -> None:

@@ -173,6 +173,20 @@ class Stepper:
         m = self.model
         return m is not None and f.is_decode and f.layer == m.start and f.rid in self.requests
 
+    def builds_on(self, f: Forward) -> bool:
+        """Whether a step built ahead can take `f`: a sampled step (a decode, or one verifying
+        drafts) of a request under way here with no positions to drop first (a built step
+        starts where the request's caches stood after its last one)."""
+        m = self.model
+        return (
+            m is not None
+            and f.sample
+            and (len(f.tokens) == 1 or f.draft > 0)
+            and not f.trim
+            and f.layer == m.start
+            and f.rid in self.requests
+        )
+
     def _array(self, h: mx.array | Tensor | None) -> mx.array:
         if h is None:
             raise StepError("a step reached a shard without activations")
