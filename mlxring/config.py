@@ -69,7 +69,7 @@ class ClusterConfig:
     # way (a conversation's next turn) prefills only its new tokens (shard/prefix.py).
     prompt_cache: bool = True
     # Draft tokens from the request's own text and verify them in one pass around the ring
-    # (engine/speculate.py): greedy requests only, output unchanged; off by itself where the
+    # (engine/speculate.py): output unchanged, greedy or sampled; off by itself where the
     # model's caches cannot drop rejected drafts. Off by default until measured to cost
     # nothing where nothing is copied (benchmarks/RESULTS.md).
     speculative: bool = False

@@ -135,8 +135,8 @@ class Engine:
         cache_prompt: bool = True,
     ) -> AsyncIterator[GeneratedToken]:
         """The request's tokens as they come; `speculate`: draft tokens for it where the
-        engine speculates and its sampling allows (greedy, no processors, grammar or
-        logprobs); `cache_prompt`: start from the prompt cache and leave an entry in it."""
+        engine speculates and its sampling allows (no penalties, grammar or logprobs);
+        `cache_prompt`: start from the prompt cache and leave an entry in it."""
         if not prompt:
             raise ValueError("the prompt has no tokens")
         if max_tokens < 1:
@@ -254,14 +254,13 @@ class Engine:
 
     @staticmethod
     def _speculable(p: SamplingParams) -> bool:
-        """Whether drafts can be verified for a request sampling with `p`: greedy, and
-        nothing that reads or changes the logits (shard.checks refuses others)."""
+        """Whether drafts can be verified for a request sampling with `p`: nothing whose
+        logits depend on the tokens before each position (penalties, a grammar), no logprobs
+        (shard.checks refuses others); greedy or sampled, a logit bias or not."""
         return (
-            p.temperature == 0
-            and p.repetition_penalty is None
-            and p.presence_penalty is None
-            and p.frequency_penalty is None
-            and not p.logit_bias
+            not p.repetition_penalty
+            and not p.presence_penalty
+            and not p.frequency_penalty
             and p.grammar is None
             and p.logprobs is None
         )

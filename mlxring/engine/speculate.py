@@ -7,8 +7,8 @@ last token and the drafts around the ring, the last shard samples at every posit
 the drafts the model agrees with (`shard.sample.verify`), and each kept draft saves a trip.
 Prompt lookup drafts the tokens that followed the latest earlier occurrence of the text's last
 few tokens, in the prompt or the answer so far: agents that edit code and quote documents
-repeat long runs of their input. Greedy output is unchanged: a draft is kept only where it is
-the token the model gives there.
+repeat long runs of their input. Output is unchanged: a draft is kept only where it is the
+token the request's own sampling draws there (greedy, or the speculative-sampling rule).
 
 `Drafter` is one request's: it drafts only while its drafts are worth it. A step whose drafts
 the model all rejects, or that gave fewer tokens a second than plain steps do (where the

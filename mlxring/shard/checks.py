@@ -70,7 +70,9 @@ MAX_DRAFT = 16
 def drafts(f: Forward, st: RequestState | None, last: bool) -> str | None:
     """Why a step's speculation fields do not fit its request here, or None: drafts and
     trims come in later steps only, a trim within what the request holds, drafts only of
-    requests the last shard verifies greedily (no processors, grammar or logprobs)."""
+    requests the last shard can verify at every position at once (`sample.verify`): none
+    whose logits depend on the tokens before each position (penalties, a grammar) or that
+    asks for logprobs; a logit bias is the same at every position."""
     if not f.draft and not f.trim:
         return None
     if st is None:
@@ -79,10 +81,10 @@ def drafts(f: Forward, st: RequestState | None, last: bool) -> str | None:
         return f"step {f.seq} of {f.rid} drafts {f.draft} and trims {f.trim} positions"
     if f.draft and (not f.sample or len(f.tokens) != f.draft + 1):
         return f"step {f.seq} of {f.rid} carries {len(f.tokens)} tokens for {f.draft} drafts"
-    if f.draft and last and (st.processors or st.grammar or st.logprobs is not None):
-        return f"request {f.rid} samples with processors, a grammar or logprobs: no drafts"
-    if f.draft and last and st.params is not None and st.params.temperature > 0:
-        return f"request {f.rid} samples at a temperature: no drafts"
+    # mlx-lm makes the logit bias's processor first, a penalty's only for one other than 0.
+    bias = 1 if st.params is not None and st.params.logit_bias else 0
+    if f.draft and last and (st.grammar or st.logprobs is not None or len(st.processors) > bias):
+        return f"request {f.rid} samples with penalties, a grammar or logprobs: no drafts"
     return None
 
 

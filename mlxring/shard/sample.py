@@ -1,6 +1,6 @@
 """The last shard's sampling: mlx-lm's samplers and logits processors on a step's logits, a
 request's grammar mask (`grammar`), its own PRNG key when it gave a seed, and the
-log-probabilities it asked for."""
+log-probabilities it asked for; and the verification of a step's drafts (`verify`)."""
 
 from __future__ import annotations
 
@@ -16,9 +16,8 @@ from mlxring.shard.grammar import GrammarError
 from mlxring.shard.state import RequestState
 
 
-def _seeded(st: RequestState, p: SamplingParams, logprobs: mx.array) -> mx.array:
-    """mlx-lm's sampling chain (top_p, min_p, top_k, then categorical at the temperature)
-    drawn from the request's own key, so a seed gives the same text whatever else runs."""
+def _chain(p: SamplingParams, logprobs: mx.array) -> mx.array:
+    """mlx-lm's filters of make_sampler's chain (top_p, min_p, top_k), row by row."""
     x = logprobs
     if 0 < p.top_p < 1:
         x = apply_top_p(x, p.top_p)
@@ -26,9 +25,35 @@ def _seeded(st: RequestState, p: SamplingParams, logprobs: mx.array) -> mx.array
         x = apply_min_p(x, p.min_p)
     if p.top_k > 0:
         x = apply_top_k(x, p.top_k)
-    assert st.key is not None
-    st.key, sub = mx.random.split(st.key)
-    return mx.random.categorical(x * (1 / p.temperature), key=sub)
+    return x
+
+
+def _draw(st: RequestState, logprobs: mx.array) -> tuple[mx.array, list[mx.array]]:
+    """A token for each row of `logprobs` (consecutive positions), each drawn as a step of
+    its own would draw it: mlx-lm's sampler (greedy, or its chain then categorical at the
+    temperature) from MLX's global PRNG, or, for a request with a seed, the same chain drawn
+    from its own key, split once per position so a seed gives the same text whatever else
+    runs and however its positions were grouped into steps. Also the request's key after
+    each row (none without a seed): the caller keeps the one after the last row it uses."""
+    p = st.params
+    if st.key is not None and p is not None and p.temperature > 0:
+        scaled = _chain(p, logprobs) * (1 / p.temperature)
+        key, keys, ys = st.key, [], []
+        for i in range(logprobs.shape[0]):
+            key, sub = mx.random.split(key)
+            keys.append(key)
+            ys.append(mx.random.categorical(scaled[i : i + 1], key=sub))
+        return mx.concatenate(ys), keys
+    assert st.sampler is not None
+    try:
+        y = st.sampler(logprobs)
+        mx.eval(y)
+    except Exception:
+        # A failure inside mlx-lm's compiled samplers leaves the global PRNG state
+        # unusable for every later request: give it a fresh one.
+        mx.random.seed(time.time_ns() % (1 << 63))
+        raise
+    return y, []
 
 
 def sample(f: Forward, st: RequestState, logits: mx.array) -> Token | Failure:
@@ -42,18 +67,9 @@ def sample(f: Forward, st: RequestState, logits: mx.array) -> Token | Failure:
             return Failure(f.rid, f"GrammarError: {why}")
         logits = st.grammar(st.history, logits)
     logprobs = logits - mx.logsumexp(logits, keepdims=True)
-    assert st.sampler is not None
-    if st.key is not None and st.params is not None and st.params.temperature > 0:
-        y = _seeded(st, st.params, logprobs)
-    else:
-        try:
-            y = st.sampler(logprobs)
-            mx.eval(y)
-        except Exception:
-            # A failure inside mlx-lm's compiled samplers leaves the global PRNG state
-            # unusable for every later request: give it a fresh one.
-            mx.random.seed(time.time_ns() % (1 << 63))
-            raise
+    y, keys = _draw(st, logprobs)
+    if keys:
+        st.key = keys[0]
     token = cast(int, y.item())
     if st.grammar is not None:
         try:
@@ -78,15 +94,31 @@ def sample(f: Forward, st: RequestState, logits: mx.array) -> Token | Failure:
 
 def verify(f: Forward, st: RequestState, logits: mx.array) -> Token:
     """A step with drafts (`f.tokens`: the last token, then `f.draft` drafted ones): the
-    model's greedy token at every position, kept while it agrees with the draft that follows,
-    and the first that does not (or the one after all of them): what one position at a time
-    would have given. Greedy requests without processors, grammar or logprobs only (the
-    head drafts for no others; the screen refuses a draft step of one)."""
-    ys = cast(list[int], mx.argmax(logits[0], axis=-1).tolist())
+    token drawn at every position, kept while it is the draft that follows, and the first
+    that is not (or the one after all of them). Each position draws as a step of its own
+    would (`_draw`: its sampler, its key), so greedy output is what one position at a time
+    gives, and sampled output is the speculative-sampling rule (Leviathan et al., Chen et
+    al.) for drafts that are certain (q one-hot at the draft d): the draw y at a position is
+    d with probability p(d), the rule's acceptance min(1, p(d)/q(d)); a y that is not d is
+    drawn from p without d, renormalized, the rule's residual max(p - q, 0). The output's
+    distribution is normal sampling's, and a seeded request's text does not depend on which
+    positions were drafted (up to the last bits of logits computed in steps of other
+    lengths, as for greedy text). The logit bias applies as in `sample`; requests with other
+    processors, a grammar or logprobs are not drafted for (the screen refuses them:
+    `checks.drafts`)."""
+    rows = logits[0]
+    for processor in st.processors:  # a logit bias: the same at every position
+        assert st.history is not None
+        rows = processor(st.history, rows)
+    logprobs = rows - mx.logsumexp(rows, axis=-1, keepdims=True)
+    y, keys = _draw(st, logprobs)
+    ys = cast(list[int], y.tolist())
     drafts = f.tokens[1:]
     n = 0
     while n < len(drafts) and ys[n] == drafts[n]:
         n += 1
+    if keys:  # the positions after the last token used draw again in later steps
+        st.key = keys[n]
     return Token(f.rid, f.seq, ys[0], spent=f.spent, hops=f.hops, more=tuple(ys[1 : n + 1]))
 
 
