@@ -108,6 +108,8 @@ def next_slot(model: ShardModel, parts: Parts, caches: list[Any]) -> Slot | None
     rows = rows_of(parts)
     if not can_build(caches) or (len(parts) > 1 and not model.is_first):
         return None
+    if not all(r.is_decode for r in rows):  # rows of several positions: computed as they come
+        return None
     spec = input_of(parts[0], len(rows), model.is_first)
     if spec is None:
         return None
