@@ -20,7 +20,7 @@ from mlx_lm.models.cache import BatchKVCache, KVCache
 from mlxring.backends import pick
 from mlxring.model.families import MADE
 from mlxring.model.sharded import load_shard
-from mlxring.protocol.messages import Forward, ForwardBatch, Message, Token
+from mlxring.protocol.messages import Forward, ForwardBatch, Message, SamplingParams, Token
 from mlxring.ring.runtime import Runtime
 from mlxring.shard.convoys import drop_last, wide_rows
 from mlxring.shard.step import Stepper
@@ -68,9 +68,10 @@ def test_dropping_each_rows_last_positions_of_merged_caches_is_kvcache_trim(
 
 
 def test_a_pass_of_draft_trim_and_plain_rows_gives_what_each_step_alone_gives() -> None:
-    """Three requests through a shard split in two: a pass where one row verifies drafts,
-    one drops positions first and one decodes plainly gives each row the Token its step gives
-    run alone, and leaves each request's caches as the lone steps leave them."""
+    """Four requests through a shard split in two: a pass where one row verifies drafts,
+    one drops positions first, one decodes greedily and one samples (a seed) gives each row
+    the Token its step gives run alone, and leaves each request's caches as the lone steps
+    leave them."""
     path = tiny_model("qwen3", scale=1.0)
     n = load_shard(path, 0, 1).n_layers
     halves = [(0, n // 2), (n // 2, n)]
@@ -90,16 +91,22 @@ def test_a_pass_of_draft_trim_and_plain_rows_gives_what_each_step_alone_gives() 
                 out = s.step_batch(cast(list[Forward | ForwardBatch], out))
         return out
 
+    sampled = SamplingParams(temperature=0.8, seed=3)  # r3: a row sampled on its own key
+    firsts = []
     for shards in (batched, alone):
-        for i, p in enumerate(prompts):
-            through(shards, [Forward(f"r{i}", 0, tuple(p[:-1]), False)])
-            tok = through(shards, [Forward(f"r{i}", 1, (p[-1],), True)])
-            assert cast(Token, tok[0]).token == want[i][0]
+        for i, p in enumerate([*prompts, PERIODIC[:20]]):
+            params = sampled if i == 3 else None
+            through(shards, [Forward(f"r{i}", 0, tuple(p[:-1]), False, params=params)])
+            tok = cast(Token, through(shards, [Forward(f"r{i}", 1, (p[-1],), True)])[0])
+            assert i == 3 or tok.token == want[i][0]
+        firsts.append(tok.token)
+    assert firsts[0] == firsts[1]
     # r0 drafts its next four tokens, the last one wrong; r1 decodes with a trim of one (a
-    # rejected draft it fed before: its last token, fed again); r2 decodes plainly.
+    # rejected draft it fed before: its last token, fed again); r2 and r3 decode plainly.
     steps = [
         Forward("r0", 2, (want[0][0], *want[0][1:4], 0), True, draft=4),
         Forward("r2", 2, (want[2][0],), True),
+        Forward("r3", 2, (firsts[0],), True),
     ]
     for shards in (batched, alone):
         through(shards, [Forward("r1", 2, (want[1][0],), True)])  # fed, then "rejected"
@@ -109,7 +116,7 @@ def test_a_pass_of_draft_trim_and_plain_rows_gives_what_each_step_alone_gives() 
     assert together == lone
     first = cast(Token, together[0])
     assert (first.token, *first.more) == tuple(want[0][1:5])  # three drafts kept
-    assert [cast(Token, t).token for t in together[1:]] == [want[1][1], want[2][1]]
+    assert [cast(Token, t).token for t in together[1:3]] == [want[1][1], want[2][1]]
     assert batched[0].batched_draft_rows == 1 and batched[0].convoys.merged
     # The convoy's next pass, on the caches the first left: r0 drops its rejected draft and
     # drafts again (none kept), the others decode plainly; then the caches are the lone ones.
@@ -117,11 +124,12 @@ def test_a_pass_of_draft_trim_and_plain_rows_gives_what_each_step_alone_gives() 
         Forward("r0", 3, (want[0][4], 0, 0), True, draft=2, trim=1),
         Forward("r1", 4, (want[1][1],), True),
         Forward("r2", 3, (want[2][1],), True),
+        Forward("r3", 3, (cast(Token, together[3]).token,), True),
     ]
     assert through(batched, nxt) == [through(alone, [f])[0] for f in nxt]
     assert [len(b.convoys.merged) for b in batched] == [1, 1]  # one convoy all along
     for b, a in zip(batched, alone, strict=True):
-        for rid in ("r0", "r1", "r2"):
+        for rid in ("r0", "r1", "r2", "r3"):
             b.convoys.dissolve(rid, b.requests)
             assert b.requests[rid].positions == a.requests[rid].positions
             for cb, ca in zip(b.requests[rid].caches, a.requests[rid].caches, strict=True):
