@@ -129,7 +129,7 @@ class Forward:
     @property
     def is_decode(self) -> bool:
         """One token in, one sampled out: a decode step (or a prompt's last token), not a
-        prompt chunk; one that trims its caches first runs alone, not in a batched pass."""
+        prompt chunk; one that trims its caches first is not one (`is_speculative`)."""
         return self.sample and len(self.tokens) == 1 and not self.trim
 
     @property
