@@ -111,6 +111,8 @@ def next_slot(model: ShardModel, parts: Parts, caches: list[Any]) -> Slot | None
     widths = {len(r.tokens) for r in rows}
     if not can_build(caches) or (len(parts) > 1 and not model.is_first) or len(widths) != 1:
         return None
+    if len(rows) > 1 and widths != {1}:  # a convoy's rows of several positions: as they come
+        return None
     spec = input_of(parts[0], len(rows), widths.pop(), model.is_first)
     if spec is None:
         return None

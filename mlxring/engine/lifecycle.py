@@ -219,11 +219,10 @@ class Engine:
                     step = Forward(rid, seq, (last, *drafts), True, draft=len(drafts), trim=trim)
                     trim = 0  # the step carries it: End must not drop it again
                     sent_at = time.perf_counter()
-                    if step.is_decode:
-                        await self._decode_step(step)
-                    else:  # drafts to verify, or a trim: a step of its own, not a convoy's
-                        await self._leave_convoy(rid)
-                        await self._step(step)
+                    # With drafts to verify or a trim too, a convoy's step: shards whose
+                    # caches take rows of several positions run it in the convoy's pass
+                    # (`shard.convoys.wide_rows`), others alone as it comes.
+                    await self._decode_step(step)
                 else:
                     await self._leave_convoy(rid)
                     ended = True

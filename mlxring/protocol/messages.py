@@ -129,14 +129,23 @@ class Forward:
     @property
     def is_decode(self) -> bool:
         """One token in, one sampled out: a decode step (or a prompt's last token), not a
-        prompt chunk; one that trims its caches first runs alone, not in a batched pass."""
+        prompt chunk; one that trims its caches first is not one (`is_speculative`)."""
         return self.sample and len(self.tokens) == 1 and not self.trim
+
+    @property
+    def is_speculative(self) -> bool:
+        """A sampled step with drafts to verify (the last token and the drafts) or a trim
+        first: a decode step of several positions, which joins a batched pass only where the
+        shards' caches take rows of several positions (`shard.convoys.wide_rows`)."""
+        return self.sample and bool(self.draft or self.trim) and len(self.tokens) == 1 + self.draft
 
 
 @dataclass(frozen=True)
 class ForwardBatch:
     """Decode steps of several requests run as one forward pass: each row carries its
-    request's fields (with `h` None) and `h` is their hidden states, [B, 1, D] in row order.
+    request's fields (with `h` None) and `h` is their hidden states, [B, L, D] in row order:
+    L is 1, or the most positions a row carries (drafts to verify); a row of fewer is padded
+    on the right (causal attention keeps the padding from its real positions).
     A received batch has at least one row and a tensor of one row per row (codec checks)."""
 
     rows: tuple[Forward, ...]

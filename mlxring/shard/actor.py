@@ -99,6 +99,10 @@ class ShardActor(Actor[Message | Sweep | Reconfigure]):
     def batched_rows(self) -> int:
         return self.stepper.batched_rows
 
+    @property
+    def batched_draft_rows(self) -> int:
+        return self.stepper.batched_draft_rows
+
     async def handle(self, msg: Message | Sweep | Reconfigure) -> None:
         built, self._built = self._built, None  # only the very next message may use it
         if isinstance(msg, Forward | ForwardBatch):
@@ -257,7 +261,7 @@ class ShardActor(Actor[Message | Sweep | Reconfigure]):
 
     def _is_decode(self, msg: object) -> bool:
         return isinstance(msg, Forward | ForwardBatch) and all(
-            map(self.stepper.continues, rows_of([msg]))
+            map(self.stepper.joins, rows_of([msg]))
         )
 
     def _batches(self) -> bool:

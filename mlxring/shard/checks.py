@@ -274,14 +274,16 @@ class Screen:
 
     def _batch(self, b: ForwardBatch) -> Kept | None:
         lim = self.limits
-        whole = lim.activations(b.h, len(b.rows), 1)
+        # Rows with drafts carry several positions; the others are padded to the widest.
+        whole = lim.activations(b.h, len(b.rows), max(len(r.tokens) for r in b.rows))
         keep = []
         for i, r in enumerate(b.rows):
             why = whole or lim.place(r, r.rid in self.requests) or lim.tokens(r)
-            why = why or lim.sampling(r) or self._length(r, 1)
+            why = why or lim.sampling(r) or drafts(r, self.requests.get(r.rid), lim.last)
+            why = why or self._length(r, len(r.tokens))
             if why is None and r.rid not in self.requests:
                 why = f"no state for request {r.rid} at step {r.seq}"
-            if why is None and len(r.tokens) != 1:
+            if why is None and len(r.tokens) != 1 + r.draft:
                 why = f"a batched step of {r.rid} carries {len(r.tokens)} tokens"
             if why is not None:
                 self._refuse(r.rid, why)

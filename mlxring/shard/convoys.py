@@ -4,9 +4,13 @@ how many rows one pass may carry (`convoy_rows`)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, cast
 
+import mlx.core as mx
+from mlx_lm.models.cache import BatchKVCache, KVCache
+
+from mlxring.model.sharded import ShardModel
 from mlxring.protocol.messages import End, Failure, Forward, ForwardBatch
 from mlxring.shard.state import RequestState
 
@@ -20,7 +24,7 @@ def rids_in(msg: Forward | ForwardBatch | End | Failure) -> set[str]:
 
 
 def is_prompt_chunk(msg: object) -> bool:
-    return isinstance(msg, Forward) and not msg.is_decode
+    return isinstance(msg, Forward) and not (msg.is_decode or msg.is_speculative)
 
 
 def convoy_rows(max_batch: int, requests: int, stages: int) -> int:
@@ -28,6 +32,50 @@ def convoy_rows(max_batch: int, requests: int, stages: int) -> int:
     the requests split into one convoy per stage, so that every stage has a convoy to run
     while the others run theirs (one convoy of all would leave all but one stage idle)."""
     return max(1, min(max_batch, -(-requests // stages)))
+
+
+def wide_rows(model: ShardModel) -> bool:
+    """Whether a batched pass may carry rows of several positions (drafts to verify) and rows
+    that first drop their last positions (a trim): where every layer of the whole model (so
+    every shard decides alike) has mlx-lm's plain KV cache, whose merged form
+    (`BatchKVCache`) drops each row's last positions exactly (`drop_last`)."""
+    return model.family.batches and all(
+        type(c) is KVCache for c in model.family.make_cache(model._model)
+    )
+
+
+def drop_last(caches: Sequence[Any], counts: Sequence[int]) -> None:
+    """Drop the last `counts[i]` positions of row `i` of merged caches (BatchKVCache): the
+    positions every row drops by `trim` (nothing moves), the rest as mlx-lm's right padding
+    (`prepare(right_padding=...)`, `finalize`): each row rolled right by its count, the dropped
+    positions wrapped to its left, where its left padding masks them. Then the left padding all
+    rows share is cut off, so that the caches do not grow by what the rows dropped."""
+    common = min(counts)
+    rest = [n - common for n in counts]
+    for c in caches:
+        assert isinstance(c, BatchKVCache)
+        if common:
+            c.trim(common)
+        if any(rest):
+            c.prepare(right_padding=rest)
+            c.finalize()
+    if any(rest):
+        _cut_shared_padding(caches)
+
+
+def _cut_shared_padding(caches: Sequence[BatchKVCache]) -> None:
+    """Cut the left padding that every row of a cache has (as `BatchKVCache.filter` does):
+    the caches then hold as many positions as their longest row."""
+    least = [mx.min(c.left_padding) for c in caches]
+    mx.eval(least)  # one wait for all of them
+    for c, m in zip(caches, least, strict=True):
+        shared = cast(int, m.item())
+        keys, values, offset, left_padding, idx = c.state
+        if shared and keys is not None:
+            c.state = (
+                keys[..., shared:, :], values[..., shared:, :], offset, left_padding - shared,
+                idx - shared,
+            )  # fmt: skip
 
 
 class DecodePick:

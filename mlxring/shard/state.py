@@ -74,6 +74,12 @@ def drop_positions(st: RequestState, n: int) -> None:
     if not can_trim_prompt_cache(st.caches) or n > st.positions:
         raise ValueError(f"cannot drop {n} of {st.positions} positions from these caches")
     trim_prompt_cache(st.caches, n)
+    forget_positions(st, n)
+
+
+def forget_positions(st: RequestState, n: int) -> None:
+    """Take a request's last `n` positions off its count and its history (its caches, or its
+    convoy's merged ones, have dropped them)."""
     st.positions -= n
     if st.history is not None:
         st.history = st.history[:-n]

@@ -15,11 +15,17 @@ from mlxring.backends.base import Backend, Built
 from mlxring.model.sharded import ShardModel
 from mlxring.protocol.messages import Forward, ForwardBatch, Message, Tensor, rows_of
 from mlxring.shard.checks import Limits, Screen, kv_bound
-from mlxring.shard.convoys import Convoys
+from mlxring.shard.convoys import Convoys, drop_last, wide_rows
 from mlxring.shard.grammar import Grammars
 from mlxring.shard.prefix import PromptCache
 from mlxring.shard.sample import sample, sample_rows, verify
-from mlxring.shard.state import RequestState, cache_bytes, drop_positions, make_request_state
+from mlxring.shard.state import (
+    RequestState,
+    cache_bytes,
+    drop_positions,
+    forget_positions,
+    make_request_state,
+)
 
 #: A request measures the KV bytes of a position (`Stepper.per_position`) once it holds this
 #: many: a cache allocates in steps (mlx-lm's KVCache: 256 positions), so a shorter one would
@@ -67,6 +73,9 @@ class Stepper:
         self.kv_cache_gb = kv_cache_gb
         self.total_memory = total_memory
         self.limits = None if model is None else self._limits(model)
+        # Whether batched passes carry rows with drafts and trims (`convoys.wide_rows`);
+        # where not, such a step runs alone.
+        self.wide = model is not None and wide_rows(model)
         # KV bytes of one position here, the least a request of MEASURED_FROM positions or
         # more has held (0: none yet). A cache's allocation step puts it at most a quarter
         # above what a position costs; a sliding window makes it less over time.
@@ -79,12 +88,14 @@ class Stepper:
         self.prompts = PromptCache(self._prompt_bound())
         self.batches = 0  # forward passes that ran more than one request
         self.batched_rows = 0
+        self.batched_draft_rows = 0  # ... of those rows, steps with drafts to verify
 
     def reset(self, model: ShardModel | None) -> None:
         """Drop every request's state; take `model` (None: keep the current one)."""
         if model is not None:
             self.model = model
             self.limits = self._limits(model)
+            self.wide = wide_rows(model)
             self.per_position = 0.0
             self.prompts.max_bytes = self._prompt_bound()
         self.requests.clear()
@@ -187,6 +198,21 @@ class Stepper:
             and f.rid in self.requests
         )
 
+    def joins(self, f: Forward) -> bool:
+        """Whether `f` may join a batched pass: a decode step of a request under way here
+        (`continues`), or, where passes carry rows of several positions, such a request's
+        step with drafts to verify or a trim first."""
+        if self.continues(f):
+            return True
+        m = self.model
+        return (
+            self.wide
+            and m is not None
+            and f.is_speculative
+            and f.layer == m.start
+            and f.rid in self.requests
+        )
+
     def _array(self, h: mx.array | Tensor | None) -> mx.array:
         if h is None:
             raise StepError("a step reached a shard without activations")
@@ -240,7 +266,8 @@ class Stepper:
         self, parts: list[Forward | ForwardBatch], built: Built | None = None
     ) -> list[Message]:
         """Decode steps of several requests as one forward pass; `built`: the pass built ahead
-        on their merged caches, its input in place."""
+        on their merged caches, its input in place. Rows may carry drafts (several positions,
+        padded on the right to the widest) and trims (`wide`)."""
         model = self.model
         assert model is not None
         out = None if built is None else self.backend.output(built)
@@ -250,23 +277,51 @@ class Stepper:
             if out is not None:
                 h = out[0]
             else:
+                width = max(len(r.tokens) for r in rows)
+                if not self.wide and (width > 1 or any(r.trim for r in rows)):
+                    raise StepError("this model's caches take no batched drafts or trims")
+                caches = self.convoys.caches(rids, self.requests)
+                self._trim_rows(rows, caches)
                 if model.is_first:
-                    x = mx.array([[r.tokens[0]] for r in rows], dtype=mx.int32)
+                    x = mx.array(
+                        [[*r.tokens, *[r.tokens[-1]] * (width - len(r.tokens))] for r in rows],
+                        dtype=mx.int32,
+                    )
                 else:
                     hs = [self._array(p.h) for p in parts]
+                    width = max(width, *(a.shape[1] for a in hs))
+                    hs = [_pad_right(a, width) for a in hs]
                     x = hs[0] if len(hs) == 1 else mx.concatenate(hs, axis=0)
-                h = model(x, self.convoys.caches(rids, self.requests))
+                h = model(x, caches)
+                if width > 1:
+                    # The rows' padding leaves their caches: it is no position of theirs.
+                    drop_last(caches, [width - len(r.tokens) for r in rows])
             self._measure_rows(rows)
             return self._batch_out(model, rows, h)
         except Exception as e:
             raise BatchError(rids, f"{type(e).__name__}: {e}") from e
 
+    def _trim_rows(self, rows: list[Forward], caches: list[Any]) -> None:
+        """Drop each row's `trim` (its previous step's rejected drafts) from the merged
+        caches, and from its count and history."""
+        trims = [r.trim for r in rows]
+        if not any(trims):
+            return
+        for r in rows:
+            st = self.requests[r.rid]
+            if r.trim > st.positions:
+                raise ValueError(f"cannot drop {r.trim} of {st.positions} positions of {r.rid}")
+        drop_last(caches, trims)
+        for r in rows:
+            if r.trim:
+                forget_positions(self.requests[r.rid], r.trim)
+
     def _measure_rows(self, rows: list[Forward]) -> None:
-        """Count a pass's position of each of `rows`, and (see MEASURE_EVERY) each one's share
-        of their merged caches' bytes: a left-padded row holds as much as any."""
+        """Count a pass's positions of each of `rows`, and (see MEASURE_EVERY) each one's
+        share of their merged caches' bytes: a left-padded row holds as much as any."""
         states = [self.requests[r.rid] for r in rows]
-        for st in states:
-            st.positions += 1
+        for r, st in zip(rows, states, strict=True):
+            st.positions += len(r.tokens)
         if self.batches % MEASURE_EVERY and all(st.kv_bytes for st in states):
             return
         share = cache_bytes(self.convoys.merged.get(tuple(r.rid for r in rows), [])) // len(rows)
@@ -278,6 +333,7 @@ class Stepper:
         rids = tuple(r.rid for r in rows)
         self.batches += 1
         self.batched_rows += len(rows)
+        self.batched_draft_rows += sum(1 for r in rows if r.draft)
         if len(set(rids)) != len(rids):
             raise BatchError(rids, "a batch holds two steps of one request")
         now = time.monotonic()
@@ -287,14 +343,28 @@ class Stepper:
         return rows
 
     def _batch_out(self, model: ShardModel, rows: list[Forward], h: mx.array) -> list[Message]:
-        """A pass's output: its activations on to the next shard, or its rows' tokens."""
+        """A pass's output: its activations on to the next shard, or its rows' tokens (each
+        row with drafts verified on its own positions, the others sampled together from their
+        first)."""
         if model.is_last:
-            return sample_rows(rows, [self.requests[r.rid] for r in rows], model.logits(h))
+            states = [self.requests[r.rid] for r in rows]
+            if h.shape[1] == 1:
+                return sample_rows(rows, states, model.logits(h))
+            plain = [i for i, r in enumerate(rows) if not r.draft]
+            outs: dict[int, Message] = {}
+            if plain:
+                logits = model.logits(h[mx.array(plain), :1])
+                sampled = sample_rows([rows[i] for i in plain], [states[i] for i in plain], logits)
+                outs.update(zip(plain, sampled, strict=True))
+            for i, (r, st) in enumerate(zip(rows, states, strict=True)):
+                if r.draft:
+                    if st.remembers:
+                        st.remember(r.tokens)
+                    n = len(r.tokens)
+                    outs[i] = verify(r, st, model.logits(h[i : i + 1, :n], positions=n))
+            return [outs[i] for i in range(len(rows))]
         mx.eval(h)
-        out = tuple(
-            Forward(r.rid, r.seq, r.tokens, r.sample, layer=model.end, spent=r.spent, hops=r.hops)
-            for r in rows
-        )
+        out = tuple(replace(r, h=None, layer=model.end) for r in rows)
         return [ForwardBatch(out, h)]
 
     def _measure(self, f: Forward, st: RequestState) -> None:
@@ -329,3 +399,10 @@ class Stepper:
         if f.draft:
             return verify(f, st, model.logits(h, positions=f.draft + 1))
         return sample(f, st, model.logits(h))
+
+
+def _pad_right(h: mx.array, width: int) -> mx.array:
+    """Activations [B, L, D] padded with zeros to [B, width, D]: positions after a row's own,
+    which causal attention keeps from them."""
+    short = width - h.shape[1]
+    return h if not short else mx.pad(h, [(0, 0), (0, short), (0, 0)])
