@@ -35,7 +35,10 @@ def test_lookup_copies_what_followed_the_latest_run_like_the_end() -> None:
     text = [1, 2, 3, 4, 5, 9, 9, 1, 2, 3, 7, 8, 1, 2, 3]
     assert lookup(text, 3) == [7, 8, 1]  # the latest earlier "1 2 3" came before 7 8
     assert lookup([5, 6, 7, 8], 3) == []  # nothing repeats
-    assert lookup([4, 4, 4, 4], 5) == [4]  # what follows "4 4 4" (the run itself) ends there
+    # What follows "4 4 4" runs into the end: the copy goes on from its own start.
+    assert lookup([4, 4, 4, 4], 5) == [4, 4, 4, 4, 4]
+    assert lookup([9, 1, 2, 1, 2, 1, 2], 5) == [1, 2, 1, 2, 1]  # a period of two, whole
+    assert lookup([1, 2, 3, 4, 8, 1, 2, 3], 2) == [4, 8]  # far from the end: copied as is
     assert lookup(text + [5], 4) == []  # "3 5" never came before, nor "1 2 3 5"
 
 

@@ -38,17 +38,21 @@ WINDOW = 8
 
 
 def lookup(tokens: Sequence[int], k: int = DRAFT) -> list[int]:
-    """Up to `k` tokens that followed the latest earlier occurrence of the last MAX_NGRAM..
-    MIN_NGRAM tokens of `tokens` (the longest run that occurs), or none."""
+    """`k` tokens copied from what followed the latest earlier occurrence of the last
+    MAX_NGRAM..MIN_NGRAM tokens of `tokens` (the longest run that occurs), or none. A copy
+    that reaches the end of `tokens` goes on from its own start (text repeating with a
+    period shorter than `k`, as "a b a b", drafts whole periods, not one)."""
     n_tokens = len(tokens)
     for n in range(min(MAX_NGRAM, n_tokens - 1), MIN_NGRAM - 1, -1):
         tail = list(tokens[n_tokens - n :])
         # The latest occurrence that ends before the tail itself, searched backwards.
         for start in range(n_tokens - n - 1, -1, -1):
             if tokens[start] == tail[0] and list(tokens[start : start + n]) == tail:
-                follow = list(tokens[start + n : start + n + k])
-                if follow:
-                    return follow
+                source = start + n
+                out: list[int] = []
+                for j in range(source, source + k):
+                    out.append(tokens[j] if j < n_tokens else out[j - n_tokens])
+                return out
     return []
 
 
