@@ -1,0 +1,251 @@
+"""Speculative decoding's draft model: a small model with the model's tokenizer, loaded whole on
+the head, that drafts the next few tokens greedily where prompt lookup finds nothing to copy.
+
+Each request that drafts gets its own KV caches (mlx-lm's `make_prompt_cache`), filled with the
+prompt at its first draft. At each later draft the caches keep the longest run of what they hold
+that the request's text still starts with: the positions of rejected drafts go
+(`trim_prompt_cache`), the tokens accepted since come in, and up to k tokens are drafted one at
+a time. Only `slots` requests hold caches at once, so memory stays bounded; the others draft
+without the model.
+
+MLX's streams are per thread: the model lives and runs on one thread of its own, never the
+shard's compute thread nor the loop's. The loop waits for a draft at most `timeout_s`; a draft
+that takes longer (a long prompt's first fill) goes on in the background while the request's
+steps go without drafts, and a draft that fails leaves the request without drafts from the
+model (logged), never failing it. Drafts never change the output: the ring keeps only those
+the model agrees with (`shard.sample.verify`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar, cast
+
+import mlx.core as mx
+import mlx.nn as nn
+import structlog
+from mlx_lm.models.cache import KVCache, QuantizedKVCache, make_prompt_cache, trim_prompt_cache
+from mlx_lm.tokenizer_utils import TokenizerWrapper
+from mlx_lm.utils import load_config, load_model, load_tokenizer
+
+from mlxring.aio import wait_for
+from mlxring.model import source
+from mlxring.model.checkpoint import ModelError
+from mlxring.model.sharded import config_value
+
+log = structlog.get_logger()
+
+T = TypeVar("T")
+
+#: Requests that hold draft caches at once (each holds its text's KV cache in the draft model).
+SLOTS = 8
+#: How long a step waits for its drafts before it goes without them.
+TIMEOUT_S = 1.0
+#: Tokens fed to the draft model per pass when it catches up with a prompt.
+PREFILL = 512
+#: Text whose token ids the draft's tokenizer must give as the model's does.
+SAMPLE = (
+    "def greet(name: str) -> str:\n    return f'Hello, {name}!'  # 42 ≠ 41\n"
+    "The quick brown fox jumps over the lazy dog. Ünïcödé, 日本語, emoji 🙂, tabs\tand  spaces."
+)
+
+
+class DraftError(ModelError):
+    """A draft model that cannot draft for this model (not found, another tokenizer, caches
+    that cannot drop positions); says which and why."""
+
+
+def tokenizer_mismatch(draft: TokenizerWrapper, model: TokenizerWrapper) -> str | None:
+    """How the draft model's tokenizer differs from the model's, or None: a draft in other
+    ids than the model's would be verified against tokens it never meant."""
+    dv, mv = draft.get_vocab(), model.get_vocab()
+    if len(dv) != len(mv):
+        return f"its vocabulary has {len(dv)} tokens, the model's {len(mv)}"
+    if dv != mv:
+        return "its vocabulary gives tokens other ids than the model's"
+    d_ids, m_ids = list(draft.encode(SAMPLE)), list(model.encode(SAMPLE))
+    if d_ids != m_ids:
+        return "it encodes a sample text into other ids than the model's tokenizer"
+    if set(draft.eos_token_ids) != set(model.eos_token_ids):
+        return (
+            f"its end-of-sequence ids {sorted(draft.eos_token_ids)} are not the model's "
+            f"{sorted(model.eos_token_ids)}"
+        )
+    return None
+
+
+def trims_anywhere(cache: Sequence[Any]) -> bool:
+    """Whether every layer's cache can drop its last positions at any length (plain and
+    quantized KV caches; a sliding window's cannot once it wrapped, a linear-attention state
+    never can), as the ring's do where it speculates (`ShardModel.trims_every_layer`)."""
+    return all(type(c) in (KVCache, QuantizedKVCache) for c in cache)
+
+
+@dataclass
+class _Slot:
+    """One request's caches in the draft model, and the tokens whose positions they hold."""
+
+    cache: list[Any]
+    tokens: list[int] = field(default_factory=list)
+
+
+class DraftModel:
+    """The head's draft model and its requests' caches. Everything but the counters and the
+    bookkeeping of jobs in flight is the draft thread's."""
+
+    def __init__(
+        self,
+        spec: str,
+        vocab: int | None,
+        lookup: bool = False,
+        slots: int = SLOTS,
+        timeout_s: float = TIMEOUT_S,
+    ) -> None:
+        self.spec = spec
+        self.vocab = vocab  # the model's token ids: a draft past them is cut there
+        self.lookup = lookup  # prompt lookup first, the model where it finds nothing
+        self.slots = slots
+        self.timeout_s = timeout_s
+        self.drafted = 0  # tokens the model drafted and the ring verified
+        self.accepted = 0  # ... that the ring's model agreed with
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="mlx-draft")
+        self._model: nn.Module | None = None
+        self._slots: dict[str, _Slot] = {}  # the draft thread's
+        self._busy: set[str] = set()  # requests whose draft job is not done (the loop's)
+        self._failed: set[str] = set()  # requests whose draft job failed: no more drafts
+        self._closed = False
+
+    async def load(self, model_tokenizer: TokenizerWrapper) -> None:
+        """Resolve, fetch and load the draft model whole on its thread; DraftError where it
+        cannot draft for a model with `model_tokenizer`."""
+        loop = asyncio.get_running_loop()
+        try:
+            meta = await loop.run_in_executor(None, source.resolve_metadata, self.spec)
+            config = load_config(meta)
+            tok = load_tokenizer(meta, eos_token_ids=config.get("eos_token_id"))
+            if (why := tokenizer_mismatch(tok, model_tokenizer)) is not None:
+                raise DraftError(f"its tokenizer is not the model's: {why}")
+            n = config_value(config, "num_hidden_layers") or config_value(config, "n_layer")
+            if not isinstance(n, int):
+                raise DraftError("its config names no layer count (num_hidden_layers)")
+            path = await loop.run_in_executor(None, source.fetch_shard, self.spec, meta, 0, n, n)
+            self._model = await self._run(self._load_whole, path)
+        except Exception as e:  # noqa: BLE001 - every cause is reported the same way
+            cause = str(e) if isinstance(e, ModelError) else f"{type(e).__name__}: {e}"
+            raise DraftError(f"cannot use draft_model {self.spec}: {cause}") from e
+
+    @staticmethod
+    def _load_whole(path: Path) -> nn.Module:
+        model, _ = load_model(path)
+        if not trims_anywhere(make_prompt_cache(model)):
+            raise DraftError(
+                "its caches cannot drop rejected drafts (a sliding window or a linear-attention "
+                "state)"
+            )
+        return model
+
+    async def draft(self, rid: str, tokens: Sequence[int], k: int) -> list[int]:
+        """Up to `k` greedy drafts to follow `tokens` (request `rid`'s prompt and answer so
+        far), or none: no slot free, its last draft still running, a failure, a timeout."""
+        if k < 1 or self._closed or rid in self._busy or rid in self._failed:
+            return []
+        self._busy.add(rid)
+        job = asyncio.wrap_future(self._thread.submit(self._draft, rid, list(tokens), k))
+        job.add_done_callback(functools.partial(self._done, rid))
+        try:
+            # Shielded: a draft that times out runs on, and its request's next one waits
+            # for it to end (`_busy`), not the thread for a second job.
+            return await wait_for(asyncio.shield(job), self.timeout_s)
+        except TimeoutError:
+            log.info("draft_late", rid=rid, timeout_s=self.timeout_s)
+            return []
+        except Exception:  # noqa: BLE001 - `_done` logged it; the request goes on without
+            return []
+
+    def _done(self, rid: str, job: asyncio.Future[list[int]]) -> None:
+        self._busy.discard(rid)
+        if not job.cancelled() and (e := job.exception()) is not None:
+            self._failed.add(rid)
+            log.warning("draft_failed", rid=rid, error=f"{type(e).__name__}: {e}")
+
+    def took(self, drafted: int, accepted: int) -> None:
+        """The ring verified `drafted` of the model's drafts and kept `accepted`."""
+        self.drafted += drafted
+        self.accepted += accepted
+
+    def release(self, rid: str) -> None:
+        """Request `rid` ended: its caches go (after any job of it still running)."""
+        self._failed.discard(rid)
+        if not self._closed:
+            self._thread.submit(self._slots.pop, rid, None)
+
+    async def close(self, timeout: float) -> None:
+        """Drop the model and every cache, free the thread's MLX streams, join it."""
+        if self._closed:
+            return
+        self._closed = True
+        self._thread.submit(self._forget)
+        self._thread.submit(mx.clear_streams)
+        self._thread.shutdown(wait=False)
+        join = asyncio.get_running_loop().run_in_executor(None, self._thread.shutdown, True)
+        with contextlib.suppress(TimeoutError):
+            await wait_for(join, timeout)
+
+    def _forget(self) -> None:
+        self._slots.clear()
+        self._model = None
+
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.wrap_future(self._thread.submit(fn, *args))
+
+    # --- the draft thread's ---------------------------------------------------------------
+
+    def _draft(self, rid: str, tokens: list[int], k: int) -> list[int]:
+        model = self._model
+        if model is None:
+            return []
+        slot = self._slots.get(rid)
+        if slot is None:
+            if len(self._slots) >= self.slots:
+                return []
+            slot = self._slots[rid] = _Slot(make_prompt_cache(model))
+        try:
+            return self._extend(model, slot, tokens, k)
+        except BaseException:
+            # Caches fed halfway hold what their tokens do not say: they go.
+            self._slots.pop(rid, None)
+            raise
+
+    def _extend(self, model: nn.Module, slot: _Slot, tokens: list[int], k: int) -> list[int]:
+        # What the caches hold that `tokens` still starts with stays (the last token is fed
+        # again when they hold it all: its logits give the first draft).
+        keep = 0
+        for a, b in zip(slot.tokens, tokens[:-1], strict=False):
+            if a != b:
+                break
+            keep += 1
+        if len(slot.tokens) > keep:
+            trim_prompt_cache(slot.cache, len(slot.tokens) - keep)
+            del slot.tokens[keep:]
+        feed = tokens[keep:]
+        while len(feed) > PREFILL:
+            model(mx.array(feed[:PREFILL])[None], cache=slot.cache)
+            mx.eval([c.state for c in slot.cache])
+            slot.tokens += feed[:PREFILL]
+            feed = feed[PREFILL:]
+        drafts: list[int] = []
+        while len(drafts) < k:
+            logits = model(mx.array(feed)[None], cache=slot.cache)[0, -1]
+            token = cast(int, mx.argmax(logits).item())
+            slot.tokens += feed
+            if self.vocab is not None and token >= self.vocab:
+                break  # not a token of the model's: nothing it could agree with
+            drafts.append(token)
+            feed = [token]
+        return drafts
