@@ -15,6 +15,7 @@ from mlx_lm.utils import load_tokenizer
 
 from mlxring.config import ConfigError, load_config_or_exit, parse_config
 from mlxring.engine.draft import DraftModel, tokenizer_mismatch
+from mlxring.engine.speculate import MISSES, PAUSE, Drafter
 from mlxring.model.checkpoint import ModelError
 
 from .ringutil import loaded, local_ring, reference, tiny_model, write_valid_config
@@ -71,6 +72,29 @@ async def test_a_late_draft_goes_on_behind_and_a_failed_one_ends_drafting() -> N
         await until_idle(draft, "b")
         assert await draft.draft("b", PERIODIC, 3) == []  # b drafts no more
         assert await draft.draft("c", PERIODIC, 3) == reference(model, PERIODIC, 3)
+    finally:
+        await draft.close(10)
+
+
+async def test_drafts_that_do_not_come_in_time_are_misses_and_drafting_pauses() -> None:
+    """The Drafter's back-off covers the draft model: steps that waited for drafts and got
+    none are misses, and after MISSES of them it pauses, then drafts again."""
+    model = tiny_model("qwen3", scale=1.0)
+    draft = await loaded_draft(model, timeout_s=0.0)
+    try:
+        d = Drafter(k=3, rid="a", source=draft)
+        assert await d.next(PERIODIC, 10) == []  # a plain step first, the model not asked
+        assert "a" not in draft._busy
+        d.took(0, 0, 0.1)
+        for _ in range(MISSES):
+            assert await d.next(PERIODIC, 10) == []  # late
+            d.took(0, 0, 0.1)
+        await until_idle(draft, "a")
+        draft.timeout_s = 30.0
+        assert [await d.next(PERIODIC, 10) for _ in range(PAUSE)] == [[]] * PAUSE
+        assert await d.next(PERIODIC, 10) == reference(model, PERIODIC, 3)
+        d.took(3, 3, 0.1)
+        assert (draft.drafted, draft.accepted) == (3, 3)
     finally:
         await draft.close(10)
 
@@ -207,3 +231,20 @@ async def test_prompt_lookup_first_then_the_draft_model(tmp_path: Path) -> None:
         accepted = float(engine.drafts.accepted)
         assert name.format("accepted", "draft", accepted) in text
         assert name.format("accepted", "ngram", float(engine.accepted - accepted)) in text
+
+
+# In the slow set: it spawns two rings of processes (the tests above check drafting itself).
+@pytest.mark.slow
+def test_bench_speculative_draft_measures_one_stream_with_a_draft_model_and_without() -> None:
+    from .test_bench import bench
+
+    model = tiny_model("qwen3", scale=1.0)
+    r, _ = bench(
+        *["--model", str(model), "--nodes", "2", "--speculative", "draft"],
+        *["--gen-tokens", "48"],
+    )
+    assert r["draft_model"] == str(model) and r["draft_is_model"] is True  # itself by default
+    for k in ("baseline_decode_tok_s", "ring_decode_tok_s", "speculative_decode_tok_s"):
+        assert isinstance(r[k], float) and r[k] > 0, k
+    assert r["drafted"] > 0 and 0 < r["acceptance"] <= 1
+    assert r["same_text"] is True

@@ -150,9 +150,12 @@ class DraftModel:
             )
         return model
 
-    async def draft(self, rid: str, tokens: Sequence[int], k: int) -> list[int]:
+    async def draft(
+        self, rid: str, tokens: Sequence[int], k: int, wait_s: float | None = None
+    ) -> list[int]:
         """Up to `k` greedy drafts to follow `tokens` (request `rid`'s prompt and answer so
-        far), or none: no slot free, its last draft still running, a failure, a timeout."""
+        far), or none: no slot free, its last draft still running, a failure, or not within
+        `wait_s` (at most `timeout_s`)."""
         if k < 1 or self._closed or rid in self._busy or rid in self._failed:
             return []
         self._busy.add(rid)
@@ -161,9 +164,10 @@ class DraftModel:
         try:
             # Shielded: a draft that times out runs on, and its request's next one waits
             # for it to end (`_busy`), not the thread for a second job.
-            return await wait_for(asyncio.shield(job), self.timeout_s)
+            wait = self.timeout_s if wait_s is None else min(wait_s, self.timeout_s)
+            return await wait_for(asyncio.shield(job), wait)
         except TimeoutError:
-            log.info("draft_late", rid=rid, timeout_s=self.timeout_s)
+            log.debug("draft_late", rid=rid, wait_s=wait)
             return []
         except Exception:  # noqa: BLE001 - `_done` logged it; the request goes on without
             return []

@@ -66,8 +66,9 @@ class DraftSource(Protocol):
     drafted: int  # tokens it drafted that the ring verified
     accepted: int  # ... and kept
 
-    async def draft(self, rid: str, tokens: Sequence[int], k: int) -> list[int]:
-        """Up to `k` drafts to follow `tokens`, request `rid`'s text (none: it has none now)."""
+    async def draft(self, rid: str, tokens: Sequence[int], k: int, wait_s: float) -> list[int]:
+        """Up to `k` drafts to follow `tokens`, request `rid`'s text, within `wait_s` (none:
+        it has none now)."""
         ...
 
     def took(self, drafted: int, accepted: int) -> None:
@@ -95,7 +96,7 @@ class Drafter:
     rid: str = ""  # the request's id, for `source`
     source: DraftSource | None = None  # a draft model's drafts besides prompt lookup's
     _sourced: bool = False  # the last drafts came from `source`
-    _source_s: float = 0.0  # ... which took this long to draft
+    _source_s: float = 0.0  # how long the last step waited for `source`, drafts or none
 
     def draft(self, tokens: Sequence[int]) -> list[int]:
         """Drafts to follow `tokens` (the prompt and the answer so far) from prompt lookup:
@@ -115,8 +116,10 @@ class Drafter:
             return []
         if self.source.lookup and (found := lookup(tokens[-4096:], min(self.k, limit))):
             return found
+        k = min(self.k, limit)
+        # Drafts that take longer than the plain steps they could save never pay.
         t0 = time.perf_counter()
-        drafts = await self.source.draft(self.rid, tokens, min(self.k, limit))
+        drafts = await self.source.draft(self.rid, tokens, k, k * self.plain_s)
         self._sourced, self._source_s = bool(drafts), time.perf_counter() - t0
         return drafts
 
@@ -131,11 +134,21 @@ class Drafter:
         around the ring. Drafting pauses after MISSES steps in a row whose drafts were all
         rejected, and at once when the recent steps with drafts gave fewer tokens a second
         than plain steps do: where verifying each position costs about a step of its own (a
-        CPU), drafts pay only when nearly all are kept. Drafts from the source count the time
-        it took to draft them as the step's too."""
+        CPU), drafts pay only when nearly all are kept. The time the step waited for the
+        source counts as the step's too, and a step whose drafts the source did not give in
+        time is a miss."""
         if drafted and self._sourced and self.source is not None:
             self.source.took(drafted, accepted)
-            step_s += self._source_s if step_s else 0.0
+        waited, self._source_s = self._source_s, 0.0
+        if step_s:
+            step_s += waited
+        if not drafted and waited:  # asked for drafts and got none: a step without gain
+            self.steps += 1
+            self._since_plain += 1
+            if step_s:
+                self._recent = [*self._recent[-(WINDOW - 1) :], (1, step_s)]
+            self._miss()
+            return
         if not drafted:
             if step_s:
                 self.plain_s = step_s if not self.plain_s else 0.7 * self.plain_s + 0.3 * step_s
@@ -162,6 +175,11 @@ class Drafter:
             return
         else:
             self._misses += 1
+        self._miss(0)
+
+    def _miss(self, count: int = 1) -> None:
+        """`count` more misses in a row; after MISSES, drafting pauses, longer each time."""
+        self._misses += count
         if self._misses >= MISSES:
             self._misses = 0
             self._recent = []
