@@ -85,15 +85,15 @@ async def test_drafts_that_do_not_come_in_time_are_misses_and_drafting_pauses() 
         d = Drafter(k=3, rid="a", source=draft)
         assert await d.next(PERIODIC, 10) == []  # a plain step first, the model not asked
         assert "a" not in draft._busy
-        d.took(0, 0, 0.1)
+        d.took(0, 0, 1.0)  # a plain step's time: drafting 3 may take half of 3 such steps
         for _ in range(MISSES):
             assert await d.next(PERIODIC, 10) == []  # late
-            d.took(0, 0, 0.1)
+            d.took(0, 0, 1.0)
         await until_idle(draft, "a")
         draft.timeout_s = 30.0
         assert [await d.next(PERIODIC, 10) for _ in range(PAUSE)] == [[]] * PAUSE
         assert await d.next(PERIODIC, 10) == reference(model, PERIODIC, 3)
-        d.took(3, 3, 0.1)
+        d.took(3, 3, 1.0)
         assert (draft.drafted, draft.accepted) == (3, 3)
     finally:
         await draft.close(10)

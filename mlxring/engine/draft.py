@@ -9,10 +9,12 @@ a time. Only `slots` requests hold caches at once, so memory stays bounded; the 
 without the model.
 
 MLX's streams are per thread: the model lives and runs on one thread of its own, never the
-shard's compute thread nor the loop's. The loop waits for a draft at most `timeout_s`; a draft
-that takes longer (a long prompt's first fill) goes on in the background while the request's
-steps go without drafts, and a draft that fails leaves the request without drafts from the
-model (logged), never failing it. Drafts never change the output: the ring keeps only those
+shard's compute thread nor the loop's. A draft has a time budget (the Drafter's: drafts that
+take longer than the steps they could save never pay): the thread drafts no further token
+once it is spent, and the loop waits about that long (at most `timeout_s`). One that takes
+longer (a long prompt's first fill) goes on in the background while the request's steps go
+without drafts, and a draft that fails leaves the request without drafts from the model
+(logged), never failing it. Drafts never change the output: the ring keeps only those
 the model agrees with (`shard.sample.verify`).
 """
 
@@ -21,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -154,20 +157,22 @@ class DraftModel:
         self, rid: str, tokens: Sequence[int], k: int, wait_s: float | None = None
     ) -> list[int]:
         """Up to `k` greedy drafts to follow `tokens` (request `rid`'s prompt and answer so
-        far), or none: no slot free, its last draft still running, a failure, or not within
-        `wait_s` (at most `timeout_s`)."""
+        far), as many as `wait_s` gives time for (None: `timeout_s`), or none: no slot free,
+        its last draft still running, a failure, or none in time."""
         if k < 1 or self._closed or rid in self._busy or rid in self._failed:
             return []
+        budget = self.timeout_s if wait_s is None else min(wait_s, self.timeout_s)
+        deadline = time.perf_counter() + budget
         self._busy.add(rid)
-        job = asyncio.wrap_future(self._thread.submit(self._draft, rid, list(tokens), k))
+        job = asyncio.wrap_future(self._thread.submit(self._draft, rid, list(tokens), k, deadline))
         job.add_done_callback(functools.partial(self._done, rid))
         try:
             # Shielded: a draft that times out runs on, and its request's next one waits
             # for it to end (`_busy`), not the thread for a second job.
-            wait = self.timeout_s if wait_s is None else min(wait_s, self.timeout_s)
-            return await wait_for(asyncio.shield(job), wait)
+            # The budget, and a draft pass begun just before it ran out.
+            return await wait_for(asyncio.shield(job), min(2 * budget, self.timeout_s))
         except TimeoutError:
-            log.debug("draft_late", rid=rid, wait_s=wait)
+            log.debug("draft_late", rid=rid, budget_s=budget)
             return []
         except Exception:  # noqa: BLE001 - `_done` logged it; the request goes on without
             return []
@@ -210,7 +215,7 @@ class DraftModel:
 
     # --- the draft thread's ---------------------------------------------------------------
 
-    def _draft(self, rid: str, tokens: list[int], k: int) -> list[int]:
+    def _draft(self, rid: str, tokens: list[int], k: int, deadline: float) -> list[int]:
         model = self._model
         if model is None:
             return []
@@ -220,13 +225,15 @@ class DraftModel:
                 return []
             slot = self._slots[rid] = _Slot(make_prompt_cache(model))
         try:
-            return self._extend(model, slot, tokens, k)
+            return self._extend(model, slot, tokens, k, deadline)
         except BaseException:
             # Caches fed halfway hold what their tokens do not say: they go.
             self._slots.pop(rid, None)
             raise
 
-    def _extend(self, model: nn.Module, slot: _Slot, tokens: list[int], k: int) -> list[int]:
+    def _extend(
+        self, model: nn.Module, slot: _Slot, tokens: list[int], k: int, deadline: float
+    ) -> list[int]:
         # What the caches hold that `tokens` still starts with stays (the last token is fed
         # again when they hold it all: its logits give the first draft).
         keep = 0
@@ -244,7 +251,7 @@ class DraftModel:
             slot.tokens += feed[:PREFILL]
             feed = feed[PREFILL:]
         drafts: list[int] = []
-        while len(drafts) < k:
+        while len(drafts) < k and (not drafts or time.perf_counter() < deadline):
             logits = model(mx.array(feed)[None], cache=slot.cache)[0, -1]
             token = cast(int, mx.argmax(logits).item())
             slot.tokens += feed
