@@ -95,6 +95,16 @@ async def test_drafts_that_do_not_come_in_time_are_misses_and_drafting_pauses() 
         assert await d.next(PERIODIC, 10) == reference(model, PERIODIC, 3)
         d.took(3, 3, 1.0)
         assert (draft.drafted, draft.accepted) == (3, 3)
+        # A draft pass is measured: where a plain step takes less than two, drafting cannot
+        # pay, and a request does not ask for drafts (misses, then a pause) until it may.
+        assert draft.pass_s > 0 and draft.pays(3 * draft.pass_s)
+        assert not draft.pays(draft.pass_s)
+        slow = Drafter(k=3, rid="b", source=draft)
+        slow.took(0, 0, draft.pass_s)
+        assert [await slow.next(PERIODIC, 10) for _ in range(MISSES + PAUSE)] == [[]] * (
+            MISSES + PAUSE
+        )
+        assert "b" not in draft._slots  # never asked
     finally:
         await draft.close(10)
 
@@ -156,13 +166,17 @@ async def ring_is_exact(tmp_path: Path, model: Path, draft: Path, extra: str = "
     async with local_ring(cfg) as rt:
         engine = rt.engine
         assert engine is not None and engine.speculative and engine.drafts is not None
+        model_draft = rt.replanner.draft
+        assert model_draft is not None and model_draft is engine.drafts
+        # Drafting whatever it costs: a made model's pass costs about a step of the tiny ring
+        # (the back-off, timed, still pauses drafts that do not pay).
+        model_draft.frugal = False
         assert await generate(rt, PROMPTS[0], 60) == wants[0]
         assert engine.drafts.drafted > 0
         got = await asyncio.gather(*(generate(rt, p, 60) for p in PROMPTS))
         assert got == wants
-        assert engine.drafted >= engine.drafts.drafted
-        assert isinstance(engine.drafts, DraftModel)
-        return engine.drafts
+        assert engine.drafted >= model_draft.drafted
+        return model_draft
 
 
 async def test_a_model_drafting_for_itself_is_exact_and_mostly_accepted(tmp_path: Path) -> None:
@@ -218,7 +232,9 @@ async def test_prompt_lookup_first_then_the_draft_model(tmp_path: Path) -> None:
     cfg = write_valid_config(tmp_path, model, 3, extra_cluster=cluster)
     async with local_ring(cfg) as rt:
         engine = rt.engine
-        assert engine is not None and engine.drafts is not None
+        assert engine is not None and rt.replanner.draft is not None
+        rt.replanner.draft.frugal = False  # as in ring_is_exact
+        assert engine.drafts is not None
         assert await asyncio.gather(*(generate(rt, p, 60) for p in PROMPTS)) == wants
         by_model = engine.drafts.drafted
         assert 0 < by_model < engine.drafted  # some drafts of each kind

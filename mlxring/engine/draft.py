@@ -52,6 +52,8 @@ SLOTS = 8
 TIMEOUT_S = 1.0
 #: Tokens fed to the draft model per pass when it catches up with a prompt.
 PREFILL = 512
+#: How long a draft pass's measured time stands for the model's speed before it is measured again.
+FRESH_S = 30.0
 #: Text whose token ids the draft's tokenizer must give as the model's does.
 SAMPLE = (
     "def greet(name: str) -> str:\n    return f'Hello, {name}!'  # 42 ≠ 41\n"
@@ -109,13 +111,22 @@ class DraftModel:
         lookup: bool = False,
         slots: int = SLOTS,
         timeout_s: float = TIMEOUT_S,
+        frugal: bool = True,
     ) -> None:
         self.spec = spec
         self.vocab = vocab  # the model's token ids: a draft past them is cut there
         self.lookup = lookup  # prompt lookup first, the model where it finds nothing
         self.slots = slots
         self.timeout_s = timeout_s
+        # Drafts only where they can pay, within the time they can save (`pays`, `draft`'s
+        # `wait_s`); off, every draft asked for is drafted in full (within `timeout_s`), to
+        # measure what the model agrees with whatever drafting costs on this machine.
+        self.frugal = frugal
         self.drafted = 0  # tokens the model drafted and the ring verified
+        # A one-token pass of the draft model (recent average; 0: not measured), and when
+        # it was last measured (the draft thread writes both).
+        self.pass_s = 0.0
+        self._measured = 0.0
         self.accepted = 0  # ... that the ring's model agreed with
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="mlx-draft")
         self._model: nn.Module | None = None
@@ -161,7 +172,8 @@ class DraftModel:
         its last draft still running, a failure, or none in time."""
         if k < 1 or self._closed or rid in self._busy or rid in self._failed:
             return []
-        budget = self.timeout_s if wait_s is None else min(wait_s, self.timeout_s)
+        frugal = self.frugal and wait_s is not None
+        budget = min(wait_s or 0.0, self.timeout_s) if frugal else self.timeout_s
         deadline = time.perf_counter() + budget
         self._busy.add(rid)
         job = asyncio.wrap_future(self._thread.submit(self._draft, rid, list(tokens), k, deadline))
@@ -176,6 +188,13 @@ class DraftModel:
             return []
         except Exception:  # noqa: BLE001 - `_done` logged it; the request goes on without
             return []
+
+    def pays(self, step_s: float) -> bool:
+        """Whether drafting can pay where a plain step takes `step_s`: not where a draft
+        pass, lately measured, takes half a step or more (verifying drafts costs something
+        too). Once the measure is old, a draft may measure it again."""
+        fresh = time.monotonic() - self._measured < FRESH_S
+        return not (self.frugal and fresh and self.pass_s >= step_s / 2)
 
     def _done(self, rid: str, job: asyncio.Future[list[int]]) -> None:
         self._busy.discard(rid)
@@ -252,8 +271,13 @@ class DraftModel:
             feed = feed[PREFILL:]
         drafts: list[int] = []
         while len(drafts) < k and (not drafts or time.perf_counter() < deadline):
+            t0 = time.perf_counter()
             logits = model(mx.array(feed)[None], cache=slot.cache)[0, -1]
             token = cast(int, mx.argmax(logits).item())
+            if len(feed) == 1:
+                took = time.perf_counter() - t0
+                self.pass_s = took if not self.pass_s else 0.7 * self.pass_s + 0.3 * took
+                self._measured = time.monotonic()
             slot.tokens += feed
             if self.vocab is not None and token >= self.vocab:
                 break  # not a token of the model's: nothing it could agree with

@@ -74,6 +74,10 @@ class DraftSource(Protocol):
     def took(self, drafted: int, accepted: int) -> None:
         """The ring verified `drafted` of its drafts and kept `accepted`."""
 
+    def pays(self, step_s: float) -> bool:
+        """Whether its drafts can pay where a plain step takes `step_s` (as far as known)."""
+        ...
+
     def release(self, rid: str) -> None:
         """Request `rid` ended: what the source keeps of it goes."""
 
@@ -117,6 +121,9 @@ class Drafter:
         if self.source.lookup and (found := lookup(tokens[-4096:], min(self.k, limit))):
             return found
         k = min(self.k, limit)
+        if not self.source.pays(self.plain_s):  # too slow to draft with: a miss, no wait
+            self._miss()
+            return []
         # Drafting a token must cost well under the plain step it may save, as verifying it
         # costs something too: the source drafts what it can in half the steps' time.
         t0 = time.perf_counter()
