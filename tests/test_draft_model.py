@@ -82,6 +82,12 @@ async def test_drafts_that_do_not_come_in_time_are_misses_and_drafting_pauses() 
     model = tiny_model("qwen3", scale=1.0)
     draft = await loaded_draft(model, timeout_s=0.0)
     try:
+        assert not draft.pays(1.0)  # not measured yet: a pass of its own measures it first
+        deadline = time.monotonic() + 30
+        while draft._probing:
+            assert time.monotonic() < deadline, "the measuring pass did not end"
+            await asyncio.sleep(0.01)
+        assert 0 < draft.pass_s < 0.5 and draft.pays(1.0)
         d = Drafter(k=3, rid="a", source=draft)
         assert await d.next(PERIODIC, 10) == []  # a plain step first, the model not asked
         assert "a" not in draft._busy
@@ -262,5 +268,8 @@ def test_bench_speculative_draft_measures_one_stream_with_a_draft_model_and_with
     assert r["draft_model"] == str(model) and r["draft_is_model"] is True  # itself by default
     for k in ("baseline_decode_tok_s", "ring_decode_tok_s", "speculative_decode_tok_s"):
         assert isinstance(r[k], float) and r[k] > 0, k
-    assert r["drafted"] > 0 and 0 < r["acceptance"] <= 1
+    assert r["agreement"] == 1.0  # the model agrees with itself
+    # Drafted tokens only where drafting pays (on a CPU, a tiny model's pass may not): the
+    # acceptance, where any were drafted, is all of them.
+    assert r["acceptance"] == (1.0 if r["drafted"] else 0.0)
     assert r["same_text"] is True

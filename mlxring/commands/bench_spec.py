@@ -12,7 +12,11 @@ The same greedy request goes to two freshly spawned rings, one speculating, one 
 tok/s is the streamed answer's tokens after the first over the time they took. The acceptance
 rate (drafted tokens the model agreed with) comes from the speculating ring's /metrics, of the
 kind measured; the answers of both rings should be the same token for token (`same_text`). A
-random-weight model copies nothing: its acceptance says so.
+random-weight model copies nothing: its acceptance says so. The ring drafts with a draft model
+only where a draft pass costs well under a step (`DraftModel.pays`), so `draft` also reports
+`agreement`: the share of the model's greedy answer (mlx-lm alone) that the draft model gives
+as its own greedy token at each position (teacher-forced), what acceptance would be wherever
+drafting pays.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import aiohttp
 
@@ -60,6 +64,21 @@ def chat_prompt(model: Path, ask: str) -> list[int]:
         messages = [{"role": "user", "content": ask}]
         return list(tok.apply_chat_template(messages, add_generation_prompt=True))
     return list(tok.encode(ask + "\n\n"))
+
+
+def agreement(model: Path, draft: Path, prompt: list[int], gen: int) -> float:
+    """The share of the model's `gen` greedy tokens after `prompt` that the draft model's
+    greedy token at the same position (given the text before it) equals, by mlx-lm."""
+    import mlx.core as mx
+    import mlx_lm
+    from mlx_lm.generate import generate_step
+
+    m = mlx_lm.load(str(model))[0]
+    answer = [int(t) for t, _ in generate_step(mx.array(prompt), m, max_tokens=gen)]
+    d = m if draft == model else mlx_lm.load(str(draft))[0]
+    logits = d(mx.array(prompt + answer[:-1])[None])[0, len(prompt) - 1 :]
+    guesses = cast(list[int], mx.argmax(logits, axis=-1).tolist())
+    return sum(g == t for g, t in zip(guesses, answer, strict=True)) / len(answer)
 
 
 async def decode(url: str, prompt: list[int], gen: int) -> tuple[float, str]:
@@ -139,9 +158,13 @@ def run_speculative(args: argparse.Namespace) -> int:
         prompt = copy_prompt(model)
         cluster = {"speculative": True}
     progress("baseline: single-process mlx-lm ...")
-    from mlxring.commands.bench import baseline
+    from mlxring.commands.bench import baseline, baseline_dir
 
     base = baseline(model, prompt, args.gen_tokens)["baseline_decode_tok_s"]
+    agrees = None
+    if draft is not None:
+        progress("the draft model's agreement with the model (mlx-lm) ...")
+        agrees = agreement(model, baseline_dir(draft), prompt, args.gen_tokens)
     work = Path(tempfile.mkdtemp(prefix="mlxring-bench-spec-"))
     on, text_on, count = ring_decode(spec, args, work / "on", prompt, **cluster)
     off, text_off, _ = ring_decode(spec, args, work / "off", prompt)
@@ -161,6 +184,7 @@ def run_speculative(args: argparse.Namespace) -> int:
         "drafted": count["drafted"],
         "accepted": count["accepted"],
         "acceptance": count["accepted"] / count["drafted"] if count["drafted"] else 0.0,
+        "agreement": agrees,
         "same_text": text_on == text_off,
         "logs": str(work),
     }
@@ -175,7 +199,7 @@ def run_speculative(args: argparse.Namespace) -> int:
         )
         if draft is not None:
             itself = " (the model itself: an upper bound on acceptance)" if draft == spec else ""
-            print(f"draft model: {draft}{itself}")
+            print(f"draft model: {draft}{itself}, agreement {agrees:.0%}")
         print(f"mlx-lm alone      {base:8.2f} tok/s")
         print(f"ring              {off:8.2f} tok/s")
         print(

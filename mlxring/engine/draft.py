@@ -123,11 +123,12 @@ class DraftModel:
         # measure what the model agrees with whatever drafting costs on this machine.
         self.frugal = frugal
         self.drafted = 0  # tokens the model drafted and the ring verified
+        self.accepted = 0  # ... that the ring's model agreed with
         # A one-token pass of the draft model (recent average; 0: not measured), and when
         # it was last measured (the draft thread writes both).
         self.pass_s = 0.0
-        self._measured = 0.0
-        self.accepted = 0  # ... that the ring's model agreed with
+        self._measured = -FRESH_S  # (time.monotonic) never
+        self._probing = False  # a pass that measures is on its way
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="mlx-draft")
         self._model: nn.Module | None = None
         self._slots: dict[str, _Slot] = {}  # the draft thread's
@@ -179,9 +180,8 @@ class DraftModel:
         job = asyncio.wrap_future(self._thread.submit(self._draft, rid, list(tokens), k, deadline))
         job.add_done_callback(functools.partial(self._done, rid))
         try:
-            # Shielded: a draft that times out runs on, and its request's next one waits
-            # for it to end (`_busy`), not the thread for a second job.
-            # The budget, and a draft pass begun just before it ran out.
+            # The budget, and a draft pass begun just before it ran out. Shielded: a draft
+            # that times out runs on, and its request asks for no other until it ends.
             return await wait_for(asyncio.shield(job), min(2 * budget, self.timeout_s))
         except TimeoutError:
             log.debug("draft_late", rid=rid, budget_s=budget)
@@ -190,11 +190,19 @@ class DraftModel:
             return []
 
     def pays(self, step_s: float) -> bool:
-        """Whether drafting can pay where a plain step takes `step_s`: not where a draft
-        pass, lately measured, takes half a step or more (verifying drafts costs something
-        too). Once the measure is old, a draft may measure it again."""
-        fresh = time.monotonic() - self._measured < FRESH_S
-        return not (self.frugal and fresh and self.pass_s >= step_s / 2)
+        """Whether drafting can pay where a plain step takes `step_s`: only where a draft
+        pass, measured lately, takes less than half a step (verifying drafts costs something
+        too). Where the measure is old or missing, a pass on its own measures it again (a
+        draft of a request's text might first have to catch up with all of it) and drafts
+        wait for it."""
+        if not self.frugal:
+            return True
+        if time.monotonic() - self._measured >= FRESH_S:
+            if not self._probing and not self._closed:
+                self._probing = True
+                self._thread.submit(self._probe)
+            return False
+        return self.pass_s < step_s / 2
 
     def _done(self, rid: str, job: asyncio.Future[list[int]]) -> None:
         self._busy.discard(rid)
@@ -233,6 +241,26 @@ class DraftModel:
         return await asyncio.wrap_future(self._thread.submit(fn, *args))
 
     # --- the draft thread's ---------------------------------------------------------------
+
+    def _probe(self) -> None:
+        """Time one-token passes on a cache of their own (the second: the first may pay for
+        warming up)."""
+        try:
+            model = self._model
+            if model is None:
+                return
+            cache = make_prompt_cache(model)
+            for _ in range(2):
+                t0 = time.perf_counter()
+                mx.eval(model(mx.array([[0]]), cache=cache))
+                took = time.perf_counter() - t0
+            self._measure(took)
+        finally:
+            self._probing = False
+
+    def _measure(self, took: float) -> None:
+        self.pass_s = took if not self.pass_s else 0.7 * self.pass_s + 0.3 * took
+        self._measured = time.monotonic()
 
     def _draft(self, rid: str, tokens: list[int], k: int, deadline: float) -> list[int]:
         model = self._model
@@ -275,9 +303,7 @@ class DraftModel:
             logits = model(mx.array(feed)[None], cache=slot.cache)[0, -1]
             token = cast(int, mx.argmax(logits).item())
             if len(feed) == 1:
-                took = time.perf_counter() - t0
-                self.pass_s = took if not self.pass_s else 0.7 * self.pass_s + 0.3 * took
-                self._measured = time.monotonic()
+                self._measure(time.perf_counter() - t0)
             slot.tokens += feed
             if self.vocab is not None and token >= self.vocab:
                 break  # not a token of the model's: nothing it could agree with
