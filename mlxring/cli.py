@@ -258,10 +258,16 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--speculative",
-        choices=["ngram"],
+        choices=["ngram", "draft"],
         default=None,
-        help="instead: one stream's decode with speculative decoding (prompt lookup) and "
-        "without, on a copy-heavy prompt",
+        help="instead: one stream's decode with speculative decoding and without: ngram "
+        "(prompt lookup, on a copy-heavy prompt) or draft (a draft model, --draft-model)",
+    )
+    p.add_argument(
+        "--draft-model",
+        default=None,
+        help="the draft model of --speculative draft, any spec [cluster] model takes "
+        "(default: the model itself)",
     )
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
 

@@ -73,6 +73,10 @@ class ClusterConfig:
     # model's caches cannot drop rejected drafts. Off by default until measured to cost
     # nothing where nothing is copied (benchmarks/RESULTS.md).
     speculative: bool = False
+    # A small model with the model's tokenizer, loaded whole on the head only, that drafts
+    # what prompt lookup cannot (engine/draft.py); "" for none. Set, it turns speculation on
+    # with its drafts; `speculative = true` besides tries prompt lookup first at each step.
+    draft_model: str = ""
 
     @property
     def max_frame_bytes(self) -> int:
@@ -230,7 +234,7 @@ def parse_config(text: str, source: str = "nodes.toml") -> Config:
 _CLUSTER_KEYS = (
     "name", "model", "secret", "strategy", "prefill_chunk", "heartbeat_s", "down_after_s",
     "request_timeout_s", "max_frame_mb", "interfaces", "allow_unverified", "prompt_cache",
-    "speculative",
+    "speculative", "draft_model",
 )  # fmt: skip
 _TUNING_KEYS = (
     "max_batch", "cache_limit_gb", "kv_cache_gb", "prompt_cache_gb", "busy_poll", "gates",
@@ -271,7 +275,20 @@ def _parse_cluster(t: Fields) -> ClusterConfig:
         allow_unverified=t.boolean("allow_unverified", False),
         prompt_cache=t.boolean("prompt_cache", True),
         speculative=t.boolean("speculative", False),
+        draft_model=_parse_draft_model(t),
     )
+
+
+def _parse_draft_model(t: Fields) -> str:
+    """A model spec as `model` takes (a directory, a packaged name, a hub id, a GGUF file);
+    whether it exists and fits the model is known only when the head loads it."""
+    value = t.string("draft_model", "")
+    if "draft_model" in t.data and (not value.strip() or value != value.strip()):
+        raise t.error(
+            "draft_model",
+            f"expected a model (a directory, a packaged name or a hub id), got {show(value)}",
+        )
+    return value
 
 
 def _parse_tuning(

@@ -125,8 +125,9 @@ async def test_stops_budgets_opt_out_and_the_prompt_cache_after_drafts(tmp_path:
             assert status == 200 and engine.drafted == drafted
             async with aiohttp.ClientSession() as s, s.get(f"{url}/metrics") as r:
                 text = await r.text()
-            assert f"mlxring_speculative_drafted_tokens_total {float(drafted)}" in text
-            assert f"mlxring_speculative_accepted_tokens_total {float(engine.accepted)}" in text
+            name = 'mlxring_speculative_{}_tokens_total{{kind="ngram"}} {}'
+            assert name.format("drafted", float(drafted)) in text
+            assert name.format("accepted", float(engine.accepted)) in text
 
 
 async def test_a_model_whose_caches_cannot_drop_positions_does_not_draft(tmp_path: Path) -> None:

@@ -26,12 +26,17 @@ Names (all prefixed `mlxring_`; `{node}` is a ring node, `{peer}` the far end of
     link_rejected_total{node}
     prompt_cache_hits_total  prompt_cache_misses_total  prompt_cache_tokens_total  (head only)
     prompt_cache_bytes{node}  prompt_cache_entries{node}
-    speculative_drafted_tokens_total  speculative_accepted_tokens_total  (head, when on)
+    speculative_drafted_tokens_total{kind}  speculative_accepted_tokens_total{kind}
+                                                  (head, when on; kind: ngram | draft)
 
 The prompt cache's counters are the head's engine's: hits (requests that started from a kept
 prompt), misses (a hit whose entry a shard no longer held, so the prompt was prefilled in full)
 and the prompt tokens the hits reused. Its bytes and entries per node are what each node
 reported as the head's last probe passed it.
+
+Speculation's counters are by where the drafts came from: `ngram`, prompt lookup of the
+request's own text; `draft`, the draft model (`[cluster] draft_model`), shown only where the
+head has one. Accepted over drafted of one kind is that kind's acceptance rate.
 """
 
 from __future__ import annotations
@@ -289,16 +294,27 @@ class RingCollector(Collector):
     def _speculation(self, engine: Engine | None) -> Iterator[Metric]:
         if engine is None or not engine.speculative:
             return
-        yield CounterMetricFamily(
+        drafted = CounterMetricFamily(
             "mlxring_speculative_drafted_tokens",
-            "Tokens drafted from requests' own text and sent to be verified",
-            value=engine.drafted,
+            "Tokens drafted (from requests' own text: ngram; by the draft model: draft) and "
+            "sent to be verified",
+            labels=["kind"],
         )
-        yield CounterMetricFamily(
+        accepted = CounterMetricFamily(
             "mlxring_speculative_accepted_tokens",
             "Drafted tokens the model agreed with (each saved a trip around the ring)",
-            value=engine.accepted,
+            labels=["kind"],
         )
+        # The engine counts every draft; its draft source, those it drafted itself.
+        source = engine.drafts
+        by_source = (source.drafted, source.accepted) if source is not None else (0, 0)
+        drafted.add_metric(["ngram"], engine.drafted - by_source[0])
+        accepted.add_metric(["ngram"], engine.accepted - by_source[1])
+        if source is not None:
+            drafted.add_metric(["draft"], by_source[0])
+            accepted.add_metric(["draft"], by_source[1])
+        yield drafted
+        yield accepted
 
     def _ring(self, snap: RingSnapshot) -> Iterator[Metric]:
         info = GaugeMetricFamily(

@@ -140,9 +140,10 @@ async def completion_chunks(
 
 
 def spawn_for(
-    spec: str, args: argparse.Namespace, work: Path, **cluster: bool
+    spec: str, args: argparse.Namespace, work: Path, **cluster: Any
 ) -> tuple[Config, list[subprocess.Popen[bytes]]]:
-    """spawn_ring with the command line's node settings; `cluster`: prompt_cache, speculative."""
+    """spawn_ring with the command line's node settings; `cluster`: prompt_cache, speculative,
+    draft_model."""
     return spawn_ring(
         spec,
         args.nodes,
@@ -158,7 +159,7 @@ def spawn_for(
 
 
 def on_fresh_ring(
-    spec: str, args: argparse.Namespace, work: Path, what: str, run: Any, **cluster: bool
+    spec: str, args: argparse.Namespace, work: Path, what: str, run: Any, **cluster: Any
 ) -> Any:
     """`run(url)` (a coroutine function) against a ring spawned for it with `cluster`'s
     settings (`spawn_for`), stopped after; `what` names the ring in the progress line."""
@@ -394,6 +395,7 @@ def spawn_ring(
     convoys: str = "auto",
     prompt_cache: bool = True,
     speculative: bool = False,
+    draft_model: str = "",
 ) -> tuple[Config, list[subprocess.Popen[bytes]]]:
     """N local nodes: N processes, or one process hosting all N shard actors. With `gpus`,
     process i sees only CUDA device gpus[i % len(gpus)]."""
@@ -407,6 +409,7 @@ def spawn_ring(
         "down_after_s = 10.0",
         f"prompt_cache = {'true' if prompt_cache else 'false'}",
         f"speculative = {'true' if speculative else 'false'}",
+        *([f"draft_model = {json.dumps(draft_model)}"] if draft_model else []),
         "[tuning]",
         # The node processes share this machine's accelerator: keep each one's cache modest.
         "cache_limit_gb = 2",

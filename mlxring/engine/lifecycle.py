@@ -25,7 +25,7 @@ import structlog
 
 from mlxring.aio import wait_for
 from mlxring.engine.prefix import Hit, PrefixIndex
-from mlxring.engine.speculate import Drafter
+from mlxring.engine.speculate import Drafter, DraftSource
 from mlxring.protocol.messages import End, Failure, Forward, Message, SamplingParams, Token
 
 log = structlog.get_logger()
@@ -68,6 +68,7 @@ class Engine:
         one_convoy: bool = False,
         prompt_cache: bool = False,
         speculative: bool = False,
+        drafts: DraftSource | None = None,
     ) -> None:
         self._entry = entry
         self.eos_token_ids = frozenset(eos_token_ids)
@@ -91,6 +92,7 @@ class Engine:
         self.cache_tokens = 0  # prompt tokens the entries gave
         # Prompt-lookup speculation (engine/speculate.py), for requests whose sampling allows.
         self.speculative = speculative
+        self.drafts = drafts  # a draft model's drafts (engine/draft.py), where there is one
         # Requests that time their steps (speculating ones), and when their token came.
         self._timed: set[str] = set()
         self._arrived: dict[str, float] = {}
@@ -175,7 +177,9 @@ class Engine:
             # Not in the convoy yet: the others must not wait for a prompt still prefilling.
             # Its first token's step waits for them, and from then on they go together.
             drafter = (
-                Drafter() if self.speculative and speculate and self._speculable(params) else None
+                Drafter(rid=rid, source=self.drafts)
+                if self.speculative and speculate and self._speculable(params)
+                else None
             )
             if drafter is not None:
                 self._timed.add(rid)
@@ -213,7 +217,7 @@ class Engine:
                     seq += 1
                     last = out[-1][0]
                     if drafter is not None:
-                        drafts = drafter.draft(history)[: max_tokens - n - 1]
+                        drafts = await drafter.next(history, max_tokens - n - 1)
                     fed = 1 + len(drafts)
                     sent += [last, *drafts]
                     step = Forward(rid, seq, (last, *drafts), True, draft=len(drafts), trim=trim)
@@ -274,6 +278,8 @@ class Engine:
         self._step_sent.pop(rid, None)
         self._timed.discard(rid)
         self._arrived.pop(rid, None)
+        if self.drafts is not None:
+            self.drafts.release(rid)
 
     async def _end(self, end: End) -> None:
         try:

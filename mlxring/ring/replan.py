@@ -11,8 +11,9 @@ import structlog
 
 from mlxring.aio import wait_for
 from mlxring.config import Config
+from mlxring.engine.draft import DraftError, DraftModel
 from mlxring.engine.lifecycle import Engine
-from mlxring.model.sharded import ShardModel
+from mlxring.model.sharded import ShardModel, config_value
 from mlxring.ring.loading import LoadError, ModelMeta, load_layers
 from mlxring.ring.membership import CannotPlan, NewRing, convoy_stages, decide, next_in_ring
 from mlxring.ring.monitor import RingMonitor
@@ -56,6 +57,8 @@ class Replanner:
         self._changed = asyncio.Event()
         self._replanning = asyncio.Lock()
         self._monitoring: asyncio.Task[None] | None = None
+        # `[cluster] draft_model`, loaded whole the first time this process is the head.
+        self.draft: DraftModel | None = None
 
     @property
     def layout(self) -> dict[str, tuple[int, int]]:
@@ -143,6 +146,8 @@ class Replanner:
                 self.unavailable = decision.reason
                 log.error("replan_failed", live=list(decision.live), error=decision.error)
                 return
+            if decision.members[0] in self.router.nodes:  # the head here: its draft first
+                await self._load_draft()
             old = self.layout
             live = self.router.members = decision.members
             self.plan = decision.plan
@@ -168,6 +173,33 @@ class Replanner:
             else:
                 self._stop_head()
 
+    async def _load_draft(self) -> None:
+        """The draft model, where the config names one and it is not loaded yet: refused
+        (DraftError) where it cannot draft for the model, as a model that cannot be loaded."""
+        spec = self.config.cluster.draft_model
+        if not spec or self.draft is not None:
+            return
+        assert self.meta is not None
+        vocab = config_value(self.meta.config, "vocab_size")
+        draft = DraftModel(
+            spec, vocab if isinstance(vocab, int) else None, self.config.cluster.speculative
+        )
+        try:
+            await draft.load(self.meta.tokenizer)
+        except BaseException as e:
+            await draft.close(10)
+            if isinstance(e, DraftError):
+                raise LoadError(str(e)) from e
+            raise
+        log.info("draft_model_loaded", model=spec)
+        self.draft = draft
+
+    async def close(self) -> None:
+        """Free the draft model's thread (its MLX streams), if this process loaded one."""
+        if self.draft is not None:
+            await self.draft.close(10)
+            self.draft = None
+
     def _start_head(self, name: str, shard: ShardModel) -> None:
         """Serve from local node `name`, the ring's first: its engine, and a monitor that
         probes the ring (in the node's task group; vital: while it is down, nothing sees the
@@ -185,7 +217,8 @@ class Replanner:
             prompt_cache=c.prompt_cache,
             # Drafts rejected are dropped from every shard's caches: only where every layer's
             # cache can drop positions (not a sliding window's, not a linear-attention state).
-            speculative=c.speculative and shard.trims_every_layer(),
+            speculative=(c.speculative or self.draft is not None) and shard.trims_every_layer(),
+            drafts=self.draft,
         )
         expected = tuple((n, s, e) for n, (s, e) in self.layout.items())
         monitor = RingMonitor(self.config, name, expected, head, engine.fail_all)

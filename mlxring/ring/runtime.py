@@ -238,6 +238,7 @@ class Runtime:
             await p.stop()
         await self.directory.stop()
         await self.compute.shutdown(10)  # a step still running gets 10 s to finish
+        await self.replanner.close()  # the draft model's thread, where this process has one
 
     async def wait_ready(self, timeout: float) -> bool:
         """True once the head has seen a probe come back around the whole ring (a process
