@@ -399,9 +399,9 @@ def missing(directory: Path, parts: Iterable[int | str]) -> list[int | str]:
     return [p for p in parts if not (directory / file_of(p)).exists()]
 
 
-def dequantized(arrays: dict[str, mx.array], quant: dict[str, int], dtype: mx.Dtype) -> dict[
-    str, mx.array
-]:
+def dequantized(
+    arrays: dict[str, mx.array], quant: dict[str, int], dtype: mx.Dtype
+) -> dict[str, mx.array]:
     """`arrays` with every quantized weight (its `scales` and `biases` beside it) dequantized,
     and every float array, in `dtype`."""
     out = {}
