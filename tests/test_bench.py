@@ -104,6 +104,7 @@ def test_bench_attaches_to_a_running_ring_and_leaves_it_running(tmp_path: Path) 
             assert resp.status == 200
 
 
+@pytest.mark.slow  # 13 s: the suite stays near its 15 minutes
 def test_bench_shows_its_progress_on_a_tty_and_only_json_on_stdout() -> None:
     model = tiny_model("qwen3")
     master, slave = pty.openpty()

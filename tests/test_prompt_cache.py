@@ -214,6 +214,7 @@ async def test_an_entry_a_shard_dropped_is_a_miss_and_a_full_prefill(tmp_path: P
         assert again["choices"][0]["text"] == decode(model, out2)
 
 
+@pytest.mark.slow  # 13 s: the suite stays near its 15 minutes
 async def test_two_hundred_long_prompts_stay_within_the_bound(tmp_path: Path) -> None:
     """Memory stays bounded: 200 different prompts of 128 tokens through the engine, each
     kept when it ends; every shard's entries stay within its byte bound (a few entries' worth),
