@@ -201,7 +201,7 @@ class ShardActor(Actor[Message | Sweep | Reconfigure]):
         caches = self.stepper.caches_of_all(tuple(r.rid for r in rows))
         # The next step is built like this one: a decode step like a decode step, a step with
         # drafts like one with as many (the head drafts as many again while they are kept).
-        if caches is not None and all(r.sample and (len(r.tokens) == 1 or r.draft) for r in rows):
+        if caches is not None and all(r.is_decode or r.is_speculative for r in rows):
             self._built = self.backend.build(m, parts, caches, self.compute.run)
 
     async def pass_probe(self, msg: Probe) -> None:

@@ -178,40 +178,27 @@ class Stepper:
             good.append(ForwardBatch(tuple(p.rows[i] for i in rows), h))
         return good, screen.refused
 
+    def _here(self, f: Forward) -> bool:
+        """Whether `f` is a step of a request under way here, at this shard's first layer."""
+        m = self.model
+        return m is not None and f.layer == m.start and f.rid in self.requests
+
     def continues(self, f: Forward) -> bool:
         """Whether `f` is a decode step of a request under way here, at this shard's first
         layer: one that may join a batched pass, or fill a step built ahead."""
-        m = self.model
-        return m is not None and f.is_decode and f.layer == m.start and f.rid in self.requests
+        return f.is_decode and self._here(f)
 
     def builds_on(self, f: Forward) -> bool:
         """Whether a step built ahead can take `f`: a sampled step (a decode, or one verifying
         drafts) of a request under way here with no positions to drop first (a built step
         starts where the request's caches stood after its last one)."""
-        m = self.model
-        return (
-            m is not None
-            and f.sample
-            and (len(f.tokens) == 1 or f.draft > 0)
-            and not f.trim
-            and f.layer == m.start
-            and f.rid in self.requests
-        )
+        return (f.is_decode or f.is_speculative) and not f.trim and self._here(f)
 
     def joins(self, f: Forward) -> bool:
         """Whether `f` may join a batched pass: a decode step of a request under way here
         (`continues`), or, where passes carry rows of several positions, such a request's
         step with drafts to verify or a trim first."""
-        if self.continues(f):
-            return True
-        m = self.model
-        return (
-            self.wide
-            and m is not None
-            and f.is_speculative
-            and f.layer == m.start
-            and f.rid in self.requests
-        )
+        return (f.is_decode or (self.wide and f.is_speculative)) and self._here(f)
 
     def _array(self, h: mx.array | Tensor | None) -> mx.array:
         if h is None:
