@@ -3,6 +3,9 @@ lets it run. They need MLX's CUDA backend, so these tests skip elsewhere (CI's C
 on the GPU machine (`benchmarks/RESULTS.md` says when they last did)."""
 
 import asyncio
+import os
+import subprocess
+import sys
 import time
 
 import mlx.core as mx
@@ -11,6 +14,7 @@ import pytest
 
 from mlxring.backends import pick
 from mlxring.backends.cuda import ahead, gate
+from mlxring.backends.cuda.attention import SWITCH
 from mlxring.model.sharded import ShardModel, load_shard
 from mlxring.protocol.messages import End, Forward, ForwardBatch, Message, Send
 from mlxring.shard.actor import ShardActor
@@ -192,3 +196,26 @@ async def test_the_first_shard_launches_a_convoys_next_pass_from_its_tokens() ->
             assert mx.array_equal(got_h, exp.h), got
         else:
             assert mx.array_equal(got.h, exp.h), got
+
+
+@pytest.mark.parametrize(
+    ("preset", "wide", "expect"), [(None, True, "0"), ("1", True, "1"), (None, False, None)]
+)
+def test_a_speculating_process_keeps_wide_attention_off_cudnn_unless_the_user_chose(
+    preset: str | None, wide: bool, expect: str | None
+) -> None:
+    """cuDNN builds a graph per key length for steps of several positions (64 ms a step on an
+    H200): a process that speculates picks MLX's own attention, in a fresh process because
+    MLX reads the switch once."""
+    env = {k: v for k, v in os.environ.items() if k != SWITCH}
+    if preset is not None:
+        env[SWITCH] = preset
+    code = (
+        "import os; from mlxring.backends import pick; "
+        f"pick(False, {wide}); print(os.environ.get({SWITCH!r}))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == str(expect)

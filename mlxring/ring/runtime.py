@@ -170,7 +170,8 @@ class Runtime:
         await self.tasks.open()
         await self.directory.start()
         # Finding out whether gates work compiles their kernel: on the compute thread.
-        self.backend = await self.compute.run(backends.pick, self.gates)
+        wide = c.speculative or bool(c.draft_model)
+        self.backend = await self.compute.run(backends.pick, self.gates, wide)
         for name in self.names:
             node = LocalNode(self.router, self.config, self.config.node(name), self._shard_actor)
             self.nodes[name] = node
