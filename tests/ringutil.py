@@ -29,7 +29,7 @@ from mlx_lm.generate import BatchGenerator, generate_step
 from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
-from mlxring.commands.bench import free_ports
+from mlxring.commands.local_ring import free_ports
 from mlxring.config import Config, load_config
 from mlxring.model.make import make_model
 from mlxring.protocol.messages import Message

@@ -82,7 +82,8 @@ def test_kill_the_head_a_survivor_takes_over(tmp_path: Path) -> None:
     from mlxring.config import load_config
 
     model = tiny_model("qwen3")
-    cfg = write_config(tmp_path, model, 3, extra_cluster=FAST)
+    # With a draft model (the model itself): whichever node is the head holds it, no other.
+    cfg = write_config(tmp_path, model, 3, extra_cluster=f'{FAST}\ndraft_model = "{model}"')
     config = load_config(cfg)
     prompt = encode(model, "The head is gone; long live the head.")
     want = load_tokenizer(model).decode(reference(model, prompt, 24))
@@ -111,6 +112,14 @@ def test_kill_the_head_a_survivor_takes_over(tmp_path: Path) -> None:
         code, body = post_completion(n2_api, prompt, 24)
         assert code == 200 and body["choices"][0]["text"] == want
         assert '"ring_plan"' in procs["n1"].log()
+        assert '"draft_model_loaded"' in procs["n1"].log()
+        # The first node comes back and is the head again: n1 gives its draft model back.
+        procs["n0"] = NodeProcess(cfg, "n0", tmp_path)
+        procs["n1"].wait_log('"draft_model_unloaded"', 30)
+        deadline = time.monotonic() + 30  # n0's log holds its first life's lines too
+        while procs["n0"].log().count('"draft_model_loaded"') < 2:
+            assert time.monotonic() < deadline, procs["n0"].log()[-3000:]
+            time.sleep(0.1)
 
 
 def test_a_long_prefill_does_not_look_like_a_dead_ring(tmp_path: Path) -> None:

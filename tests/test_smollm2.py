@@ -22,7 +22,7 @@ from typing import Any
 import openai
 import pytest
 
-from mlxring.commands.bench import wait_healthy
+from mlxring.commands.local_ring import wait_healthy
 
 from .ringutil import (
     ROOT,

@@ -34,6 +34,7 @@ from mlxring.engine.text import TokenTexts
 from mlxring.model.sharded import context_length
 from mlxring.ring import snapshot as ring_snapshot
 from mlxring.ring.runtime import Runtime
+from mlxring.tasks import TaskScope
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -51,9 +52,10 @@ class RateSampler:
         self._samples: deque[Sample] = deque(maxlen=RATE_SAMPLES)
         self._task: asyncio.Task[None] | None = None
 
-    def start(self) -> None:
+    def start(self, tasks: TaskScope) -> None:
+        """Sample in `tasks` (supervised: a sample that fails is logged and sampling goes on)."""
         if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._run())
+            self._task = tasks.start(self._run, "rate-sampler")
 
     def stop(self) -> None:
         if self._task is not None:
@@ -115,7 +117,7 @@ class ApiState:
                 connector=aiohttp.TCPConnector(limit=api.max_concurrent + api.max_queue + 16),
                 auto_decompress=False,
             )
-        self.sampler.start()
+        self.sampler.start(self.runtime.tasks)
 
     async def close(self) -> None:
         self.users -= 1

@@ -33,14 +33,14 @@ from typing import Any, TypeVar, cast
 import mlx.core as mx
 import mlx.nn as nn
 import structlog
-from mlx_lm.models.cache import KVCache, QuantizedKVCache, make_prompt_cache, trim_prompt_cache
+from mlx_lm.models.cache import make_prompt_cache, trim_prompt_cache
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_lm.utils import load_config, load_model, load_tokenizer
 
 from mlxring.aio import wait_for
 from mlxring.model import source
 from mlxring.model.checkpoint import ModelError
-from mlxring.model.sharded import config_value
+from mlxring.model.sharded import config_value, trims_anywhere
 
 log = structlog.get_logger()
 
@@ -83,13 +83,6 @@ def tokenizer_mismatch(draft: TokenizerWrapper, model: TokenizerWrapper) -> str 
             f"{sorted(model.eos_token_ids)}"
         )
     return None
-
-
-def trims_anywhere(cache: Sequence[Any]) -> bool:
-    """Whether every layer's cache can drop its last positions at any length (plain and
-    quantized KV caches; a sliding window's cannot once it wrapped, a linear-attention state
-    never can), as the ring's do where it speculates (`ShardModel.trims_every_layer`)."""
-    return all(type(c) in (KVCache, QuantizedKVCache) for c in cache)
 
 
 @dataclass

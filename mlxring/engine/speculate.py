@@ -42,13 +42,17 @@ PAUSE = 8
 PLAIN_EVERY = 16
 #: Steps with drafts whose tokens a second are weighed against plain steps' (at least half).
 WINDOW = 8
+#: The last tokens a lookup searches: a lookup costs a scan of what it searches.
+RECENT = 4096
 
 
 def lookup(tokens: Sequence[int], k: int = DRAFT) -> list[int]:
     """`k` tokens copied from what followed the latest earlier occurrence of the last
     MAX_NGRAM..MIN_NGRAM tokens of `tokens` (the longest run that occurs), or none. A copy
     that reaches the end of `tokens` goes on from its own start (text repeating with a
-    period shorter than `k`, as "a b a b", drafts whole periods, not one)."""
+    period shorter than `k`, as "a b a b", drafts whole periods, not one). Only the last
+    RECENT tokens are searched."""
+    tokens = tokens[-RECENT:]
     n_tokens = len(tokens)
     for n in range(min(MAX_NGRAM, n_tokens - 1), MIN_NGRAM - 1, -1):
         tail = list(tokens[n_tokens - n :])
@@ -111,8 +115,7 @@ class Drafter:
         none while paused, and none now and then, so that a plain step's time stays known."""
         if not self._drafts_now():
             return []
-        # Only the recent text is looked up: a lookup costs a scan of what it searches.
-        return lookup(tokens[-4096:], self.k)
+        return lookup(tokens, self.k)
 
     async def next(self, tokens: Sequence[int], limit: int) -> list[int]:
         """At most `limit` drafts to follow `tokens`, as `draft`, from the draft source where
@@ -122,7 +125,7 @@ class Drafter:
             return self.draft(tokens)[: max(0, limit)]
         if limit < 1 or not self._drafts_now():
             return []
-        if self.source.lookup and (found := lookup(tokens[-4096:], min(self.k, limit))):
+        if self.source.lookup and (found := lookup(tokens, min(self.k, limit))):
             return found
         k = min(self.k, limit)
         if not self.source.pays(self.plain_s):  # too slow to draft with: a miss, no wait

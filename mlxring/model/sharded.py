@@ -8,6 +8,7 @@ last is its family's (`mlxring.model.families`): the layers themselves are mlx-l
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -80,6 +81,13 @@ def model_info(config: dict[str, Any], sizes: dict[str, int]) -> ModelInfo:
     )
 
 
+def trims_anywhere(caches: Iterable[Any]) -> bool:
+    """Whether every cache can drop its last positions at any length, as speculation's
+    rejected drafts need: plain and quantized KV caches (a sliding window's cannot once it
+    wrapped, a linear-attention state never can)."""
+    return all(type(c) in (KVCache, QuantizedKVCache) for c in caches)
+
+
 class ShardModel:
     """Layers [start, end) of a model, plus what its family does before the first layer (on
     the first shard) and after the last (on the last shard)."""
@@ -139,13 +147,14 @@ class ShardModel:
         """Fresh caches for this shard's layers, of the kinds the model itself would use."""
         return self.family.make_cache(self._model)[self.start : self.end]
 
+    def whole_cache(self) -> list[Any]:
+        """Fresh caches for every layer of the model, not only this shard's: what every shard
+        decides alike from."""
+        return self.family.make_cache(self._model)
+
     def trims_every_layer(self) -> bool:
-        """Whether the caches of every layer of the model (not only this shard's) are of
-        kinds that can drop their last positions at any length: plain and quantized KV caches
-        (a sliding window's cannot once it wrapped, a linear-attention state never can)."""
-        return all(
-            type(c) in (KVCache, QuantizedKVCache) for c in self.family.make_cache(self._model)
-        )
+        """Whether every layer's cache of the whole model can drop its last positions."""
+        return trims_anywhere(self.whole_cache())
 
     def __call__(self, x: mx.array, caches: list[Any], defer: bool = False) -> mx.array:
         """Token ids [B, L] on the first shard, hidden states [B, L, D] elsewhere. With

@@ -57,7 +57,7 @@ class Replanner:
         self._changed = asyncio.Event()
         self._replanning = asyncio.Lock()
         self._monitoring: asyncio.Task[None] | None = None
-        # `[cluster] draft_model`, loaded whole the first time this process is the head.
+        # `[cluster] draft_model`, loaded whole while this process is the head.
         self.draft: DraftModel | None = None
 
     @property
@@ -148,6 +148,9 @@ class Replanner:
                 return
             if decision.members[0] in self.router.nodes:  # the head here: its draft first
                 await self._load_draft()
+            elif self.draft is not None:  # no longer the head: its memory goes back
+                await self.close()
+                log.info("draft_model_unloaded", head=decision.members[0])
             old = self.layout
             live = self.router.members = decision.members
             self.plan = decision.plan

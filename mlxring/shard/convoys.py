@@ -39,9 +39,7 @@ def wide_rows(model: ShardModel) -> bool:
     that first drop their last positions (a trim): where every layer of the whole model (so
     every shard decides alike) has mlx-lm's plain KV cache, whose merged form
     (`BatchKVCache`) drops each row's last positions exactly (`drop_last`)."""
-    return model.family.batches and all(
-        type(c) is KVCache for c in model.family.make_cache(model._model)
-    )
+    return model.family.batches and all(type(c) is KVCache for c in model.whole_cache())
 
 
 def drop_last(caches: Sequence[Any], counts: Sequence[int]) -> None:
