@@ -18,13 +18,12 @@ import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import aiohttp
 import mlx.core as mx
 import mlx.nn as nn
 import mlx_lm
-import openai
 from mlx_lm.generate import BatchGenerator, generate_step
 from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.tokenizer_utils import TokenizerWrapper
@@ -35,6 +34,9 @@ from mlxring.model.make import make_model
 from mlxring.protocol.messages import Message
 from mlxring.ring.runtime import Runtime
 from mlxring.shard.compute import Compute
+
+if TYPE_CHECKING:  # the GPU machine's image has no openai: only the tests that use it import it
+    import openai
 
 ROOT = Path(__file__).resolve().parent.parent
 T = TypeVar("T")
@@ -318,6 +320,12 @@ class NodeProcess:
             self.proc.send_signal(signal.SIGKILL)
         self.proc.wait(10)
 
+    def terminate(self) -> None:
+        """SIGTERM, not waiting."""
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.send_signal(signal.SIGTERM)
+
     def stop(self) -> bool:
         """SIGTERM and wait; False when it had to be killed (a node must exit on its own)."""
         exited = True
@@ -348,6 +356,10 @@ def process_ring(
     try:
         yield procs
     finally:
+        # Every node told at once: stopped one by one, the last ones would re-plan around the
+        # others (loading their layers) on the way out.
+        for p in procs.values():
+            p.terminate()
         hung = [p.name for p in procs.values() if not p.stop()]
     assert not hung, f"{hung} did not exit within 10 s of SIGTERM"
 
@@ -508,6 +520,8 @@ class OpenAIRing:
 @contextlib.asynccontextmanager
 async def openai_ring(directory: Path, model: Path, nodes: int) -> AsyncIterator[OpenAIRing]:
     """`nodes` nodes of `model` in this process, their API, and an `openai` client on it."""
+    import openai
+
     async with local_ring(write_valid_config(directory, model, nodes)) as rt, serve_api(rt) as url:
         client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
         yield OpenAIRing(rt, url, client)

@@ -298,10 +298,12 @@ def ring_of_processes(
     n_nodes: int,
     n_tokens: int,
     caches: dict[str, Path] | None = None,
+    made: dict[Path, set[str]] | None = None,
 ) -> dict[str, str]:
     """A ring of `n_nodes` `mlxring node` processes serving GGUF `path` (node n keeping its
     model files in `caches[n]`) answers a greedy completion as mlx-lm does on `oracle_dir`;
-    returns each node's log."""
+    returns each node's log. `made` is given each cache's model files as they were while the
+    ring served (as nodes stop one by one, the last may re-plan and convert more)."""
     prompt = encode(oracle_dir, PROMPT)
     want = reference(oracle_dir, prompt, n_tokens)
     assert len(set(want)) >= 8, "the oracle output is degenerate; the test would prove little"
@@ -313,6 +315,10 @@ def ring_of_processes(
         procs["n0"].wait_log('"ring_up"', 60)
         got = complete(load_config(cfg).api_port("n0"), prompt, n_tokens)
         logs = {n: p.log() for n, p in procs.items()}
+        if made is not None:
+            for cache in set(caches.values()):
+                (directory,) = (cache / "gguf").iterdir()  # and no half-made one beside it
+                made[cache] = {f.name for f in directory.glob("*.safetensors")}
     assert got == (decode(oracle_dir, want), len(want))
     return logs
 
@@ -335,18 +341,17 @@ def test_a_ring_of_processes_on_a_quantized_gguf_is_exact_and_each_node_converts
     converter.write_model(path, whole)
     names = ["n0", "n1", "n2"]
     caches = {n: tmp_path / ("cache" if shared else f"cache-{n}") for n in names}
-    logs = ring_of_processes(tmp_path, path, whole, 3, 32, caches)
+    made: dict[Path, set[str]] = {}
+    logs = ring_of_processes(tmp_path, path, whole, 3, 32, caches, made)
     ranges = {n: layers_of(log) for n, log in logs.items()}
     bounds = sorted(ranges.values())
     assert [r[0] for r in bounds] == [0, bounds[0][1], bounds[1][1]] and bounds[-1][1] == 7
-    made: dict[Path, set[str]] = {}
+    wanted: dict[Path, set[str]] = {}
     for name, log in logs.items():
         want = expected_files(*ranges[name], 7)
         assert converting(log) == len(want), log[-2000:]
-        made.setdefault(caches[name], set()).update(want)
-    for cache, want in made.items():
-        (directory,) = (cache / "gguf").iterdir()  # and no half-made one beside it
-        assert {f.name for f in directory.glob("*.safetensors")} == want
+        wanted.setdefault(caches[name], set()).update(want)
+    assert made == wanted
 
 
 # ---------------------------------------------------------------------------------------------
